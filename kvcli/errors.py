@@ -1,0 +1,19 @@
+"""User-facing errors: the CLI prints each as one line and exits non-zero."""
+
+
+class KvcliError(Exception):
+    """A problem the user can fix; `str(err)` says what went wrong and what to do."""
+
+    exit_code = 2
+
+
+class InputError(KvcliError):
+    """A document, path or option the user gave cannot be used."""
+
+
+class ModelError(KvcliError):
+    """The model cannot be found, verified or loaded."""
+
+
+class BudgetError(KvcliError):
+    """The compression budget or method parameters are invalid."""
