@@ -1,0 +1,198 @@
+"""The KV cache kvcli decodes from: per-layer variable lengths, one entry per KV head.
+
+Each layer keeps, for every KV head, the keys and values of the tokens it retained and
+the original position of each. Layers may hold different numbers of tokens; within a layer
+every KV head holds the same number (each head its own tokens). Keys are stored post-RoPE,
+so kept tokens need no re-rotation and new tokens continue from the full prompt's positions.
+
+Storage grows geometrically, so a decode step writes one row instead of concatenating the
+whole layer. This module and `attention.py` are the only places that touch transformers'
+cache internals; the pinned transformers range in pyproject.toml is what they were tested on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .errors import KvcliError
+
+
+class KVLayer(CacheLayerMixin):
+    """One layer's cache: keys/values `(1, num_kv_heads, capacity, head_dim)` plus positions."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.length = 0
+        self.positions: torch.Tensor | None = None  # (num_kv_heads, capacity) int64
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        _, num_kv_heads, _, head_dim = key_states.shape
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        self.keys = key_states.new_empty((1, num_kv_heads, 0, head_dim))
+        self.values = value_states.new_empty((1, num_kv_heads, 0, value_states.shape[-1]))
+        self.positions = torch.empty((num_kv_heads, 0), dtype=torch.long, device=self.device)
+        self.is_initialized = True
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def _reserve(self, needed: int) -> None:
+        """Grow the buffers to hold `needed` entries, doubling so decoding appends in O(1)."""
+        if needed <= self.capacity:
+            return
+        new_capacity = max(needed, 2 * self.capacity, 16)
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_empty((*old.shape[:2], new_capacity, old.shape[3]))
+            new[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, new)
+        positions = self.positions.new_empty((self.positions.shape[0], new_capacity))
+        positions[:, : self.length] = self.positions[:, : self.length]
+        self.positions = positions
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor) -> None:
+        """Append `q_len` new entries at `positions` `(q_len,)` for every KV head."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q_len = key_states.shape[2]
+        end = self.length + q_len
+        self._reserve(end)
+        self.keys[:, :, self.length : end] = key_states
+        self.values[:, :, self.length : end] = value_states
+        self.positions[:, self.length : end] = positions.to(self.positions.device)
+        self.length = end
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        raise KvcliError("internal: KVLayer.update needs positions; go through KVCache.update")
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The live keys and values, `(1, num_kv_heads, length, head_dim)` each."""
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+    def kept_positions(self) -> torch.Tensor:
+        """Original positions of the stored entries, `(num_kv_heads, length)`."""
+        return self.positions[:, : self.length]
+
+    def keep(self, local_index: torch.Tensor) -> None:
+        """Keep only the entries at `local_index` `(num_kv_heads, n_kept)` (sorted per head).
+
+        The pruned layer is copied into exactly-sized storage so the full-length buffer is
+        freed at once: this is what keeps the prefill's peak near the compressed size.
+        """
+        local_index = local_index.to(self.device)
+        keys, values = self.view()
+        gather = local_index[None, :, :, None]  # (1, num_kv_heads, n_kept, 1)
+        self.keys = keys.gather(2, gather.expand(-1, -1, -1, keys.shape[3]))
+        self.values = values.gather(2, gather.expand(-1, -1, -1, values.shape[3]))
+        self.positions = self.kept_positions().gather(1, local_index)
+        self.length = local_index.shape[1]
+
+    def keep_positions(self, positions: torch.Tensor) -> None:
+        """Keep the entries whose original positions are `positions` `(num_kv_heads, n_kept)`.
+
+        Every requested position must be stored in that head; positions are kept sorted, so
+        this is a search per head, not a scan.
+        """
+        stored = self.kept_positions()
+        positions = positions.to(stored.device)
+        local_index = torch.searchsorted(stored, positions)
+        found = stored.gather(1, local_index.clamp(max=stored.shape[1] - 1))
+        if not torch.equal(found, positions):
+            raise KvcliError("internal: a method asked to keep a token that the layer no longer holds")
+        self.keep(local_index)
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def nbytes(self) -> int:
+        """Bytes held by the live entries (keys and values)."""
+        if not self.is_initialized:
+            return 0
+        keys, values = self.view()
+        return keys.numel() * keys.element_size() + values.numel() * values.element_size()
+
+
+class KVCache(Cache):
+    """A transformers `Cache` whose layers hold different numbers of tokens.
+
+    The driver (`generate.py`) sets `step_positions` before each forward; the attention
+    function (`attention.py`) calls `on_attention` after each layer's attention, which is
+    where a running compressor prunes the layer.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        super().__init__(layers=[KVLayer() for _ in range(num_layers)])
+        self.step_positions: torch.Tensor | None = None  # (q_len,) positions of the tokens being fed
+        self.compressor = None  # set by the driver during a compressing prefill
+        self.layer_callback = None  # called with layer_idx after each layer (progress)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if key_states.shape[0] != 1:
+            raise KvcliError("internal: kvcli's cache holds one sequence (batch size 1)")
+        if self.step_positions is None or self.step_positions.shape[0] != key_states.shape[2]:
+            raise KvcliError("internal: KVCache.step_positions must be set for every forward")
+        layer = self.layers[layer_idx]
+        layer.append(key_states, value_states, self.step_positions)
+        return layer.view()
+
+    def on_attention(self, layer_idx: int, query: torch.Tensor, scaling: float) -> None:
+        """Called by the attention function after layer `layer_idx` attended over its keys."""
+        if self.compressor is not None:
+            keys, _ = self.layers[layer_idx].view()
+            self.compressor.observe_live(self, layer_idx, query, keys, scaling)
+        if self.layer_callback is not None:
+            self.layer_callback(layer_idx)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].length
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def retained_per_layer(self) -> list[int]:
+        """Tokens held per layer (window and generated tokens included)."""
+        return [layer.length for layer in self.layers]
+
+    def nbytes(self) -> int:
+        """Bytes of keys and values held over all layers."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """What one cached token costs: used to report the memory a full cache would take."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype_bytes: int
+
+    @classmethod
+    def of(cls, config, dtype: torch.dtype) -> KVShape:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(
+            num_layers=config.num_hidden_layers,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            head_dim=head_dim,
+            dtype_bytes=torch.finfo(dtype).bits // 8,
+        )
+
+    def bytes_for(self, tokens_per_layer: float) -> int:
+        """Bytes of keys and values for `tokens_per_layer` tokens in every layer."""
+        return int(math.ceil(2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes * tokens_per_layer))

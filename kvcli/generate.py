@@ -1,0 +1,147 @@
+"""Prefill with compression, then token-by-token decoding with explicit positions.
+
+The engine sees token ids only. `prefill` runs the whole prompt in one forward pass; each
+layer's KV is compressed right after that layer's attention (inside `attention.py`'s hook),
+so the prefill's own output is exact and the peak KV memory stays near the compressed size
+plus one layer's full KV. `decode` then feeds one token per step; RoPE positions continue
+from the full prompt length although layers hold fewer tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from . import attention
+from .cache import KVCache
+from .methods import BudgetPlan, Compressor, Method
+
+log = logging.getLogger(__name__)
+
+
+def prepare_model(model) -> None:
+    """Route the model's attention through kvcli's function (idempotent)."""
+    attention.register()
+    if model.config._attn_implementation != attention.ATTN_IMPLEMENTATION:
+        model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
+
+
+def forward(model, cache: KVCache, input_ids: torch.Tensor, start: int) -> torch.Tensor:
+    """Feed `input_ids` `(1, q_len)` at positions start.. and return the last position's logits `(vocab,)`."""
+    q_len = input_ids.shape[1]
+    positions = torch.arange(start, start + q_len, device=input_ids.device)
+    cache.step_positions = positions
+    out = model(
+        input_ids=input_ids,
+        position_ids=positions[None, :],
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+        kvcli_cache=cache,
+    )
+    return out.logits[0, -1]
+
+
+@dataclass
+class Prefill:
+    """The state after reading the prompt: the cache, the next-token logits, and what it cost."""
+
+    cache: KVCache
+    logits: torch.Tensor  # (vocab,) for the token after the prompt
+    prompt_len: int
+    plan: BudgetPlan | None
+    compressor: Compressor | None
+    seconds: float
+    compressed: bool = field(default=False)
+
+
+def prefill(
+    model,
+    input_ids: torch.Tensor,
+    method: Method,
+    plan: BudgetPlan | None,
+    layer_callback: Callable[[int], None] | None = None,
+) -> Prefill:
+    """Read the prompt `(1, prompt_len)` in one pass, compressing each layer as it goes.
+
+    `plan` None (or a method that does not compress) keeps the full cache.
+    """
+    prepare_model(model)
+    cache = KVCache(model.config.num_hidden_layers)
+    compressor = method.compressor(plan) if (plan is not None and method.compresses) else None
+    cache.compressor = compressor
+    cache.layer_callback = layer_callback
+    started = time.perf_counter()
+    with torch.inference_mode():
+        logits = forward(model, cache, input_ids, 0)
+    seconds = time.perf_counter() - started
+    cache.compressor = None
+    cache.layer_callback = None
+    return Prefill(
+        cache=cache,
+        logits=logits,
+        prompt_len=input_ids.shape[1],
+        plan=plan,
+        compressor=compressor,
+        seconds=seconds,
+        compressed=compressor is not None,
+    )
+
+
+@dataclass
+class Sampling:
+    """How the next token is chosen: greedy unless a temperature is set."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def generator(self, device) -> torch.Generator | None:
+        if self.temperature <= 0:
+            return None
+        gen = torch.Generator(device=device)
+        gen.manual_seed(self.seed if self.seed is not None else torch.seed())
+        return gen
+
+    def pick(self, logits: torch.Tensor, gen: torch.Generator | None) -> int:
+        if self.temperature <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            outside = sorted_probs.cumsum(0) - sorted_probs > self.top_p
+            sorted_probs[outside] = 0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def decode(
+    model,
+    state: Prefill,
+    max_new_tokens: int,
+    eos_token_ids: set[int],
+    sampling: Sampling | None = None,
+) -> Iterator[int]:
+    """Yield generated token ids one by one, stopping at EOS or `max_new_tokens`.
+
+    The cache in `state` grows by one entry per layer per step.
+    """
+    sampling = sampling or Sampling()
+    device = state.logits.device
+    gen = sampling.generator(device)
+    logits = state.logits
+    position = state.prompt_len
+    with torch.inference_mode():
+        for step in range(max_new_tokens):
+            token = sampling.pick(logits, gen)
+            if token in eos_token_ids:
+                return
+            yield token
+            if step + 1 == max_new_tokens:
+                return
+            logits = forward(model, state.cache, torch.tensor([[token]], device=device), position)
+            position += 1

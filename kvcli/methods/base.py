@@ -1,0 +1,203 @@
+"""The interface every compression method implements, and what they share.
+
+A method is a small dataclass of the paper's knobs. During prefill, after each layer's
+attention, the method's `Compressor` receives a `LayerObservation` (that layer's window
+attention and, if asked for, accumulated attention) and answers which token positions each
+layer keeps. Positions are original token positions, so a cross-layer method can later trim
+an earlier layer to a subset of what it kept. The same compressor runs live (pruning the cache
+as prefill goes) and offline (replaying observations captured once, for `kvcli eval`), which
+is why both give the same cache.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..attention import accumulated_attention, window_attention
+from ..errors import BudgetError
+from .allocation import even_split
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """How many tokens a prefill may keep, summed over layers (windows included)."""
+
+    num_layers: int
+    prompt_len: int
+    total: int
+
+    @property
+    def average(self) -> float:
+        """Mean tokens kept per layer: the paper's "KV cache size"."""
+        return self.total / self.num_layers
+
+    @property
+    def ratio(self) -> float:
+        return self.total / (self.num_layers * self.prompt_len)
+
+
+def plan_budget(prompt_len: int, num_layers: int, *, window_size: int, ratio: float | None = None, budget: int | None = None) -> BudgetPlan | None:
+    """Turn `--ratio` or `--budget` into a `BudgetPlan`; None when the prompt already fits."""
+    if budget is not None:
+        if budget < 1:
+            raise BudgetError(f"--budget must be a positive number of tokens per layer, got {budget}")
+        if budget <= window_size:
+            raise BudgetError(
+                f"--budget {budget} is not larger than the observation window ({window_size} tokens); "
+                f"use --budget {window_size + 1} or more, or a smaller --window"
+            )
+        total = budget * num_layers
+    else:
+        ratio = 0.1 if ratio is None else ratio
+        if not 0 < ratio <= 1:
+            raise BudgetError(f"--ratio must be in (0, 1], got {ratio}")
+        total = round(ratio * prompt_len * num_layers)
+        if total < (window_size + 1) * num_layers and total < prompt_len * num_layers:
+            need = (window_size + 1) / prompt_len
+            raise BudgetError(
+                f"--ratio {ratio} keeps {total / num_layers:.1f} tokens per layer of this {prompt_len}-token prompt, "
+                f"not more than the {window_size}-token window; use --ratio {math.ceil(need * 1000) / 1000} or more"
+            )
+    if total >= prompt_len * num_layers:
+        return None
+    return BudgetPlan(num_layers=num_layers, prompt_len=prompt_len, total=total)
+
+
+@dataclass
+class LayerObservation:
+    """What one layer's prefill step shows a method. k_len counts every entry the layer holds."""
+
+    layer_idx: int
+    positions: torch.Tensor  # (num_kv_heads, k_len) original token positions, sorted per head
+    window_attn: torch.Tensor  # (num_kv_heads, group, window, k_len) float32 probabilities
+    accumulated: torch.Tensor | None = None  # (num_kv_heads, group, k_len) attention summed over all queries
+
+    @property
+    def k_len(self) -> int:
+        return self.positions.shape[1]
+
+    @classmethod
+    def compute(cls, layer_idx: int, query, keys, positions, scaling: float, window_size: int, accumulated: bool) -> LayerObservation:
+        return cls(
+            layer_idx=layer_idx,
+            positions=positions,
+            window_attn=window_attention(query, keys, window_size, scaling),
+            accumulated=accumulated_attention(query, keys, scaling) if accumulated else None,
+        )
+
+
+def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
+    """Smooth scores over neighbouring positions along the last dim, keeping its length."""
+    if kernel_size <= 1 or scores.shape[-1] == 0:
+        return scores
+    shape = scores.shape
+    flat = scores.reshape(-1, 1, shape[-1])
+    pad = kernel_size // 2
+    if pooling == "avg":
+        pooled = F.avg_pool1d(flat, kernel_size, stride=1, padding=pad)
+    elif pooling == "max":
+        pooled = F.max_pool1d(flat, kernel_size, stride=1, padding=pad)
+    else:
+        raise BudgetError(f"unknown pooling {pooling!r}; use avg or max")
+    return pooled[..., : shape[-1]].reshape(shape)
+
+
+def keep_window_and_top(scores: torch.Tensor, n_kept: int, positions: torch.Tensor, window_size: int) -> torch.Tensor:
+    """Positions `(num_kv_heads, n_kept)` kept: the last `window_size` entries plus the top-scored rest.
+
+    `scores` `(num_kv_heads, k_len - window_size)` rate the entries outside the window.
+    """
+    k_len = positions.shape[1]
+    window = min(window_size, k_len)
+    n_kept = min(n_kept, k_len)
+    n_top = max(0, n_kept - window)
+    top = scores.topk(n_top, dim=-1).indices if n_top else scores.new_empty((scores.shape[0], 0), dtype=torch.long)
+    window_index = torch.arange(k_len - window, k_len, device=positions.device).expand(positions.shape[0], -1)
+    local = torch.cat([top.sort(dim=-1).values, window_index], dim=-1)
+    return positions.gather(1, local)
+
+
+class Compressor:
+    """One prefill's run of a method: observes layers in order, decides what each keeps."""
+
+    def __init__(self, method: Method, plan: BudgetPlan) -> None:
+        self.method = method
+        self.plan = plan
+        self.layer_budgets = method.layer_budgets(plan)
+
+    def observe(self, obs: LayerObservation) -> dict[int, torch.Tensor]:
+        """Positions to keep `{layer_idx: (num_kv_heads, n_kept)}` after seeing layer `obs.layer_idx`."""
+        scores = self.method.scores(obs)
+        n_kept = self.layer_budgets[obs.layer_idx]
+        return {obs.layer_idx: keep_window_and_top(scores, n_kept, obs.positions, self.method.window_size)}
+
+    def observe_live(self, cache, layer_idx: int, query, keys, scaling: float) -> None:
+        """Observe a layer during prefill and prune the live cache as decided."""
+        layer = cache.layers[layer_idx]
+        obs = LayerObservation.compute(
+            layer_idx, query, keys, layer.kept_positions(), scaling, self.method.window_size, self.method.needs_accumulated
+        )
+        for target, positions in self.observe(obs).items():
+            cache.layers[target].keep_positions(positions)
+
+
+@dataclass
+class Method:
+    """Base of every compression method: the knobs shared by window-scored methods."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    compresses: ClassVar[bool] = True
+    needs_accumulated: ClassVar[bool] = False
+
+    window_size: int = 8
+    kernel_size: int = 7
+    pooling: str = "avg"
+
+    def __post_init__(self) -> None:
+        if self.window_size < 1:
+            raise BudgetError(f"--window must be at least 1, got {self.window_size}")
+        if self.kernel_size < 1:
+            raise BudgetError(f"--kernel-size must be at least 1, got {self.kernel_size}")
+        if self.pooling not in ("avg", "max"):
+            raise BudgetError(f"--pooling must be avg or max, got {self.pooling!r}")
+
+    def scores(self, obs: LayerObservation) -> torch.Tensor:
+        """Scores `(num_kv_heads, k_len - window)` of the entries outside the window.
+
+        Default: attention from the window's queries summed over the window (as the DynamicKV
+        and SnapKV reference code do), pooled over neighbours per query head, then averaged
+        over the query heads that share each KV head.
+        """
+        window = min(self.window_size, obs.k_len)
+        attn = obs.window_attn[:, :, -window:, : obs.k_len - window].sum(dim=2)  # (num_kv_heads, group, k_len - window)
+        return pool_scores(attn, self.kernel_size, self.pooling).mean(dim=1)
+
+    def layer_budgets(self, plan: BudgetPlan) -> list[int]:
+        """Tokens each layer keeps (windows included); the default splits the total evenly."""
+        return even_split(plan.total, plan.num_layers)
+
+    def compressor(self, plan: BudgetPlan) -> Compressor:
+        return Compressor(self, plan)
+
+    def params(self) -> dict:
+        """The method's knobs and their values, for reports."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+__all__ = [
+    "BudgetPlan",
+    "Compressor",
+    "LayerObservation",
+    "Method",
+    "field",
+    "keep_window_and_top",
+    "plan_budget",
+    "pool_scores",
+]

@@ -1,0 +1,123 @@
+"""`dynamickv`: task-aware per-layer budgets re-divided every few layers.
+
+DynamicKV (Zhou et al., 2024, https://arxiv.org/abs/2412.14838). Each layer scores the
+tokens outside the observation window by the attention they receive from the window's
+queries, pooled over neighbours, and keeps a generous candidate set (up to `max_multiple`
+times the average per-layer budget). Every `period` layers, and at the last layer, the
+scores of all layers seen so far are pooled, a global top-k of `average x layers seen x heads`
+entries is taken, and the whole model's budget is re-divided among the seen layers in
+proportion to where the winners fall; each layer is trimmed to its share, keeping its
+best-scored candidates. Layers that matter for this prompt keep more.
+
+Differences from the reference code (DreamMr/DynamicKV), all deliberate:
+- keys and values are stored once per KV head (the reference stores repeated heads, 4-7x
+  the memory on grouped-query models); scores are averaged over each KV head's query heads;
+- a layer's share is capped at what it holds and the surplus goes to the other layers (the
+  reference can hand a layer more than its candidates, duplicating window rows, and
+  silently fall short of the budget);
+- every layer keeps at least `min_multiple` times the average (the reference only prints a
+  warning when a layer is starved);
+- the last re-division runs at the last layer whatever the layer count (the reference only
+  re-divides on multiples of 4, so on a 30-layer model the last two layers keep 10x budget);
+- the budget counts the window, and the total over layers equals the budget exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import BudgetError
+from .allocation import allocate
+from .base import BudgetPlan, Compressor, LayerObservation, Method
+
+
+@dataclass
+class DynamicKV(Method):
+    """Per-layer budgets from a global top-k over the layers' window scores (arXiv 2412.14838)."""
+
+    name = "dynamickv"
+    summary = "task-aware per-layer budgets, re-divided every few layers"
+    paper = "https://arxiv.org/abs/2412.14838"
+
+    max_multiple: float = 10.0
+    min_multiple: float = 0.1
+    period: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_multiple < 1:
+            raise BudgetError(f"--max-multiple must be at least 1, got {self.max_multiple}")
+        if not 0 <= self.min_multiple <= 1:
+            raise BudgetError(f"--min-multiple must be in [0, 1], got {self.min_multiple}")
+        if self.period < 1:
+            raise BudgetError(f"--period must be at least 1, got {self.period}")
+
+    def compressor(self, plan: BudgetPlan) -> Compressor:
+        return DynamicKVCompressor(self, plan)
+
+
+class DynamicKVCompressor(Compressor):
+    """Holds each seen layer's scores and candidates until the re-division that trims them."""
+
+    method: DynamicKV
+
+    def __init__(self, method: DynamicKV, plan: BudgetPlan) -> None:
+        super().__init__(method, plan)
+        window = method.window_size
+        # Budget outside the windows: what the re-divisions share among layers.
+        self.shared_total = plan.total - plan.num_layers * window
+        self.average = self.shared_total / plan.num_layers
+        self.scores: dict[int, torch.Tensor] = {}  # layer -> (num_kv_heads, k_len - window)
+        self.candidates: dict[int, torch.Tensor] = {}  # layer -> local indices, best first
+        self.positions: dict[int, torch.Tensor] = {}  # layer -> (num_kv_heads, k_len)
+        self.allocations: list[list[int]] = []  # each re-division's shares, for reports
+
+    def observe(self, obs: LayerObservation) -> dict[int, torch.Tensor]:
+        layer = obs.layer_idx
+        scores = self.method.scores(obs)
+        cap = min(math.ceil(self.method.max_multiple * self.average), scores.shape[1])
+        self.scores[layer] = scores
+        self.positions[layer] = obs.positions
+        self.candidates[layer] = scores.topk(cap, dim=-1).indices  # sorted best first
+        decisions = {layer: self._kept(layer)}
+        last = layer == self.plan.num_layers - 1
+        if (layer + 1) % self.method.period == 0 or last:
+            decisions.update(self._redivide(layer))
+        return decisions
+
+    def _kept(self, layer: int) -> torch.Tensor:
+        """Positions a layer holds: its candidates (in position order) and its window."""
+        positions = self.positions[layer]
+        k_len = positions.shape[1]
+        window = min(self.method.window_size, k_len)
+        window_index = torch.arange(k_len - window, k_len, device=positions.device).expand(positions.shape[0], -1)
+        local = torch.cat([self.candidates[layer].sort(dim=-1).values, window_index], dim=-1)
+        return positions.gather(1, local)
+
+    def _redivide(self, upto: int) -> dict[int, torch.Tensor]:
+        """Re-divide the budget among layers 0..upto by a global top-k over their scores."""
+        layers = list(range(upto + 1))
+        num_kv_heads = self.scores[0].shape[0]
+        flat = torch.cat([self.scores[j].flatten() for j in layers])
+        sizes = torch.tensor([self.scores[j].numel() for j in layers], device=flat.device)
+        k = min(round(self.average * num_kv_heads * len(layers)), flat.numel())
+        winners = flat.topk(k).indices
+        # Which layer each winner falls in, from the cumulative sizes of the flattened layers.
+        layer_of = torch.searchsorted(sizes.cumsum(0), winners, right=True)
+        counts = torch.bincount(layer_of, minlength=len(layers)).tolist()
+        caps = [self.candidates[j].shape[1] for j in layers]
+        floor = math.ceil(self.method.min_multiple * self.average)
+        shares = allocate(self.shared_total, counts, caps, [floor] * len(layers))
+        self.allocations.append(shares)
+        decisions = {}
+        for j, share in zip(layers, shares):
+            if share < caps[j]:
+                self.candidates[j] = self.candidates[j][:, :share]
+                decisions[j] = self._kept(j)
+        return decisions
+
+    def report(self) -> dict:
+        return {"redivisions": len(self.allocations)}
