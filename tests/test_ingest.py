@@ -1,0 +1,317 @@
+"""Model-free tests of kvcli.ingest: files, folders, stdin and PDFs into one Document."""
+
+import io
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pdfutil import pdf_bytes
+from pypdf import PdfReader, PdfWriter
+
+from kvcli.errors import InputError
+from kvcli.ingest import Document, Source, read_documents
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+
+
+def write(path: Path, content: str | bytes) -> Path:
+    """Write a file, creating its folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    return path
+
+
+def encrypted(data: bytes, user_password: str, owner_password: str = "owner") -> bytes:
+    """The PDF `data` encrypted with pypdf's default (pure-Python RC4) algorithm."""
+    writer = PdfWriter(clone_from=PdfReader(io.BytesIO(data)))
+    writer.encrypt(user_password, owner_password)
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+def text_of(doc: Document, source: Source) -> str:
+    """The slice of the document that a source covers."""
+    return doc.text[source.start : source.end]
+
+
+def test_single_text_file_has_no_header(tmp_path, monkeypatch):
+    """A lone text file becomes the whole text, one 'text' source, no header."""
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "notes.txt", "Hello there.\r\nSecond line.\n\n")
+    doc = read_documents(["notes.txt"])
+    assert doc.text == "Hello there.\nSecond line."
+    (source,) = doc.sources
+    assert (source.name, source.kind, source.start, source.end, source.page) == (
+        "notes.txt", "text", 0, len(doc.text), None,
+    )
+    assert len(source.sha256) == 64 and doc.warnings == ()
+
+
+def test_markdown_file_is_text(tmp_path):
+    """A markdown file is kind 'text' and keeps its content."""
+    path = write(tmp_path / "README.md", "# Title\n\nSome *markdown*.\n")
+    doc = read_documents([str(path)])
+    assert doc.sources[0].kind == "text"
+    assert doc.text == "# Title\n\nSome *markdown*."
+
+
+def test_single_code_file_gets_header(tmp_path, monkeypatch):
+    """A code file is headed by its path even when it is the only input."""
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "app.py", "print('hi')\n")
+    doc = read_documents(["./app.py"])
+    assert doc.text == "=== app.py ===\nprint('hi')"
+    assert doc.sources[0].kind == "code" and doc.label(doc.sources[0]) == "app.py"
+
+
+def test_code_folder_respects_gitignore_hidden_and_binary(tmp_path, monkeypatch):
+    """A folder walk is sorted, honours nested .gitignore files, skips hidden and binary files."""
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "src/.gitignore", "*.log\nbuild/\n")
+    write(tmp_path / "src/app.py", "import util\n")
+    write(tmp_path / "src/util.py", "X = 1\n")
+    write(tmp_path / "src/debug.log", "ignored\n")
+    write(tmp_path / "src/build/out.py", "ignored\n")
+    write(tmp_path / "src/.secret/key.py", "hidden\n")
+    write(tmp_path / "src/.env", "hidden\n")
+    write(tmp_path / "src/logo.png", b"\x89PNG\r\n")
+    write(tmp_path / "src/blob", b"abc\x00def")
+    write(tmp_path / "src/docs/.gitignore", "draft.md\n!keep.log\n")
+    write(tmp_path / "src/docs/guide.md", "Guide.\n")
+    write(tmp_path / "src/docs/draft.md", "ignored\n")
+    write(tmp_path / "src/docs/keep.log", "re-included by the nested .gitignore\n")
+    write(tmp_path / "src/empty.py", "")
+
+    doc = read_documents(["src"])
+    names = [s.name for s in doc.sources]
+    assert names == ["src/app.py", "src/docs/guide.md", "src/docs/keep.log", "src/util.py"]
+    assert [s.kind for s in doc.sources] == ["code", "text", "text", "code"]
+    assert doc.text.startswith("=== src/app.py ===\nimport util")
+    assert "=== src/docs/guide.md ===\nGuide." in doc.text
+    assert "ignored" not in doc.text and "hidden" not in doc.text
+    (warning,) = doc.warnings
+    assert "skipped 2 binary files" in warning and "src/blob" in warning and "logo.png" in warning
+
+
+def test_several_paths_are_concatenated_with_headers(tmp_path):
+    """Several inputs are joined in order, each under a header, with spans that match."""
+    a = write(tmp_path / "a.txt", "Alpha.")
+    b = write(tmp_path / "b.md", "Beta.")
+    doc = read_documents([str(a), str(b)])
+    assert doc.text == f"=== {a} ===\nAlpha.\n\n=== {b} ===\nBeta."
+    assert [text_of(doc, s) for s in doc.sources] == [f"=== {a} ===\nAlpha.", f"=== {b} ===\nBeta."]
+    assert doc.source_at(doc.text.index("Beta")) == doc.sources[1]
+    assert doc.source_at(doc.sources[0].end) is None  # the blank line between sources
+
+
+def test_same_file_twice_is_read_once(tmp_path):
+    """A file named twice, or named and inside a given folder, is read once."""
+    path = write(tmp_path / "d/a.txt", "Alpha.")
+    write(tmp_path / "d/b.txt", "Beta.")
+    doc = read_documents([str(path), str(tmp_path / "d"), str(path)])
+    assert [s.name for s in doc.sources] == [str(path), str(tmp_path / "d" / "b.txt")]
+
+
+def test_stdin_alone_and_with_files(tmp_path):
+    """'-' reads the stdin argument; alone it has no header, with files it is headed '<stdin>'."""
+    doc = read_documents(["-"], stdin=io.StringIO("piped text\n"))
+    assert doc.text == "piped text"
+    assert doc.sources[0].name == "<stdin>" and doc.sources[0].kind == "stdin"
+
+    path = write(tmp_path / "a.txt", "Alpha.")
+    doc = read_documents([str(path), "-"], stdin=io.StringIO("piped"))
+    assert doc.text.endswith("=== <stdin> ===\npiped")
+
+
+def test_stdin_bytes_buffer_handles_pdf():
+    """A stdin with a byte buffer may carry a PDF."""
+    stdin = io.TextIOWrapper(io.BytesIO(pdf_bytes([["From a pipe."]])))
+    doc = read_documents(["-"], stdin=stdin)
+    assert doc.sources[0].kind == "pdf" and "From a pipe." in doc.text
+
+
+def test_empty_stdin_and_stdin_twice_fail():
+    """Empty stdin is refused, and so is '-' given twice."""
+    with pytest.raises(InputError, match="stdin is empty"):
+        read_documents(["-"], stdin=io.StringIO("  \n"))
+    with pytest.raises(InputError, match="more than once"):
+        read_documents(["-", "-"], stdin=io.StringIO("x"))
+
+
+def test_sample_pdf_has_one_source_per_page():
+    """The sample PDF gives one 'pdf' source per page, headed and labelled with its page number."""
+    doc = read_documents([str(SAMPLES / "python_exceptions.pdf")])
+    assert [s.page for s in doc.sources] == [1, 2, 3]
+    assert {s.kind for s in doc.sources} == {"pdf"} and len({s.sha256 for s in doc.sources}) == 1
+    name = doc.sources[0].name
+    for source in doc.sources:
+        assert text_of(doc, source).startswith(f"--- {name}, page {source.page} ---\n")
+    assert doc.label(doc.sources[2]) == f"{name} p.3"
+    assert "raise" in text_of(doc, doc.sources[1])
+
+
+def test_pdf_detected_by_magic_and_textless_pages_warn(tmp_path):
+    """A PDF is found by its magic bytes; pages without text are left out with a warning."""
+    path = write(tmp_path / "report.bin.data", pdf_bytes([["Page one."], [], ["Page three."]]))
+    doc = read_documents([str(path)])
+    assert [s.page for s in doc.sources] == [1, 3]
+    assert "Page three." in text_of(doc, doc.sources[1])
+    assert len(doc.warnings) == 1 and "pages 2" in doc.warnings[0]
+
+
+def test_encrypted_pdf_with_password_fails(tmp_path):
+    """A PDF that needs a password is refused with advice to decrypt it."""
+    path = write(tmp_path / "secret.pdf", encrypted(pdf_bytes([["Hidden text."]]), "s3cret"))
+    with pytest.raises(InputError, match=r"secret\.pdf is encrypted; decrypt it first"):
+        read_documents([str(path)])
+
+
+def test_encrypted_pdf_with_empty_password_is_read(tmp_path):
+    """A PDF encrypted with only an owner password opens with the empty password."""
+    path = write(tmp_path / "owner.pdf", encrypted(pdf_bytes([["Readable text."]]), ""))
+    doc = read_documents([str(path)])
+    assert "Readable text." in doc.text
+
+
+def test_pdf_without_text_layer_suggests_ocr(tmp_path):
+    """A PDF whose pages hold no text operators is refused as scanned, suggesting OCR."""
+    path = write(tmp_path / "scan.pdf", pdf_bytes([[], []]))
+    with pytest.raises(InputError, match="no text layer.*ocrmypdf"):
+        read_documents([str(path)])
+
+
+@pytest.mark.parametrize("content", [b"just some text", b"%PDF-1.4\ngarbage without objects"])
+def test_invalid_pdf_fails(tmp_path, content):
+    """A .pdf file that is not a readable PDF is refused as invalid."""
+    path = write(tmp_path / "bad.pdf", content)
+    with pytest.raises(InputError, match=r"bad\.pdf is not a valid PDF"):
+        read_documents([str(path)])
+
+
+def test_broken_pdf_in_folder_is_skipped_with_warning(tmp_path):
+    """Inside a folder, an unreadable PDF becomes a warning rather than an error."""
+    write(tmp_path / "d/bad.pdf", b"not a pdf")
+    write(tmp_path / "d/notes.txt", "Notes.")
+    doc = read_documents([str(tmp_path / "d")])
+    assert [s.name.rsplit("/", 1)[-1] for s in doc.sources] == ["notes.txt"]
+    assert any("bad.pdf is not a valid PDF" in w for w in doc.warnings)
+
+
+def test_missing_path_fails(tmp_path):
+    """A path that does not exist is refused by name."""
+    with pytest.raises(InputError, match=r"nope\.txt does not exist"):
+        read_documents([str(tmp_path / "nope.txt")])
+
+
+def test_no_paths_fails():
+    """Calling with no paths at all is a user error."""
+    with pytest.raises(InputError, match="no input"):
+        read_documents([])
+
+
+@pytest.mark.parametrize("content", ["", " \n\t\n"])
+def test_empty_file_fails(tmp_path, content):
+    """An empty or whitespace-only file is refused as empty."""
+    path = write(tmp_path / "empty.txt", content)
+    with pytest.raises(InputError, match=r"empty\.txt is empty"):
+        read_documents([str(path)])
+
+
+@pytest.mark.parametrize("name,content", [("data.bin", b"\x00\x01\x02"), ("photo.jpg", b"text?")])
+def test_binary_file_fails(tmp_path, name, content):
+    """A binary file given by name (NUL bytes or a binary extension) is refused."""
+    path = write(tmp_path / name, content)
+    with pytest.raises(InputError, match="looks like a binary file"):
+        read_documents([str(path)])
+
+
+def test_folder_without_text_fails(tmp_path):
+    """A folder holding only binary, hidden or empty files is refused."""
+    write(tmp_path / "d/a.png", b"\x89PNG")
+    write(tmp_path / "d/.hidden.txt", "hidden")
+    write(tmp_path / "d/empty.txt", "")
+    with pytest.raises(InputError, match="has no readable text files"):
+        read_documents([str(tmp_path / "d")])
+    (tmp_path / "e").mkdir()
+    with pytest.raises(InputError, match="has no readable text files"):
+        read_documents([str(tmp_path / "e")])
+
+
+def test_non_utf8_file_is_decoded_with_a_warning(tmp_path):
+    """Bytes that are not UTF-8 become U+FFFD and the warning names the file."""
+    path = write(tmp_path / "latin.txt", "café au lait".encode("latin-1"))
+    doc = read_documents([str(path)])
+    assert doc.text == "caf\ufffd au lait"
+    assert len(doc.warnings) == 1 and "latin.txt is not valid UTF-8" in doc.warnings[0]
+
+
+def test_unknown_extension_with_text_is_read(tmp_path):
+    """A file with an unknown extension that holds text is read as text; a BOM is dropped."""
+    path = write(tmp_path / "notes.weird", "\ufeffplain words")
+    doc = read_documents([str(path)])
+    assert doc.text == "plain words" and doc.sources[0].kind == "text"
+
+
+def test_progress_is_called_after_each_file(tmp_path):
+    """progress(done, total) is reported once per file, in order."""
+    for name in "abc":
+        write(tmp_path / f"{name}.txt", name)
+    calls = []
+    read_documents([str(tmp_path)], progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_reading_writes_nothing(tmp_path):
+    """Reading a folder leaves it exactly as it was."""
+    write(tmp_path / "a.py", "x = 1")
+    write(tmp_path / "b.pdf", pdf_bytes([["Page."]]))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    read_documents([str(tmp_path)])
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def has_text(content: str) -> bool:
+    """Whether ingest keeps a file: something besides whitespace once a UTF-8 BOM is dropped."""
+    return bool(content.removeprefix("\ufeff").strip())
+
+
+file_names = st.builds(
+    str.__add__,
+    st.text(alphabet="abcdefghij_0123456789", min_size=1, max_size=8),
+    st.sampled_from([".txt", ".md", ".py", ""]),
+)
+file_texts = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+    max_size=40,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(files=st.dictionaries(file_names, file_texts, min_size=1, max_size=6))
+def test_sources_tile_the_text(files):
+    """Spans lie in the text, ordered and disjoint, and source_at maps each offset to its span."""
+    with tempfile.TemporaryDirectory() as folder:
+        for name, content in files.items():
+            write(Path(folder) / name, content)
+        try:
+            doc = read_documents([folder])
+        except InputError:
+            assert not any(has_text(content) for content in files.values())
+            return
+
+    previous_end = 0
+    for source in doc.sources:
+        assert previous_end <= source.start < source.end <= len(doc.text)
+        previous_end = source.end
+    owner = [None] * len(doc.text)
+    for source in doc.sources:
+        owner[source.start : source.end] = [source] * (source.end - source.start)
+    assert [doc.source_at(i) for i in range(len(doc.text))] == owner
+    assert doc.source_at(len(doc.text)) is None
+    assert len(doc.sources) == sum(1 for content in files.values() if has_text(content))
