@@ -6,8 +6,8 @@ PY := $(VENV)/bin/python
 # TORCH_INDEX=--extra-index-url=https://download.pytorch.org/whl/cpu
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
-SAMPLE ?= samples/darwin_voyage_beagle_ch17.txt
-QUESTION ?= What did Darwin observe about the finches' beaks on the Galapagos islands?
+SAMPLE ?= samples/python_exceptions.txt
+QUESTION ?= What happens to an exception raised inside a finally clause?
 
 .PHONY: setup run test clean
 

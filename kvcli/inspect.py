@@ -1,0 +1,106 @@
+"""Where each layer's kept tokens fall in the documents: by PDF page, by file, or by position."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from .stats import layer_bars
+
+_SPARK = " ▁▂▃▄▅▆▇█"
+OUTSIDE = "prompt (template, question)"
+
+
+@dataclass
+class Profile:
+    """Kept tokens per layer, split over groups of the document (mean over KV heads)."""
+
+    groups: list[str]  # labels: pages, files or position buckets, then the non-document part
+    group_tokens: list[int]  # prompt tokens in each group
+    pages: list[int | None]  # PDF page number per group, where there is one
+    per_layer: list[list[float]]  # [layer][group] kept tokens (mean over KV heads)
+    retained_per_layer: list[int]
+    by: str  # 'page', 'file' or 'position'
+
+    def to_dict(self) -> dict:
+        return {
+            "by": self.by,
+            "groups": [
+                {"label": label, "page": page, "prompt_tokens": n}
+                for label, page, n in zip(self.groups, self.pages, self.group_tokens)
+            ],
+            "retained_per_layer": self.retained_per_layer,
+            "kept_per_layer_per_group": [[round(x, 2) for x in row] for row in self.per_layer],
+        }
+
+
+def _group_of_positions(prompt, doc, buckets: int) -> tuple[list[int], list[str], list[int | None], str]:
+    """For every prompt position, the index of its group; and the groups' labels and pages."""
+    labels: list[str] = []
+    pages: list[int | None] = []
+    index: dict[str, int] = {}
+    several = len(doc.sources) > 1
+    by = "page" if any(s.page is not None for s in doc.sources) else ("file" if several else "position")
+    length = max(1, len(doc.text))
+    if by == "position":
+        for b in range(buckets):
+            labels.append(f"{100 * b // buckets}-{100 * (b + 1) // buckets}%")
+            pages.append(None)
+    else:
+        for source in doc.sources:
+            label = doc.label(source)
+            if label not in index:
+                index[label] = len(labels)
+                labels.append(label)
+                pages.append(source.page)
+    outside = len(labels)
+    labels.append(OUTSIDE)
+    pages.append(None)
+    groups = []
+    for position in range(len(prompt)):
+        offset = prompt.doc_offset(position)
+        if offset is None:
+            groups.append(outside)
+        elif by == "position":
+            groups.append(min(buckets - 1, offset * buckets // length))
+        else:
+            source = doc.source_at(offset)
+            groups.append(index[doc.label(source)] if source is not None else outside)
+    return groups, labels, pages, by
+
+
+def retention_profile(cache, prompt, doc, buckets: int = 10) -> Profile:
+    """Split each layer's kept prompt tokens over the document's pages, files or position buckets."""
+    group_list, labels, pages, by = _group_of_positions(prompt, doc, buckets)
+    group_of = torch.tensor(group_list, dtype=torch.long)
+    group_tokens = torch.bincount(group_of, minlength=len(labels)).tolist()
+    per_layer = []
+    for layer in cache.layers:
+        positions = layer.kept_positions().cpu()
+        positions = positions[positions < len(prompt)]  # prompt tokens only, not generated ones
+        counts = torch.bincount(group_of[positions], minlength=len(labels)).float()
+        per_layer.append((counts / layer.kept_positions().shape[0]).tolist())
+    return Profile(labels, group_tokens, pages, per_layer, cache.retained_per_layer(), by)
+
+
+def render_profile(profile: Profile, top: int = 3) -> Group:
+    """Per layer: a strip with one cell per group (darker = a larger share kept), and the top groups."""
+    doc_groups = len(profile.groups) - 1
+    table = Table(box=None, show_header=True, pad_edge=False)
+    table.add_column("layer", justify="right")
+    table.add_column(f"kept share by {profile.by} (one cell each, in order)")
+    table.add_column("most kept")
+    for i, row in enumerate(profile.per_layer):
+        shares = [row[g] / profile.group_tokens[g] if profile.group_tokens[g] else 0.0 for g in range(doc_groups)]
+        peak = max(shares) if shares and max(shares) > 0 else 1.0
+        strip = "".join(_SPARK[round((len(_SPARK) - 1) * s / peak)] for s in shares)
+        total = sum(row) or 1.0
+        ranked = sorted(range(len(row)), key=lambda g: -row[g])[:top]
+        best = ", ".join(f"{profile.groups[g]} {100 * row[g] / total:.0f}%" for g in ranked if row[g] > 0)
+        table.add_row(str(i), Text(strip, style="magenta"), best)
+    legend = Text(f"{doc_groups} {profile.by} groups; a cell is the fraction of that group's tokens the layer kept, scaled per row")
+    return Group(Text("retained tokens per layer:"), layer_bars(profile.retained_per_layer), legend, table)
