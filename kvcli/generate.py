@@ -18,7 +18,7 @@ import torch
 
 from . import attention
 from .cache import KVCache
-from .methods import BudgetPlan, Compressor, Method
+from .methods import BudgetPlan, Compressor, LayerObservation, Method
 
 log = logging.getLogger(__name__)
 
@@ -145,3 +145,82 @@ def decode(
                 return
             logits = forward(model, state.cache, torch.tensor([[token]], device=device), position)
             position += 1
+
+
+class _Recorder:
+    """Stands in for a compressor during a capturing prefill: records, prunes nothing."""
+
+    def __init__(self, window_size: int, accumulated: bool) -> None:
+        self.window_size = window_size
+        self.accumulated = accumulated
+        self.observations: list[LayerObservation] = []
+
+    def observe_live(self, cache, layer_idx: int, query, keys, scaling: float) -> None:
+        positions = cache.layers[layer_idx].kept_positions()
+        self.observations.append(LayerObservation.compute(layer_idx, query, keys, positions, scaling, self.window_size, self.accumulated))
+
+
+@dataclass
+class Capture:
+    """One prefill's full KV and per-layer observations, from which any method's cache is derived.
+
+    During prefill every layer attends over its full KV, so the prefill does not depend on
+    the method: one capture serves every method and budget.
+    """
+
+    cache: KVCache  # the full cache; never decoded from directly
+    observations: list[LayerObservation]
+    logits: torch.Tensor
+    prompt_len: int
+    seconds: float
+
+    def derive(self, method: Method, plan: BudgetPlan | None) -> Prefill:
+        """The cache `method` would have kept live, built by replaying the observations."""
+        started = time.perf_counter()
+        cache = KVCache(self.cache.num_layers)
+        compressor = method.compressor(plan) if (plan is not None and method.compresses) else None
+        for layer_idx, source in enumerate(self.cache.layers):
+            keys, values = source.view()
+            target = cache.layers[layer_idx]
+            target.lazy_initialization(keys, values)
+            target.append(keys, values, source.kept_positions()[0])
+            if compressor is not None:
+                obs = self.observations[layer_idx]
+                if obs.window_attn.shape[2] < method.window_size:
+                    raise ValueError("internal: the capture's window is smaller than the method's")
+                for target_idx, positions in compressor.observe(obs).items():
+                    cache.layers[target_idx].keep_positions(positions)
+        return Prefill(
+            cache=cache,
+            logits=self.logits,
+            prompt_len=self.prompt_len,
+            plan=plan,
+            compressor=compressor,
+            seconds=self.seconds + time.perf_counter() - started,
+            compressed=compressor is not None,
+        )
+
+
+def capture(
+    model,
+    input_ids: torch.Tensor,
+    window_size: int,
+    accumulated: bool = False,
+    layer_callback: Callable[[int], None] | None = None,
+) -> Capture:
+    """Prefill once with the full cache, recording what every method needs to choose tokens.
+
+    `window_size` is the largest observation window any method will use; `accumulated`
+    records all-query attention too (H2O).
+    """
+    prepare_model(model)
+    cache = KVCache(model.config.num_hidden_layers)
+    recorder = _Recorder(window_size, accumulated)
+    cache.compressor = recorder
+    cache.layer_callback = layer_callback
+    started = time.perf_counter()
+    with torch.inference_mode():
+        logits = forward(model, cache, input_ids, 0)
+    cache.compressor = None
+    cache.layer_callback = None
+    return Capture(cache, recorder.observations, logits, input_ids.shape[1], time.perf_counter() - started)

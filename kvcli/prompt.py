@@ -37,6 +37,7 @@ class Prompt:
     doc_start: int  # char offset of the document in `text`
     doc_text: str  # the document as it appears in the prompt (after any cut)
     token_starts: list[int]  # char offset in `text` where each token starts
+    prefix_len: int  # tokens before the question: the part a saved cache holds
     dropped_tokens: int = 0  # document tokens cut from the middle
     cut_at: int | None = None  # char offset in the original document where the cut begins
     cut_len: int = 0  # chars of the original document removed
@@ -61,25 +62,54 @@ def _cut_marker(dropped: int) -> str:
     return f"\n\n[... {dropped} tokens omitted ...]\n\n"
 
 
-def _chat_text(tokenizer, document: str, question: str) -> tuple[str, int]:
-    """The chat-formatted prompt and the char offset of the document in it."""
-    sentinel = "\x00KVCLI_DOCUMENT\x00"
-    content = f"{sentinel}\n\n{question}"
+REUSE_INSTRUCTION = "Read the document above carefully: questions about it follow."
+
+_DOC = "\x00KVCLI_DOCUMENT\x00"
+_QUESTION = "\x00KVCLI_QUESTION\x00"
+
+
+def _chat_parts(tokenizer, document: str, question: str, instruction: str | None) -> tuple[str, str, int]:
+    """(prefix, suffix, doc_start): the chat prompt split where the question begins.
+
+    The prefix holds the template's opening, the document and an optional instruction; the
+    suffix holds the question and the template's closing. A compressed prefix can be saved
+    and answered later by feeding only a suffix.
+    """
+    content = _DOC + (f"\n\n{instruction}" if instruction else "") + "\n\n" + _QUESTION
     messages = [{"role": "user", "content": content}]
     if getattr(tokenizer, "chat_template", None):
         templated = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:
         templated = f"{content}\n\nAnswer: "
-    doc_start = templated.index(sentinel)
-    return templated.replace(sentinel, document, 1), doc_start
+    split = templated.index(_QUESTION) - 2  # the blank line before the question starts the suffix
+    prefix, suffix = templated[:split], templated[split:].replace(_QUESTION, question, 1)
+    doc_start = prefix.index(_DOC)
+    return prefix.replace(_DOC, document, 1), suffix, doc_start
 
 
-def build_prompt(tokenizer, document: str, question: str, max_context: int, reserve: int = 0) -> Prompt:
-    """Tokenize the chat prompt; cut the document's middle if prompt + `reserve` exceeds `max_context`."""
+def _encode(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [start for start, _ in enc["offset_mapping"]]
+
+
+def question_suffix(tokenizer, question: str, instruction: str | None = REUSE_INSTRUCTION) -> torch.Tensor:
+    """Token ids `(1, n)` that ask `question` after a saved or reused document prefix."""
+    if not question.strip():
+        raise InputError("the question is empty; pass a question in quotes")
+    _, suffix, _ = _chat_parts(tokenizer, "", question, instruction)
+    return torch.tensor([_encode(tokenizer, suffix)[0]], dtype=torch.long)
+
+
+def build_prompt(tokenizer, document: str, question: str, max_context: int, reserve: int = 0, instruction: str | None = None) -> Prompt:
+    """Tokenize the chat prompt; cut the document's middle if prompt + `reserve` exceeds `max_context`.
+
+    `instruction` goes between the document and the question (used when the prefix is
+    compressed once and reused for several questions).
+    """
     if not question.strip():
         raise InputError("the question is empty; pass a question in quotes after the files")
-    text, doc_start = _chat_text(tokenizer, document, question)
-    overhead = len(tokenizer(_chat_text(tokenizer, "", question)[0], add_special_tokens=False)["input_ids"])
+    empty_prefix, empty_suffix, _ = _chat_parts(tokenizer, "", question, instruction)
+    overhead = len(_encode(tokenizer, empty_prefix)[0]) + len(_encode(tokenizer, empty_suffix)[0])
     limit = max_context - reserve
     if overhead + 16 > limit:
         raise InputError(f"--max-context {max_context} leaves no room for the document; raise it")
@@ -95,12 +125,16 @@ def build_prompt(tokenizer, document: str, question: str, max_context: int, rese
         cut_at = len(head)
         cut_len = len(document) - len(head) - len(tail)
         doc_text = head + _cut_marker(dropped) + tail
-        text, doc_start = _chat_text(tokenizer, doc_text, question)
         log.warning("the document has %d tokens more than fit; cut from the middle", dropped)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = torch.tensor([enc["input_ids"]], dtype=torch.long)
-    starts = [start for start, _ in enc["offset_mapping"]]
-    return Prompt(ids=ids, text=text, doc_start=doc_start, doc_text=doc_text, token_starts=starts, dropped_tokens=dropped, cut_at=cut_at, cut_len=cut_len)
+    prefix, suffix, doc_start = _chat_parts(tokenizer, doc_text, question, instruction)
+    prefix_ids, prefix_starts = _encode(tokenizer, prefix)
+    suffix_ids, suffix_starts = _encode(tokenizer, suffix)
+    ids = torch.tensor([prefix_ids + suffix_ids], dtype=torch.long)
+    starts = prefix_starts + [len(prefix) + s for s in suffix_starts]
+    return Prompt(
+        ids=ids, text=prefix + suffix, doc_start=doc_start, doc_text=doc_text, token_starts=starts,
+        prefix_len=len(prefix_ids), dropped_tokens=dropped, cut_at=cut_at, cut_len=cut_len,
+    )
 
 
 def window_text(tokenizer, prompt: Prompt, window_size: int) -> str:
@@ -108,9 +142,4 @@ def window_text(tokenizer, prompt: Prompt, window_size: int) -> str:
     return tokenizer.decode(prompt.ids[0, -window_size:].tolist())
 
 
-def positions_to_doc_offsets(prompt: Prompt, positions: list[int]) -> list[int | None]:
-    """Document char offset for each token position (None for template or question tokens)."""
-    return [prompt.doc_offset(p) for p in positions]
-
-
-__all__ = ["Prompt", "build_prompt", "summary_instruction", "window_text", "positions_to_doc_offsets"]
+__all__ = ["REUSE_INSTRUCTION", "Prompt", "build_prompt", "question_suffix", "summary_instruction", "window_text"]
