@@ -71,6 +71,13 @@ class KVLayer(CacheLayerMixin):
         self.positions[:, self.length : end] = positions.to(self.positions.device)
         self.length = end
 
+    def load(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Take `keys`/`values` `(1, num_kv_heads, n, head_dim)` and `positions` `(num_kv_heads, n)` as the layer."""
+        self.device, self.dtype = keys.device, keys.dtype
+        self.keys, self.values, self.positions = keys, values, positions.to(keys.device)
+        self.length = positions.shape[1]
+        self.is_initialized = True
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         raise KvcliError("internal: KVLayer.update needs positions; go through KVCache.update")
 
@@ -160,6 +167,15 @@ class KVCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].length
+
+    def clone(self) -> KVCache:
+        """An independent copy: several questions can each extend the same compressed prefix."""
+        copy = KVCache(self.num_layers)
+        for source, target in zip(self.layers, copy.layers):
+            if source.is_initialized:
+                keys, values = source.view()
+                target.load(keys.clone(), values.clone(), source.kept_positions().clone())
+        return copy
 
     @property
     def num_layers(self) -> int:

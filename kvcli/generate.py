@@ -177,15 +177,10 @@ class Capture:
     def derive(self, method: Method, plan: BudgetPlan | None) -> Prefill:
         """The cache `method` would have kept live, built by replaying the observations."""
         started = time.perf_counter()
-        cache = KVCache(self.cache.num_layers)
         compressor = method.compressor(plan) if (plan is not None and method.compresses) else None
-        for layer_idx, source in enumerate(self.cache.layers):
-            keys, values = source.view()
-            target = cache.layers[layer_idx]
-            target.lazy_initialization(keys, values)
-            target.append(keys, values, source.kept_positions()[0])
-            if compressor is not None:
-                obs = self.observations[layer_idx]
+        cache = self.cache.clone()
+        if compressor is not None:
+            for obs in self.observations:
                 if obs.window_attn.shape[2] < method.window_size:
                     raise ValueError("internal: the capture's window is smaller than the method's")
                 for target_idx, positions in compressor.observe(obs).items():

@@ -1,0 +1,135 @@
+"""Saved compressed caches (`.kvc`): safetensors tensors plus JSON metadata, checked on load.
+
+A `.kvc` file holds a compressed document prefix (the prompt up to the question): per layer
+the kept keys, values and original positions, and metadata saying which model made it,
+with which method, from which sources. Loading refuses a file made with another model or
+format version, and one whose bytes do not match the checksum written with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .cache import KVCache
+from .errors import InputError
+
+FORMAT_VERSION = 1
+_MAGIC = "kvcli-kv-cache"
+
+
+@dataclass
+class SavedCache:
+    """A compressed document prefix and what it was made from."""
+
+    cache: KVCache
+    meta: dict  # model, config_hash, dtype, method, method_params, prompt_tokens, sources, ...
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.meta["prompt_tokens"])
+
+
+def _tensors(cache: KVCache) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for i, layer in enumerate(cache.layers):
+        keys, values = layer.view()
+        tensors[f"layer.{i}.keys"] = keys.contiguous().cpu()
+        tensors[f"layer.{i}.values"] = values.contiguous().cpu()
+        tensors[f"layer.{i}.positions"] = layer.kept_positions().contiguous().cpu()
+    return tensors
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].view(torch.uint8).numpy().tobytes() if tensors[name].numel() else b"")
+    return digest.hexdigest()
+
+
+def save_cache(path: str | Path, cache: KVCache, meta: dict) -> int:
+    """Write `cache` and `meta` to `path` atomically (temp file, then rename); return bytes written."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; give a file name such as doc.kvc")
+    if not path.parent.exists():
+        raise InputError(f"folder {path.parent} does not exist; create it or choose another -o path")
+    tensors = _tensors(cache)
+    header = dict(meta, format=_MAGIC, format_version=FORMAT_VERSION, num_layers=cache.num_layers, payload_sha256=_checksum(tensors))
+    data = st_save(tensors, metadata={"kvcli": json.dumps(header, ensure_ascii=False)})
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return len(data)
+
+
+def _read_header(raw: bytes, path: Path) -> dict:
+    """The metadata of a .kvc file, without loading its tensors."""
+    if len(raw) < 8:
+        raise InputError(f"{path} is not a kvcli cache (too short); make one with `kvcli compress`")
+    size = int.from_bytes(raw[:8], "little")
+    if size <= 0 or 8 + size > len(raw):
+        raise InputError(f"{path} is truncated or not a kvcli cache; make it again with `kvcli compress`")
+    try:
+        header = json.loads(raw[8 : 8 + size])
+        meta = json.loads(header["__metadata__"]["kvcli"])
+    except (ValueError, KeyError, TypeError):
+        raise InputError(f"{path} is not a kvcli cache (no kvcli metadata); make one with `kvcli compress`") from None
+    if meta.get("format") != _MAGIC:
+        raise InputError(f"{path} is not a kvcli cache; make one with `kvcli compress`")
+    return meta
+
+
+def load_cache(path: str | Path, config_hash: str, model_name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> SavedCache:
+    """Read a `.kvc` file, refusing one made with another model or format, or damaged."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"cache file {path} does not exist; make one with `kvcli compress FILES -o {path}`")
+    raw = path.read_bytes()
+    meta = _read_header(raw, path)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{path} was written in cache format {meta.get('format_version')}, this kvcli reads format {FORMAT_VERSION}; compress the documents again")
+    if meta.get("config_hash") != config_hash:
+        raise InputError(f"{path} was made with model {meta.get('model')!r}, not {model_name!r}; pass -m {meta.get('model')} or compress again with this model")
+    try:
+        tensors = st_load(raw)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise InputError(f"{path} is corrupted ({str(exc).splitlines()[0]}); compress the documents again") from None
+    if _checksum(tensors) != meta.get("payload_sha256"):
+        raise InputError(f"{path} is corrupted (its checksum does not match); compress the documents again")
+    num_layers = int(meta["num_layers"])
+    cache = KVCache(num_layers)
+    for i in range(num_layers):
+        try:
+            keys, values, positions = (tensors[f"layer.{i}.{n}"] for n in ("keys", "values", "positions"))
+        except KeyError:
+            raise InputError(f"{path} is corrupted (layer {i} is missing); compress the documents again") from None
+        if dtype is not None:
+            keys, values = keys.to(dtype), values.to(dtype)
+        cache.layers[i].load(keys.to(device), values.to(device), positions)
+    return SavedCache(cache=cache, meta=meta)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
