@@ -109,7 +109,7 @@ class KVLayer(CacheLayerMixin):
         Every requested position must be stored in that head; positions are kept sorted, so
         this is a search per head, not a scan.
         """
-        stored = self.kept_positions()
+        stored = self.kept_positions().contiguous()
         positions = positions.to(stored.device)
         local_index = torch.searchsorted(stored, positions)
         found = stored.gather(1, local_index.clamp(max=stored.shape[1] - 1))
@@ -146,6 +146,7 @@ class KVCache(Cache):
         super().__init__(layers=[KVLayer() for _ in range(num_layers)])
         self.step_positions: torch.Tensor | None = None  # (q_len,) positions of the tokens being fed
         self.compressor = None  # set by the driver during a compressing prefill
+        self.probe_len = 0  # trailing tokens of this step that score but are not kept (chunked prefill)
         self.layer_callback = None  # called with layer_idx after each layer (progress)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):

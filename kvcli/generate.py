@@ -57,6 +57,17 @@ class Prefill:
     compressor: Compressor | None
     seconds: float
     compressed: bool = field(default=False)
+    chunks: list[tuple[int, int]] = field(default_factory=list)  # [start, stop) of each prefill step
+
+    def kept_per_chunk(self) -> list[float]:
+        """Tokens kept from each chunk, summed over layers (mean over KV heads)."""
+        edges = torch.tensor([stop for _, stop in self.chunks])
+        totals = torch.zeros(len(self.chunks))
+        for layer in self.cache.layers:
+            positions = layer.kept_positions().cpu()
+            positions = positions[positions < self.prompt_len]
+            totals += torch.bincount(torch.searchsorted(edges, positions, right=True), minlength=len(self.chunks)).float()[: len(self.chunks)] / layer.kept_positions().shape[0]
+        return totals.tolist()
 
 
 def prefill(
@@ -65,30 +76,51 @@ def prefill(
     method: Method,
     plan: BudgetPlan | None,
     layer_callback: Callable[[int], None] | None = None,
+    chunk_size: int | None = None,
+    probe_ids: torch.Tensor | None = None,
 ) -> Prefill:
-    """Read the prompt `(1, prompt_len)` in one pass, compressing each layer as it goes.
+    """Read the prompt `(1, prompt_len)`, compressing each layer right after its attention.
 
-    `plan` None (or a method that does not compress) keeps the full cache.
+    `plan` None (or a method that does not compress) keeps the full cache. With `chunk_size`
+    the prompt is read in chunks and the cache is compressed after each, so it never holds
+    more than the budget plus one chunk; `probe_ids` (the question) are fed after each chunk
+    but the last so the chunk is scored against the question, then dropped.
     """
     prepare_model(model)
     cache = KVCache(model.config.num_hidden_layers)
-    compressor = method.compressor(plan) if (plan is not None and method.compresses) else None
-    cache.compressor = compressor
+    compressing = plan is not None and method.compresses
+    prompt_len = input_ids.shape[1]
+    bounds = [0, prompt_len]
+    if chunk_size and compressing and chunk_size < prompt_len:
+        bounds = list(range(0, prompt_len, chunk_size)) + [prompt_len]
     cache.layer_callback = layer_callback
+    compressor = None
+    chunk_kept: list[tuple[int, int]] = []
     started = time.perf_counter()
     with torch.inference_mode():
-        logits = forward(model, cache, input_ids, 0)
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            step_ids = input_ids[:, start:stop]
+            last = stop == prompt_len
+            if not last and probe_ids is not None:
+                step_ids = torch.cat([step_ids, probe_ids.to(step_ids.device)], dim=1)
+                cache.probe_len = probe_ids.shape[1]
+            compressor = method.compressor(plan) if compressing else None
+            cache.compressor = compressor
+            logits = forward(model, cache, step_ids, start)
+            cache.probe_len = 0
+            chunk_kept.append((start, stop))
     seconds = time.perf_counter() - started
     cache.compressor = None
     cache.layer_callback = None
     return Prefill(
         cache=cache,
         logits=logits,
-        prompt_len=input_ids.shape[1],
+        prompt_len=prompt_len,
         plan=plan,
         compressor=compressor,
         seconds=seconds,
-        compressed=compressor is not None,
+        compressed=compressing,
+        chunks=chunk_kept,
     )
 
 

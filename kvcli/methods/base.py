@@ -81,6 +81,16 @@ class LayerObservation:
     def k_len(self) -> int:
         return self.positions.shape[1]
 
+    def drop_tail(self, n: int) -> LayerObservation:
+        """The same observation without the last `n` entries as candidates (their queries still score)."""
+        keep = self.k_len - n
+        return LayerObservation(
+            layer_idx=self.layer_idx,
+            positions=self.positions[:, :keep],
+            window_attn=self.window_attn[..., :keep],
+            accumulated=None if self.accumulated is None else self.accumulated[..., :keep],
+        )
+
     @classmethod
     def compute(cls, layer_idx: int, query, keys, positions, scaling: float, window_size: int, accumulated: bool) -> LayerObservation:
         return cls(
@@ -142,6 +152,9 @@ class Compressor:
         obs = LayerObservation.compute(
             layer_idx, query, keys, layer.kept_positions(), scaling, self.method.window_size, self.method.needs_accumulated
         )
+        if cache.probe_len:
+            # The probe (the question fed after a chunk) scored the chunk; it is not kept.
+            obs = obs.drop_tail(cache.probe_len)
         for target, positions in self.observe(obs).items():
             cache.layers[target].keep_positions(positions)
 
