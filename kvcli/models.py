@@ -21,7 +21,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -331,7 +331,15 @@ def _gguf_checkpoint(path: Path, report: Callable[[str], None]) -> tuple[Path, b
 
     def make_gguf(workdir: Path) -> tuple[Path, str]:
         report(f"hashing {path.name} (sha256)")
-        return path, _sha256_file(path)
+        sha256 = _sha256_file(path)
+        # Load through a link in our own folder: transformers would also read any config or
+        # tokenizer files that happen to sit next to the user's file.
+        link = workdir / path.name
+        try:
+            link.symlink_to(path)
+        except OSError:  # no symlinks (some Windows setups): read it where it is
+            return path, sha256
+        return link, sha256
 
     converted = _ensure_converted(target, make_gguf, {"source": str(path)}, report)
     return target, converted
@@ -362,7 +370,13 @@ def _ensure_converted(
     tmp_root = home / "tmp"
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp_root.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{target}.lock"):
+    lock = FileLock(f"{target}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        report("waiting for another kvcli process to finish converting this model")
+        lock.acquire()
+    try:
         if _is_complete(target):
             return False
         # Holding the lock, any temp folder for this target belongs to a run that was killed.
@@ -390,6 +404,8 @@ def _ensure_converted(
             logger.info("converted %s into %s in %.1f s", gguf.name, target, meta["convert_s"])
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
+    finally:
+        lock.release()
     return True
 
 
