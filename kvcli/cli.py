@@ -20,7 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
 from .errors import BudgetError, InputError, KvcliError
-from .generate import Prefill, Sampling, decode, prefill
+from .generate import Sampling
 from .methods import DEFAULT_METHOD, REGISTRY, make_method, plan_budget
 from .stats import RunStats, peak_memory_bytes, render
 
@@ -96,6 +96,7 @@ class Settings:
     max_multiple: float
     min_multiple: float
     period: int
+    chunk_size: int | None
     max_new_tokens: int
     temperature: float
     top_p: float
@@ -131,51 +132,9 @@ class Settings:
         return not self.quiet and err.is_terminal
 
 
-def _layer_progress(settings: Settings, num_layers: int):
-    """A progress bar over layers during prefill (only on a terminal)."""
-    if not settings.show_progress:
-        return None, None
-    progress = Progress(TextColumn("prefill"), BarColumn(), TextColumn("layer {task.completed}/{task.total}"), TimeElapsedColumn(), console=err, transient=True)
-    task = progress.add_task("prefill", total=num_layers)
-    return progress, lambda layer: progress.update(task, completed=layer + 1)
-
-
-@dataclass
-class Loaded:
-    """A model plus its tokenizer, as the commands use them."""
-
-    lm: object  # models.LoadedModel
-
-    @property
-    def model(self):
-        return self.lm.model
-
-    @property
-    def tokenizer(self):
-        return self.lm.tokenizer
-
-    @property
-    def max_positions(self) -> int:
-        return int(getattr(self.model.config, "max_position_embeddings", 0) or 32768)
-
-    @property
-    def eos_ids(self) -> set[int]:
-        ids = set()
-        for source in (self.model.generation_config, self.model.config, self.tokenizer):
-            value = getattr(source, "eos_token_id", None)
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, (list, tuple)):
-                ids.update(int(v) for v in value)
-        for token in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
-            tid = self.tokenizer.convert_tokens_to_ids(token)
-            if isinstance(tid, int) and tid >= 0 and tid != getattr(self.tokenizer, "unk_token_id", None):
-                ids.add(tid)
-        return ids
-
-
-def _load(settings: Settings) -> Loaded:
+def _load(settings: Settings):
     from .models import load_model
+    from .pipeline import Engine
 
     status = None
     if settings.show_progress:
@@ -192,7 +151,7 @@ def _load(settings: Settings) -> Loaded:
     finally:
         if status:
             status.stop()
-    return Loaded(lm)
+    return Engine(lm)
 
 
 def _read(files: list[str], settings: Settings):
@@ -200,124 +159,151 @@ def _read(files: list[str], settings: Settings):
 
     if not files:
         raise InputError("no documents given; pass files, folders or - for stdin before the question")
-    doc = read_documents(files)
-    if not settings.quiet:
-        for warning in doc.warnings:
-            err.print(f"kvcli: warning: {warning}", markup=False, soft_wrap=True)
+    progress = None
+    bar = None
+    if settings.show_progress:
+        bar = Progress(TextColumn("reading"), BarColumn(), TextColumn("{task.completed}/{task.total} files"), console=err, transient=True)
+        task = bar.add_task("reading", total=None)
+        bar.start()
+        progress = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
+    try:
+        doc = read_documents(files, progress=progress)
+    finally:
+        if bar:
+            bar.stop()
+    _warn(settings, *doc.warnings)
     return doc
 
 
-def _prefill(loaded: Loaded, prompt, method, settings: Settings) -> tuple[Prefill, RunStats]:
-    from .cache import KVShape
-    from .prompt import window_text
+def _warn(settings: Settings, *messages: str) -> None:
+    if not settings.quiet:
+        for message in messages:
+            err.print(f"kvcli: warning: {message}", markup=False, soft_wrap=True)
 
-    config = loaded.model.config
-    num_layers = config.num_hidden_layers
-    plan = None
-    note = ""
-    if method.compresses:
-        plan = plan_budget(len(prompt), num_layers, window_size=method.window_size, ratio=settings.ratio, budget=settings.budget)
-        if plan is None:
-            note = f"the {len(prompt)}-token prompt already fits the budget"
-    else:
-        note = "method full keeps every token"
-    progress, callback = _layer_progress(settings, num_layers)
-    if progress:
-        progress.start()
-    try:
-        state = prefill(loaded.model, prompt.ids.to(loaded.lm.device), method, plan, layer_callback=callback)
-    finally:
-        if progress:
-            progress.stop()
-    shape = KVShape.of(config, loaded.lm.dtype)
-    retained = state.cache.retained_per_layer()
-    stats = RunStats(
-        model=loaded.lm.name,
-        method=method.name,
-        method_params=method.params(),
-        ratio=sum(retained) / (num_layers * len(prompt)),
-        budget=sum(retained) / num_layers,
-        prompt_tokens=len(prompt),
-        compressed=state.compressed,
-        note=note,
-        window_text=window_text(loaded.tokenizer, prompt, method.window_size) if state.compressed else "",
-        retained_per_layer=retained,
-        kv_bytes_full=shape.bytes_for(len(prompt)),
-        kv_bytes_kept=state.cache.nbytes(),
-        peak_memory_bytes=0,
-        load_s=loaded.lm.load_s,
-        prefill_s=state.seconds,
-        dropped_tokens=prompt.dropped_tokens,
+
+def _options(settings: Settings):
+    from .pipeline import Options
+
+    if settings.chunk_size is not None and settings.chunk_size < 2 * settings.window:
+        raise InputError(f"--chunk-size must be at least twice the window ({2 * settings.window} tokens), got {settings.chunk_size}")
+    return Options(
+        ratio=settings.ratio, budget=settings.budget, chunk_size=settings.chunk_size, max_context=settings.max_context,
+        max_new_tokens=settings.max_new_tokens, sampling=Sampling(settings.temperature, settings.top_p, settings.seed),
     )
-    return state, stats
 
 
-def _answer(loaded: Loaded, doc, question: str, settings: Settings, method) -> tuple[str, RunStats]:
-    """Prefill, then stream the answer (unless --json); return it with the run's stats."""
-    from .prompt import build_prompt
+def _reading(engine, settings: Settings, prompt):
+    """Warnings about the prompt's length, and a layer progress bar for its prefill."""
+    limit = engine.context_limit(_options(settings))
+    if prompt.dropped_tokens:
+        _warn(settings, f"the documents are {prompt.dropped_tokens} tokens longer than the {limit}-token context; cut from the middle (head and tail kept); pass --max-context to change the limit")
+    if len(prompt) > engine.max_positions:
+        _warn(settings, f"the {len(prompt)}-token prompt is beyond the model's trained context ({engine.max_positions}); answers may degrade")
 
-    max_context = min(settings.max_context or loaded.max_positions, loaded.max_positions)
-    reserve = min(settings.max_new_tokens, max_context // 4)
-    prompt = build_prompt(loaded.tokenizer, doc.text, question, max_context, reserve=reserve)
-    if prompt.dropped_tokens and not settings.quiet:
-        err.print(f"kvcli: warning: the documents are {prompt.dropped_tokens} tokens longer than the {max_context}-token context; cut from the middle (head and tail kept); raise --max-context if the model allows", markup=False, soft_wrap=True)
-    started = time.perf_counter()
-    state, stats = _prefill(loaded, prompt, method, settings)
-    tokens: list[int] = []
-    shown = ""
-    first_at = None
-    decode_started = None
-    sampling = Sampling(settings.temperature, settings.top_p, settings.seed)
-    try:
-        for token in decode(loaded.model, state, settings.max_new_tokens, loaded.eos_ids, sampling):
-            now = time.perf_counter()
-            if first_at is None:
-                first_at = now
-                decode_started = now
-            tokens.append(token)
-            if not settings.json:
-                text = loaded.tokenizer.decode(tokens, skip_special_tokens=True)
-                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                    sys.stdout.write(text[len(shown):])
-                    sys.stdout.flush()
-                    shown = text
-    except KeyboardInterrupt:
-        if not settings.json:
-            sys.stdout.write("\n")
-        raise
-    finished = time.perf_counter()
-    answer = loaded.tokenizer.decode(tokens, skip_special_tokens=True)
-    if not settings.json:
-        sys.stdout.write(answer[len(shown):] + "\n")
+
+class _LayerBar:
+    """A progress bar over layers during prefill, on a terminal only."""
+
+    def __init__(self, settings: Settings, num_layers: int, label: str = "prefill") -> None:
+        self.progress = None
+        if settings.show_progress:
+            self.progress = Progress(TextColumn(label), BarColumn(), TextColumn("layer {task.completed}/{task.total}"), TimeElapsedColumn(), console=err, transient=True)
+            self.task = self.progress.add_task(label, total=num_layers)
+
+    def __enter__(self):
+        if self.progress:
+            self.progress.start()
+            return lambda layer: self.progress.update(self.task, completed=layer + 1)
+        return None
+
+    def __exit__(self, *exc):
+        if self.progress:
+            self.progress.stop()
+
+
+def _emit(settings: Settings, question: str, answer: str, stats: RunStats) -> None:
+    if settings.json:
+        print(json.dumps({"question": question, "answer": answer, "stats": stats.to_dict()}, ensure_ascii=False))
+    elif not settings.quiet:
+        err.print(render(stats))
+
+
+def _stream(settings: Settings):
+    if settings.json:
+        return None
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
         sys.stdout.flush()
-    stats.ttft_s = (first_at - started) if first_at else None
-    stats.decode_tokens = len(tokens)
-    stats.decode_s = (finished - decode_started) if decode_started else 0.0
-    stats.peak_memory_bytes = peak_memory_bytes(loaded.lm.device)
-    return answer.strip(), stats
+
+    return write
 
 
-def _settings(**kwargs) -> Settings:
-    return Settings(**kwargs)
+def _finish_line(settings: Settings) -> None:
+    if not settings.json:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
 
 
-def _run_questions(files: list[str], questions: list[str], settings: Settings) -> None:
+def _run_questions(files: list[str], questions: list[str], settings: Settings, cache_path: str | None = None, reuse: bool = False) -> None:
+    """Answer each question: query-aware by default, or from one compressed prefix (--reuse, --cache)."""
+    if cache_path and files:
+        raise InputError("give documents or --cache, not both")
     method = settings.make_method()
-    doc = _read(files, settings)
-    loaded = _load(settings)
+    options = _options(settings)
+    doc = None if cache_path else _read(files, settings)
+    engine = _load(settings)
+    prefix = None
+    if cache_path:
+        from .store import load_cache
+
+        saved = load_cache(cache_path, engine.lm.config_hash, engine.lm.name, device=engine.lm.device, dtype=engine.lm.dtype)
+        method = make_method(saved.meta["method"], **saved.meta.get("method_params", {}))
+        prefix = (saved.cache, saved.prompt_tokens, 0.0, saved.meta.get("note", ""), saved.meta.get("window_text", ""))
+    elif reuse:
+        with _LayerBar(settings, engine.num_layers, "compress") as callback:
+            prompt, state, note = engine.compress_prefix(doc.text, method, options, layer_callback=callback)
+        _reading(engine, settings, prompt)
+        window = engine.tokenizer.decode(prompt.ids[0, prompt.prefix_len - method.window_size : prompt.prefix_len]) if state.compressed else ""
+        prefix = (state.cache, prompt.prefix_len, state.seconds, note, window)
     for question in questions:
-        answer, stats = _answer(loaded, doc, question, settings, method)
-        if settings.json:
-            print(json.dumps({"question": question, "answer": answer, "stats": stats.to_dict()}, ensure_ascii=False))
-        elif not settings.quiet:
-            err.print(render(stats))
+        started = time.perf_counter()
+        if prefix is not None:
+            cache, prefix_len, seconds, note, window = prefix
+            state = engine.extend(cache, prefix_len, engine.suffix(question), seconds=seconds)
+            prefix = (cache, prefix_len, 0.0, note, window)  # later questions pay only their suffix
+            stats = engine.stats(method, state, note, window)
+            stats.extra["prefix"] = "saved cache" if cache_path else "reused"
+        else:
+            prompt = engine.prompt(doc.text, question, options)
+            _reading(engine, settings, prompt)
+            probe = prompt.ids[:, prompt.prefix_len :] if options.chunk_size else None
+            with _LayerBar(settings, engine.num_layers) as callback:
+                state, note = engine.read(prompt.ids, method, options, probe_ids=probe, layer_callback=callback)
+            stats = engine.stats(method, state, note, engine.window_text(prompt, method, state), prompt.dropped_tokens)
+        try:
+            answer = engine.generate(state, options, stats, started, on_text=_stream(settings))
+        finally:
+            _finish_line(settings)
+        _emit(settings, question, answer, stats)
+
+
+CacheOpt = Annotated[Optional[str], typer.Option("--cache", help="Answer from a cache saved by `kvcli compress` instead of reading documents.")]
+ReuseOpt = Annotated[bool, typer.Option("--reuse", help="Compress the documents once (question-agnostic) and answer every question from that cache.")]
+ChunkOpt = Annotated[Optional[int], typer.Option("--chunk-size", help="Read the prompt in chunks of N tokens, compressing after each (less memory for long documents).")]
+
+
+def _make_settings(**kwargs) -> Settings:
+    return Settings(**kwargs)
 
 
 @app.command()
 @user_errors
 def ask(
-    args: Annotated[list[str], typer.Argument(help="Files, folders or - (stdin), then the question (unless -q is used).", show_default=False)],
+    args: Annotated[list[str], typer.Argument(help="Files, folders or - (stdin), then the question (unless -q is used).", show_default=False, metavar="PATHS... QUESTION")],
     question: Annotated[Optional[list[str]], typer.Option("--question", "-q", help="A question; repeat for several (then every argument is a document).")] = None,
+    cache: CacheOpt = None,
+    reuse: ReuseOpt = False,
     model: ModelOpt = None,
     method: MethodOpt = DEFAULT_METHOD,
     ratio: RatioOpt = None,
@@ -328,6 +314,7 @@ def ask(
     max_multiple: MaxMultipleOpt = 10.0,
     min_multiple: MinMultipleOpt = 0.1,
     period: PeriodOpt = 4,
+    chunk_size: ChunkOpt = None,
     max_new_tokens: MaxNewOpt = 256,
     temperature: TempOpt = 0.0,
     top_p: TopPOpt = 1.0,
@@ -341,33 +328,40 @@ def ask(
 ) -> None:
     """Answer a question about documents, streaming the answer; report what the cache kept on stderr.
 
-    Example: kvcli ask report.pdf "What did the audit find?" --ratio 0.05
+    Examples: kvcli ask report.pdf "What did the audit find?" --ratio 0.05;
+    kvcli ask src/ -q "Where is the retry logic?" -q "What are its limits?" --reuse;
+    kvcli ask --cache report.kvc "Who signed it?"
     """
     if question:
         files, questions = list(args), list(question)
+    elif cache:
+        files, questions = [], list(args)
     else:
         if len(args) < 2:
             raise InputError('give the documents, then the question in quotes: kvcli ask FILE "question"')
         files, questions = list(args[:-1]), [args[-1]]
+    if cache and question and args:
+        raise InputError("with --cache, give no documents: the cache already holds them")
     for q in questions:
         if not q.strip():
             raise InputError("the question is empty; pass a question in quotes after the files")
-    settings = _settings(
+    settings = _make_settings(
         model=model, method=method, ratio=ratio, budget=budget, window=window, kernel_size=kernel_size,
-        pooling=pooling, max_multiple=max_multiple, min_multiple=min_multiple, period=period,
+        pooling=pooling, max_multiple=max_multiple, min_multiple=min_multiple, period=period, chunk_size=chunk_size,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
         max_context=max_context, device=device, dtype=dtype, json=json_out, quiet=quiet,
         trust_remote_code=trust_remote_code,
     )
-    _run_questions(files, questions, settings)
+    _run_questions(files, questions, settings, cache_path=cache, reuse=reuse)
 
 
 @app.command()
 @user_errors
 def summarize(
-    files: Annotated[list[str], typer.Argument(help="Files, folders or - (stdin).", show_default=False)],
+    files: Annotated[Optional[list[str]], typer.Argument(help="Files, folders or - (stdin).", show_default=False)] = None,
     length: Annotated[str, typer.Option("--length", help="short, medium or long.")] = "medium",
     focus: Annotated[Optional[str], typer.Option("--focus", help="What the summary should concentrate on.")] = None,
+    cache: CacheOpt = None,
     model: ModelOpt = None,
     method: MethodOpt = DEFAULT_METHOD,
     ratio: RatioOpt = None,
@@ -378,6 +372,7 @@ def summarize(
     max_multiple: MaxMultipleOpt = 10.0,
     min_multiple: MinMultipleOpt = 0.1,
     period: PeriodOpt = 4,
+    chunk_size: ChunkOpt = None,
     max_new_tokens: MaxNewOpt = 400,
     temperature: TempOpt = 0.0,
     top_p: TopPOpt = 1.0,
@@ -391,26 +386,104 @@ def summarize(
 ) -> None:
     """Summarize documents, streaming the summary; report what the cache kept on stderr.
 
-    Example: kvcli summarize paper.pdf --length short
+    Examples: kvcli summarize paper.pdf --length short; kvcli summarize --cache paper.kvc
     """
     from .prompt import summary_instruction
 
     instruction = summary_instruction(length, focus)
-    settings = _settings(
+    if not files and not cache:
+        raise InputError("give the documents to summarize, or --cache FILE.kvc")
+    settings = _make_settings(
         model=model, method=method, ratio=ratio, budget=budget, window=window, kernel_size=kernel_size,
-        pooling=pooling, max_multiple=max_multiple, min_multiple=min_multiple, period=period,
+        pooling=pooling, max_multiple=max_multiple, min_multiple=min_multiple, period=period, chunk_size=chunk_size,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
         max_context=max_context, device=device, dtype=dtype, json=json_out, quiet=quiet,
         trust_remote_code=trust_remote_code,
     )
-    _run_questions(list(files), [instruction], settings)
+    _run_questions(list(files or []), [instruction], settings, cache_path=cache)
+
+
+@app.command()
+@user_errors
+def compress(
+    files: Annotated[list[str], typer.Argument(help="Files, folders or - (stdin).", show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", help="The .kvc file to write.", show_default=False)],
+    model: ModelOpt = None,
+    method: MethodOpt = DEFAULT_METHOD,
+    ratio: RatioOpt = None,
+    budget: BudgetOpt = None,
+    window: WindowOpt = 8,
+    kernel_size: KernelOpt = 7,
+    pooling: PoolingOpt = "avg",
+    max_multiple: MaxMultipleOpt = 10.0,
+    min_multiple: MinMultipleOpt = 0.1,
+    period: PeriodOpt = 4,
+    chunk_size: ChunkOpt = None,
+    max_context: MaxContextOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    trust_remote_code: RemoteOpt = False,
+) -> None:
+    """Compress documents once and save the cache, to answer many questions later with --cache.
+
+    The cache is question-agnostic: a generic instruction fills the observation window.
+    Example: kvcli compress report.pdf -o report.kvc --ratio 0.1
+    """
+    from pathlib import Path
+
+    from .store import save_cache
+
+    target = Path(output)
+    if target.suffix != ".kvc":
+        raise InputError(f"--output {output} should end in .kvc")
+    if not target.parent.exists():
+        raise InputError(f"folder {target.parent} does not exist; create it or choose another --output")
+    settings = _make_settings(
+        model=model, method=method, ratio=ratio, budget=budget, window=window, kernel_size=kernel_size,
+        pooling=pooling, max_multiple=max_multiple, min_multiple=min_multiple, period=period, chunk_size=chunk_size,
+        max_new_tokens=1, temperature=0.0, top_p=1.0, seed=None,
+        max_context=max_context, device=device, dtype=dtype, json=json_out, quiet=quiet,
+        trust_remote_code=trust_remote_code,
+    )
+    method_obj = settings.make_method()
+    options = _options(settings)
+    doc = _read(list(files), settings)
+    engine = _load(settings)
+    with _LayerBar(settings, engine.num_layers, "compress") as callback:
+        prompt, state, note = engine.compress_prefix(doc.text, method_obj, options, layer_callback=callback)
+    _reading(engine, settings, prompt)
+    window_text = engine.tokenizer.decode(prompt.ids[0, prompt.prefix_len - method_obj.window_size : prompt.prefix_len]) if state.compressed else ""
+    stats = engine.stats(method_obj, state, note, window_text, prompt.dropped_tokens)
+    stats.peak_memory_bytes = peak_memory_bytes(engine.lm.device)
+    meta = {
+        "kvcli_version": __version__,
+        "model": engine.lm.name,
+        "config_hash": engine.lm.config_hash,
+        "dtype": str(engine.lm.dtype).removeprefix("torch."),
+        "method": method_obj.name,
+        "method_params": method_obj.params(),
+        "prompt_tokens": prompt.prefix_len,
+        "note": note,
+        "window_text": window_text,
+        "retained_per_layer": stats.retained_per_layer,
+        "sources": [{"name": s.name, "page": s.page, "sha256": s.sha256} for s in doc.sources],
+    }
+    written = save_cache(target, state.cache, meta)
+    stats.extra["file_bytes"] = written
+    if settings.json:
+        print(json.dumps({"output": str(target), "stats": stats.to_dict()}, ensure_ascii=False))
+    elif not settings.quiet:
+        err.print(render(stats))
+        err.print(f"saved {target} ({written / 2**20:.1f} MiB); ask with: kvcli ask --cache {target} \"question\"", markup=False)
 
 
 @app.command()
 @user_errors
 def inspect(
     files: Annotated[list[str], typer.Argument(help="Files, folders or - (stdin).", show_default=False)],
-    layers: Annotated[bool, typer.Option("--layers", help="Show kept tokens per layer and where they fall in the documents.")] = True,
+    layers: Annotated[bool, typer.Option("--layers", help="Show kept tokens per layer and where they fall in the documents (the default view).")] = True,
     question: Annotated[Optional[str], typer.Option("--question", "-q", help="The question to compress for [default: the summary instruction].")] = None,
     buckets: Annotated[int, typer.Option("--buckets", help="Position buckets for a single document without pages or files.")] = 10,
     model: ModelOpt = None,
@@ -423,6 +496,7 @@ def inspect(
     max_multiple: MaxMultipleOpt = 10.0,
     min_multiple: MinMultipleOpt = 0.1,
     period: PeriodOpt = 4,
+    chunk_size: ChunkOpt = None,
     max_context: MaxContextOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -434,27 +508,31 @@ def inspect(
 
     Example: kvcli inspect --layers paper.pdf --question "What dataset did they use?"
     """
-    from .inspect import retention_profile, render_profile
-    from .prompt import build_prompt, summary_instruction
+    from .inspect import render_profile, retention_profile
+    from .prompt import summary_instruction
 
     if question is not None and not question.strip():
         raise InputError("the question is empty; pass a question in quotes")
     if buckets < 1:
         raise InputError(f"--buckets must be at least 1, got {buckets}")
-    settings = _settings(
+    settings = _make_settings(
         model=model, method=method, ratio=ratio, budget=budget, window=window, kernel_size=kernel_size,
-        pooling=pooling, max_multiple=max_multiple, min_multiple=min_multiple, period=period,
+        pooling=pooling, max_multiple=max_multiple, min_multiple=min_multiple, period=period, chunk_size=chunk_size,
         max_new_tokens=1, temperature=0.0, top_p=1.0, seed=None,
         max_context=max_context, device=device, dtype=dtype, json=json_out, quiet=quiet,
         trust_remote_code=trust_remote_code,
     )
     method_obj = settings.make_method()
+    options = _options(settings)
     doc = _read(list(files), settings)
-    loaded = _load(settings)
-    max_context = min(settings.max_context or loaded.max_positions, loaded.max_positions)
-    prompt = build_prompt(loaded.tokenizer, doc.text, question or summary_instruction(), max_context)
-    state, stats = _prefill(loaded, prompt, method_obj, settings)
-    stats.peak_memory_bytes = peak_memory_bytes(loaded.lm.device)
+    engine = _load(settings)
+    prompt = engine.prompt(doc.text, question or summary_instruction(), options)
+    _reading(engine, settings, prompt)
+    probe = prompt.ids[:, prompt.prefix_len :] if options.chunk_size else None
+    with _LayerBar(settings, engine.num_layers) as callback:
+        state, note = engine.read(prompt.ids, method_obj, options, probe_ids=probe, layer_callback=callback)
+    stats = engine.stats(method_obj, state, note, engine.window_text(prompt, method_obj, state), prompt.dropped_tokens)
+    stats.peak_memory_bytes = peak_memory_bytes(engine.lm.device)
     profile = retention_profile(state.cache, prompt, doc, buckets=buckets)
     if settings.json:
         print(json.dumps({"stats": stats.to_dict(), "profile": profile.to_dict()}, ensure_ascii=False))
@@ -493,6 +571,11 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False) -> None:
     logging.basicConfig(level=logging.ERROR, format="kvcli: %(message)s")
+    # transformers' own progress bars and advice would interleave with the answer's report.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def main() -> None:

@@ -1,0 +1,173 @@
+"""From a loaded model and a document to answers: the steps the commands share.
+
+Three ways to read a document: query-aware (each question gets its own prefill with the
+question in the observation window, the paper's setting), reused (the document prefix is
+compressed once with a generic instruction in the window, then each question is fed after a
+copy of it), and saved (the same prefix, written to a `.kvc` file and read back later).
+Nothing here prints; progress and streaming go through callbacks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .cache import KVCache, KVShape
+from .errors import InputError
+from .generate import Prefill, Sampling, decode, forward, prefill
+from .methods import BudgetPlan, Method, plan_budget
+from .prompt import REUSE_INSTRUCTION, Prompt, build_prompt, question_suffix, window_text
+from .stats import RunStats, peak_memory_bytes
+
+
+@dataclass
+class Options:
+    """How a run compresses and generates."""
+
+    ratio: float | None = None
+    budget: int | None = None
+    chunk_size: int | None = None
+    max_context: int | None = None
+    max_new_tokens: int = 256
+    sampling: Sampling | None = None
+
+
+class Engine:
+    """A loaded model with the helpers every command needs."""
+
+    def __init__(self, lm) -> None:
+        self.lm = lm  # models.LoadedModel
+        self.model = lm.model
+        self.tokenizer = lm.tokenizer
+        self.num_layers = self.model.config.num_hidden_layers
+        self.shape = KVShape.of(self.model.config, lm.dtype)
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 32768)
+
+    @property
+    def eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (self.model.generation_config, self.model.config, self.tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        for token in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+            tid = self.tokenizer.convert_tokens_to_ids(token)
+            if isinstance(tid, int) and tid >= 0 and tid != unk:
+                ids.add(tid)
+        return ids
+
+    def context_limit(self, options: Options) -> int:
+        """The longest prompt: --max-context if given (even past the model's limit), else the model's."""
+        return options.max_context or self.max_positions
+
+    def prompt(self, text: str, question: str, options: Options, instruction: str | None = None) -> Prompt:
+        limit = self.context_limit(options)
+        reserve = min(options.max_new_tokens, limit // 4)
+        return build_prompt(self.tokenizer, text, question, limit, reserve=reserve, instruction=instruction)
+
+    def plan(self, method: Method, prompt_len: int, options: Options) -> tuple[BudgetPlan | None, str]:
+        """The budget for a prompt, and why compression is skipped when it is."""
+        if not method.compresses:
+            return None, "method full keeps every token"
+        plan = plan_budget(prompt_len, self.num_layers, window_size=method.window_size, ratio=options.ratio, budget=options.budget)
+        if plan is None:
+            return None, f"the {prompt_len}-token prompt already fits the budget"
+        return plan, ""
+
+    def read(self, ids: torch.Tensor, method: Method, options: Options, probe_ids=None, layer_callback=None) -> tuple[Prefill, str]:
+        """Prefill `ids` `(1, n)` with `method`; returns the state and a note when not compressed."""
+        plan, note = self.plan(method, ids.shape[1], options)
+        device = self.lm.device
+        state = prefill(
+            self.model, ids.to(device), method, plan, layer_callback=layer_callback,
+            chunk_size=options.chunk_size, probe_ids=None if probe_ids is None else probe_ids.to(device),
+        )
+        return state, note
+
+    def extend(self, cache: KVCache, prefix_len: int, suffix_ids: torch.Tensor, seconds: float = 0.0) -> Prefill:
+        """Feed `suffix_ids` after a copy of a compressed prefix: every layer gets its own causal mask."""
+        cache = cache.clone()
+        started = time.perf_counter()
+        with torch.inference_mode():
+            logits = forward(self.model, cache, suffix_ids.to(self.lm.device), prefix_len)
+        return Prefill(
+            cache=cache, logits=logits, prompt_len=prefix_len + suffix_ids.shape[1], plan=None, compressor=None,
+            seconds=seconds + time.perf_counter() - started, compressed=True,
+        )
+
+    def stats(self, method: Method, state: Prefill, note: str, window: str, dropped: int = 0) -> RunStats:
+        retained = state.cache.retained_per_layer()
+        prompt_len = state.prompt_len
+        stats = RunStats(
+            model=self.lm.name,
+            method=method.name,
+            method_params=method.params(),
+            ratio=sum(retained) / (self.num_layers * prompt_len),
+            budget=sum(retained) / self.num_layers,
+            prompt_tokens=prompt_len,
+            compressed=state.compressed,
+            note=note,
+            window_text=window,
+            retained_per_layer=retained,
+            kv_bytes_full=self.shape.bytes_for(prompt_len),
+            kv_bytes_kept=state.cache.nbytes(),
+            peak_memory_bytes=0,
+            load_s=self.lm.load_s,
+            prefill_s=state.seconds,
+            dropped_tokens=dropped,
+        )
+        if len(state.chunks) > 1:
+            stats.extra["chunks"] = [
+                {"start": start, "stop": stop, "kept_tokens_over_layers": round(kept, 1)}
+                for (start, stop), kept in zip(state.chunks, state.kept_per_chunk())
+            ]
+        return stats
+
+    def window_text(self, prompt: Prompt, method: Method, state: Prefill) -> str:
+        return window_text(self.tokenizer, prompt, method.window_size) if state.compressed else ""
+
+    def generate(self, state: Prefill, options: Options, stats: RunStats, started: float, on_text: Callable[[str], None] | None = None) -> str:
+        """Decode from `state`, calling `on_text` with each new piece of text; fill in the timing stats."""
+        tokens: list[int] = []
+        shown = ""
+        first_at = None
+        try:
+            for token in decode(self.model, state, options.max_new_tokens, self.eos_ids, options.sampling):
+                if first_at is None:
+                    first_at = time.perf_counter()
+                tokens.append(token)
+                if on_text is not None:
+                    text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                    if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                        on_text(text[len(shown):])
+                        shown = text
+        finally:
+            finished = time.perf_counter()
+            answer = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            stats.ttft_s = (first_at - started) if first_at else None
+            stats.decode_tokens = len(tokens)
+            stats.decode_s = (finished - first_at) if first_at else 0.0
+            stats.peak_memory_bytes = peak_memory_bytes(self.lm.device)
+        if on_text is not None and answer[len(shown):]:
+            on_text(answer[len(shown):])
+        return answer.strip()
+
+    def compress_prefix(self, text: str, method: Method, options: Options, layer_callback=None) -> tuple[Prompt, Prefill, str]:
+        """Compress a document prefix once, question-agnostic (a generic instruction in the window)."""
+        prompt = self.prompt(text, "?", options, instruction=REUSE_INSTRUCTION)
+        state, note = self.read(prompt.ids[:, : prompt.prefix_len], method, options, layer_callback=layer_callback)
+        return prompt, state, note
+
+    def suffix(self, question: str) -> torch.Tensor:
+        if not question.strip():
+            raise InputError("the question is empty; pass a question in quotes")
+        return question_suffix(self.tokenizer, question, REUSE_INSTRUCTION)
