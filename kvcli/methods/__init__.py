@@ -6,8 +6,9 @@ from ..errors import BudgetError
 from .base import BudgetPlan, Compressor, LayerObservation, Method, plan_budget
 from .dynamickv import DynamicKV
 from .full import Full
+from .streamingllm import StreamingLLM
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Full, DynamicKV)}
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Full, StreamingLLM, DynamicKV)}
 DEFAULT_METHOD = "dynamickv"
 
 
@@ -24,4 +25,16 @@ def make_method(name: str, **params) -> Method:
     return cls(**{k: v for k, v in params.items() if k in known and v is not None})
 
 
-__all__ = ["BudgetPlan", "Compressor", "DynamicKV", "Full", "LayerObservation", "Method", "REGISTRY", "make_method", "method_names", "plan_budget"]
+__all__ = [
+    "BudgetPlan",
+    "Compressor",
+    "DynamicKV",
+    "Full",
+    "LayerObservation",
+    "Method",
+    "REGISTRY",
+    "StreamingLLM",
+    "make_method",
+    "method_names",
+    "plan_budget",
+]
