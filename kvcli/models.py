@@ -173,7 +173,7 @@ def default_attn_implementation(device: torch.device | str, dtype: torch.dtype |
 
 
 def config_hash(config) -> str:
-    """sha256 of a model config's identifying fields, stable across save/load and transformers versions."""
+    """sha256 of a model config's identifying fields; the same whatever dtype or path it was loaded with."""
     fields = {
         key: value
         for key, value in config.to_dict().items()
@@ -200,6 +200,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, torch_device)
 
     converted = False
+    from_hub = False
     if spec in EMBEDDED:
         folder, converted = _embedded_checkpoint(EMBEDDED[spec], report)
         source = str(folder)
@@ -228,6 +229,7 @@ def load_model(
             )
         else:
             source = spec  # a hub id, perhaps already in the Hugging Face cache
+            from_hub = True
 
     report("loading")
     extra = {"trust_remote_code": True} if trust_remote_code else {}
@@ -241,7 +243,7 @@ def load_model(
             **extra,
         )
     except OSError as err:
-        if source != spec:
+        if not from_hub:
             raise ModelError(f"cannot load model {spec} from {source}: {_first_line(err)}") from err
         raise ModelError(
             f"model '{spec}' is not a local path and could not be found in the Hugging Face cache "

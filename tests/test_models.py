@@ -161,6 +161,15 @@ def test_folder_without_config_and_non_gguf_file_are_model_errors(tmp_path, home
         load_model(str(tmp_path / "weights.bin"))
 
 
+def test_broken_local_folder_is_not_blamed_on_the_hub(tmp_path, home):
+    """A local folder with config.json but no weights reports a load error, not a hub lookup failure."""
+    folder = save_tiny_llama(tmp_path / "tiny_llama")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ModelError, match="cannot load model") as info:
+        load_model(str(folder))
+    assert "Hugging Face cache" not in str(info.value) and "\n" not in str(info.value)
+
+
 def test_missing_embedded_packages_give_the_pip_command(home, monkeypatch):
     """An embedded model whose packages are not installed says which pip command installs them."""
     monkeypatch.setattr(models, "find_spec", lambda name: None)
