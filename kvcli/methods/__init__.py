@@ -6,9 +6,10 @@ from ..errors import BudgetError
 from .base import BudgetPlan, Compressor, LayerObservation, Method, plan_budget
 from .dynamickv import DynamicKV
 from .full import Full
+from .h2o import H2O
 from .streamingllm import StreamingLLM
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Full, StreamingLLM, DynamicKV)}
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Full, StreamingLLM, H2O, DynamicKV)}
 DEFAULT_METHOD = "dynamickv"
 
 
@@ -30,6 +31,7 @@ __all__ = [
     "Compressor",
     "DynamicKV",
     "Full",
+    "H2O",
     "LayerObservation",
     "Method",
     "REGISTRY",
