@@ -7,9 +7,10 @@ from .base import BudgetPlan, Compressor, LayerObservation, Method, plan_budget
 from .dynamickv import DynamicKV
 from .full import Full
 from .h2o import H2O
+from .snapkv import SnapKV
 from .streamingllm import StreamingLLM
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Full, StreamingLLM, H2O, DynamicKV)}
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Full, StreamingLLM, H2O, SnapKV, DynamicKV)}
 DEFAULT_METHOD = "dynamickv"
 
 
@@ -35,6 +36,7 @@ __all__ = [
     "LayerObservation",
     "Method",
     "REGISTRY",
+    "SnapKV",
     "StreamingLLM",
     "make_method",
     "method_names",
