@@ -7,10 +7,11 @@ from .base import BudgetPlan, Compressor, LayerObservation, Method, plan_budget
 from .dynamickv import DynamicKV
 from .full import Full
 from .h2o import H2O
+from .pyramidkv import PyramidKV
 from .snapkv import SnapKV
 from .streamingllm import StreamingLLM
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Full, StreamingLLM, H2O, SnapKV, DynamicKV)}
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, DynamicKV)}
 DEFAULT_METHOD = "dynamickv"
 
 
@@ -35,6 +36,7 @@ __all__ = [
     "H2O",
     "LayerObservation",
     "Method",
+    "PyramidKV",
     "REGISTRY",
     "SnapKV",
     "StreamingLLM",
