@@ -1,0 +1,144 @@
+"""Arithmetic of kvcli's per-layer variable-length KV cache, and the transformers API it builds on."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvcli.cache import KVCache, KVLayer, KVShape
+from kvcli.errors import KvcliError
+
+NUM_KV_HEADS, HEAD_DIM = 2, 4
+
+
+def states(q_len: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values `(1, NUM_KV_HEADS, q_len, HEAD_DIM)` whose entries encode (head, position)."""
+    head = torch.arange(NUM_KV_HEADS)[:, None, None] * 1000.0
+    position = torch.arange(offset, offset + q_len)[None, :, None].float()
+    keys = (head + position).expand(NUM_KV_HEADS, q_len, HEAD_DIM)[None].clone()
+    return keys, -keys
+
+
+def filled_layer(length: int) -> KVLayer:
+    layer = KVLayer()
+    keys, values = states(length)
+    layer.append(keys, values, torch.arange(length))
+    return layer
+
+
+def test_append_grows_geometrically_and_views_everything():
+    """append doubles the capacity when full (at least 16) and the view holds every appended entry in order."""
+    layer = KVLayer()
+    capacities = []
+    for step in range(40):
+        keys, values = states(1, offset=step)
+        layer.append(keys, values, torch.tensor([step]))
+        capacities.append(layer.capacity)
+    assert capacities[0] == 16
+    assert sorted(set(capacities)) == [16, 32, 64]
+    keys, values = layer.view()
+    expected_keys, expected_values = states(40)
+    assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
+    assert torch.equal(layer.kept_positions(), torch.arange(40).expand(NUM_KV_HEADS, -1))
+    assert layer.get_seq_length() == 40
+
+
+def test_append_a_block_larger_than_double():
+    """A block larger than twice the capacity gets exactly the room it needs."""
+    layer = filled_layer(3)
+    keys, values = states(100, offset=3)
+    layer.append(keys, values, torch.arange(3, 103))
+    assert layer.capacity == 103 and layer.length == 103
+    assert torch.equal(layer.view()[0], states(103)[0])
+
+
+def test_keep_gathers_rows_per_head():
+    """keep keeps each head's own entries, with their positions, in exactly-sized storage."""
+    layer = filled_layer(10)
+    local = torch.tensor([[0, 3, 9], [1, 2, 8]])
+    layer.keep(local)
+    keys, values = layer.view()
+    assert keys.shape == (1, NUM_KV_HEADS, 3, HEAD_DIM)
+    assert layer.capacity == 3
+    for head in range(NUM_KV_HEADS):
+        assert keys[0, head, :, 0].tolist() == [head * 1000.0 + p for p in local[head].tolist()]
+        assert torch.equal(values[0, head], -keys[0, head])
+    assert torch.equal(layer.kept_positions(), local)
+
+
+def test_keep_positions_by_original_position():
+    """keep_positions selects by original position, also after an earlier prune, and appending continues after it."""
+    layer = filled_layer(20)
+    layer.keep_positions(torch.tensor([[0, 5, 10, 15, 19], [1, 2, 3, 18, 19]]))
+    layer.keep_positions(torch.tensor([[5, 15, 19], [2, 18, 19]]))
+    assert layer.kept_positions().tolist() == [[5, 15, 19], [2, 18, 19]]
+    assert layer.view()[0][0, 1, :, 0].tolist() == [1002.0, 1018.0, 1019.0]
+    keys, values = states(1, offset=20)
+    layer.append(keys, values, torch.tensor([20]))
+    assert layer.kept_positions().tolist() == [[5, 15, 19, 20], [2, 18, 19, 20]]
+    assert layer.view()[0][0, 0, -1, 0].item() == 20.0
+
+
+@pytest.mark.parametrize("missing", [[[0, 7], [1, 2]], [[0, 1], [1, 25]], [[0, 1], [-1, 2]]])
+def test_keep_positions_refuses_positions_not_held(missing):
+    """keep_positions raises when a head is asked to keep a position it does not hold."""
+    layer = filled_layer(20)
+    layer.keep_positions(torch.tensor([[0, 1, 5], [1, 2, 3]]))
+    with pytest.raises(KvcliError):
+        layer.keep_positions(torch.tensor(missing))
+
+
+def test_nbytes_and_retained_per_layer():
+    """nbytes counts the live keys and values of every layer; retained_per_layer their lengths."""
+    cache = KVCache(3)
+    for layer_idx, length in enumerate([10, 4, 7]):
+        cache.step_positions = torch.arange(length)
+        keys, values = states(length)
+        cache.update(keys.half(), values.half(), layer_idx)
+    cache.layers[0].keep(torch.arange(6).expand(NUM_KV_HEADS, -1))
+    assert cache.retained_per_layer() == [6, 4, 7]
+    assert cache.nbytes() == 2 * NUM_KV_HEADS * HEAD_DIM * 2 * (6 + 4 + 7)
+    assert KVLayer().nbytes() == 0
+    shape = KVShape(num_layers=3, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, dtype_bytes=2)
+    assert shape.bytes_for(17 / 3) == cache.nbytes()
+
+
+def test_update_returns_the_whole_layer_and_needs_positions():
+    """KVCache.update appends at step_positions and returns the layer's full keys and values."""
+    cache = KVCache(1)
+    cache.step_positions = torch.arange(5)
+    keys, values = states(5)
+    cache.update(keys, values, 0)
+    cache.step_positions = torch.tensor([5])
+    out_keys, out_values = cache.update(*states(1, offset=5), 0)
+    assert torch.equal(out_keys, states(6)[0]) and torch.equal(out_values, states(6)[1])
+    assert cache.get_seq_length(0) == 6
+    with pytest.raises(KvcliError):
+        cache.update(*states(2, offset=6), 0)  # step_positions has one entry, not two
+    with pytest.raises(KvcliError):
+        cache.layers[0].update(*states(1), 0)
+
+
+def test_transformers_cache_api_still_fits():
+    """transformers' Cache still takes `layers=` and KVLayer implements every abstract method of CacheLayerMixin.
+
+    If this fails after a transformers upgrade, cache.py needs porting before the range in
+    pyproject.toml is widened.
+    """
+    assert "layers" in inspect.signature(Cache.__init__).parameters
+    cache = KVCache(4)
+    assert len(cache) == 4 and all(isinstance(layer, KVLayer) for layer in cache.layers)
+    assert not KVLayer.__abstractmethods__, f"unimplemented: {sorted(KVLayer.__abstractmethods__)}"
+    for name in CacheLayerMixin.__abstractmethods__:
+        assert getattr(KVLayer, name) is not getattr(CacheLayerMixin, name), f"KVLayer.{name} is the abstract stub"
+    layer = KVLayer()
+    # CacheLayerMixin.__init__ still sets the attributes KVLayer relies on.
+    assert layer.keys is None and layer.values is None and layer.is_initialized is False
+    keys, values = states(3)
+    layer.append(keys, values, torch.arange(3))
+    assert layer.get_mask_sizes(2) == (5, 0)
+    assert layer.get_max_length() == -1
+    assert cache.get_seq_length(0) == 0
