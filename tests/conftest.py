@@ -1,0 +1,46 @@
+"""Shared fixtures: embedded models loaded once per session, from the machine's kvcli cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from kvcli.errors import ModelError
+
+
+def _model_home() -> Path:
+    # Real-model tests reuse the machine's converted checkpoints (conversion is atomic and
+    # deterministic), so CI converts each embedded model once per machine, not once per run.
+    return Path(os.environ.get("KVCLI_HOME") or Path.home() / ".cache" / "kvcli").expanduser()
+
+
+@pytest.fixture(scope="session")
+def model_home() -> Path:
+    """The KVCLI_HOME that the real-model tests share."""
+    return _model_home()
+
+
+def _engine(name: str):
+    from kvcli.models import EMBEDDED, load_model
+    from kvcli.pipeline import Engine
+
+    try:
+        EMBEDDED[name].part_paths()
+    except ModelError as err:
+        pytest.skip(str(err))
+    os.environ.setdefault("KVCLI_HOME", str(_model_home()))
+    return Engine(load_model(name))
+
+
+@pytest.fixture(scope="session")
+def qwen():
+    """The default embedded model (Qwen2.5-Coder-0.5B-Instruct), loaded once."""
+    return _engine("qwen2.5-coder-0.5b")
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The small embedded model (SmolLM2-135M-Instruct), loaded once."""
+    return _engine("smollm2-135m")
