@@ -562,6 +562,144 @@ def methods(json_out: JsonOpt = False) -> None:
             console.print(f"  paper: {row['paper']}")
 
 
+def _split_list(option: str, value: str | None, kind: type) -> list | None:
+    """'32,64,128' as [32, 64, 128]; None stays None."""
+    if value is None:
+        return None
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    if not items:
+        raise InputError(f"{option} is empty; give comma-separated values")
+    try:
+        return [kind(item) for item in items]
+    except ValueError:
+        raise InputError(f"{option} must be comma-separated {'integers' if kind is int else 'numbers'}, got {value!r}") from None
+
+
+NIAH_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
+NIAH_QUESTION = "What is the best thing to do in San Francisco?"
+NIAH_ANSWER = "Dolores Park"
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    data: Annotated[Optional[str], typer.Option("--data", help="LongBench-style JSONL: context, input, answers, optional _id.", show_default=False)] = None,
+    metric: Annotated[Optional[str], typer.Option("--metric", help="contains, qa_f1, rouge_l or choice [default: qa_f1; contains with --niah].", show_default=False)] = None,
+    methods_list: Annotated[str, typer.Option("--methods", help="Comma-separated methods, or all (every registered method).")] = "all",
+    budgets: Annotated[Optional[str], typer.Option("--budgets", help="Comma-separated mean tokens kept per layer [default: 32,64,128,256].", show_default=False)] = None,
+    ratios: Annotated[Optional[str], typer.Option("--ratios", help="Comma-separated fractions of the KV cache kept (instead of --budgets).", show_default=False)] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N rows.", show_default=False)] = None,
+    template: Annotated[Optional[str], typer.Option("--template", help="User message with {context} and {input}, e.g. LongBench's per-dataset prompt.", show_default=False)] = None,
+    json_path: Annotated[Optional[str], typer.Option("--json", help="Write the results as JSON to this file; OUT.partial.jsonl beside it logs samples as they finish, so a rerun resumes.", show_default=False)] = None,
+    niah: Annotated[bool, typer.Option("--niah", help="Needle in a haystack instead of --data: a length x depth grid.")] = False,
+    haystack: Annotated[Optional[str], typer.Option("--haystack", help="NIAH: a text file or folder of text files to hide the needle in.", show_default=False)] = None,
+    needle: Annotated[str, typer.Option("--needle", help="NIAH: the sentence to hide.")] = NIAH_NEEDLE,
+    niah_question: Annotated[str, typer.Option("--question", help="NIAH: the question about the needle.")] = NIAH_QUESTION,
+    answer: Annotated[str, typer.Option("--answer", help="NIAH: the text a correct answer contains.")] = NIAH_ANSWER,
+    lengths: Annotated[str, typer.Option("--lengths", help="NIAH: comma-separated prompt lengths in model tokens.")] = "1000,2000,4000,7000",
+    depths: Annotated[str, typer.Option("--depths", help="NIAH: comma-separated needle depths, 0 (start) to 1 (end).")] = "0,0.25,0.5,0.75,1",
+    model: ModelOpt = None,
+    window: WindowOpt = 8,
+    kernel_size: KernelOpt = 7,
+    pooling: PoolingOpt = "avg",
+    max_multiple: MaxMultipleOpt = 10.0,
+    min_multiple: MinMultipleOpt = 0.1,
+    period: PeriodOpt = 4,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Stop each answer after this many tokens (raise it for summaries).")] = 64,
+    max_context: MaxContextOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    quiet: QuietOpt = False,
+    trust_remote_code: RemoteOpt = False,
+) -> None:
+    """Score compression methods on a dataset or a needle-in-a-haystack grid; print mean scores per method x budget.
+
+    Each sample is read once (one prefill) and every method x budget is derived from it, then
+    answered greedily. Examples: kvcli eval --data qasper.jsonl --metric qa_f1 --limit 50 --json qasper.json;
+    kvcli eval --niah --haystack samples/ --methods full,snapkv,dynamickv --budgets 64,128
+    """
+    from pathlib import Path
+
+    from .evaluate import get_metric, log_path, niah_rows, read_rows, render, run_eval, write_json
+
+    if haystack and not niah:
+        raise InputError("--haystack is for --niah runs; add --niah or drop --haystack")
+    if niah == (data is not None):
+        raise InputError("give --data FILE.jsonl or --niah (with --haystack), not both" if niah else "give --data FILE.jsonl or --niah --haystack PATH")
+    metric = metric or ("contains" if niah else "qa_f1")
+    get_metric(metric)
+    budget_values = _split_list("--budgets", budgets, int)
+    ratio_values = _split_list("--ratios", ratios, float)
+    if budget_values is not None and ratio_values is not None:
+        raise BudgetError("give --budgets or --ratios, not both")
+    if budget_values is None and ratio_values is None:
+        budget_values = [32, 64, 128, 256]
+    names = [name.strip() for name in methods_list.split(",") if name.strip()]
+    if not names:
+        raise InputError("--methods is empty; give comma-separated method names or all")
+    if names == ["all"]:
+        names = list(REGISTRY)
+    method_objs = [
+        make_method(name, window_size=window, kernel_size=kernel_size, pooling=pooling, max_multiple=max_multiple, min_multiple=min_multiple, period=period)
+        for name in names
+    ]
+    if max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be at least 1, got {limit}")
+    out = Path(json_path) if json_path else None
+    if out is not None and not out.parent.exists():
+        raise InputError(f"folder {out.parent} does not exist; create it or choose another --json")
+    settings = _make_settings(
+        model=model, method="", ratio=None, budget=None, window=window, kernel_size=kernel_size,
+        pooling=pooling, max_multiple=max_multiple, min_multiple=min_multiple, period=period, chunk_size=None,
+        max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, seed=None,
+        max_context=max_context, device=device, dtype=dtype, json=False, quiet=quiet,
+        trust_remote_code=trust_remote_code,
+    )
+    if niah:
+        if not haystack:
+            raise InputError("--niah needs --haystack PATH (a text file or a folder of text files)")
+        length_values = _split_list("--lengths", lengths, int)
+        depth_values = _split_list("--depths", depths, float)
+        hay = _read([haystack], settings)
+        engine = _load(settings)
+        rows = niah_rows(hay.text, needle, niah_question, answer, length_values, depth_values, engine.tokenizer)[:limit]
+    else:
+        rows = read_rows(data, limit=limit)
+        engine = _load(settings)
+
+    bar = None
+    progress = None
+    if settings.show_progress:
+        bar = Progress(TextColumn("eval"), BarColumn(), TextColumn("{task.completed}/{task.total} samples"), TimeElapsedColumn(), console=err, transient=True)
+        task = bar.add_task("eval", total=None)
+        bar.start()
+        progress = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
+    try:
+        result = run_eval(
+            engine, rows, method_objs, budget_values, ratio_values, metric, max_new_tokens,
+            log_path(out) if out else None, progress, template=template, max_context=max_context,
+        )
+    finally:
+        if bar:
+            bar.stop()
+    if out is not None:
+        write_json(out, result)
+    Console(highlight=False).print(render(result))
+    if not settings.quiet:
+        timing = result.timing
+        if timing["resumed_samples"]:
+            err.print(f"{timing['resumed_samples']} samples taken from {log_path(out)}", markup=False)
+        err.print(
+            f"prefill {timing['capture_s']:.1f}s for {len(timing['rows'])} rows; derive {timing['derive_s']:.1f}s, "
+            f"decode {timing['decode_s']:.1f}s for {len(result.samples) - timing['resumed_samples']} samples",
+            markup=False,
+        )
+        if out is not None:
+            err.print(f"wrote {out}", markup=False)
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"kvcli {__version__}")
