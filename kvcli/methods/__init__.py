@@ -5,13 +5,14 @@ from __future__ import annotations
 from ..errors import BudgetError
 from .base import BudgetPlan, Compressor, LayerObservation, Method, plan_budget
 from .dynamickv import DynamicKV
+from .evidencekv import EvidenceKV
 from .full import Full
 from .h2o import H2O
 from .pyramidkv import PyramidKV
 from .snapkv import SnapKV
 from .streamingllm import StreamingLLM
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, DynamicKV)}
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, DynamicKV, EvidenceKV)}
 DEFAULT_METHOD = "dynamickv"
 
 
@@ -32,6 +33,7 @@ __all__ = [
     "BudgetPlan",
     "Compressor",
     "DynamicKV",
+    "EvidenceKV",
     "Full",
     "H2O",
     "LayerObservation",

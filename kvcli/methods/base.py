@@ -168,6 +168,7 @@ class Method:
     paper: ClassVar[str] = ""
     compresses: ClassVar[bool] = True
     needs_accumulated: ClassVar[bool] = False
+    needs_profile: ClassVar[bool] = False  # set `profile` (kvcli/profile.py) before compressing
 
     window_size: int = 8
     kernel_size: int = 7

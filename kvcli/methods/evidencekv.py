@@ -1,0 +1,122 @@
+"""`evidencekv`: every layer keeps the tokens the model's retrieval heads point at, plus its own.
+
+Measured on kvcli's small models: per-layer methods (SnapKV, PyramidKV, DynamicKV) lose a
+fact at 1-2% of the cache although a few middle-layer heads rank it among their top few dozen
+tokens; most layers rank it in the thousands, and decoding needs it in every layer. This
+method shares that evidence across layers:
+
+1. A retrieval-head profile (`kvcli/profile.py`, computed once per model on synthetic
+   lookups, no user data) names the `num_heads` query heads that best find an asked-for fact,
+   among the first `max_depth` of the layers.
+2. During prefill those heads' pooled window attention, each normalised to sum to 1, is
+   summed per token position: the shared evidence score.
+3. Every layer keeps its window, the `shared_fraction` of its remaining budget with the best
+   evidence scores (the same tokens in every layer), and fills the rest with its own top
+   window-scored tokens (as SnapKV), per KV head. Budgets are equal across layers.
+
+Layers before the last evidence head are held in full until that head has been seen, so the
+prefill's peak KV is about `max_depth` of the full cache (the final cache meets the budget).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import BudgetError
+from .base import BudgetPlan, Compressor, LayerObservation, Method, pool_scores
+
+
+@dataclass
+class EvidenceKV(Method):
+    """Shared evidence from retrieval heads plus each layer's own window scores (kvcli's method)."""
+
+    name = "evidencekv"
+    summary = "tokens the model's retrieval heads point at, kept in every layer, plus each layer's own"
+    paper = "docs/methods.md#evidencekv"
+    needs_profile = True
+
+    shared_fraction: float = 0.5
+    num_heads: int = 8
+    max_depth: float = 0.75
+    profile: object = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.shared_fraction <= 1:
+            raise BudgetError(f"--shared-fraction must be in [0, 1], got {self.shared_fraction}")
+        if self.num_heads < 1:
+            raise BudgetError(f"--num-heads must be at least 1, got {self.num_heads}")
+        if not 0 < self.max_depth <= 1:
+            raise BudgetError(f"--max-depth must be in (0, 1], got {self.max_depth}")
+
+    def params(self) -> dict:
+        params = super().params()
+        params.pop("profile", None)
+        return params
+
+    def compressor(self, plan: BudgetPlan) -> Compressor:
+        if self.profile is None:
+            raise BudgetError("internal: evidencekv needs the model's retrieval-head profile (Engine.prepare sets it)")
+        return EvidenceCompressor(self, plan)
+
+
+class EvidenceCompressor(Compressor):
+    """Defers layers until the last evidence head has been seen, then decides them all."""
+
+    method: EvidenceKV
+
+    def __init__(self, method: EvidenceKV, plan: BudgetPlan) -> None:
+        super().__init__(method, plan)
+        max_layer = max(0, math.floor(method.max_depth * (plan.num_layers - 1)))
+        heads = method.profile.top_heads(method.num_heads, max_layer=max_layer)
+        self.heads_by_layer: dict[int, list[int]] = {}
+        for layer, head in heads:
+            self.heads_by_layer.setdefault(layer, []).append(head)
+        self.last_evidence_layer = max(self.heads_by_layer)
+        self.evidence: torch.Tensor | None = None  # (max position + 1,) summed normalised scores
+        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _add_evidence(self, obs: LayerObservation) -> None:
+        window = min(self.method.window_size, obs.k_len)
+        k = obs.k_len - window
+        attn = obs.window_attn[:, :, -window:, :k].sum(dim=2)  # (num_kv_heads, group, k)
+        pooled = pool_scores(attn, self.method.kernel_size, self.method.pooling)
+        group = pooled.shape[1]
+        positions = obs.positions[:, :k]
+        if self.evidence is None:
+            self.evidence = torch.zeros(int(obs.positions.max()) + 1, dtype=torch.float32, device=pooled.device)
+        for head in self.heads_by_layer[obs.layer_idx]:
+            kv_head, within = divmod(head, group)
+            row = pooled[kv_head, within]
+            self.evidence.index_add_(0, positions[kv_head], row / row.sum().clamp_min(1e-12))
+
+    def _decide(self, layer: int, own: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        k_len = positions.shape[1]
+        window = min(self.method.window_size, k_len)
+        k = k_len - window
+        n_rest = max(0, min(self.layer_budgets[layer], k_len) - window)
+        n_shared = min(round(self.method.shared_fraction * n_rest), k)
+        evidence = self.evidence[positions[:, :k]]  # (num_kv_heads, k)
+        shared = evidence.topk(n_shared, dim=-1).indices
+        own = own.clone()
+        own.scatter_(1, shared, float("-inf"))
+        rest = own.topk(n_rest - n_shared, dim=-1).indices
+        window_index = torch.arange(k, k_len, device=positions.device).expand(positions.shape[0], -1)
+        local = torch.cat([torch.cat([shared, rest], dim=-1).sort(dim=-1).values, window_index], dim=-1)
+        return positions.gather(1, local)
+
+    def observe(self, obs: LayerObservation) -> dict[int, torch.Tensor]:
+        layer = obs.layer_idx
+        own = self.method.scores(obs)
+        if layer in self.heads_by_layer:
+            self._add_evidence(obs)
+        if layer < self.last_evidence_layer:
+            self.pending[layer] = (own, obs.positions)
+            return {}
+        decisions = {j: self._decide(j, s, p) for j, (s, p) in self.pending.items()}
+        self.pending.clear()
+        decisions[layer] = self._decide(layer, own, obs.positions)
+        return decisions

@@ -1,0 +1,139 @@
+"""Retrieval-head profiles: which attention heads find a fact the question asks for.
+
+On small models a few heads in the middle layers rank a needed fact far above the rest of
+the prompt, while most layers rank it in the thousands. A profile finds those heads once per
+model, without any user data: synthetic lookups (a random code for a random object, placed
+in real prose, asked for at the end) are prefilled, and each query head is scored by how
+highly its pooled window attention ranks the code's tokens. The profile is stored under
+`KVCLI_HOME/profiles/` (written atomically, under a file lock) and reused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from .methods.base import pool_scores
+
+log = logging.getLogger(__name__)
+
+PROFILE_VERSION = 1
+_OBJECTS = ["lighthouse", "greenhouse", "observatory", "boathouse", "granary", "chapel", "armory", "bakery", "foundry", "apiary", "aviary", "distillery"]
+_LENGTHS = (1200, 1800, 2400)
+_DEPTHS = (0.2, 0.5, 0.8)
+
+
+@dataclass
+class RetrievalProfile:
+    """A score per (layer, query head): higher ranks the asked-for fact higher."""
+
+    scores: list[list[float]]  # [layer][query head]: mean of -log2(rank + 1) over the probes
+    model: str
+    version: int = PROFILE_VERSION
+
+    def top_heads(self, count: int, max_layer: int | None = None) -> list[tuple[int, int]]:
+        """The `count` best (layer, query head) pairs, optionally only up to layer `max_layer`."""
+        pairs = [
+            (score, layer, head)
+            for layer, row in enumerate(self.scores)
+            for head, score in enumerate(row)
+            if max_layer is None or layer <= max_layer
+        ]
+        pairs.sort(key=lambda p: (-p[0], p[1], p[2]))
+        return [(layer, head) for _, layer, head in pairs[:count]]
+
+    def to_json(self) -> str:
+        return json.dumps({"version": self.version, "model": self.model, "scores": self.scores})
+
+    @classmethod
+    def from_json(cls, text: str) -> RetrievalProfile:
+        data = json.loads(text)
+        return cls(scores=data["scores"], model=data["model"], version=data["version"])
+
+
+def _prose() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[name] for name in sorted(topics))
+
+
+def _probe(rng: random.Random, prose: str, tokenizer, length: int, depth: float, offset: int):
+    """A haystack of ~`length` tokens with one synthetic fact; returns (document, question, fact)."""
+    obj = rng.choice(_OBJECTS)
+    code = "".join(rng.choice("0123456789") for _ in range(6))
+    fact = f"The access code for the {obj} is {code}."
+    ids = tokenizer(prose[offset : offset + 12 * length], add_special_tokens=False)["input_ids"][:length]
+    body = tokenizer.decode(ids)
+    at = body.rfind(". ", 0, int(len(body) * depth))
+    at = 0 if at < 0 else at + 2
+    return body[:at] + fact + " " + body[at:], f"What is the access code for the {obj}?", code
+
+
+def compute_profile(engine, window_size: int = 8, kernel_size: int = 7, seed: int = 0, progress=None) -> RetrievalProfile:
+    """Prefill synthetic lookups and score every query head by where it ranks the fact."""
+    from .generate import capture
+    from .pipeline import Options
+
+    rng = random.Random(seed)
+    prose = _prose()
+    config = engine.model.config
+    num_heads = config.num_attention_heads
+    totals = torch.zeros(engine.num_layers, num_heads)
+    cases = [(length, depth) for length in _LENGTHS for depth in _DEPTHS]
+    for index, (length, depth) in enumerate(cases):
+        offset = rng.randrange(0, max(1, len(prose) - 12 * length))
+        document, question, code = _probe(rng, prose, engine.tokenizer, length, depth, offset)
+        prompt = engine.prompt(document, question, Options(max_new_tokens=16, max_context=length + 256))
+        start = document.index(code)
+        fact_positions = [
+            p for p in range(len(prompt))
+            if (offset_ := prompt.doc_offset(p)) is not None and start <= offset_ < start + len(code)
+        ]
+        cap = capture(engine.model, prompt.ids.to(engine.lm.device), window_size)
+        for obs in cap.observations:
+            k_len = obs.k_len
+            attn = obs.window_attn[:, :, -window_size:, : k_len - window_size].sum(dim=2)  # (num_kv_heads, group, k)
+            pooled = pool_scores(attn, kernel_size, "avg").flatten(0, 1)  # (num_heads, k)
+            best = pooled[:, fact_positions].max(dim=1).values  # (num_heads,)
+            rank = (pooled > best[:, None]).sum(dim=1).float()
+            totals[obs.layer_idx] += -torch.log2(rank + 1).cpu()
+        if progress:
+            progress(index + 1, len(cases))
+    return RetrievalProfile(scores=(totals / len(cases)).tolist(), model=engine.lm.name)
+
+
+def profile_path(engine) -> Path:
+    from .models import kvcli_home
+
+    safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in engine.lm.name.strip("/").replace("/", "_"))[-60:]
+    return kvcli_home() / "profiles" / f"{safe}-{engine.lm.config_hash[:12]}-v{PROFILE_VERSION}.json"
+
+
+def load_or_compute_profile(engine, progress=None) -> RetrievalProfile:
+    """The model's retrieval-head profile, computed once (about a minute on the default model) and cached."""
+    path = profile_path(engine)
+    if path.is_file():
+        return RetrievalProfile.from_json(path.read_text())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.is_file():  # another process made it while we waited
+            return RetrievalProfile.from_json(path.read_text())
+        log.info("computing the retrieval-head profile of %s (once)", engine.lm.name)
+        profile = compute_profile(engine, progress=progress)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".profile.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(profile.to_json())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return profile
