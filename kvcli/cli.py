@@ -21,7 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from . import __version__
 from .errors import BudgetError, InputError, KvcliError
 from .generate import Sampling
-from .methods import DEFAULT_METHOD, REGISTRY, make_method, plan_budget
+from .methods import DEFAULT_METHOD, REGISTRY, apply_params, make_method, parse_params
 from .stats import RunStats, peak_memory_bytes, render
 
 app = typer.Typer(
@@ -46,6 +46,7 @@ PoolingOpt = Annotated[str, typer.Option("--pooling", help="avg or max pooling o
 MaxMultipleOpt = Annotated[float, typer.Option("--max-multiple", help="DynamicKV: a layer may hold up to this multiple of the mean budget.")]
 MinMultipleOpt = Annotated[float, typer.Option("--min-multiple", help="DynamicKV: every layer keeps at least this multiple of the mean budget.")]
 PeriodOpt = Annotated[int, typer.Option("--period", help="DynamicKV: re-divide the budget every N layers (and at the last).")]
+ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", help="A method knob as KEY=VALUE, e.g. --param beta=20 (see `kvcli methods`); repeatable.")]
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="Stop after this many generated tokens.")]
 TempOpt = Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 is greedy.")]
 TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold.")]
@@ -96,6 +97,7 @@ class Settings:
     max_multiple: float
     min_multiple: float
     period: int
+    params: list[str] | None
     chunk_size: int | None
     max_new_tokens: int
     temperature: float
@@ -117,8 +119,12 @@ class Settings:
             raise BudgetError(f"--budget {self.budget} is not larger than the observation window ({self.window} tokens); use --budget {self.window + 1} or more, or a smaller --window")
         if self.max_new_tokens < 1:
             raise InputError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        return make_method(
-            self.method,
+        return self.build_method(self.method)
+
+    def build_method(self, name: str):
+        """Method `name` with the common knobs, then any --param KEY=VALUE that it has."""
+        method = make_method(
+            name,
             window_size=self.window,
             kernel_size=self.kernel_size,
             pooling=self.pooling,
@@ -126,6 +132,7 @@ class Settings:
             min_multiple=self.min_multiple,
             period=self.period,
         )
+        return apply_params(method, parse_params(self.params or []), strict=True)
 
     @property
     def show_progress(self) -> bool:
@@ -279,7 +286,7 @@ def _run_questions(files: list[str], questions: list[str], settings: Settings, c
             _reading(engine, settings, prompt)
             probe = prompt.ids[:, prompt.prefix_len :] if options.chunk_size else None
             with _LayerBar(settings, engine.num_layers) as callback:
-                state, note = engine.read(prompt.ids, method, options, probe_ids=probe, layer_callback=callback)
+                state, note = engine.read(prompt.ids, method, options, probe_ids=probe, layer_callback=callback, question_len=len(prompt) - prompt.prefix_len)
             stats = engine.stats(method, state, note, engine.window_text(prompt, method, state), prompt.dropped_tokens)
         try:
             answer = engine.generate(state, options, stats, started, on_text=_stream(settings))
@@ -314,6 +321,7 @@ def ask(
     max_multiple: MaxMultipleOpt = 10.0,
     min_multiple: MinMultipleOpt = 0.1,
     period: PeriodOpt = 4,
+    param: ParamOpt = None,
     chunk_size: ChunkOpt = None,
     max_new_tokens: MaxNewOpt = 256,
     temperature: TempOpt = 0.0,
@@ -347,7 +355,7 @@ def ask(
             raise InputError("the question is empty; pass a question in quotes after the files")
     settings = _make_settings(
         model=model, method=method, ratio=ratio, budget=budget, window=window, kernel_size=kernel_size,
-        pooling=pooling, max_multiple=max_multiple, min_multiple=min_multiple, period=period, chunk_size=chunk_size,
+        pooling=pooling, max_multiple=max_multiple, min_multiple=min_multiple, period=period, params=param, chunk_size=chunk_size,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
         max_context=max_context, device=device, dtype=dtype, json=json_out, quiet=quiet,
         trust_remote_code=trust_remote_code,
@@ -372,6 +380,7 @@ def summarize(
     max_multiple: MaxMultipleOpt = 10.0,
     min_multiple: MinMultipleOpt = 0.1,
     period: PeriodOpt = 4,
+    param: ParamOpt = None,
     chunk_size: ChunkOpt = None,
     max_new_tokens: MaxNewOpt = 400,
     temperature: TempOpt = 0.0,
@@ -395,7 +404,7 @@ def summarize(
         raise InputError("give the documents to summarize, or --cache FILE.kvc")
     settings = _make_settings(
         model=model, method=method, ratio=ratio, budget=budget, window=window, kernel_size=kernel_size,
-        pooling=pooling, max_multiple=max_multiple, min_multiple=min_multiple, period=period, chunk_size=chunk_size,
+        pooling=pooling, max_multiple=max_multiple, min_multiple=min_multiple, period=period, params=param, chunk_size=chunk_size,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
         max_context=max_context, device=device, dtype=dtype, json=json_out, quiet=quiet,
         trust_remote_code=trust_remote_code,
@@ -418,6 +427,7 @@ def compress(
     max_multiple: MaxMultipleOpt = 10.0,
     min_multiple: MinMultipleOpt = 0.1,
     period: PeriodOpt = 4,
+    param: ParamOpt = None,
     chunk_size: ChunkOpt = None,
     max_context: MaxContextOpt = None,
     device: DeviceOpt = "auto",
@@ -442,7 +452,7 @@ def compress(
         raise InputError(f"folder {target.parent} does not exist; create it or choose another --output")
     settings = _make_settings(
         model=model, method=method, ratio=ratio, budget=budget, window=window, kernel_size=kernel_size,
-        pooling=pooling, max_multiple=max_multiple, min_multiple=min_multiple, period=period, chunk_size=chunk_size,
+        pooling=pooling, max_multiple=max_multiple, min_multiple=min_multiple, period=period, params=param, chunk_size=chunk_size,
         max_new_tokens=1, temperature=0.0, top_p=1.0, seed=None,
         max_context=max_context, device=device, dtype=dtype, json=json_out, quiet=quiet,
         trust_remote_code=trust_remote_code,
@@ -496,6 +506,7 @@ def inspect(
     max_multiple: MaxMultipleOpt = 10.0,
     min_multiple: MinMultipleOpt = 0.1,
     period: PeriodOpt = 4,
+    param: ParamOpt = None,
     chunk_size: ChunkOpt = None,
     max_context: MaxContextOpt = None,
     device: DeviceOpt = "auto",
@@ -517,7 +528,7 @@ def inspect(
         raise InputError(f"--buckets must be at least 1, got {buckets}")
     settings = _make_settings(
         model=model, method=method, ratio=ratio, budget=budget, window=window, kernel_size=kernel_size,
-        pooling=pooling, max_multiple=max_multiple, min_multiple=min_multiple, period=period, chunk_size=chunk_size,
+        pooling=pooling, max_multiple=max_multiple, min_multiple=min_multiple, period=period, params=param, chunk_size=chunk_size,
         max_new_tokens=1, temperature=0.0, top_p=1.0, seed=None,
         max_context=max_context, device=device, dtype=dtype, json=json_out, quiet=quiet,
         trust_remote_code=trust_remote_code,
@@ -530,7 +541,7 @@ def inspect(
     _reading(engine, settings, prompt)
     probe = prompt.ids[:, prompt.prefix_len :] if options.chunk_size else None
     with _LayerBar(settings, engine.num_layers) as callback:
-        state, note = engine.read(prompt.ids, method_obj, options, probe_ids=probe, layer_callback=callback)
+        state, note = engine.read(prompt.ids, method_obj, options, probe_ids=probe, layer_callback=callback, question_len=len(prompt) - prompt.prefix_len)
     stats = engine.stats(method_obj, state, note, engine.window_text(prompt, method_obj, state), prompt.dropped_tokens)
     stats.peak_memory_bytes = peak_memory_bytes(engine.lm.device)
     profile = retention_profile(state.cache, prompt, doc, buckets=buckets)
@@ -605,6 +616,7 @@ def eval_(
     max_multiple: MaxMultipleOpt = 10.0,
     min_multiple: MinMultipleOpt = 0.1,
     period: PeriodOpt = 4,
+    param: ParamOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Stop each answer after this many tokens (raise it for summaries).")] = 64,
     max_context: MaxContextOpt = None,
     device: DeviceOpt = "auto",
@@ -639,10 +651,6 @@ def eval_(
         raise InputError("--methods is empty; give comma-separated method names or all")
     if names == ["all"]:
         names = list(REGISTRY)
-    method_objs = [
-        make_method(name, window_size=window, kernel_size=kernel_size, pooling=pooling, max_multiple=max_multiple, min_multiple=min_multiple, period=period)
-        for name in names
-    ]
     if max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if limit is not None and limit < 1:
@@ -652,11 +660,14 @@ def eval_(
         raise InputError(f"folder {out.parent} does not exist; create it or choose another --json")
     settings = _make_settings(
         model=model, method="", ratio=None, budget=None, window=window, kernel_size=kernel_size,
-        pooling=pooling, max_multiple=max_multiple, min_multiple=min_multiple, period=period, chunk_size=None,
+        pooling=pooling, max_multiple=max_multiple, min_multiple=min_multiple, period=period, params=param, chunk_size=None,
         max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, seed=None,
         max_context=max_context, device=device, dtype=dtype, json=False, quiet=quiet,
         trust_remote_code=trust_remote_code,
     )
+    method_objs = [settings.build_method(name) for name in names]
+    if param and not any(apply_params(settings.build_method(n), parse_params(param), strict=False) for n in names):
+        raise BudgetError("no method in --methods has the knobs given with --param")
     if niah:
         if not haystack:
             raise InputError("--niah needs --haystack PATH (a text file or a folder of text files)")

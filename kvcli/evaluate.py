@@ -497,6 +497,8 @@ def run_eval(
         if not todo:
             continue
         document, question = prompt_parts(row, template)
+        for method in by_name.values():
+            engine.prepare(method)
         prompt = engine.prompt(document, question, options)
         ids = prompt.ids.to(engine.lm.device)
         captured = capture(engine.model, ids, window_size, accumulated=accumulated)
@@ -508,7 +510,10 @@ def run_eval(
             plan = None
             if method.compresses:
                 try:
-                    plan = plan_budget(len(prompt), engine.num_layers, window_size=method.window_size, ratio=setting.ratio, budget=setting.budget)
+                    plan = plan_budget(
+                        len(prompt), engine.num_layers, window_size=method.window_size, ratio=setting.ratio,
+                        budget=setting.budget, question_len=len(prompt) - prompt.prefix_len,
+                    )
                 except BudgetError as exc:
                     raise BudgetError(f"row {row.id}: {exc}") from None
             if plan is None and full_prediction is not None:

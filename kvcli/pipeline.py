@@ -74,18 +74,32 @@ class Engine:
         reserve = min(options.max_new_tokens, limit // 4)
         return build_prompt(self.tokenizer, text, question, limit, reserve=reserve, instruction=instruction)
 
-    def plan(self, method: Method, prompt_len: int, options: Options) -> tuple[BudgetPlan | None, str]:
+    def prepare(self, method: Method, progress=None) -> Method:
+        """Give a method what it needs from this model (the retrieval-head profile, computed once)."""
+        if method.needs_profile and getattr(method, "profile", None) is None:
+            from .profile import load_or_compute_profile
+
+            method.profile = load_or_compute_profile(self, progress=progress)
+        return method
+
+    def plan(self, method: Method, prompt_len: int, options: Options, question_len: int = 0) -> tuple[BudgetPlan | None, str]:
         """The budget for a prompt, and why compression is skipped when it is."""
         if not method.compresses:
             return None, "method full keeps every token"
-        plan = plan_budget(prompt_len, self.num_layers, window_size=method.window_size, ratio=options.ratio, budget=options.budget)
+        plan = plan_budget(
+            prompt_len, self.num_layers, window_size=method.window_size, ratio=options.ratio, budget=options.budget, question_len=question_len
+        )
         if plan is None:
             return None, f"the {prompt_len}-token prompt already fits the budget"
         return plan, ""
 
-    def read(self, ids: torch.Tensor, method: Method, options: Options, probe_ids=None, layer_callback=None) -> tuple[Prefill, str]:
-        """Prefill `ids` `(1, n)` with `method`; returns the state and a note when not compressed."""
-        plan, note = self.plan(method, ids.shape[1], options)
+    def read(self, ids: torch.Tensor, method: Method, options: Options, probe_ids=None, layer_callback=None, question_len: int = 0) -> tuple[Prefill, str]:
+        """Prefill `ids` `(1, n)` with `method`; returns the state and a note when not compressed.
+
+        `question_len` counts the tokens after the document (methods may protect them).
+        """
+        self.prepare(method)
+        plan, note = self.plan(method, ids.shape[1], options, question_len)
         device = self.lm.device
         state = prefill(
             self.model, ids.to(device), method, plan, layer_callback=layer_callback,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..errors import BudgetError
 from .base import BudgetPlan, Compressor, LayerObservation, Method, plan_budget
 from .dynamickv import DynamicKV
@@ -29,6 +31,42 @@ def make_method(name: str, **params) -> Method:
     return cls(**{k: v for k, v in params.items() if k in known and v is not None})
 
 
+def parse_params(items: list[str]) -> dict[str, str]:
+    """`["beta=20", "n_sink=4"]` -> `{"beta": "20", "n_sink": "4"}`."""
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise BudgetError(f"--param {item!r} should look like KEY=VALUE, e.g. --param beta=20")
+        params[key.strip().replace("-", "_")] = value.strip()
+    return params
+
+
+def apply_params(method: Method, params: dict[str, str], strict: bool) -> Method:
+    """Set knobs from strings, converted to each field's type; unknown knobs fail when `strict`."""
+    fields = {f.name: f for f in dataclasses.fields(method) if f.name != "profile"}
+    changes = {}
+    for key, raw in params.items():
+        if key not in fields:
+            if strict:
+                raise BudgetError(f"method {method.name} has no knob {key!r}; its knobs: {', '.join(fields) or 'none'}")
+            continue
+        kind = type(getattr(method, key))
+        if kind is type(None):  # optional integer knobs such as h2o.recent_size
+            kind = int
+        try:
+            if kind is bool:
+                if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(raw)
+                value = raw.lower() in ("true", "1", "yes")
+            else:
+                value = kind(raw)
+        except ValueError:
+            raise BudgetError(f"--param {key}={raw}: expected a {kind.__name__}") from None
+        changes[key] = value
+    return dataclasses.replace(method, **changes) if changes else method
+
+
 __all__ = [
     "BudgetPlan",
     "Compressor",
@@ -38,6 +76,8 @@ __all__ = [
     "H2O",
     "LayerObservation",
     "Method",
+    "apply_params",
+    "parse_params",
     "PyramidKV",
     "REGISTRY",
     "SnapKV",

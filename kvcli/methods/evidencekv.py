@@ -41,6 +41,8 @@ class EvidenceKV(Method):
     shared_fraction: float = 0.5
     num_heads: int = 8
     max_depth: float = 0.75
+    n_sink: int = 0
+    keep_question: bool = False
     profile: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -95,11 +97,18 @@ class EvidenceCompressor(Compressor):
 
     def _decide(self, layer: int, own: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         k_len = positions.shape[1]
-        window = min(self.method.window_size, k_len)
+        budget = min(self.layer_budgets[layer], k_len)
+        tail = self.method.window_size
+        if self.method.keep_question and self.plan.question_len:
+            tail = max(tail, min(self.plan.question_len, budget // 2))
+        window = min(tail, k_len)
         k = k_len - window
-        n_rest = max(0, min(self.layer_budgets[layer], k_len) - window)
+        own = own[:, :k]  # the question beyond the window is kept, not scored
+        n_rest = max(0, budget - window)
         n_shared = min(round(self.method.shared_fraction * n_rest), k)
-        evidence = self.evidence[positions[:, :k]]  # (num_kv_heads, k)
+        evidence = self.evidence[positions[:, :k]].clone()  # (num_kv_heads, k)
+        sinks = min(self.method.n_sink, n_shared)
+        evidence[:, :sinks] = float("inf")
         shared = evidence.topk(n_shared, dim=-1).indices
         own = own.clone()
         own.scatter_(1, shared, float("-inf"))
