@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvcli.generate import capture, decode, forward, prefill
 from kvcli.methods import REGISTRY, make_method, plan_budget
+from methodutil import build
 
 NUM_LAYERS = 6
 PROMPT_LEN = 80
@@ -72,7 +73,7 @@ def test_full_cache_decode_matches_generate(tiny_model, prompt):
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_live_prefill_equals_replayed_capture(tiny_model, prompt, captured, name):
     """Compressing live during prefill keeps the same positions, keys and values per layer and head as Capture.derive, and decodes the same tokens."""
-    method = make_method(name)
+    method = build(name, NUM_LAYERS, tiny_model.config.num_attention_heads)
     plan = plan_for(method)
     live = prefill(tiny_model, prompt, method, plan)
     derived = captured.derive(method, plan)
@@ -99,7 +100,7 @@ def test_dynamickv_layers_differ_in_length(tiny_model, prompt):
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_multi_token_feed_matches_one_at_a_time(tiny_model, prompt, captured, name):
     """Feeding 5 tokens at once into a (compressed) cache gives the same last logits as feeding them one by one."""
-    method = make_method(name)
+    method = build(name, NUM_LAYERS, tiny_model.config.num_attention_heads)
     plan = plan_for(method)
     together = prefill(tiny_model, prompt, method, plan).cache
     one_by_one = captured.derive(method, plan).cache
@@ -115,7 +116,7 @@ def test_multi_token_feed_matches_one_at_a_time(tiny_model, prompt, captured, na
 @pytest.mark.parametrize("name", [name for name, cls in REGISTRY.items() if cls.compresses])
 def test_chunked_prefill_meets_budget(tiny_model, prompt, name):
     """Chunked prefill with a probe keeps exactly the plan's total, the prompt's last window in every layer, and no probe entry."""
-    method = make_method(name)
+    method = build(name, NUM_LAYERS, tiny_model.config.num_attention_heads)
     plan = plan_for(method)
     probe = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(3))
     state = prefill(tiny_model, prompt, method, plan, chunk_size=24, probe_ids=probe)

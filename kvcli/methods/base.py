@@ -170,6 +170,7 @@ class Method:
     compresses: ClassVar[bool] = True
     needs_accumulated: ClassVar[bool] = False
     needs_profile: ClassVar[bool] = False  # set `profile` (kvcli/profile.py) before compressing
+    selects_by_scores: ClassVar[bool] = True  # kept tokens outside the window are the top of `scores`
 
     window_size: int = 8
     kernel_size: int = 7

@@ -37,6 +37,7 @@ class EvidenceKV(Method):
     summary = "tokens the model's retrieval heads point at, kept in every layer, plus each layer's own"
     paper = "docs/methods.md#evidencekv"
     needs_profile = True
+    selects_by_scores = False
 
     shared_fraction: float = 0.5
     num_heads: int = 8
