@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -69,11 +70,13 @@ def user_errors(fn):
         except KvcliError as exc:
             err.print(f"kvcli: error: {exc}", markup=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
-        except torch.OutOfMemoryError as exc:
-            err.print(f"kvcli: error: out of memory ({str(exc).splitlines()[0]}); try a lower --ratio, a shorter --max-context or a smaller model", markup=False, soft_wrap=True)
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            err.print(f"kvcli: error: {_out_of_memory(exc)}", markup=False, soft_wrap=True)
             raise typer.Exit(3) from None
-        except MemoryError:
-            err.print("kvcli: error: out of memory; try a lower --ratio, a shorter --max-context or a smaller model", markup=False)
+        except RuntimeError as exc:
+            if "can't allocate memory" not in str(exc):  # torch's CPU allocator fails with a plain RuntimeError
+                raise
+            err.print(f"kvcli: error: {_out_of_memory(exc)}", markup=False, soft_wrap=True)
             raise typer.Exit(3) from None
         except KeyboardInterrupt:
             sys.stdout.flush()
@@ -81,6 +84,20 @@ def user_errors(fn):
             raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper
+
+
+def _out_of_memory(exc: BaseException) -> str:
+    """One line for a failed allocation: how much was asked for, when torch says, and what to lower."""
+    text = str(exc)
+    needed = ""
+    if match := re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", text):  # CUDA
+        needed = f" (tried to allocate {match.group(1)})"
+    elif match := re.search(r"tried to allocate (\d+) bytes", text):  # CPU
+        needed = f" (tried to allocate {int(match.group(1)) / 2**30:.2f} GiB)"
+    return (
+        f"out of memory{needed}; try a lower --ratio, --chunk-size 1024 (reads the prompt in pieces, "
+        "compressing after each), a shorter --max-context or a smaller model"
+    )
 
 
 @dataclass
