@@ -1,0 +1,125 @@
+"""Saved caches (.kvc): round trip, and refusal of other models, formats and damaged files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kvcli.cache import KVCache
+from kvcli.errors import InputError
+from kvcli.store import FORMAT_VERSION, load_cache, save_cache
+
+
+def small_cache(num_layers: int = 3) -> KVCache:
+    """A cache whose layers hold different numbers of tokens, as after compression."""
+    cache = KVCache(num_layers)
+    gen = torch.Generator().manual_seed(0)
+    for i, layer in enumerate(cache.layers):
+        n = 5 + 3 * i
+        keys = torch.randn(1, 2, n, 4, generator=gen)
+        values = torch.randn(1, 2, n, 4, generator=gen)
+        positions = torch.sort(torch.randperm(40, generator=gen)[: 2 * n].view(2, n), dim=1).values
+        layer.load(keys, values, positions)
+    return cache
+
+
+META = {"model": "m", "config_hash": "abc", "method": "dynamickv", "method_params": {}, "prompt_tokens": 40}
+
+
+def rewrite_header(path, change) -> None:
+    """Edit the JSON metadata of a .kvc file in place (keeping its tensors)."""
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    meta = json.loads(header["__metadata__"]["kvcli"])
+    change(meta)
+    header["__metadata__"]["kvcli"] = json.dumps(meta)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + size :])
+
+
+def test_round_trip_keeps_every_layer(tmp_path):
+    """Saving then loading gives back each layer's keys, values and positions exactly."""
+    cache = small_cache()
+    path = tmp_path / "doc.kvc"
+    save_cache(path, cache, META)
+    loaded = load_cache(path, "abc", "m")
+    assert loaded.prompt_tokens == 40 and loaded.meta["method"] == "dynamickv"
+    for a, b in zip(cache.layers, loaded.cache.layers):
+        assert torch.equal(a.kept_positions(), b.kept_positions())
+        for x, y in zip(a.view(), b.view()):
+            assert torch.equal(x, y)
+    assert loaded.cache.retained_per_layer() == [5, 8, 11]
+
+
+def test_write_is_atomic(tmp_path, monkeypatch):
+    """A failed write leaves neither a partial .kvc nor a temp file behind."""
+    path = tmp_path / "doc.kvc"
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.replace", boom)
+    with pytest.raises(OSError):
+        save_cache(path, small_cache(), META)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "change, word",
+    [
+        (lambda m: m.update(config_hash="other"), "made with model"),
+        (lambda m: m.update(format_version=FORMAT_VERSION + 1), "format"),
+        (lambda m: m.update(format="something-else"), "not a kvcli cache"),
+    ],
+)
+def test_mismatched_metadata_is_refused(tmp_path, change, word):
+    """A cache from another model, another format version, or not from kvcli is refused with a clear message."""
+    path = tmp_path / "doc.kvc"
+    save_cache(path, small_cache(), META)
+    rewrite_header(path, change)
+    with pytest.raises(InputError, match=word):
+        load_cache(path, "abc", "m")
+
+
+def test_truncated_file_is_refused(tmp_path):
+    """A .kvc cut short is refused as truncated."""
+    path = tmp_path / "doc.kvc"
+    save_cache(path, small_cache(), META)
+    path.write_bytes(path.read_bytes()[:-50])
+    with pytest.raises(InputError, match="truncated|corrupted"):
+        load_cache(path, "abc", "m")
+
+
+def test_flipped_bytes_are_refused(tmp_path):
+    """A .kvc whose tensor bytes changed fails its checksum."""
+    path = tmp_path / "doc.kvc"
+    save_cache(path, small_cache(), META)
+    raw = bytearray(path.read_bytes())
+    raw[-10] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(InputError, match="corrupted"):
+        load_cache(path, "abc", "m")
+
+
+def test_missing_and_non_kvcli_files_are_refused(tmp_path):
+    """A missing path and a file that is not a cache each give an InputError naming what to do."""
+    with pytest.raises(InputError, match="does not exist"):
+        load_cache(tmp_path / "nope.kvc", "abc", "m")
+    other = tmp_path / "notes.kvc"
+    other.write_text("hello world, not a cache")
+    with pytest.raises(InputError, match="kvcli cache|truncated"):
+        load_cache(other, "abc", "m")
+
+
+def test_clone_is_independent():
+    """A cloned cache can grow without changing the original (several questions, one prefix)."""
+    cache = small_cache()
+    copy = cache.clone()
+    layer = copy.layers[0]
+    layer.append(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 4), torch.tensor([99]))
+    assert cache.retained_per_layer() == [5, 8, 11]
+    assert copy.retained_per_layer() == [6, 8, 11]
