@@ -513,6 +513,7 @@ def inspect(
     layers: Annotated[bool, typer.Option("--layers", help="Show kept tokens per layer and where they fall in the documents (the default view).")] = True,
     question: Annotated[Optional[str], typer.Option("--question", "-q", help="The question to compress for [default: the summary instruction].")] = None,
     buckets: Annotated[int, typer.Option("--buckets", help="Position buckets for a single document without pages or files.")] = 10,
+    plot: Annotated[Optional[str], typer.Option("--plot", help="Also draw the profile (bars per layer, heat map over the document) to FILE.png or FILE.svg; needs kvcli[plot].", show_default=False)] = None,
     model: ModelOpt = None,
     method: MethodOpt = DEFAULT_METHOD,
     ratio: RatioOpt = None,
@@ -543,6 +544,10 @@ def inspect(
         raise InputError("the question is empty; pass a question in quotes")
     if buckets < 1:
         raise InputError(f"--buckets must be at least 1, got {buckets}")
+    if plot is not None:
+        from .plot import check_target
+
+        plot_target = check_target(plot)  # before the model runs, so a typo costs nothing
     settings = _make_settings(
         model=model, method=method, ratio=ratio, budget=budget, window=window, kernel_size=kernel_size,
         pooling=pooling, max_multiple=max_multiple, min_multiple=min_multiple, period=period, params=param, chunk_size=chunk_size,
@@ -562,6 +567,13 @@ def inspect(
     stats = engine.stats(method_obj, state, note, engine.window_text(prompt, method_obj, state), prompt.dropped_tokens)
     stats.peak_memory_bytes = peak_memory_bytes(engine.lm.device)
     profile = retention_profile(state.cache, prompt, doc, buckets=buckets)
+    if plot is not None:
+        from .inspect import position_map
+        from .plot import save_retention_plot
+
+        save_retention_plot(plot_target, position_map(state.cache, prompt, doc), stats)
+        if not settings.quiet:
+            err.print(f"wrote {plot_target}", markup=False)
     if settings.json:
         print(json.dumps({"stats": stats.to_dict(), "profile": profile.to_dict()}, ensure_ascii=False))
         return

@@ -1,4 +1,7 @@
-"""Where each layer's kept tokens fall in the documents: by PDF page, by file, or by position."""
+"""Where each layer's kept tokens fall in the documents: by PDF page, by file, or by position.
+
+`retention_profile` groups them for the terminal; `position_map` keeps the fine detail a plot needs.
+"""
 
 from __future__ import annotations
 
@@ -104,3 +107,51 @@ def render_profile(profile: Profile, top: int = 3) -> Group:
         table.add_row(str(i), Text(strip, style="magenta"), best)
     legend = Text(f"{doc_groups} {profile.by} groups; a cell is the fraction of that group's tokens the layer kept, scaled per row")
     return Group(Text("retained tokens per layer:"), layer_bars(profile.retained_per_layer), legend, table)
+
+
+@dataclass
+class PositionMap:
+    """Per layer, the fraction of the document's tokens kept along the document, in equal buckets.
+
+    The x axis runs over the document's tokens in the prompt (template and question left out),
+    so a cut document shows its head and tail side by side with the cut marked.
+    """
+
+    kept_fraction: list[list[float]]  # [layer][bucket]: share of the bucket's tokens kept, mean over KV heads
+    bucket_edges: list[int]  # document-token index where each bucket starts, then doc_tokens
+    boundaries: list[tuple[int, str]]  # (document-token index where a page or file starts, its label)
+    cut: int | None  # document-token index where the tail resumes after a middle cut, if any
+    doc_tokens: int
+    by: str  # 'page', 'file' or 'position' (no boundaries)
+
+
+def position_map(cache, prompt, doc, buckets: int = 200) -> PositionMap:
+    """Bucket each layer's kept document tokens along the document, with page or file boundaries."""
+    doc_positions, boundaries, cut = [], [], None
+    label = None
+    for position in range(len(prompt)):
+        offset = prompt.doc_offset(position)
+        if offset is None:
+            continue
+        if cut is None and prompt.cut_at is not None and offset >= prompt.cut_at + prompt.cut_len:
+            cut = len(doc_positions)
+        source = doc.source_at(offset)
+        if source is not None and doc.label(source) != label:  # separators between sources have none
+            label = doc.label(source)
+            boundaries.append((len(doc_positions), label))
+        doc_positions.append(position)
+    n = len(doc_positions)
+    buckets = max(1, min(buckets, n))
+    bucket_of = torch.arange(n) * buckets // max(1, n)  # (doc_tokens,)
+    bucket_size = torch.bincount(bucket_of, minlength=buckets).clamp(min=1).float()
+    index = torch.tensor(doc_positions, dtype=torch.long)
+    rows = []
+    for layer in cache.layers:
+        kept = layer.kept_positions().cpu()  # (num_kv_heads, n_kept)
+        flat = kept.flatten()
+        per_position = torch.bincount(flat[flat < len(prompt)], minlength=len(prompt)).float() / kept.shape[0]
+        per_bucket = torch.zeros(buckets).index_add_(0, bucket_of, per_position[index])
+        rows.append((per_bucket / bucket_size).tolist())
+    edges = [-(-b * n // buckets) for b in range(buckets)] + [n]  # first index i with i * buckets // n == b
+    by = "page" if any(s.page is not None for s in doc.sources) else ("file" if len(doc.sources) > 1 else "position")
+    return PositionMap(rows, edges, boundaries if by != "position" else [], cut, n, by)
