@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from kvcli.errors import ModelError
 
@@ -14,6 +15,15 @@ def _model_home() -> Path:
     # Real-model tests reuse the machine's converted checkpoints (conversion is atomic and
     # deterministic), so CI converts each embedded model once per machine, not once per run.
     return Path(os.environ.get("KVCLI_HOME") or Path.home() / ".cache" / "kvcli").expanduser()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads; on a shared machine two threads can run far slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

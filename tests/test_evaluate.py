@@ -29,13 +29,7 @@ SAMPLE_KEYS = {"id", "method", "budget", "ratio", "prediction", "score"}
 SUMMARY_KEYS = {"method", "budget", "ratio", "score", "n"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On a shared machine two torch threads can run ten times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- metrics --------------------------------------------------------------------------------------

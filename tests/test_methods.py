@@ -16,13 +16,7 @@ from kvcli.methods.pyramidkv import PyramidKV
 from methodutil import build
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and the test machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 COMPRESSING = [name for name, cls in REGISTRY.items() if cls.compresses]
