@@ -60,6 +60,11 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-Q", help="No progress or re
 RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a hub model's own code to run.")]
 
 
+def _say(line: str) -> None:
+    """A message on stderr: word-wrapped on a terminal, one line in pipes and logs (so it greps)."""
+    err.print(line, markup=False, soft_wrap=not err.is_terminal)
+
+
 def user_errors(fn):
     """Turn user mistakes into one line on stderr and a non-zero exit; Ctrl-C into exit 130."""
 
@@ -68,15 +73,15 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except KvcliError as exc:
-            err.print(f"kvcli: error: {exc}", markup=False, soft_wrap=True)
+            _say(f"kvcli: error: {exc}")
             raise typer.Exit(exc.exit_code) from None
         except (torch.OutOfMemoryError, MemoryError) as exc:
-            err.print(f"kvcli: error: {_out_of_memory(exc)}", markup=False, soft_wrap=True)
+            _say(f"kvcli: error: {_out_of_memory(exc)}")
             raise typer.Exit(3) from None
         except RuntimeError as exc:
             if "can't allocate memory" not in str(exc):  # torch's CPU allocator fails with a plain RuntimeError
                 raise
-            err.print(f"kvcli: error: {_out_of_memory(exc)}", markup=False, soft_wrap=True)
+            _say(f"kvcli: error: {_out_of_memory(exc)}")
             raise typer.Exit(3) from None
         except KeyboardInterrupt:
             sys.stdout.flush()
@@ -202,7 +207,7 @@ def _read(files: list[str], settings: Settings):
 def _warn(settings: Settings, *messages: str) -> None:
     if not settings.quiet:
         for message in messages:
-            err.print(f"kvcli: warning: {message}", markup=False, soft_wrap=True)
+            _say(f"kvcli: warning: {message}")
 
 
 def _options(settings: Settings):

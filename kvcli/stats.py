@@ -62,42 +62,83 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-def layer_bars(counts: list[int], width: int = 40) -> Table:
-    """Kept tokens per layer as horizontal bars, one row per layer."""
-    table = Table(box=None, show_header=True, pad_edge=False)
-    table.add_column("layer", justify="right")
-    table.add_column("kept", justify="right")
-    table.add_column("")
-    top = max(counts) if counts else 1
-    for i, n in enumerate(counts):
-        bar = "█" * max(1 if n else 0, round(width * n / top))
-        table.add_row(str(i), str(n), Text(bar, style="cyan"))
-    return table
+class LayerBars:
+    """Kept tokens per layer as horizontal bars; many layers are laid out in side-by-side blocks
+    (layers 0-9 | 10-19 | ...) as the width allows, so 30 layers take 10 lines at 80 columns."""
+
+    MAX_BLOCKS = 4
+    MIN_BAR = 10
+
+    def __init__(self, counts: list[int], width: int = 40) -> None:
+        self.counts = counts
+        self.width = width
+
+    def __rich_console__(self, console, options):
+        counts = self.counts
+        n = len(counts)
+        layer_w, kept_w = len(str(max(n - 1, 0))), max(4, len(str(max(counts, default=0))))
+        overhead = max(layer_w, 5) + kept_w + 6  # two column gaps and the gap before the next block
+        blocks = 1
+        if n > 12:
+            fitting = options.max_width // (overhead + self.MIN_BAR)
+            blocks = max(1, min(self.MAX_BLOCKS, fitting, n // 6))
+        rows = -(-n // blocks) if n else 0
+        blocks = -(-n // rows) if rows else 1
+        bar_w = max(1, min(self.width, options.max_width // blocks - overhead))
+        top = max(counts, default=0) or 1
+        table = Table(box=None, show_header=True, pad_edge=False, padding=(0, 1), collapse_padding=True)
+        for block in range(blocks):
+            table.add_column("layer", justify="right")
+            table.add_column("kept", justify="right")
+            table.add_column("", width=bar_w, no_wrap=True)
+        for row in range(rows):
+            cells: list = []
+            for block in range(blocks):
+                i = block * rows + row
+                if i < n:
+                    bar = "█" * max(1 if counts[i] else 0, round(bar_w * counts[i] / top))
+                    cells += [str(i), str(counts[i]), Text(bar, style="cyan")]
+                else:
+                    cells += ["", "", ""]
+            table.add_row(*cells)
+        yield table
+
+
+def layer_bars(counts: list[int], width: int = 40) -> LayerBars:
+    """Kept tokens per layer as horizontal bars, in blocks of rows that fit the console's width."""
+    return LayerBars(counts, width)
 
 
 def render(stats: RunStats) -> Group:
-    """The compact report printed on stderr after an answer."""
-    head = Text()
+    """The compact report printed on stderr after an answer: one labelled fact per line, then the layers."""
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="bold", no_wrap=True)
+    facts.add_column()
     params = ", ".join(f"{k}={v}" for k, v in stats.method_params.items())
-    head.append(f"{stats.method}", style="bold")
-    head.append(f"({params})  model {stats.model}\n" if params else f"  model {stats.model}\n")
-    head.append(f"prompt {stats.prompt_tokens} tokens")
+    facts.add_row("model", stats.model)
+    facts.add_row("method", f"{stats.method} ({params})" if params else stats.method)
+    prompt = Text(f"{stats.prompt_tokens} tokens")
     if stats.dropped_tokens:
-        head.append(f" ({stats.dropped_tokens} cut from the middle)", style="yellow")
+        prompt.append(f" ({stats.dropped_tokens} cut from the middle)", style="yellow")
+    facts.add_row("prompt", prompt)
     if stats.compressed:
-        head.append(f"; budget {stats.budget:.1f} tokens/layer = ratio {stats.ratio:.4f}")
-        head.append(f"; window {len(stats.window_text) and ''}covers {stats.window_text!r}\n")
+        facts.add_row("budget", f"{stats.budget:.1f} tokens/layer = ratio {stats.ratio:.4f}")
+        if stats.window_text:
+            facts.add_row("window", Text(f"covers {stats.window_text!r}"))
     else:
-        head.append(f"; not compressed: {stats.note}\n")
+        facts.add_row("budget", f"not compressed: {stats.note}")
     kept_pct = 100 * stats.kv_bytes_kept / stats.kv_bytes_full if stats.kv_bytes_full else 100.0
-    head.append(
-        f"KV cache {_mib(stats.kv_bytes_kept)} kept of {_mib(stats.kv_bytes_full)} full ({kept_pct:.1f}%), "
-        f"saved {_mib(stats.kv_bytes_full - stats.kv_bytes_kept)}; peak memory {_mib(stats.peak_memory_bytes)}\n"
+    facts.add_row(
+        "KV cache",
+        f"{_mib(stats.kv_bytes_kept)} kept of {_mib(stats.kv_bytes_full)} full ({kept_pct:.1f}%), "
+        f"saved {_mib(stats.kv_bytes_full - stats.kv_bytes_kept)}",
     )
+    facts.add_row("memory", f"peak {_mib(stats.peak_memory_bytes)}")
     rate = stats.decode_tokens_per_s
-    head.append(
+    facts.add_row(
+        "time",
         f"load {stats.load_s:.2f}s  prefill {stats.prefill_s:.2f}s"
         + (f"  first token {stats.ttft_s:.2f}s" if stats.ttft_s is not None else "")
-        + (f"  decode {rate:.2f} tokens/s ({stats.decode_tokens} tokens)" if rate else "")
+        + (f"  decode {rate:.2f} tokens/s ({stats.decode_tokens} tokens)" if rate else ""),
     )
-    return Group(head, Text("retained tokens per layer (window included):"), layer_bars(stats.retained_per_layer))
+    return Group(facts, Text("retained tokens per layer (window included):"), layer_bars(stats.retained_per_layer))
