@@ -308,7 +308,7 @@ def _run_questions(files: list[str], questions: list[str], settings: Settings, c
             _reading(engine, settings, prompt)
             probe = prompt.ids[:, prompt.prefix_len :] if options.chunk_size else None
             with _LayerBar(settings, engine.num_layers) as callback:
-                state, note = engine.read(prompt.ids, method, options, probe_ids=probe, layer_callback=callback, question_len=len(prompt) - prompt.prefix_len)
+                state, note = engine.read(prompt.ids, method, options, probe_ids=probe, layer_callback=callback)
             stats = engine.stats(method, state, note, engine.window_text(prompt, method, state), prompt.dropped_tokens)
         try:
             answer = engine.generate(state, options, stats, started, on_text=_stream(settings))
@@ -568,7 +568,7 @@ def inspect(
     _reading(engine, settings, prompt)
     probe = prompt.ids[:, prompt.prefix_len :] if options.chunk_size else None
     with _LayerBar(settings, engine.num_layers) as callback:
-        state, note = engine.read(prompt.ids, method_obj, options, probe_ids=probe, layer_callback=callback, question_len=len(prompt) - prompt.prefix_len)
+        state, note = engine.read(prompt.ids, method_obj, options, probe_ids=probe, layer_callback=callback)
     stats = engine.stats(method_obj, state, note, engine.window_text(prompt, method_obj, state), prompt.dropped_tokens)
     stats.peak_memory_bytes = peak_memory_bytes(engine.lm.device)
     profile = retention_profile(state.cache, prompt, doc, buckets=buckets)

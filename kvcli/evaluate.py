@@ -510,10 +510,7 @@ def run_eval(
             plan = None
             if method.compresses:
                 try:
-                    plan = plan_budget(
-                        len(prompt), engine.num_layers, window_size=method.window_size, ratio=setting.ratio,
-                        budget=setting.budget, question_len=len(prompt) - prompt.prefix_len,
-                    )
+                    plan = plan_budget(len(prompt), engine.num_layers, window_size=method.window_size, ratio=setting.ratio, budget=setting.budget)
                 except BudgetError as exc:
                     raise BudgetError(f"row {row.id}: {exc}") from None
             if plan is None and full_prediction is not None:

@@ -82,24 +82,19 @@ class Engine:
             method.profile = load_or_compute_profile(self, progress=progress)
         return method
 
-    def plan(self, method: Method, prompt_len: int, options: Options, question_len: int = 0) -> tuple[BudgetPlan | None, str]:
+    def plan(self, method: Method, prompt_len: int, options: Options) -> tuple[BudgetPlan | None, str]:
         """The budget for a prompt, and why compression is skipped when it is."""
         if not method.compresses:
             return None, "method full keeps every token"
-        plan = plan_budget(
-            prompt_len, self.num_layers, window_size=method.window_size, ratio=options.ratio, budget=options.budget, question_len=question_len
-        )
+        plan = plan_budget(prompt_len, self.num_layers, window_size=method.window_size, ratio=options.ratio, budget=options.budget)
         if plan is None:
             return None, f"the {prompt_len}-token prompt already fits the budget"
         return plan, ""
 
-    def read(self, ids: torch.Tensor, method: Method, options: Options, probe_ids=None, layer_callback=None, question_len: int = 0) -> tuple[Prefill, str]:
-        """Prefill `ids` `(1, n)` with `method`; returns the state and a note when not compressed.
-
-        `question_len` counts the tokens after the document (methods may protect them).
-        """
+    def read(self, ids: torch.Tensor, method: Method, options: Options, probe_ids=None, layer_callback=None) -> tuple[Prefill, str]:
+        """Prefill `ids` `(1, n)` with `method`; returns the state and a note when not compressed."""
         self.prepare(method)
-        plan, note = self.plan(method, ids.shape[1], options, question_len)
+        plan, note = self.plan(method, ids.shape[1], options)
         device = self.lm.device
         state = prefill(
             self.model, ids.to(device), method, plan, layer_callback=layer_callback,

@@ -30,7 +30,6 @@ class BudgetPlan:
     num_layers: int
     prompt_len: int
     total: int
-    question_len: int = 0  # tokens after the document (question and template end), if known
 
     @property
     def average(self) -> float:
@@ -42,7 +41,7 @@ class BudgetPlan:
         return self.total / (self.num_layers * self.prompt_len)
 
 
-def plan_budget(prompt_len: int, num_layers: int, *, window_size: int, ratio: float | None = None, budget: int | None = None, question_len: int = 0) -> BudgetPlan | None:
+def plan_budget(prompt_len: int, num_layers: int, *, window_size: int, ratio: float | None = None, budget: int | None = None) -> BudgetPlan | None:
     """Turn `--ratio` or `--budget` into a `BudgetPlan`; None when the prompt already fits."""
     if budget is not None:
         if budget < 1:
@@ -66,7 +65,7 @@ def plan_budget(prompt_len: int, num_layers: int, *, window_size: int, ratio: fl
             )
     if total >= prompt_len * num_layers:
         return None
-    return BudgetPlan(num_layers=num_layers, prompt_len=prompt_len, total=total, question_len=question_len)
+    return BudgetPlan(num_layers=num_layers, prompt_len=prompt_len, total=total)
 
 
 @dataclass

@@ -14,6 +14,11 @@ method shares that evidence across layers:
    evidence scores (the same tokens in every layer), and fills the rest with its own top
    window-scored tokens (as SnapKV), per KV head. Budgets are equal across layers.
 
+Defaults chosen by measurement (docs/results.md): with `shared_fraction` 1.0 (all of the
+budget outside the window follows the evidence) Qwen2.5-Coder-0.5B found 15/15 needles in
+2K-token prompts at 64 tokens per layer, against 5/15 at 0.5 and 4/15 for SnapKV and
+DynamicKV; 4 or 16 heads instead of 8, or heads from all layers, did worse.
+
 Layers before the last evidence head are held in full until that head has been seen, so the
 prefill's peak KV is about `max_depth` of the full cache (the final cache meets the budget).
 """
@@ -39,11 +44,9 @@ class EvidenceKV(Method):
     needs_profile = True
     selects_by_scores = False
 
-    shared_fraction: float = 0.5
+    shared_fraction: float = 1.0
     num_heads: int = 8
     max_depth: float = 0.75
-    n_sink: int = 0
-    keep_question: bool = False
     profile: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -98,18 +101,11 @@ class EvidenceCompressor(Compressor):
 
     def _decide(self, layer: int, own: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         k_len = positions.shape[1]
-        budget = min(self.layer_budgets[layer], k_len)
-        tail = self.method.window_size
-        if self.method.keep_question and self.plan.question_len:
-            tail = max(tail, min(self.plan.question_len, budget // 2))
-        window = min(tail, k_len)
+        window = min(self.method.window_size, k_len)
         k = k_len - window
-        own = own[:, :k]  # the question beyond the window is kept, not scored
-        n_rest = max(0, budget - window)
+        n_rest = max(0, min(self.layer_budgets[layer], k_len) - window)
         n_shared = min(round(self.method.shared_fraction * n_rest), k)
-        evidence = self.evidence[positions[:, :k]].clone()  # (num_kv_heads, k)
-        sinks = min(self.method.n_sink, n_shared)
-        evidence[:, :sinks] = float("inf")
+        evidence = self.evidence[positions[:, :k]]  # (num_kv_heads, k)
         shared = evidence.topk(n_shared, dim=-1).indices
         own = own.clone()
         own.scatter_(1, shared, float("-inf"))

@@ -1,0 +1,28 @@
+"""Compute the retrieval-head profiles of the embedded models and ship them in kvcli/data/profiles.
+
+    python scripts/make_profiles.py [MODEL ...]
+
+Users of other models get theirs computed on first use (kvcli/profile.py); shipping these
+saves the embedded models that first minute.
+"""
+
+import sys
+
+from kvcli.models import EMBEDDED, load_model
+from kvcli.pipeline import Engine
+from kvcli.profile import PACKAGED, compute_profile, profile_path
+
+
+def main() -> None:
+    PACKAGED.mkdir(parents=True, exist_ok=True)
+    for name in sys.argv[1:] or list(EMBEDDED):
+        engine = Engine(load_model(name))
+        profile = compute_profile(engine, progress=lambda done, total: print(f"{name}: {done}/{total}", flush=True))
+        target = PACKAGED / profile_path(engine).name
+        target.write_text(profile.to_json())
+        heads = profile.top_heads(8, max_layer=int(0.75 * (engine.num_layers - 1)))
+        print(f"wrote {target}; top heads (layer, head): {heads}")
+
+
+if __name__ == "__main__":
+    main()
