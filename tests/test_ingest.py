@@ -315,3 +315,35 @@ def test_sources_tile_the_text(files):
     assert [doc.source_at(i) for i in range(len(doc.text))] == owner
     assert doc.source_at(len(doc.text)) is None
     assert len(doc.sources) == sum(1 for content in files.values() if has_text(content))
+
+
+@settings(max_examples=60, deadline=None)
+@given(files=st.dictionaries(file_names, file_texts, min_size=1, max_size=6))
+def test_every_file_text_survives(files):
+    """Each file's text appears whole at the end of its source's span (newlines normalized, trailing blanks trimmed)."""
+    with tempfile.TemporaryDirectory() as folder:
+        for name, content in files.items():
+            write(Path(folder) / name, content)
+        try:
+            doc = read_documents([folder])
+        except InputError:
+            return  # no file with text: test_sources_tile_the_text checks this case
+    by_name = {source.name.rsplit("/", 1)[-1]: source for source in doc.sources}
+    for name, content in files.items():
+        if has_text(content):
+            body = content.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n").rstrip()
+            assert text_of(doc, by_name[name]).endswith(body)
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.binary(max_size=300), suffix=st.sampled_from([".txt", ".pdf", ".py", ".bin", ""]))
+def test_any_bytes_give_a_document_or_an_input_error(data, suffix):
+    """Whatever bytes a file holds, reading it gives a Document or a clean InputError, never another exception."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = write(Path(folder) / f"file{suffix}", data)
+        try:
+            doc = read_documents([str(path)])
+        except InputError as err:
+            assert "\n" not in str(err)
+            return
+    assert doc.text.strip() and len(doc.sources) == 1
