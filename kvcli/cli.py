@@ -284,25 +284,22 @@ def _run_questions(files: list[str], questions: list[str], settings: Settings, c
     engine = _load(settings)
     prefix = None
     if cache_path:
+        from .pipeline import Prefix
         from .store import load_cache
 
         saved = load_cache(cache_path, engine.lm.config_hash, engine.lm.name, device=engine.lm.device, dtype=engine.lm.dtype)
         method = make_method(saved.meta["method"], **saved.meta.get("method_params", {}))
-        prefix = (saved.cache, saved.prompt_tokens, 0.0, saved.meta.get("note", ""), saved.meta.get("window_text", ""))
+        prefix = Prefix.saved(saved.cache, saved.prompt_tokens, saved.meta.get("note", ""), saved.meta.get("window_text", ""))
     elif reuse:
         with _LayerBar(settings, engine.num_layers, "compress") as callback:
-            prompt, state, note = engine.compress_prefix(doc.text, method, options, layer_callback=callback)
+            prompt, prefix = engine.compress_prefix(doc.text, method, options, layer_callback=callback)
         _reading(engine, settings, prompt)
-        window = engine.tokenizer.decode(prompt.ids[0, prompt.prefix_len - method.window_size : prompt.prefix_len]) if state.compressed else ""
-        prefix = (state.cache, prompt.prefix_len, state.seconds, note, window)
     for question in questions:
         started = time.perf_counter()
         if prefix is not None:
-            cache, prefix_len, seconds, note, window = prefix
-            state = engine.extend(cache, prefix_len, engine.suffix(question), seconds=seconds)
-            prefix = (cache, prefix_len, 0.0, note, window)  # later questions pay only their suffix
-            stats = engine.stats(method, state, note, window)
-            stats.extra["prefix"] = "saved cache" if cache_path else "reused"
+            state = engine.answer_after(prefix, question)
+            stats = engine.stats(method, state, prefix.note, prefix.window)
+            stats.extra["prefix"] = prefix.source
         else:
             prompt = engine.prompt(doc.text, question, options)
             _reading(engine, settings, prompt)
@@ -484,10 +481,9 @@ def compress(
     doc = _read(list(files), settings)
     engine = _load(settings)
     with _LayerBar(settings, engine.num_layers, "compress") as callback:
-        prompt, state, note = engine.compress_prefix(doc.text, method_obj, options, layer_callback=callback)
+        prompt, prefix = engine.compress_prefix(doc.text, method_obj, options, layer_callback=callback)
     _reading(engine, settings, prompt)
-    window_text = engine.tokenizer.decode(prompt.ids[0, prompt.prefix_len - method_obj.window_size : prompt.prefix_len]) if state.compressed else ""
-    stats = engine.stats(method_obj, state, note, window_text, prompt.dropped_tokens)
+    stats = engine.stats(method_obj, prefix.state, prefix.note, prefix.window, prompt.dropped_tokens)
     stats.peak_memory_bytes = peak_memory_bytes(engine.lm.device)
     meta = {
         "kvcli_version": __version__,
@@ -497,12 +493,12 @@ def compress(
         "method": method_obj.name,
         "method_params": method_obj.params(),
         "prompt_tokens": prompt.prefix_len,
-        "note": note,
-        "window_text": window_text,
+        "note": prefix.note,
+        "window_text": prefix.window,
         "retained_per_layer": stats.retained_per_layer,
         "sources": [{"name": s.name, "page": s.page, "sha256": s.sha256} for s in doc.sources],
     }
-    written = save_cache(target, state.cache, meta)
+    written = save_cache(target, prefix.state.cache, meta)
     stats.extra["file_bytes"] = written
     if settings.json:
         print(json.dumps({"output": str(target), "stats": stats.to_dict()}, ensure_ascii=False))

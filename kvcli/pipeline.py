@@ -17,7 +17,7 @@ import torch
 
 from .cache import KVCache, KVShape
 from .errors import InputError
-from .generate import Prefill, Sampling, decode, forward, prefill
+from .generate import Prefill, Sampling, decode, forward, prefill, prepare_model
 from .methods import BudgetPlan, Method, plan_budget
 from .prompt import REUSE_INSTRUCTION, Prompt, build_prompt, question_suffix, window_text
 from .stats import RunStats, peak_memory_bytes
@@ -35,6 +35,22 @@ class Options:
     sampling: Sampling | None = None
 
 
+@dataclass
+class Prefix:
+    """A compressed document prefix (the prompt up to the question) that questions follow."""
+
+    state: Prefill  # its cache, length (`prompt_len`) and what making it cost (`seconds`)
+    note: str  # why it was not compressed, or ""
+    window: str  # what its observation window covered
+    source: str  # "reused" or "saved cache"
+    charged: bool = False  # whether a question has paid for making it yet
+
+    @classmethod
+    def saved(cls, cache: KVCache, length: int, note: str, window: str) -> Prefix:
+        state = Prefill(cache=cache, logits=None, prompt_len=length, plan=None, compressor=None, seconds=0.0, compressed=not note)
+        return cls(state, note, window, "saved cache")
+
+
 class Engine:
     """A loaded model with the helpers every command needs."""
 
@@ -44,6 +60,7 @@ class Engine:
         self.tokenizer = lm.tokenizer
         self.num_layers = self.model.config.num_hidden_layers
         self.shape = KVShape.of(self.model.config, lm.dtype)
+        prepare_model(self.model)  # every forward goes through kvcli's per-layer attention
 
     @property
     def max_positions(self) -> int:
@@ -170,11 +187,19 @@ class Engine:
             on_text(answer[len(shown):])
         return answer.strip()
 
-    def compress_prefix(self, text: str, method: Method, options: Options, layer_callback=None) -> tuple[Prompt, Prefill, str]:
+    def compress_prefix(self, text: str, method: Method, options: Options, layer_callback=None) -> tuple[Prompt, Prefix]:
         """Compress a document prefix once, question-agnostic (a generic instruction in the window)."""
         prompt = self.prompt(text, "?", options, instruction=REUSE_INSTRUCTION)
-        state, note = self.read(prompt.ids[:, : prompt.prefix_len], method, options, layer_callback=layer_callback)
-        return prompt, state, note
+        ids = prompt.ids[:, : prompt.prefix_len]
+        state, note = self.read(ids, method, options, layer_callback=layer_callback)
+        window = self.tokenizer.decode(ids[0, -method.window_size :]) if state.compressed else ""
+        return prompt, Prefix(state, note, window, "reused")
+
+    def answer_after(self, prefix: Prefix, question: str) -> Prefill:
+        """Feed a question after a copy of `prefix`; only the first question pays for making it."""
+        made = 0.0 if prefix.charged else prefix.state.seconds
+        prefix.charged = True
+        return self.extend(prefix.state.cache, prefix.state.prompt_len, self.suffix(question), seconds=made)
 
     def suffix(self, question: str) -> torch.Tensor:
         if not question.strip():
