@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import contextlib
+import functools
 import os
 import re
 import shutil
@@ -411,14 +413,31 @@ def _ensure_converted(
     return True
 
 
+@contextlib.contextmanager
+def _quiet_gguf_progress():
+    """Silence transformers' GGUF de-quantization bar, which ignores its progress-bar switch
+    and would break the CLI's own status line; kvcli reports the conversion itself."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is not None:
+        gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        if original is not None:
+            gguf_utils.tqdm = original
+
+
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     """Dequantize a GGUF into a safetensors checkpoint folder that plain from_pretrained can read."""
     folder, name = str(gguf.parent), gguf.name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        # Saved in float32: dequantized Q4 weights are not exact in bf16 or fp16 (measured on
-        # SmolLM2: ~70% of q_proj values change in bf16, ~25% in fp16), and CPU runs in fp32 anyway.
-        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        with _quiet_gguf_progress():
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            # Saved in float32: dequantized Q4 weights are not exact in bf16 or fp16 (measured on
+            # SmolLM2: ~70% of q_proj values change in bf16, ~25% in fp16), and CPU runs in fp32 anyway.
+            gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except (ValueError, KeyError, NotImplementedError, OSError, RuntimeError) as err:
         # what transformers raises for GGUFs it cannot parse or map onto a model class
         raise ModelError(_gguf_error(gguf, err)) from err
