@@ -7,11 +7,11 @@ second instead of re-parsing the GGUF (~50 s for the default model on two CPU co
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
-import contextlib
-import functools
 import os
 import re
 import shutil
