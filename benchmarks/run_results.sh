@@ -17,6 +17,6 @@ news() {  # model limit
     --max-new-tokens 64 -m "$1" --json "$out/multi_news-$1.json"
 }
 niah smollm2-135m 1000,2000,4000,7000
-niah qwen2.5-coder-0.5b 2000,4000,7000
-news smollm2-135m 6
-news qwen2.5-coder-0.5b 3
+niah qwen2.5-coder-0.5b 2000,7000
+news smollm2-135m 5
+news qwen2.5-coder-0.5b 2
