@@ -146,6 +146,7 @@ class Engine:
             retained_per_layer=retained,
             kv_bytes_full=self.shape.bytes_for(prompt_len),
             kv_bytes_kept=state.cache.nbytes(),
+            kv_bytes_peak=max(state.cache.peak_nbytes, state.cache.nbytes()),
             peak_memory_bytes=0,
             load_s=self.lm.load_s,
             prefill_s=state.seconds,

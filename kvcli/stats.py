@@ -36,6 +36,7 @@ class RunStats:
     retained_per_layer: list[int]  # tokens kept per layer after prefill, window included
     kv_bytes_full: int
     kv_bytes_kept: int
+    kv_bytes_peak: int  # most KV bytes held at once during the prefill
     peak_memory_bytes: int
     load_s: float
     prefill_s: float
@@ -133,7 +134,7 @@ def render(stats: RunStats) -> Group:
         f"{_mib(stats.kv_bytes_kept)} kept of {_mib(stats.kv_bytes_full)} full ({kept_pct:.1f}%), "
         f"saved {_mib(stats.kv_bytes_full - stats.kv_bytes_kept)}",
     )
-    facts.add_row("memory", f"peak {_mib(stats.peak_memory_bytes)}")
+    facts.add_row("memory", f"peak {_mib(stats.peak_memory_bytes)} (process); KV peak during prefill {_mib(stats.kv_bytes_peak)}")
     rate = stats.decode_tokens_per_s
     facts.add_row(
         "time",

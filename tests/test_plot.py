@@ -82,7 +82,7 @@ def test_position_map_marks_the_cut_and_ignores_generated_positions(two_files):
 def fake_stats(num_layers: int) -> RunStats:
     return RunStats(
         model="/models/tiny.gguf", method="dynamickv", method_params={}, ratio=0.1, budget=12.0, prompt_tokens=120,
-        compressed=True, note="", window_text="", retained_per_layer=[12] * num_layers, kv_bytes_full=1, kv_bytes_kept=1,
+        compressed=True, note="", window_text="", retained_per_layer=[12] * num_layers, kv_bytes_full=1, kv_bytes_kept=1, kv_bytes_peak=1,
         peak_memory_bytes=0, load_s=0.0, prefill_s=0.0,
     )
 
