@@ -9,14 +9,14 @@ needle="The key to the archive room is kept under the blue ceramic owl on the li
 question="Where is the key to the archive room kept?"
 niah() {  # model lengths
   kvcli eval --niah --haystack samples/haystack.txt --needle "$needle" --question "$question" --answer owl \
-    --lengths "$2" --depths 0.1,0.5,0.9 --methods all --budgets 32,64,128,256 --max-new-tokens 24 \
+    --lengths "$2" --depths 0.1,0.5,0.9 --methods all --budgets 32,64,128,256 --max-new-tokens 20 \
     -m "$1" --json "$out/niah-$1.json"
 }
 news() {  # model limit
   kvcli eval --data "$data" --metric rouge_l --limit "$2" --methods all --budgets 32,64,128,256 \
     --max-new-tokens 64 -m "$1" --json "$out/multi_news-$1.json"
 }
-niah smollm2-135m 1000,2000,4000,7000
+niah smollm2-135m 2000,7000
 niah qwen2.5-coder-0.5b 2000,7000
-news smollm2-135m 5
+news smollm2-135m 4
 news qwen2.5-coder-0.5b 2
