@@ -16,7 +16,7 @@ def table(result: dict) -> str:
     levels = sorted({s["budget"] or s["ratio"] for s in summary if s["method"] != "full"})
     key = "budget" if any(s["budget"] for s in summary) else "ratio"
     full = next((s for s in summary if s["method"] == "full"), None)
-    head = f"| method | " + " | ".join(f"{key} {level}" for level in levels) + " |"
+    head = "| method | " + " | ".join(f"{key} {level}" for level in levels) + " |"
     lines = [head, "| --- " * (len(levels) + 1) + "|"]
     if full is not None:
         lines.append(f"| full | {full['score']:.3f} (n={full['n']})" + " |" * len(levels))
