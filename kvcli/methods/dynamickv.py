@@ -101,7 +101,9 @@ class DynamicKVCompressor(Compressor):
         """Re-divide the budget among layers 0..upto by a global top-k over their scores."""
         layers = list(range(upto + 1))
         num_kv_heads = self.scores[0].shape[0]
-        flat = torch.cat([self.scores[j].flatten() for j in layers])
+        # Layers may sit on different devices (a model split by a device_map): rank on this layer's.
+        device = self.scores[upto].device
+        flat = torch.cat([self.scores[j].flatten().to(device) for j in layers])
         sizes = torch.tensor([self.scores[j].numel() for j in layers], device=flat.device)
         k = min(round(self.average * num_kv_heads * len(layers)), flat.numel())
         winners = flat.topk(k).indices

@@ -97,7 +97,8 @@ class EvidenceCompressor(Compressor):
         for head in self.heads_by_layer[obs.layer_idx]:
             kv_head, within = divmod(head, group)
             row = pooled[kv_head, within]
-            self.evidence.index_add_(0, positions[kv_head], row / row.sum().clamp_min(1e-12))
+            # The evidence lives on the first evidence layer's device; later layers may be elsewhere.
+            self.evidence.index_add_(0, positions[kv_head].to(self.evidence.device), (row / row.sum().clamp_min(1e-12)).to(self.evidence.device))
 
     def _decide(self, layer: int, own: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         k_len = positions.shape[1]
@@ -105,7 +106,7 @@ class EvidenceCompressor(Compressor):
         k = k_len - window
         n_rest = max(0, min(self.layer_budgets[layer], k_len) - window)
         n_shared = min(round(self.method.shared_fraction * n_rest), k)
-        evidence = self.evidence[positions[:, :k]]  # (num_kv_heads, k)
+        evidence = self.evidence.to(positions.device)[positions[:, :k]]  # (num_kv_heads, k)
         shared = evidence.topk(n_shared, dim=-1).indices
         own = own.clone()
         own.scatter_(1, shared, float("-inf"))

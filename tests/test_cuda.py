@@ -1,0 +1,189 @@
+"""kvcli on CUDA and on models split over devices: the same cache as the replayed capture, compression on each layer's device."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate import dispatch_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from kvcli.attention import attend
+from kvcli.generate import capture, decode, prefill
+from kvcli.methods import REGISTRY, plan_budget
+from kvcli.methods.base import Compressor
+from methodutil import build
+
+NUM_LAYERS = 6
+PROMPT_LEN = 80
+RATIO = 0.25
+COMPRESSING = [name for name, cls in REGISTRY.items() if cls.compresses]
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and the test machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    """A random grouped-query Llama on the CPU: 6 layers, 4 query heads sharing 2 KV heads."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.3,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def prompt_ids() -> torch.Tensor:
+    return torch.randint(0, 128, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
+
+
+def plan_for(method):
+    return plan_budget(PROMPT_LEN, NUM_LAYERS, window_size=method.window_size, ratio=RATIO)
+
+
+def layer_devices(model) -> list[torch.device]:
+    """The device each decoder layer computes on (its hook's execution device under a device_map)."""
+    devices = []
+    for layer in model.model.layers:
+        hook = getattr(layer, "_hf_hook", None)
+        device = getattr(hook, "execution_device", None)
+        devices.append(torch.device(device) if device is not None else next(layer.parameters()).device)
+    return devices
+
+
+def assert_cache_on_layer_devices(cache, devices: list[torch.device]) -> None:
+    for idx, (layer, device) in enumerate(zip(cache.layers, devices)):
+        keys, values = layer.view()
+        for name, tensor in (("keys", keys), ("values", values), ("positions", layer.kept_positions())):
+            assert tensor.device.type == device.type and (tensor.device.index or 0) == (device.index or 0), f"layer {idx} {name} on {tensor.device}, expected {device}"
+
+
+@pytest.fixture
+def no_implicit_devices(monkeypatch):
+    """Run every compression step with `meta` as the default device.
+
+    A tensor the compression creates without naming a device then lands on `meta`, and the
+    first operation mixing it with the layer's real tensors fails: every tensor must follow
+    `key.device`/`positions.device`.
+    """
+    observe_live = Compressor.observe_live
+
+    def on_meta(self, *args, **kwargs):
+        with torch.device("meta"):
+            return observe_live(self, *args, **kwargs)
+
+    monkeypatch.setattr(Compressor, "observe_live", on_meta)
+
+
+@pytest.mark.parametrize("name", COMPRESSING)
+def test_split_device_map_keeps_compression_on_each_layers_device(tmp_path, no_implicit_devices, name):
+    """A model split by an accelerate device_map (layers 0-2 in memory, 3-5 offloaded to disk) compresses as the unsplit model does, with every kept tensor on its layer's device and no tensor created on the default device."""
+    reference = tiny_llama()
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.rotary_emb": "cpu",
+        **{f"model.layers.{i}": "cpu" if i < NUM_LAYERS // 2 else "disk" for i in range(NUM_LAYERS)},
+        "model.norm": "cpu",
+        "lm_head": "cpu",
+    }
+    split = dispatch_model(copy.deepcopy(reference), device_map=device_map, offload_dir=str(tmp_path))
+    assert hasattr(split.model.layers[-1], "_hf_hook"), "the offloaded layers should run through accelerate's hooks"
+    method = build(name, NUM_LAYERS, reference.config.num_attention_heads)
+    plan = plan_for(method)
+    ids = prompt_ids()
+    got = prefill(split, ids, method, plan)
+    want = prefill(reference, ids, method, plan)
+    assert_cache_on_layer_devices(got.cache, layer_devices(split))
+    assert sum(got.cache.retained_per_layer()) == plan.total
+    for a, b in zip(got.cache.layers, want.cache.layers):
+        assert torch.equal(a.kept_positions(), b.kept_positions())
+    assert list(decode(split, got, 6, set())) == list(decode(reference, want, 6, set()))
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_live_prefill_equals_replayed_capture_on_cuda(name):
+    """On CUDA in bf16, compressing live during prefill keeps the same positions, keys and values as Capture.derive, and decodes the same tokens."""
+    model = tiny_llama().to("cuda", torch.bfloat16)
+    ids = prompt_ids().cuda()
+    window = max(cls().window_size for cls in REGISTRY.values())
+    captured = capture(model, ids, window, accumulated=True)
+    method = build(name, NUM_LAYERS, model.config.num_attention_heads)
+    plan = plan_for(method)
+    live = prefill(model, ids, method, plan)
+    derived = captured.derive(method, plan)
+    assert_cache_on_layer_devices(live.cache, [torch.device("cuda", torch.cuda.current_device())] * NUM_LAYERS)
+    for live_layer, derived_layer in zip(live.cache.layers, derived.cache.layers):
+        assert torch.equal(live_layer.kept_positions(), derived_layer.kept_positions())
+        for a, b in zip(live_layer.view(), derived_layer.view()):
+            assert torch.equal(a, b)
+    if method.compresses:
+        assert sum(live.cache.retained_per_layer()) == plan.total
+    assert torch.allclose(live.logits.float(), derived.logits.float(), atol=1e-3)
+    assert list(decode(model, live, 8, set())) == list(decode(model, derived, 8, set()))
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("q_len", [2048, 1], ids=["prefill", "decode"])
+def test_attention_runs_on_fused_kernels(q_len):
+    """kvcli's prefill and decode attention run with the math SDPA kernel disabled (no q_len x k_len matrix is built) and match repeated-KV attention."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    k_len, num_heads, num_kv_heads, head_dim = 2048, 32, 8, 128
+    query = torch.randn(1, num_heads, q_len, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    key = torch.randn(1, num_kv_heads, k_len, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    value = torch.randn(1, num_kv_heads, k_len, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    scaling = head_dim**-0.5
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        out = attend(query, key, value, scaling)  # (1, q_len, num_heads, head_dim)
+    group = num_heads // num_kv_heads
+    mask = torch.ones(q_len, k_len, dtype=torch.bool, device="cuda").tril(k_len - q_len)
+    expected = F.scaled_dot_product_attention(
+        query.float(), key.float().repeat_interleave(group, 1), value.float().repeat_interleave(group, 1), attn_mask=mask, scale=scaling
+    ).transpose(1, 2)
+    assert out.shape == (1, q_len, num_heads, head_dim)
+    assert torch.allclose(out.float(), expected, atol=2e-2)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("name", COMPRESSING)
+def test_cpu_cuda_split_compresses_on_each_layers_device(name):
+    """A model whose first layers are on CUDA and last on the CPU compresses to the budget, keeps each layer's cache on its device, and decodes."""
+    model = tiny_llama()
+    device_map = {
+        "model.embed_tokens": 0,
+        "model.rotary_emb": 0,
+        **{f"model.layers.{i}": 0 if i < NUM_LAYERS // 2 else "cpu" for i in range(NUM_LAYERS)},
+        "model.norm": "cpu",
+        "lm_head": "cpu",
+    }
+    split = dispatch_model(model, device_map=device_map)
+    method = build(name, NUM_LAYERS, model.config.num_attention_heads)
+    plan = plan_for(method)
+    state = prefill(split, prompt_ids().cuda(), method, plan)
+    devices = layer_devices(split)
+    assert {d.type for d in devices} == {"cuda", "cpu"}
+    assert_cache_on_layer_devices(state.cache, devices)
+    assert sum(state.cache.retained_per_layer()) == plan.total
+    assert len(list(decode(split, state, 6, set()))) == 6
+    assert_cache_on_layer_devices(state.cache, devices)
