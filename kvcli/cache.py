@@ -45,11 +45,11 @@ class KVLayer(CacheLayerMixin):
     def capacity(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]
 
-    def _reserve(self, needed: int) -> None:
-        """Grow the buffers to hold `needed` entries, doubling so decoding appends in O(1)."""
+    def _reserve(self, needed: int, exact: bool = False) -> None:
+        """Grow the buffers to hold `needed` entries, doubling (unless `exact`) so appends are O(1)."""
         if needed <= self.capacity:
             return
-        new_capacity = max(needed, 2 * self.capacity, 16)
+        new_capacity = needed if exact else max(needed, 2 * self.capacity, 16)
         for name in ("keys", "values"):
             old = getattr(self, name)
             new = old.new_empty((*old.shape[:2], new_capacity, old.shape[3]))
@@ -171,6 +171,13 @@ class KVCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].length
+
+    def reserve(self, extra: int) -> None:
+        """Make room for `extra` more entries per layer, exactly: decoding a known number of
+        tokens then never doubles a layer's storage (which a CUDA allocator would keep)."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer._reserve(layer.length + extra, exact=True)
 
     def clone(self) -> KVCache:
         """An independent copy: several questions can each extend the same compressed prefix."""

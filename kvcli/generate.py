@@ -167,6 +167,7 @@ def decode(
     gen = sampling.generator(device)
     logits = state.logits
     position = state.prompt_len
+    state.cache.reserve(max_new_tokens - 1)
     with torch.inference_mode():
         for step in range(max_new_tokens):
             token = sampling.pick(logits, gen)

@@ -142,3 +142,16 @@ def test_transformers_cache_api_still_fits():
     assert layer.get_mask_sizes(2) == (5, 0)
     assert layer.get_max_length() == -1
     assert cache.get_seq_length(0) == 0
+
+
+def test_reserve_grows_exactly_and_keeps_entries():
+    """KVCache.reserve makes exactly the room asked for, keeping every stored entry."""
+    cache = KVCache(2)
+    for layer in cache.layers:
+        layer.append(torch.ones(1, 2, 20, 4), torch.ones(1, 2, 20, 4), torch.arange(20))
+    cache.reserve(7)
+    for layer in cache.layers:
+        assert layer.capacity == 27 and layer.length == 20
+        assert torch.equal(layer.view()[0], torch.ones(1, 2, 20, 4))
+    cache.layers[0].append(torch.zeros(1, 2, 7, 4), torch.zeros(1, 2, 7, 4), torch.arange(20, 27))
+    assert cache.layers[0].capacity == 27
