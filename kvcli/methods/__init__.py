@@ -15,7 +15,7 @@ from .snapkv import SnapKV
 from .streamingllm import StreamingLLM
 
 REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, DynamicKV, EvidenceKV)}
-DEFAULT_METHOD = "dynamickv"
+DEFAULT_METHOD = "evidencekv"  # measured best on both embedded models (docs/results.md)
 
 
 def method_names() -> list[str]:
