@@ -12,7 +12,6 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from .stats import layer_bars
 
 _SPARK = " ▁▂▃▄▅▆▇█"
 OUTSIDE = "prompt (template, question)"
@@ -106,7 +105,7 @@ def render_profile(profile: Profile, top: int = 3) -> Group:
         best = ", ".join(f"{profile.groups[g]} {100 * row[g] / total:.0f}%" for g in ranked if row[g] > 0)
         table.add_row(str(i), Text(strip, style="magenta"), best)
     legend = Text(f"{doc_groups} {profile.by} groups; a cell is the fraction of that group's tokens the layer kept, scaled per row")
-    return Group(Text("retained tokens per layer:"), layer_bars(profile.retained_per_layer), legend, table)
+    return Group(legend, table)  # the per-layer bars are already in the run report
 
 
 @dataclass
