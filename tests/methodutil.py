@@ -1,8 +1,9 @@
-"""Building methods in tests, including those that need a per-model profile."""
+"""Builders shared by tests: methods (with a per-model profile when needed) and a tiny model."""
 
 from __future__ import annotations
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvcli.methods import make_method
 from kvcli.profile import RetrievalProfile
@@ -20,3 +21,20 @@ def build(name: str, num_layers: int, num_heads: int, **params):
     if method.needs_profile:
         method.profile = random_profile(num_layers, num_heads)
     return method
+
+
+def tiny_llama(num_layers: int = 6) -> LlamaForCausalLM:
+    """A random grouped-query Llama on the CPU: 4 query heads sharing 2 KV heads."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        # Larger weights than the default give varied greedy tokens with clear margins.
+        initializer_range=0.3,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(config).eval()

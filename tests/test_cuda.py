@@ -8,13 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import dispatch_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from kvcli.attention import attend
 from kvcli.generate import capture, decode, prefill
 from kvcli.methods import REGISTRY, plan_budget
 from kvcli.methods.base import Compressor
 from methodutil import build
+from methodutil import tiny_llama as build_tiny_llama  # noqa: I001
 
 NUM_LAYERS = 6
 PROMPT_LEN = 80
@@ -24,29 +25,12 @@ COMPRESSING = [name for name, cls in REGISTRY.items() if cls.compresses]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and the test machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama() -> LlamaForCausalLM:
     """A random grouped-query Llama on the CPU: 6 layers, 4 query heads sharing 2 KV heads."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.3,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(config).eval()
+    return build_tiny_llama(NUM_LAYERS)
 
 
 def prompt_ids() -> torch.Tensor:

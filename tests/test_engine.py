@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvcli.generate import capture, decode, forward, prefill
 from kvcli.methods import REGISTRY, make_method, plan_budget
-from methodutil import build
+from methodutil import build, tiny_llama
 
 NUM_LAYERS = 6
 PROMPT_LEN = 80
@@ -21,19 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tiny_model():
     """A random grouped-query Llama: 6 layers, 4 query heads sharing 2 KV heads."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        # Larger weights than the default give varied greedy tokens with clear margins.
-        initializer_range=0.3,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(NUM_LAYERS)
 
 
 @pytest.fixture(scope="module")
