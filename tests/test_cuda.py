@@ -15,7 +15,7 @@ from kvcli.generate import capture, decode, prefill
 from kvcli.methods import REGISTRY, plan_budget
 from kvcli.methods.base import Compressor
 from methodutil import build
-from methodutil import tiny_llama as build_tiny_llama  # noqa: I001
+from methodutil import tiny_llama as build_tiny_llama
 
 NUM_LAYERS = 6
 PROMPT_LEN = 80
