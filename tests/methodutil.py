@@ -38,3 +38,11 @@ def tiny_llama(num_layers: int = 6) -> LlamaForCausalLM:
         attn_implementation="sdpa",
     )
     return LlamaForCausalLM(config).eval()
+
+
+def assert_same_cache(a, b) -> None:
+    """Two caches hold the same positions, keys and values in every layer and head."""
+    for layer_a, layer_b in zip(a.layers, b.layers, strict=True):
+        assert torch.equal(layer_a.kept_positions(), layer_b.kept_positions())
+        for x, y in zip(layer_a.view(), layer_b.view()):
+            assert torch.equal(x, y)
