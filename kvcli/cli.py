@@ -23,7 +23,7 @@ from . import __version__
 from .errors import BudgetError, InputError, KvcliError
 from .generate import Sampling
 from .methods import DEFAULT_METHOD, REGISTRY, apply_params, make_method, parse_params
-from .stats import RunStats, peak_memory_bytes, render
+from .stats import RunStats, peak_memory_bytes, render, reset_peak_memory
 
 app = typer.Typer(
     add_completion=False,
@@ -180,7 +180,9 @@ def _load(settings: Settings):
     finally:
         if status:
             status.stop()
-    return Engine(lm)
+    engine = Engine(lm)
+    reset_peak_memory(lm.device)  # the peak reported is the run's, not the load's
+    return engine
 
 
 def _read(files: list[str], settings: Settings):
@@ -326,7 +328,7 @@ def _make_settings(**kwargs) -> Settings:
 @app.command()
 @user_errors
 def ask(
-    args: Annotated[list[str], typer.Argument(help="Files, folders or - (stdin), then the question (unless -q is used).", show_default=False, metavar="PATHS... QUESTION")],
+    args: Annotated[Optional[list[str]], typer.Argument(help="Files, folders or - (stdin), then the question (unless -q is used).", show_default=False, metavar="PATHS... QUESTION")] = None,
     question: Annotated[Optional[list[str]], typer.Option("--question", "-q", help="A question; repeat for several (then every argument is a document).")] = None,
     cache: CacheOpt = None,
     reuse: ReuseOpt = False,
@@ -359,10 +361,13 @@ def ask(
     kvcli ask src/ -q "Where is the retry logic?" -q "What are its limits?" --reuse;
     kvcli ask --cache report.kvc "Who signed it?"
     """
+    args = list(args or [])
     if question:
-        files, questions = list(args), list(question)
+        files, questions = args, list(question)
     elif cache:
-        files, questions = [], list(args)
+        if not args:
+            raise InputError(f'give the question in quotes: kvcli ask --cache {cache} "question"')
+        files, questions = [], args
     else:
         if len(args) < 2:
             raise InputError('give the documents, then the question in quotes: kvcli ask FILE "question"')
@@ -639,6 +644,8 @@ def eval_(
     answer: Annotated[str, typer.Option("--answer", help="NIAH: the text a correct answer contains.")] = NIAH_ANSWER,
     lengths: Annotated[str, typer.Option("--lengths", help="NIAH: comma-separated prompt lengths in model tokens.")] = "1000,2000,4000,7000",
     depths: Annotated[str, typer.Option("--depths", help="NIAH: comma-separated needle depths, 0 (start) to 1 (end).")] = "0,0.25,0.5,0.75,1",
+    modes: Annotated[str, typer.Option("--modes", help="How each prompt is read, comma-separated to compare: query (the question in the window), reuse (as ask --reuse and saved caches), chunked (as ask --chunk-size).")] = "query",
+    chunk_size: Annotated[Optional[int], typer.Option("--chunk-size", help="Chunk length in tokens for --modes chunked [default: 1024].", show_default=False)] = None,
     model: ModelOpt = None,
     window: WindowOpt = 8,
     kernel_size: KernelOpt = 7,
@@ -662,7 +669,7 @@ def eval_(
     """
     from pathlib import Path
 
-    from .evaluate import get_metric, log_path, niah_rows, read_rows, render, run_eval, write_json
+    from .evaluate import get_metric, log_path, niah_rows, read_rows, render, run_eval, settings_for, write_json
 
     if haystack and not niah:
         raise InputError("--haystack is for --niah runs; add --niah or drop --haystack")
@@ -698,6 +705,12 @@ def eval_(
     method_objs = [settings.build_method(name) for name in names]
     if param and not any(apply_params(settings.build_method(n), parse_params(param), strict=False) for n in names):
         raise BudgetError("no method in --methods has the knobs given with --param")
+    mode_names = [name.strip() for name in modes.split(",") if name.strip()]
+    if chunk_size is not None and "chunked" not in mode_names:
+        raise InputError("--chunk-size is for --modes chunked; add chunked to --modes or drop --chunk-size")
+    if "chunked" in mode_names and chunk_size is None:
+        chunk_size = 1024
+    settings_for(method_objs, budget_values, ratio_values, mode_names, chunk_size)  # bad settings fail before the model loads
     if niah:
         if not haystack:
             raise InputError("--niah needs --haystack PATH (a text file or a folder of text files)")
@@ -721,6 +734,7 @@ def eval_(
         result = run_eval(
             engine, rows, method_objs, budget_values, ratio_values, metric, max_new_tokens,
             log_path(out) if out else None, progress, template=template, max_context=max_context,
+            modes=mode_names, chunk_size=chunk_size,
         )
     finally:
         if bar:

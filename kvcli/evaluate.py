@@ -5,6 +5,13 @@ each row's prompt once and `Capture.derive` builds the cache each method would h
 (the same cache as the live path). A row then costs one prefill plus, per method x budget,
 a cheap derive and a greedy decode. Finished samples are appended to a JSONL log as they
 come, so an interrupted run keeps them and a rerun skips them. Nothing here prints.
+
+Three ways of reading a row (`MODES`), so `kvcli ask`'s options can be scored side by side:
+`query` (the question in the observation window: one capture serves every setting), `reuse`
+(the document compressed with a generic instruction in the window, the question fed after
+it, as `ask --reuse` and saved caches do: one capture of the prefix serves every setting),
+and `chunked` (`ask --chunk-size`: the prompt read in chunks, compressing after each; a
+chunk's compression changes what later chunks attend to, so every setting pays its own prefill).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import BudgetError, InputError
-from .generate import Sampling, capture, decode
+from .generate import Sampling, capture, decode, prefill
 from .methods import Method, plan_budget
 from .pipeline import Options
 from .prompt import build_prompt, summary_instruction
@@ -292,17 +299,37 @@ def niah_rows(
 # --- running -------------------------------------------------------------------------------------
 
 
+MODES = ("query", "reuse", "chunked")
+# The full cache a mode's scores are compared with: chunking only applies when compressing,
+# so chunked reads share the query-aware prompt's full cache.
+REFERENCE_MODE = {"query": "query", "reuse": "reuse", "chunked": "query"}
+
+
 @dataclass(frozen=True)
 class Setting:
-    """One method at one budget or ratio; `full` has neither."""
+    """One method at one budget or ratio, read in one mode; `full` has no budget or ratio."""
 
     method: str
     budget: int | None = None
     ratio: float | None = None
+    mode: str = "query"
+    chunk_size: int | None = None  # chunked mode only
 
     @property
     def key(self) -> tuple:
-        return (self.method, self.budget, self.ratio)
+        return (self.method, self.budget, self.ratio, self.mode, self.chunk_size)
+
+    @classmethod
+    def of(cls, record: dict) -> Setting:
+        """The setting a sample or summary entry belongs to (logs from before modes are `query`)."""
+        return cls(record["method"], record["budget"], record["ratio"], record.get("mode", "query"), record.get("chunk_size"))
+
+    @property
+    def row_label(self) -> str:
+        """The method, with how it read the prompt unless query-aware."""
+        if self.mode == "chunked":
+            return f"{self.method} (chunked {self.chunk_size})"
+        return self.method if self.mode == "query" else f"{self.method} ({self.mode})"
 
     @property
     def label(self) -> str:
@@ -323,16 +350,34 @@ class EvalResult:
     summary: list[dict]
     niah: list[dict] | None = None
     timing: dict = field(default_factory=dict)
+    modes: list[str] = field(default_factory=lambda: ["query"])
+    chunk_size: int | None = None
 
     def to_dict(self) -> dict:
-        out = {"model": self.model, "metric": self.metric, "summary": self.summary, "samples": self.samples, "timing": self.timing}
+        out = {
+            "model": self.model, "metric": self.metric, "modes": self.modes, "chunk_size": self.chunk_size,
+            "summary": self.summary, "samples": self.samples, "timing": self.timing,
+        }
         if self.niah is not None:
             out["niah"] = self.niah
         return out
 
 
-def settings_for(methods: Sequence[Method], budgets: Sequence[int] | None, ratios: Sequence[float] | None) -> list[Setting]:
-    """Every method at every budget (or ratio); `full` once."""
+def settings_for(
+    methods: Sequence[Method],
+    budgets: Sequence[int] | None,
+    ratios: Sequence[float] | None,
+    modes: Sequence[str] = ("query",),
+    chunk_size: int | None = None,
+) -> list[Setting]:
+    """Every method at every budget (or ratio) in every mode; `full` once per prompt it is read with."""
+    if not modes:
+        raise InputError("--modes is empty; give query, reuse and/or chunked")
+    for mode in modes:
+        if mode not in MODES:
+            raise InputError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    if len(set(modes)) != len(modes):
+        raise InputError(f"--modes lists a mode twice: {', '.join(modes)}")
     if budgets is not None and ratios is not None:
         raise BudgetError("give --budgets or --ratios, not both")
     if not methods:
@@ -354,13 +399,22 @@ def settings_for(methods: Sequence[Method], budgets: Sequence[int] | None, ratio
         for ratio in ratios or []:
             if not 0 < ratio <= 1:
                 raise BudgetError(f"--ratios must lie in (0, 1], got {ratio}")
-    out = []
-    for method in methods:
-        if not method.compresses:
-            out.append(Setting(method.name))
-            continue
-        for level in levels:
-            out.append(Setting(method.name, budget=level) if budgets is not None else Setting(method.name, ratio=level))
+        if "chunked" in modes and (chunk_size is None or chunk_size < 2 * method.window_size):
+            raise InputError(f"--chunk-size must be at least twice {method.name}'s window ({2 * method.window_size} tokens) for chunked mode, got {chunk_size}")
+    out: list[Setting] = []
+    for mode in modes:
+        for method in methods:
+            if not method.compresses:
+                full = Setting(method.name, mode=REFERENCE_MODE[mode])
+                if full not in out:
+                    out.append(full)
+                continue
+            chunk = chunk_size if mode == "chunked" else None
+            for level in levels:
+                if budgets is not None:
+                    out.append(Setting(method.name, budget=level, mode=mode, chunk_size=chunk))
+                else:
+                    out.append(Setting(method.name, ratio=level, mode=mode, chunk_size=chunk))
     return out
 
 
@@ -378,7 +432,7 @@ def _header(engine, methods: Sequence[Method], max_new_tokens: int, template: st
 
 
 def read_log(path: Path, header: dict) -> tuple[dict[tuple, dict], dict | None]:
-    """Samples already in the log `{(id, method, budget, ratio): sample}` and its last header.
+    """Samples already in the log `{(id, *setting.key): sample}` and its last header.
 
     Refuses a log written for another model or other settings.
     """
@@ -404,7 +458,7 @@ def read_log(path: Path, header: dict) -> tuple[dict[tuple, dict], dict | None]:
             last_header = record
             continue
         try:
-            done[(record["id"], record["method"], record["budget"], record["ratio"])] = record
+            done[(record["id"], *Setting.of(record).key)] = record
         except KeyError:
             raise InputError(f"{path}:{number}: not a kvcli eval progress log; delete it or write to another --json file") from None
     return done, last_header
@@ -448,8 +502,10 @@ def run_eval(
     *,
     template: str | None = None,
     max_context: int | None = None,
+    modes: Sequence[str] = ("query",),
+    chunk_size: int | None = None,
 ) -> EvalResult:
-    """Score every method x budget (or ratio) on every row, one prefill per row.
+    """Score every method x budget (or ratio) x mode on every row, one prefill per row and prompt.
 
     `out_path` is the JSONL progress log: each finished sample is appended at once, and the
     samples it already holds are skipped (their predictions are rescored with `metric`).
@@ -458,15 +514,11 @@ def run_eval(
     score = get_metric(metric)
     if max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    settings = settings_for(methods, budgets, ratios)
+    settings = settings_for(methods, budgets, ratios, modes, chunk_size)
     if template is not None:
         check_template(template)
     by_name = {m.name: m for m in methods}
-    compressing = [m for m in methods if m.compresses]
-    window_size = max((m.window_size for m in compressing), default=1)
-    accumulated = any(m.needs_accumulated for m in compressing)
-    options = Options(max_context=max_context, max_new_tokens=max_new_tokens)
-    sampling = Sampling()  # greedy: scores must not depend on a seed
+    reader = _RowReader(engine, methods, Options(max_context=max_context, max_new_tokens=max_new_tokens))
 
     done: dict[tuple, dict] = {}
     if out_path is not None:
@@ -496,39 +548,17 @@ def run_eval(
             progress(finished, total)
         if not todo:
             continue
-        document, question = prompt_parts(row, template)
-        for method in by_name.values():
-            engine.prepare(method)
-        prompt = engine.prompt(document, question, options)
-        ids = prompt.ids.to(engine.lm.device)
-        captured = capture(engine.model, ids, window_size, accumulated=accumulated)
-        derive_s = decode_s = 0.0
-        earlier_full = done.get((row.id, "full", None, None))
-        full_prediction: str | None = earlier_full["prediction"] if earlier_full else None
+        reader.start(row, *prompt_parts(row, template))
+        for ref in set(REFERENCE_MODE.values()):
+            earlier = done.get((row.id, *Setting("full", mode=ref).key))
+            if earlier is not None:
+                reader.full_predictions[ref] = earlier["prediction"]
         for setting in todo:
-            method = by_name[setting.method]
-            plan = None
-            if method.compresses:
-                try:
-                    plan = plan_budget(len(prompt), engine.num_layers, window_size=method.window_size, ratio=setting.ratio, budget=setting.budget)
-                except BudgetError as exc:
-                    raise BudgetError(f"row {row.id}: {exc}") from None
-            if plan is None and full_prediction is not None:
-                prediction = full_prediction  # the same full cache and greedy decoding
-            else:
-                started = time.perf_counter()
-                state = captured.derive(method, plan)
-                derived = time.perf_counter()
-                tokens = list(decode(engine.model, state, max_new_tokens, engine.eos_ids, sampling))
-                prediction = engine.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-                derive_s += derived - started
-                decode_s += time.perf_counter() - derived
-                del state
-                if plan is None:
-                    full_prediction = prediction
+            prediction, compressed = reader.answer(setting, by_name[setting.method])
             sample = {
                 "id": row.id, "method": setting.method, "budget": setting.budget, "ratio": setting.ratio,
-                "prediction": prediction, "score": score(prediction, row.answers), "compressed": plan is not None,
+                "mode": setting.mode, "chunk_size": setting.chunk_size,
+                "prediction": prediction, "score": score(prediction, row.answers), "compressed": compressed,
             }
             samples[(row.id, *setting.key)] = sample
             if out_path is not None:
@@ -536,11 +566,7 @@ def run_eval(
             finished += 1
             if progress is not None:
                 progress(finished, total)
-        timing_rows.append({
-            "id": row.id, "prompt_tokens": len(prompt), "dropped_tokens": prompt.dropped_tokens,
-            "capture_s": round(captured.seconds, 4), "derive_s": round(derive_s, 4), "decode_s": round(decode_s, 4), "runs": len(todo),
-        })
-        del captured
+        timing_rows.append({"id": row.id, **reader.finish(), "runs": len(todo)})
 
     ordered = [samples[(row.id, *s.key)] for row in rows for s in settings]
     result = EvalResult(
@@ -555,10 +581,92 @@ def run_eval(
             "resumed_samples": resumed,
             "rows": timing_rows,
         },
+        modes=list(modes),
+        chunk_size=chunk_size if "chunked" in modes else None,
     )
     if any(row.niah is not None for row in rows):
         result.niah = niah_grids(ordered, rows, settings)
     return result
+
+
+class _RowReader:
+    """Answers one row in every setting, reading its prompt as few times as the modes allow.
+
+    Query-aware and reused settings derive from one capture per prompt (the capture of the
+    reused prompt covers the document prefix only; the question is fed after each derived
+    cache). Chunked settings prefill on their own. A setting whose budget keeps every token
+    answers as the full cache of its reference prompt did.
+    """
+
+    def __init__(self, engine, methods: Sequence[Method], options: Options) -> None:
+        self.engine = engine
+        self.options = options
+        self.sampling = Sampling()  # greedy: scores must not depend on a seed
+        compressing = [m for m in methods if m.compresses]
+        self.window_size = max((m.window_size for m in compressing), default=1)
+        self.accumulated = any(m.needs_accumulated for m in compressing)
+        for method in methods:
+            engine.prepare(method)
+
+    def start(self, row: Row, document: str, question: str) -> None:
+        self.row, self.document, self.question = row, document, question
+        self.prompts: dict[str, object] = {}
+        self.captures: dict[str, object] = {}
+        self.full_predictions: dict[str, str] = {}
+        self.timing = {"prompt_tokens": None, "dropped_tokens": 0, "capture_s": 0.0, "derive_s": 0.0, "decode_s": 0.0}
+
+    def finish(self) -> dict:
+        self.captures.clear()  # free the full caches before the next row
+        return {key: round(value, 4) if isinstance(value, float) else value for key, value in self.timing.items()}
+
+    def _prompt(self, ref: str):
+        """The prompt `ref` reads and the ids it prefills (the reused prompt: up to the question)."""
+        if ref not in self.prompts:
+            if ref == "reuse":
+                prompt = self.engine.reuse_prompt(self.document, self.options)
+                ids = prompt.ids[:, : prompt.prefix_len]
+            else:
+                prompt = self.engine.prompt(self.document, self.question, self.options)
+                ids = prompt.ids
+            self.prompts[ref] = (prompt, ids.to(self.engine.lm.device))
+            if self.timing["prompt_tokens"] is None:
+                self.timing["prompt_tokens"] = len(prompt)
+                self.timing["dropped_tokens"] = prompt.dropped_tokens
+        return self.prompts[ref]
+
+    def answer(self, setting: Setting, method: Method) -> tuple[str, bool]:
+        """The greedy answer in `setting`, and whether its cache was compressed."""
+        ref = REFERENCE_MODE[setting.mode]
+        prompt, ids = self._prompt(ref)
+        plan = None
+        if method.compresses:
+            try:
+                plan = plan_budget(ids.shape[1], self.engine.num_layers, window_size=method.window_size, ratio=setting.ratio, budget=setting.budget)
+            except BudgetError as exc:
+                raise BudgetError(f"row {self.row.id}: {exc}") from None
+        if plan is None and ref in self.full_predictions:
+            return self.full_predictions[ref], False  # the same full cache and greedy decoding
+        engine = self.engine
+        if setting.mode == "chunked" and plan is not None:
+            probe = ids[:, prompt.prefix_len :]  # the question scores each chunk, then is dropped
+            state = prefill(engine.model, ids, method, plan, chunk_size=setting.chunk_size, probe_ids=probe)
+            self.timing["capture_s"] += state.seconds
+        else:
+            if ref not in self.captures:
+                self.captures[ref] = capture(engine.model, ids, self.window_size, accumulated=self.accumulated)
+                self.timing["capture_s"] += self.captures[ref].seconds
+            started = time.perf_counter()
+            state = self.captures[ref].derive(method, plan)
+            if ref == "reuse":
+                state = engine.extend(state.cache, state.prompt_len, engine.suffix(self.question), copy=False)
+            self.timing["derive_s"] += time.perf_counter() - started
+        started = time.perf_counter()
+        tokens = list(decode(engine.model, state, self.options.max_new_tokens, engine.eos_ids, self.sampling))
+        self.timing["decode_s"] += time.perf_counter() - started
+        prediction = engine.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        if plan is None:
+            self.full_predictions[ref] = prediction
+        return prediction, plan is not None
 
 
 def _mean(values: Iterable[float]) -> float | None:
@@ -567,21 +675,25 @@ def _mean(values: Iterable[float]) -> float | None:
 
 
 def summarize(samples: Sequence[dict], settings: Sequence[Setting]) -> list[dict]:
-    """Mean score per method x budget, and that mean as a percentage of full's on the same rows."""
+    """Mean score per setting, and that mean as a percentage of the full cache's on the same rows
+    (read the same way: the reused prompt's full cache for `reuse`)."""
     groups: dict[tuple, list[dict]] = {s.key: [] for s in settings}
     for sample in samples:
-        groups.setdefault((sample["method"], sample["budget"], sample["ratio"]), []).append(sample)
-    full = {s["id"]: s["score"] for s in samples if s["method"] == "full"}
+        groups.setdefault(Setting.of(sample).key, []).append(sample)
+    full = {(Setting.of(s).mode, s["id"]): s["score"] for s in samples if s["method"] == "full"}
     out = []
     for setting in settings:
         group = groups[setting.key]
         mean = _mean(s["score"] for s in group)
-        paired = [s for s in group if s["id"] in full]
-        full_mean = _mean(full[s["id"]] for s in paired)
+        ref = REFERENCE_MODE[setting.mode]
+        paired = [s for s in group if (ref, s["id"]) in full]
+        full_mean = _mean(full[(ref, s["id"])] for s in paired)
         out.append({
             "method": setting.method,
             "budget": setting.budget,
             "ratio": setting.ratio,
+            "mode": setting.mode,
+            "chunk_size": setting.chunk_size,
             "score": mean,
             "n": len(group),
             "pct_of_full": 100 * _mean(s["score"] for s in paired) / full_mean if paired and full_mean else None,
@@ -599,10 +711,11 @@ def niah_grids(samples: Sequence[dict], rows: Sequence[Row], settings: Sequence[
     for setting in settings:
         cells: dict[tuple, list[float]] = {}
         for sample in samples:
-            if (sample["method"], sample["budget"], sample["ratio"]) == setting.key and sample["id"] in where:
+            if Setting.of(sample) == setting and sample["id"] in where:
                 cells.setdefault(where[sample["id"]], []).append(sample["score"])
         out.append({
-            "method": setting.method, "budget": setting.budget, "ratio": setting.ratio, "lengths": lengths, "depths": depths,
+            "method": setting.method, "budget": setting.budget, "ratio": setting.ratio, "mode": setting.mode,
+            "chunk_size": setting.chunk_size, "lengths": lengths, "depths": depths,
             "scores": [[_mean(cells.get((length, depth), [])) for depth in depths] for length in lengths],
         })
     return out
@@ -640,7 +753,8 @@ def _cell(value: float | None) -> Text:
 def render(result: EvalResult) -> Group:
     """Mean score per method x budget (with % of full), then NIAH grids if any."""
     n = max((e["n"] for e in result.summary), default=0)
-    parts: list = [Text(f"{result.metric} on {n} samples, model {result.model}", style="bold"), render_summary(result)]
+    read = "" if result.modes == ["query"] else f", read {' / '.join(result.modes)}"
+    parts: list = [Text(f"{result.metric} on {n} samples, model {result.model}{read}", style="bold"), render_summary(result)]
     for title, table in render_niah(result):
         parts += [Text(""), Text(title, style="bold"), table]
     return Group(*parts)
@@ -648,7 +762,7 @@ def render(result: EvalResult) -> Group:
 
 def render_summary(result: EvalResult) -> Table:
     entries = result.summary
-    levels = list(dict.fromkeys(Setting(e["method"], e["budget"], e["ratio"]).label for e in entries if e["method"] != "full"))
+    levels = list(dict.fromkeys(Setting.of(e).label for e in entries if e["method"] != "full"))
     by_ratio = any(e["ratio"] is not None for e in entries)
     table = Table()
     table.add_column("method")
@@ -658,14 +772,14 @@ def render_summary(result: EvalResult) -> Table:
         table.add_column("score", justify="right")
     rows: dict[str, dict[str, dict]] = {}
     for entry in entries:
-        rows.setdefault(entry["method"], {})[Setting(entry["method"], entry["budget"], entry["ratio"]).label] = entry
-    for method, cells in rows.items():
-        if method == "full":
+        rows.setdefault(Setting.of(entry).row_label, {})[Setting.of(entry).label] = entry
+    for name, cells in rows.items():
+        if "full" in cells:
             entry = cells["full"]
             # full does not depend on the budget: the same reference under every column
-            table.add_row(Text("full", style="bold"), *[_cell(entry["score"]) for _ in (levels or [None])])
+            table.add_row(Text(name, style="bold"), *[_cell(entry["score"]) for _ in (levels or [None])])
             continue
-        row = [Text(method, style="bold")]
+        row = [Text(name, style="bold")]
         for level in levels:
             entry = cells.get(level)
             text = _cell(entry["score"] if entry else None)
@@ -680,8 +794,8 @@ def render_niah(result: EvalResult) -> list[tuple[str, Table]]:
     """A (title, length x depth grid) per method at each budget."""
     tables = []
     for grid in result.niah or []:
-        setting = Setting(grid["method"], grid["budget"], grid["ratio"])
-        title = grid["method"] if setting.label == "full" else f"{grid['method']} at {'ratio' if grid['ratio'] is not None else 'budget'} {setting.label}"
+        setting = Setting.of(grid)
+        title = setting.row_label if setting.label == "full" else f"{setting.row_label} at {'ratio' if grid['ratio'] is not None else 'budget'} {setting.label}"
         table = Table()
         table.add_column("length \\ depth", justify="right")
         for depth in grid["depths"]:
@@ -694,6 +808,7 @@ def render_niah(result: EvalResult) -> list[tuple[str, Table]]:
 
 __all__ = [
     "METRICS",
+    "MODES",
     "EvalResult",
     "Row",
     "Setting",

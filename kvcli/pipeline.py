@@ -119,9 +119,11 @@ class Engine:
         )
         return state, note
 
-    def extend(self, cache: KVCache, prefix_len: int, suffix_ids: torch.Tensor, seconds: float = 0.0) -> Prefill:
-        """Feed `suffix_ids` after a copy of a compressed prefix: every layer gets its own causal mask."""
-        cache = cache.clone()
+    def extend(self, cache: KVCache, prefix_len: int, suffix_ids: torch.Tensor, seconds: float = 0.0, copy: bool = True) -> Prefill:
+        """Feed `suffix_ids` after a compressed prefix (a copy of it unless `copy` is False):
+        every layer gets its own causal mask."""
+        if copy:
+            cache = cache.clone()
         started = time.perf_counter()
         with torch.inference_mode():
             logits = forward(self.model, cache, suffix_ids.to(self.lm.device), prefix_len)
@@ -188,9 +190,14 @@ class Engine:
             on_text(answer[len(shown):])
         return answer.strip()
 
+    def reuse_prompt(self, text: str, options: Options) -> Prompt:
+        """The question-agnostic prompt: its first `prefix_len` ids (the document and a generic
+        instruction) are compressed once; questions follow them (`suffix`)."""
+        return self.prompt(text, "?", options, instruction=REUSE_INSTRUCTION)
+
     def compress_prefix(self, text: str, method: Method, options: Options, layer_callback=None) -> tuple[Prompt, Prefix]:
         """Compress a document prefix once, question-agnostic (a generic instruction in the window)."""
-        prompt = self.prompt(text, "?", options, instruction=REUSE_INSTRUCTION)
+        prompt = self.reuse_prompt(text, options)
         ids = prompt.ids[:, : prompt.prefix_len]
         state, note = self.read(ids, method, options, layer_callback=layer_callback)
         window = self.tokenizer.decode(ids[0, -method.window_size :]) if state.compressed else ""

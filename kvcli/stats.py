@@ -12,12 +12,49 @@ from rich.table import Table
 from rich.text import Text
 
 
+def _read_status(key: str) -> int | None:
+    """A size from /proc/self/status in bytes (Linux), or None."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start the peak over from what is held now (after the model load, whose transient
+    copies would otherwise be the peak). False where the system cannot reset it."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # Linux >= 4.0: VmHWM (and ru_maxrss) restart from the current RSS
+        return True
+    except OSError:
+        return False
+
+
 def peak_memory_bytes(device: torch.device) -> int:
-    """CUDA peak allocated on a GPU; the process's peak resident set size on CPU."""
+    """CUDA peak allocated on a GPU; the process's peak resident set size on CPU (since the
+    last `reset_peak_memory`, where the system allows one)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+    peak = _read_status("VmHWM")
+    if peak is not None:
+        return peak
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(maxrss if sys.platform == "darwin" else maxrss * 1024)
+
+
+def current_memory_bytes(device: torch.device) -> int:
+    """CUDA memory allocated now on a GPU; the resident set size on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    return _read_status("VmRSS") or peak_memory_bytes(device)
 
 
 @dataclass

@@ -20,7 +20,8 @@ from kvcli.evaluate import (
 )
 from kvcli.methods import make_method
 from kvcli.models import LoadedModel
-from kvcli.pipeline import Engine
+from kvcli.generate import Sampling, decode
+from kvcli.pipeline import Engine, Options
 from kvcli.prompt import build_prompt, summary_instruction
 
 NEEDLE = "The secret ingredient of the harbour soup is smoked paprika."
@@ -289,6 +290,59 @@ def test_run_eval_resumes_from_its_log(tiny_engine, haystack, counted_captures, 
         run_eval(tiny_engine, rows, methods, None, [0.2], "contains", 5, out)
 
 
+def _greedy(engine, state, max_new_tokens: int) -> str:
+    tokens = list(decode(engine.model, state, max_new_tokens, engine.eos_ids, Sampling()))
+    return engine.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+@pytest.mark.model
+def test_run_eval_modes_answer_as_ask_does(tiny_engine, haystack, counted_captures):
+    """reuse and chunked samples equal what `ask --reuse` and `ask --chunk-size` paths answer; one capture per prompt."""
+    rows = tiny_rows(haystack)[:1]
+    methods = [make_method(name) for name in ("full", "snapkv")]
+    result = run_eval(tiny_engine, rows, methods, [16], None, "contains", 4, None, modes=["query", "reuse", "chunked"], chunk_size=32)
+    by_mode = {(s["method"], s["mode"]): s for s in result.samples}
+    # full once per prompt (query-aware and reused); chunking only applies when compressing
+    assert sorted(by_mode) == [("full", "query"), ("full", "reuse"), ("snapkv", "chunked"), ("snapkv", "query"), ("snapkv", "reuse")]
+    assert len(counted_captures) == 2  # the query prompt and the reused prefix; chunked prefills on its own
+    assert by_mode[("snapkv", "chunked")]["chunk_size"] == 32 and by_mode[("snapkv", "query")]["chunk_size"] is None
+
+    document, question = prompt_parts(rows[0])
+    options = Options(budget=16, max_new_tokens=4)
+    snapkv = make_method("snapkv")
+    # ask --reuse: the prefix compressed once with the generic instruction, the question fed after it
+    _, prefix = tiny_engine.compress_prefix(document, snapkv, options)
+    assert by_mode[("snapkv", "reuse")]["prediction"] == _greedy(tiny_engine, tiny_engine.answer_after(prefix, question), 4)
+    # ask --chunk-size 32: the question probes each chunk
+    prompt = tiny_engine.prompt(document, question, options)
+    chunked = Options(budget=16, max_new_tokens=4, chunk_size=32)
+    state, _ = tiny_engine.read(prompt.ids, snapkv, chunked, probe_ids=prompt.ids[:, prompt.prefix_len :])
+    assert len(state.chunks) > 2
+    assert by_mode[("snapkv", "chunked")]["prediction"] == _greedy(tiny_engine, state, 4)
+
+    summary = {(e["method"], e["mode"]): e for e in result.summary}
+    assert summary[("snapkv", "chunked")]["chunk_size"] == 32
+    assert all(e["pct_of_full"] is None or e["pct_of_full"] >= 0 for e in result.summary)
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["modes"] == ["query", "reuse", "chunked"] and data["chunk_size"] == 32
+    table = render(result)
+    assert table is not None
+
+
+@pytest.mark.model
+def test_run_eval_resumes_each_mode_apart(tiny_engine, haystack, counted_captures, tmp_path):
+    """A log holds samples of several modes and chunk sizes; a rerun redoes only those with a new chunk size."""
+    rows = tiny_rows(haystack)[:1]
+    methods = [make_method(name) for name in ("full", "snapkv")]
+    out = tmp_path / "log.jsonl"
+    run_eval(tiny_engine, rows, methods, [16], None, "contains", 3, out, modes=["query", "chunked"], chunk_size=32)
+    assert len(counted_captures) == 1
+    again = run_eval(tiny_engine, rows, methods, [16], None, "contains", 3, out, modes=["chunked", "query"], chunk_size=48)
+    assert again.timing["resumed_samples"] == 2  # full and query-aware snapkv; chunked at 48 is new
+    assert len(counted_captures) == 1  # chunked prefills on its own, no capture
+    assert [(s["mode"], s["chunk_size"]) for s in again.samples if s["method"] == "snapkv"] == [("chunked", 48), ("query", None)]
+
+
 def test_run_eval_refuses_bad_settings():
     """Budgets and ratios together, no methods, budgets within the window and unknown metrics fail before any work."""
     methods = [make_method("snapkv")]
@@ -300,6 +354,10 @@ def test_run_eval_refuses_bad_settings():
         run_eval(None, [], methods, [8], None, "contains", 4, None)
     with pytest.raises(InputError, match="unknown metric"):
         run_eval(None, [], methods, [64], None, "bleu", 4, None)
+    with pytest.raises(InputError, match="unknown mode"):
+        run_eval(None, [], methods, [64], None, "contains", 4, None, modes=["query", "batch"])
+    with pytest.raises(InputError, match="chunk-size"):
+        run_eval(None, [], methods, [64], None, "contains", 4, None, modes=["chunked"], chunk_size=8)
 
 
 # --- the command ------------------------------------------------------------------------------------
@@ -315,6 +373,9 @@ runner = CliRunner()
         (["--data", "x.jsonl", "--metric", "bleu"], "bleu"),
         (["--data", "x.jsonl", "--methods", "full,nope"], "nope"),
         (["--data", "x.jsonl", "--methods", " , "], "--methods"),
+        (["--data", "x.jsonl", "--modes", "query,later"], "later"),
+        (["--data", "x.jsonl", "--chunk-size", "512"], "--modes chunked"),
+        (["--data", "x.jsonl", "--modes", "chunked", "--chunk-size", "4"], "--chunk-size"),
     ],
 )
 def test_eval_bad_input_is_one_line_error(tmp_path, monkeypatch, args, word):

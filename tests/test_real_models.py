@@ -79,6 +79,11 @@ def test_saved_cache_answers_and_refuses_damage(smollm, tmp_path, model_home, mo
     answered = runner.invoke(app, ["ask", "--cache", str(out), "What does the assert statement do?", "-m", "smollm2-135m", "--max-new-tokens", "8", "--json"])
     assert answered.exit_code == 0, answered.stderr
     assert json.loads(answered.stdout)["answer"]
+    several = runner.invoke(app, ["ask", "--cache", str(out), "-q", "What does assert do?", "-q", "What is finally for?", "-m", "smollm2-135m", "--max-new-tokens", "4", "--json"])
+    assert several.exit_code == 0, several.stderr
+    assert [json.loads(line)["question"] for line in several.stdout.splitlines()] == ["What does assert do?", "What is finally for?"]
+    no_question = runner.invoke(app, ["ask", "--cache", str(out), "-m", "smollm2-135m"])
+    assert no_question.exit_code != 0 and "question" in no_question.stderr and len(no_question.stderr.strip().splitlines()) == 1
     raw = out.read_bytes()
     truncated = tmp_path / "truncated.kvc"
     truncated.write_bytes(raw[: len(raw) // 2])
