@@ -22,7 +22,6 @@ import math
 import multiprocessing
 import os
 import platform
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -81,6 +80,7 @@ class Row:
     kv_bytes_kept: int | None = None  # after the prompt, before decoding
     kv_bytes_full: int | None = None  # what the full cache holds for this prompt
     weight_bytes: int | None = None  # bytes of weights read per decode step
+    matvec_tokens_per_s: float | None = None  # decode rate if a step were only its weight products
     peak_rss_bytes: int | None = None  # the process's peak resident size while measuring
     peak_added_bytes: int | None = None  # that peak above the resident size after load and warm-up
     peak_source: str = ""  # how the peak was measured
@@ -146,37 +146,51 @@ def weight_bytes_per_step(model) -> int:
     return total
 
 
-def _read_status(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+def matvec_tokens_per_s(model, repeats: int = 7) -> float:
+    """Tokens/s if a decode step did nothing but its weight products, with this machine's kernels.
+
+    One `(1, in) x (in, out)` product per linear layer (the output head included), best of
+    `repeats` passes: the ceiling a decode step reaches with no attention, norms, Python or
+    cache work, to read beside the bandwidth bound (which assumes the products run at copy speed).
+    """
+    import torch
+
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device) for w in weights]
+    best = math.inf
+    with torch.inference_mode():
+        for i in range(repeats + 1):  # the first pass warms the kernels and is not counted
+            started = time.perf_counter()
+            for w, x in zip(weights, inputs):
+                torch.nn.functional.linear(x, w)
+            if i:
+                best = min(best, time.perf_counter() - started)
+    return 1.0 / best
 
 
 def reset_peak_rss() -> str:
     """Reset the process's peak resident size to its current size, if the kernel allows it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")  # Linux >= 4.0: reset VmHWM (and ru_maxrss) to the current RSS
-        return "VmHWM after reset"
-    except OSError:
-        return "ru_maxrss (not reset: includes the load)"
+    import torch
+
+    from kvcli.stats import reset_peak_memory
+
+    return "VmHWM after reset" if reset_peak_memory(torch.device("cpu")) else "ru_maxrss (not reset: includes the load)"
 
 
 def peak_rss_bytes() -> int:
-    peak = _read_status("VmHWM")
-    if peak is not None:
-        return peak
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return maxrss if sys.platform == "darwin" else maxrss * 1024
+    import torch
+
+    from kvcli.stats import peak_memory_bytes
+
+    return peak_memory_bytes(torch.device("cpu"))
 
 
 def current_rss_bytes() -> int:
-    return _read_status("VmRSS") or peak_rss_bytes()
+    import torch
+
+    from kvcli.stats import current_memory_bytes
+
+    return current_memory_bytes(torch.device("cpu"))
 
 
 # --- one configuration, in a child process ----------------------------------------------------
@@ -305,6 +319,7 @@ def run_config(config: Config, settings: Settings) -> Row:
 
     # First calls pay for lazy initialisation (kernels, allocator pools, mask functions).
     warm(ids[:, :64])
+    matvec = matvec_tokens_per_s(model)
     gc.collect()
     source = reset_peak_rss()
     resident = current_rss_bytes()
@@ -321,6 +336,7 @@ def run_config(config: Config, settings: Settings) -> Row:
         kv_bytes_kept=result["kv_bytes_kept"],
         kv_bytes_full=shape.bytes_for(config.length),
         weight_bytes=weight_bytes_per_step(model),
+        matvec_tokens_per_s=matvec,
         peak_rss_bytes=peak,
         peak_added_bytes=peak - resident,
         peak_source=source,
@@ -362,6 +378,8 @@ def derive(rows: list[Row], bandwidth_gb_s: float, new_tokens: int) -> list[dict
         d = row.derived
         d["bound_tokens_per_s"] = bound
         d["decode_vs_bound"] = _ratio(row.decode_tokens_per_s, bound)
+        d["matvec_vs_bound"] = _ratio(row.matvec_tokens_per_s, bound)
+        d["decode_vs_matvec"] = _ratio(row.decode_tokens_per_s, row.matvec_tokens_per_s)
         d["decode_vs_generate"] = _ratio(row.decode_tokens_per_s, generate.decode_tokens_per_s) if generate else None
         d["ttft_vs_generate"] = _ratio(row.ttft_s, generate.ttft_s) if generate else None
         d["prefill_vs_full"] = _ratio(row.prefill_s, full.prefill_s) if full else None
@@ -429,19 +447,19 @@ def render(result: dict, rows: list[Row]):
     table = Table(show_edge=False, pad_edge=False)
     for name, justify in [
         ("tokens", "right"), ("method", "left"), ("prefill s", "right"), ("ttft s", "right"), ("decode tok/s", "right"),
-        ("bound tok/s", "right"), ("KV MiB", "right"), ("peak +MiB", "right"), ("prefill/full", "right"), ("decode/generate", "right"),
-        ("decode/bound", "right"), ("KV/target", "right"), ("peak/full", "right"),
+        ("bound tok/s", "right"), ("matvec tok/s", "right"), ("KV MiB", "right"), ("peak +MiB", "right"), ("prefill/full", "right"), ("decode/generate", "right"),
+        ("decode/bound", "right"), ("decode/matvec", "right"), ("KV/target", "right"), ("peak/full", "right"),
     ]:
         table.add_column(name, justify=justify)
     for row in rows:
         label = Config(row.length, row.method, row.ratio).label
         if row.error is not None:
-            table.add_row(str(row.length), label, f"[red]error: {row.error}[/red]", *[""] * 10)
+            table.add_row(str(row.length), label, f"[red]error: {row.error}[/red]", *[""] * 12)
             continue
         table.add_row(
             str(row.length), label, _num(row.prefill_s, ".2f"), _num(row.ttft_s, ".2f"), _num(row.decode_tokens_per_s, ".2f"),
-            _num(row.derived.get("bound_tokens_per_s"), ".1f"), _num(row.kv_bytes_kept / 2**20, ",.1f"), _num(row.peak_added_bytes / 2**20, ",.0f"),
-            _times(row, "prefill_vs_full"), _times(row, "decode_vs_generate"), _times(row, "decode_vs_bound"),
+            _num(row.derived.get("bound_tokens_per_s"), ".1f"), _num(row.matvec_tokens_per_s, ".1f"), _num(row.kv_bytes_kept / 2**20, ",.1f"), _num(row.peak_added_bytes / 2**20, ",.0f"),
+            _times(row, "prefill_vs_full"), _times(row, "decode_vs_generate"), _times(row, "decode_vs_bound"), _times(row, "decode_vs_matvec"),
             _times(row, "kv_vs_target"), _times(row, "peak_vs_full"),
         )
     summary = Table(title="targets", show_edge=False, pad_edge=False)

@@ -1,135 +1,199 @@
-"""One document, many questions: query-aware vs --reuse vs chunked prefill vs a saved cache.
+"""One document, many questions: the data for `kvcli eval --modes`, the time a saved cache saves,
+and the memory chunked prefill saves. Every measurement runs kvcli's own command line.
 
-    python benchmarks/reuse_check.py -m smollm2-135m --length 2000 --ratio 0.1 --json out.json
+    # 1. rows for the eval harness: one document with ten facts, one question per fact
+    python benchmarks/reuse_check.py data -m qwen2.5-coder-0.5b --length 3000 -o questions.jsonl
+    kvcli eval --data questions.jsonl --metric contains --methods full,dynamickv,evidencekv \\
+        --ratios 0.1 --modes query,reuse,chunked --chunk-size 512 --max-new-tokens 24 --json modes.json
 
-On needle-in-a-haystack cases built from samples/haystack.txt (several facts hidden at
-different depths, one question each) it measures, at the same ratio:
-- accuracy of query-aware compression (one prefill per question, the question in the window),
-  of `--reuse` (one question-agnostic compression, every question fed after it), and of
-  chunked prefill (`--chunk-size`, the question as a probe after each chunk) vs one pass;
-- wall time to answer all questions from one saved `.kvc` (compress once, then load and
-  answer) vs one `ask` per question;
-- peak KV bytes held during a chunked prefill vs one pass (measured after every layer).
-Everything runs in this one process, side by side; report ratios, not absolute times.
+    # 2. ten questions: `kvcli compress` once + one `kvcli ask --cache -q ... -q ...`
+    #    vs ten separate `kvcli ask` runs (each a fresh process, as a user would type them)
+    python benchmarks/reuse_check.py time -m qwen2.5-coder-0.5b --length 3000 --ratio 0.1 --json time.json
+
+    # 3. peak memory of one `kvcli ask` reading a long document in one pass vs in chunks
+    python benchmarks/reuse_check.py memory -m qwen2.5-coder-0.5b --length 32000 --chunk-size 1024 --json memory.json
+
+The document is real prose (samples/haystack.txt, or CPython's reference documentation for
+lengths beyond it) with the facts hidden at evenly spread depths. Times are wall-clock seconds of
+whole processes (model load included, as a user pays it); read them as ratios measured side by side.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from kvcli.evaluate import niah_rows
-from kvcli.methods import make_method
-from kvcli.models import load_model
-from kvcli.pipeline import Engine, Options, Prefix
-from kvcli.store import load_cache, save_cache
+ROOT = Path(__file__).resolve().parent.parent
 
+# (fact, question, what a correct answer contains)
 FACTS = [
     ("The key to the archive room is kept under the blue ceramic owl on the librarian's desk.", "Where is the key to the archive room kept?", "owl"),
     ("Maria's favourite fruit, she once told the committee, has always been the persimmon.", "Which fruit does Maria like best?", "persimmon"),
     ("The secret passphrase for the vault is indigo-walrus-17.", "What is the secret passphrase for the vault?", "indigo-walrus-17"),
     ("The night train to Tromso leaves from platform nine at a quarter past eleven.", "Which platform does the night train to Tromso leave from?", "nine"),
     ("Our bakery's sourdough starter is named Clementine and is fed rye flour every morning.", "What is the bakery's sourdough starter called?", "clementine"),
+    ("The lighthouse keeper's dog, a grey lurcher, answers only to the name Biscuit.", "What is the name of the lighthouse keeper's dog?", "biscuit"),
+    ("The choir rehearses every Thursday in the old tannery on Wexford Lane.", "Where does the choir rehearse?", "tannery"),
+    ("Dr. Okafor's prize-winning orchid was grown from a seed found in Madagascar.", "Where was the seed of Dr. Okafor's orchid found?", "madagascar"),
+    ("The museum's oldest clock was built in 1742 by a watchmaker from Lyon.", "In which year was the museum's oldest clock built?", "1742"),
+    ("The treasurer keeps the spare minutes of every meeting in a green tin box.", "Where does the treasurer keep the spare minutes?", "tin"),
 ]
 
 
-def build_document(engine: Engine, length: int) -> str:
-    """A haystack of about `length` tokens with every fact hidden at evenly spread depths."""
-    haystack = (Path(__file__).resolve().parent.parent / "samples" / "haystack.txt").read_text()
-    (row,) = niah_rows(haystack, "Nothing here.", "?", "-", [length], [0.0], engine.tokenizer)
-    text = row.context
-    for i, (fact, _, _) in enumerate(FACTS):
-        depth = (i + 0.5) / len(FACTS)
+def prose(tokenizer, n_tokens: int) -> str:
+    """About `n_tokens` tokens of real English prose, cut at a paragraph end."""
+    text = (ROOT / "samples" / "haystack.txt").read_text(encoding="utf-8")
+    if len(tokenizer(text, add_special_tokens=False)["input_ids"]) < n_tokens * 1.05:
+        from pydoc_data.topics import topics  # ~800 KB of CPython's reference documentation
+
+        text = "\n\n".join(topics[name] for name in sorted(topics))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < n_tokens:
+        raise SystemExit(f"only {len(ids)} tokens of prose available; ask for --length up to that")
+    cut = tokenizer.decode(ids[:n_tokens])
+    end = cut.rfind("\n\n")
+    return cut[:end] if end > len(cut) // 2 else cut
+
+
+def build_document(tokenizer, length: int, facts=FACTS) -> str:
+    """About `length` tokens of prose with every fact hidden at evenly spread depths."""
+    text = prose(tokenizer, length)
+    for i, (fact, _, _) in enumerate(facts):
+        depth = (i + 0.5) / len(facts)
         at = text.rfind(". ", 0, int(len(text) * depth))
         at = 0 if at < 0 else at + 2
         text = text[:at] + fact + " " + text[at:]
     return text
 
 
-def answer(engine: Engine, state, options: Options) -> str:
-    from kvcli.generate import decode
+def load_tokenizer(model: str | None):
+    from kvcli.models import load_model
 
-    tokens = list(decode(engine.model, state, options.max_new_tokens, engine.eos_ids))
-    return engine.tokenizer.decode(tokens, skip_special_tokens=True)
+    return load_model(model).tokenizer
 
 
-def peak_kv(engine: Engine, ids, method, options: Options, probe=None) -> int:
-    """Most KV bytes held at once during one prefill."""
-    state, _ = engine.read(ids, method, options, probe_ids=probe)
-    return state.cache.peak_nbytes
+def kvcli(*args: str) -> tuple[float, list[dict]]:
+    """Run `kvcli ARGS --json` as a user would; its wall time and its JSON lines."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "kvcli", *args, "--json", "--quiet"], capture_output=True, text=True, cwd=ROOT)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"kvcli {' '.join(args[:2])} ... failed: {done.stderr.strip()}")
+    return seconds, [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+
+
+def write_result(result: dict, path: str | None) -> None:
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path:
+        Path(path).write_text(text + "\n")
+
+
+def cmd_data(args) -> None:
+    tokenizer = load_tokenizer(args.model)
+    document = build_document(tokenizer, args.length)
+    with open(args.output, "w", encoding="utf-8") as out:
+        for i, (_, question, expected) in enumerate(FACTS):
+            out.write(json.dumps({"_id": f"fact{i}", "context": document, "input": question, "answers": [expected]}) + "\n")
+    print(f"wrote {len(FACTS)} rows ({len(tokenizer(document)['input_ids'])} document tokens) to {args.output}", file=sys.stderr)
+
+
+def cmd_time(args) -> None:
+    tokenizer = load_tokenizer(args.model)
+    model = ["-m", args.model] if args.model else []
+    compression = ["--method", args.method, "--ratio", str(args.ratio), *model]
+    answering = ["--max-new-tokens", str(args.max_new_tokens), *model]
+    facts = FACTS[: args.questions]
+    with tempfile.TemporaryDirectory() as tmp:
+        doc = Path(tmp) / "document.txt"
+        doc.write_text(build_document(tokenizer, args.length), encoding="utf-8")
+        kvc = Path(tmp) / "document.kvc"
+        compress_s, (made,) = kvcli("compress", str(doc), "-o", str(kvc), *compression)
+        cached_s, cached = kvcli("ask", "--cache", str(kvc), *[a for _, q, _ in facts for a in ("-q", q)], *answering)
+        separate = [kvcli("ask", str(doc), question, *compression, *answering[:2]) for _, question, _ in facts]
+        file_bytes = kvc.stat().st_size
+    separate_s = sum(seconds for seconds, _ in separate)
+    answers_separate = [lines[0]["answer"] for _, lines in separate]
+    answers_cached = [line["answer"] for line in cached]
+    found = lambda answers: sum(expected in a.lower() for a, (_, _, expected) in zip(answers, facts))  # noqa: E731
+    write_result({
+        "model": args.model or "default", "method": args.method, "ratio": args.ratio, "questions": len(facts),
+        "prompt_tokens": made["stats"]["prompt_tokens"], "cache_file_bytes": file_bytes,
+        "seconds_separate_asks": round(separate_s, 1),
+        "seconds_compress": round(compress_s, 1), "seconds_ask_cache": round(cached_s, 1),
+        "seconds_saved_cache": round(compress_s + cached_s, 1),
+        "speedup_saved_cache": round(separate_s / (compress_s + cached_s), 2),
+        "speedup_when_cache_exists": round(separate_s / cached_s, 2),
+        "found_separate_asks": found(answers_separate), "found_saved_cache": found(answers_cached),
+        "answers_separate_asks": answers_separate, "answers_saved_cache": answers_cached,
+    }, args.json)
+
+
+def cmd_memory(args) -> None:
+    tokenizer = load_tokenizer(args.model)
+    model = ["-m", args.model] if args.model else []
+    fact, question, expected = FACTS[2]
+    knobs = ["--method", args.method, "--ratio", str(args.ratio), "--max-new-tokens", str(args.max_new_tokens), *model]
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        small = Path(tmp) / "small.txt"
+        small.write_text(build_document(tokenizer, 200, [(fact, question, expected)]), encoding="utf-8")
+        doc = Path(tmp) / "document.txt"
+        doc.write_text(build_document(tokenizer, args.length, [(fact, question, expected)]), encoding="utf-8")
+        # The model and the runtime alone: the same command on a 200-token document.
+        _, (base,) = kvcli("ask", str(small), question, *knobs)
+        for name, extra in (("one_pass", []), ("chunked", ["--chunk-size", str(args.chunk_size)])):
+            seconds, (line,) = kvcli("ask", str(doc), question, *knobs, *extra)
+            stats = line["stats"]
+            runs[name] = {
+                "seconds": round(seconds, 1), "prefill_s": round(stats["prefill_s"], 1),
+                "peak_rss_bytes": stats["peak_memory_bytes"],
+                "peak_rss_above_small_doc_bytes": stats["peak_memory_bytes"] - base["stats"]["peak_memory_bytes"],
+                "kv_bytes_peak": stats["kv_bytes_peak"], "kv_bytes_kept": stats["kv_bytes_kept"],
+                "found": expected in line["answer"].lower(), "answer": line["answer"],
+                "chunks": len(stats["extra"].get("chunks", [])) or 1,
+            }
+            prompt_tokens, kv_full = stats["prompt_tokens"], stats["kv_bytes_full"]
+            print(f"{name}: {seconds:.0f} s", file=sys.stderr)
+    one, chunked = runs["one_pass"], runs["chunked"]
+    write_result({
+        "model": args.model or "default", "method": args.method, "ratio": args.ratio, "chunk_size": args.chunk_size,
+        "prompt_tokens": prompt_tokens, "kv_bytes_full": kv_full, "small_doc_peak_rss_bytes": base["stats"]["peak_memory_bytes"],
+        **runs,
+        "kv_peak_chunked_vs_one_pass": round(chunked["kv_bytes_peak"] / one["kv_bytes_peak"], 3),
+        "rss_above_small_doc_chunked_vs_one_pass": round(chunked["peak_rss_above_small_doc_bytes"] / one["peak_rss_above_small_doc_bytes"], 3),
+        "prefill_chunked_vs_one_pass": round(chunked["prefill_s"] / one["prefill_s"], 3),
+    }, args.json)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-m", "--model", default=None)
-    parser.add_argument("--method", default="dynamickv")
-    parser.add_argument("--length", type=int, default=2000)
-    parser.add_argument("--ratio", type=float, default=0.1)
-    parser.add_argument("--chunk-size", type=int, default=512)
-    parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--json", default=None)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func in (("data", cmd_data), ("time", cmd_time), ("memory", cmd_memory)):
+        p = sub.add_parser(name)
+        p.set_defaults(func=func)
+        p.add_argument("-m", "--model", default=None, help="embedded name or path (default: kvcli's default model)")
+        p.add_argument("--length", type=int, default=3000, help="document length in tokens")
+        if name == "data":
+            p.add_argument("-o", "--output", required=True, help="JSONL file to write (LongBench layout)")
+            continue
+        p.add_argument("--method", default="dynamickv")
+        p.add_argument("--ratio", type=float, default=0.1)
+        p.add_argument("--max-new-tokens", type=int, default=24)
+        p.add_argument("--json", default=None, help="also write the result here")
+        if name == "time":
+            p.add_argument("--questions", type=int, default=len(FACTS), help=f"how many questions (at most {len(FACTS)})")
+        else:
+            p.add_argument("--chunk-size", type=int, default=1024)
     args = parser.parse_args()
-
-    engine = Engine(load_model(args.model))
-    method = engine.prepare(make_method(args.method))
-    text = build_document(engine, args.length)
-    one_pass = Options(ratio=args.ratio, max_new_tokens=args.max_new_tokens)
-    chunked = Options(ratio=args.ratio, max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size)
-    results: dict = {"model": engine.lm.name, "method": method.name, "ratio": args.ratio, "length": args.length, "chunk_size": args.chunk_size}
-
-    # Query-aware (one prefill per question) and chunked, one question at a time.
-    scores = {"full": [], "query_aware": [], "chunked": [], "reuse": [], "saved_cache": []}
-    full = make_method("full")
-    for fact, question, expected in FACTS:
-        prompt = engine.prompt(text, question, one_pass)
-        state, _ = engine.read(prompt.ids, full, one_pass)
-        scores["full"].append(expected in answer(engine, state, one_pass).lower())
-    started = time.perf_counter()
-    for fact, question, expected in FACTS:
-        prompt = engine.prompt(text, question, one_pass)
-        state, _ = engine.read(prompt.ids, method, one_pass)
-        scores["query_aware"].append(expected in answer(engine, state, one_pass).lower())
-    separate_s = time.perf_counter() - started
-    for fact, question, expected in FACTS:
-        prompt = engine.prompt(text, question, chunked)
-        state, _ = engine.read(prompt.ids, method, chunked, probe_ids=prompt.ids[:, prompt.prefix_len :])
-        scores["chunked"].append(expected in answer(engine, state, chunked).lower())
-
-    # --reuse: one question-agnostic compression, each question fed after a copy of it.
-    prompt, prefix = engine.compress_prefix(text, method, one_pass)
-    for fact, question, expected in FACTS:
-        scores["reuse"].append(expected in answer(engine, engine.answer_after(prefix, question), one_pass).lower())
-
-    # A saved cache: compress once, write, read back, answer every question.
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "doc.kvc"
-        started = time.perf_counter()
-        _, made = engine.compress_prefix(text, method, one_pass)
-        save_cache(path, made.state.cache, {"model": engine.lm.name, "config_hash": engine.lm.config_hash, "method": method.name, "method_params": method.params(), "prompt_tokens": made.state.prompt_len})
-        saved = load_cache(path, engine.lm.config_hash, engine.lm.name)
-        loaded = Prefix.saved(saved.cache, saved.prompt_tokens, "", "")
-        for fact, question, expected in FACTS:
-            scores["saved_cache"].append(expected in answer(engine, engine.answer_after(loaded, question), one_pass).lower())
-        cached_s = time.perf_counter() - started
-        results["cache_file_bytes"] = path.stat().st_size
-
-    prompt = engine.prompt(text, FACTS[0][1], one_pass)
-    results["peak_kv_bytes_one_pass"] = peak_kv(engine, prompt.ids, method, one_pass)
-    results["peak_kv_bytes_chunked"] = peak_kv(engine, prompt.ids, method, chunked, probe=prompt.ids[:, prompt.prefix_len :])
-    results["prompt_tokens"] = len(prompt)
-    results["questions"] = len(FACTS)
-    results["accuracy"] = {k: sum(v) / len(v) for k, v in scores.items()}
-    results["seconds_separate_asks"] = round(separate_s, 2)
-    results["seconds_saved_cache"] = round(cached_s, 2)
-    results["speedup_saved_cache"] = round(separate_s / cached_s, 2)
-    results["chunked_peak_vs_one_pass"] = round(results["peak_kv_bytes_chunked"] / results["peak_kv_bytes_one_pass"], 3)
-    text_out = json.dumps(results, indent=2)
-    print(text_out)
-    if args.json:
-        Path(args.json).write_text(text_out)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args.func(args)
 
 
 if __name__ == "__main__":
