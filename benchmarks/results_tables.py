@@ -10,20 +10,27 @@ import sys
 from collections import defaultdict
 
 
+def _row_name(entry: dict) -> str:
+    """The method, with how the prompt was read unless query-aware (eval --modes)."""
+    mode = entry.get("mode", "query")
+    if mode == "chunked":
+        return f"{entry['method']} (chunked {entry.get('chunk_size')})"
+    return entry["method"] if mode == "query" else f"{entry['method']} ({mode})"
+
+
 def table(result: dict) -> str:
-    """Mean score per method (rows) x budget (columns), with % of full in brackets."""
+    """Mean score per method and mode (rows) x budget (columns), with % of full in brackets."""
     summary = result["summary"]
     levels = sorted({s["budget"] or s["ratio"] for s in summary if s["method"] != "full"})
     key = "budget" if any(s["budget"] for s in summary) else "ratio"
-    full = next((s for s in summary if s["method"] == "full"), None)
     head = "| method | " + " | ".join(f"{key} {level}" for level in levels) + " |"
     lines = [head, "| --- " * (len(levels) + 1) + "|"]
-    if full is not None:
-        lines.append(f"| full | {full['score']:.3f} (n={full['n']})" + " |" * len(levels))
+    for full in (s for s in summary if s["method"] == "full"):
+        lines.append(f"| {_row_name(full)} | {full['score']:.3f} (n={full['n']})" + " |" * len(levels))
     by_method = defaultdict(dict)
     for s in summary:
         if s["method"] != "full":
-            by_method[s["method"]][s["budget"] or s["ratio"]] = s
+            by_method[_row_name(s)][s["budget"] or s["ratio"]] = s
     for method, cells in by_method.items():
         row = []
         for level in levels:

@@ -291,6 +291,12 @@ def _run_questions(files: list[str], questions: list[str], settings: Settings, c
 
         saved = load_cache(cache_path, engine.lm.config_hash, engine.lm.name, device=engine.lm.device, dtype=engine.lm.dtype)
         method = make_method(saved.meta["method"], **saved.meta.get("method_params", {}))
+        ignored = [flag for flag, given in (
+            ("--method", settings.method != DEFAULT_METHOD), ("--ratio", settings.ratio is not None),
+            ("--budget", settings.budget is not None), ("--chunk-size", settings.chunk_size is not None),
+        ) if given]
+        if ignored:
+            _warn(settings, f"{', '.join(ignored)} ignored: {cache_path} was compressed with {method.name} when it was saved")
         prefix = Prefix.saved(saved.cache, saved.prompt_tokens, saved.meta.get("note", ""), saved.meta.get("window_text", ""))
     elif reuse:
         with _LayerBar(settings, engine.num_layers, "compress") as callback:

@@ -653,6 +653,7 @@ class _RowReader:
             self.timing["capture_s"] += state.seconds
         else:
             if ref not in self.captures:
+                self.captures.clear()  # settings come grouped by prompt: hold one full cache at a time
                 self.captures[ref] = capture(engine.model, ids, self.window_size, accumulated=self.accumulated)
                 self.timing["capture_s"] += self.captures[ref].seconds
             started = time.perf_counter()

@@ -82,6 +82,7 @@ def test_saved_cache_answers_and_refuses_damage(smollm, tmp_path, model_home, mo
     several = runner.invoke(app, ["ask", "--cache", str(out), "-q", "What does assert do?", "-q", "What is finally for?", "-m", "smollm2-135m", "--max-new-tokens", "4", "--json"])
     assert several.exit_code == 0, several.stderr
     assert [json.loads(line)["question"] for line in several.stdout.splitlines()] == ["What does assert do?", "What is finally for?"]
+    assert "--ratio ignored" in runner.invoke(app, ["ask", "--cache", str(out), "q?", "--ratio", "0.5", "-m", "smollm2-135m", "--max-new-tokens", "1"]).stderr
     no_question = runner.invoke(app, ["ask", "--cache", str(out), "-m", "smollm2-135m"])
     assert no_question.exit_code != 0 and "question" in no_question.stderr and len(no_question.stderr.strip().splitlines()) == 1
     raw = out.read_bytes()
