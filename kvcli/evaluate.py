@@ -19,10 +19,8 @@ from __future__ import annotations
 import bisect
 import json
 import logging
-import os
 import re
 import string
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -33,6 +31,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from .atomic import write_atomic
 from .errors import BudgetError, InputError
 from .generate import Sampling, capture, decode, prefill
 from .methods import Method, plan_budget
@@ -724,16 +723,7 @@ def niah_grids(samples: Sequence[dict], rows: Sequence[Row], settings: Sequence[
 
 def write_json(path: str | Path, result: EvalResult) -> None:
     """Write the result atomically: a temp file in the same folder, then a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(result.to_dict(), handle, ensure_ascii=False, indent=1)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(result.to_dict(), ensure_ascii=False, indent=1) + "\n")
 
 
 def log_path(json_path: str | Path) -> Path:

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from filelock import FileLock
 
+from .atomic import write_atomic
 from .methods.base import pool_scores
 
 log = logging.getLogger(__name__)
@@ -137,12 +136,5 @@ def load_or_compute_profile(engine, progress=None) -> RetrievalProfile:
             return RetrievalProfile.from_json(path.read_text())
         log.info("computing the retrieval-head profile of %s (once)", engine.lm.name)
         profile = compute_profile(engine, progress=progress)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".profile.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(profile.to_json())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, profile.to_json())
     return profile

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .atomic import write_atomic
 from .cache import KVCache
 from .errors import InputError
 
@@ -67,17 +66,7 @@ def save_cache(path: str | Path, cache: KVCache, meta: dict) -> int:
     tensors = _tensors(cache)
     header = dict(meta, format=_MAGIC, format_version=FORMAT_VERSION, num_layers=cache.num_layers, payload_sha256=_checksum(tensors))
     data = st_save(tensors, metadata={"kvcli": json.dumps(header, ensure_ascii=False)})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return len(data)
+    return write_atomic(path, data, durable=True)
 
 
 def _read_header(raw: bytes, path: Path) -> dict:
