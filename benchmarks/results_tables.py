@@ -1,6 +1,7 @@
-"""Markdown tables for docs/results.md from `kvcli eval --json` files.
+"""Markdown tables for docs/results.md from `kvcli eval --json` and `benchmarks/bench.py --json` files.
 
     python benchmarks/results_tables.py results/niah-qwen2.5-coder-0.5b.json [...]
+    python benchmarks/results_tables.py results/bench-smollm2-135m.json
 """
 
 from __future__ import annotations
@@ -58,9 +59,52 @@ def niah_by_length(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _span(values: list[float]) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:.2f}x" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}-{hi:.2f}x"
+
+
+def bench_table(result: dict, target_ratio: float = 0.05) -> str:
+    """bench.py: per prompt length, the decode rates and the ratios its targets are stated on."""
+    rows = [r for r in result["rows"] if r.get("error") is None]
+    lengths = sorted({r["length"] for r in rows})
+    at = {(r["length"], r["method"], r["ratio"]): r for r in rows}
+    lines = ["| | " + " | ".join(f"{n:,} tokens" for n in lengths) + " |", "| --- " * (len(lengths) + 1) + "|"]
+
+    def line(label: str, cell) -> None:
+        lines.append(f"| {label} | " + " | ".join(cell(n) for n in lengths) + " |")
+
+    def d(n, method, ratio, key):
+        r = at.get((n, method, ratio))
+        return None if r is None else (r["derived"].get(key) if key in r["derived"] else r.get(key))
+
+    line("`generate` decode (tokens/s)", lambda n: f"{d(n, 'generate', None, 'decode_tokens_per_s'):.2f}")
+    line("kvcli `full` decode", lambda n: f"{d(n, 'full', None, 'decode_tokens_per_s'):.2f} ({d(n, 'full', None, 'decode_vs_generate'):.2f}x generate)")
+    line(f"`dynamickv`@{target_ratio:g} decode", lambda n: (
+        f"{d(n, 'dynamickv', target_ratio, 'decode_tokens_per_s'):.2f} ({d(n, 'dynamickv', target_ratio, 'decode_vs_generate'):.2f}x generate, "
+        f"{d(n, 'dynamickv', target_ratio, 'decode_vs_bound'):.2f}x bound, {d(n, 'dynamickv', target_ratio, 'decode_vs_matvec'):.2f}x matvec)"))
+    line("bandwidth bound / matvec ceiling (tokens/s)", lambda n: (
+        f"{d(n, 'dynamickv', target_ratio, 'bound_tokens_per_s'):.1f} / {d(n, 'dynamickv', target_ratio, 'matvec_tokens_per_s'):.1f} "
+        f"({d(n, 'dynamickv', target_ratio, 'matvec_vs_bound'):.2f}x)"))
+
+    def span(n, method, key):
+        return _span([r["derived"][key] for r in rows if r["length"] == n and r["method"] == method and r["derived"].get(key) is not None])
+
+    line("`dynamickv` decode vs generate (ratios 0.02-0.2)", lambda n: span(n, "dynamickv", "decode_vs_generate"))
+    line("`dynamickv` prefill vs `full`", lambda n: span(n, "dynamickv", "prefill_vs_full"))
+    line("`snapkv` prefill vs `full` (same work but scoring: the noise)", lambda n: span(n, "snapkv", "prefill_vs_full"))
+    line("KV kept vs ratio x full", lambda n: _span([r["derived"]["kv_vs_target"] for r in rows if r["length"] == n and r["derived"].get("kv_vs_target") is not None]))
+    line("`dynamickv` peak memory vs `full`", lambda n: span(n, "dynamickv", "peak_vs_full"))
+    return "\n".join(lines)
+
+
 def main() -> None:
     for path in sys.argv[1:]:
         result = json.load(open(path))
+        if "checks" in result:
+            print(f"### {path}: {result['model']}, copy bandwidth {result['bandwidth_gb_s']:.1f} GB/s\n")
+            print(bench_table(result) + "\n")
+            continue
         timing = result.get("timing", {})
         print(f"### {path}: model {result['model']}, metric {result['metric']}\n")
         print(table(result) + "\n")

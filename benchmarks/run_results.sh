@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Reproduces the accuracy tables of docs/results.md (a few hours of CPU; resumable: rerun to continue).
+# Reproduces the accuracy tables and the many-questions measurements of docs/results.md
+# (a few hours of CPU; the eval runs resume: rerun to continue).
 #   bash benchmarks/run_results.sh [OUTDIR]
 set -euo pipefail
 out=${1:-results}
@@ -20,3 +21,14 @@ niah smollm2-135m 2000,7000
 niah qwen2.5-coder-0.5b 2000,7000
 news smollm2-135m 4
 news qwen2.5-coder-0.5b 2
+
+# One document, many questions (issue 5): ten facts in a ~3,200-token prompt, read three ways,
+# then --reuse at higher ratios, ten questions' wall time, and memory at the model's full context.
+m=qwen2.5-coder-0.5b
+python benchmarks/reuse_check.py data -m $m --length 3000 -o "$out/questions.jsonl"
+kvcli eval --data "$out/questions.jsonl" --metric contains --methods full,dynamickv,evidencekv --ratios 0.1 \
+  --modes query,reuse,chunked --chunk-size 512 --max-new-tokens 24 -m $m --json "$out/modes-$m.json"
+kvcli eval --data "$out/questions.jsonl" --metric contains --methods full,snapkv,h2o,dynamickv,evidencekv \
+  --ratios 0.2,0.4 --modes reuse --max-new-tokens 24 -m $m --json "$out/reuse-ratios-$m.json"
+python benchmarks/reuse_check.py time -m $m --length 3000 --ratio 0.1 --json "$out/time-$m.json"
+python benchmarks/reuse_check.py memory -m $m --length 32000 --chunk-size 1024 --json "$out/memory-$m.json"
