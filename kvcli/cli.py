@@ -323,7 +323,7 @@ def _run_questions(files: list[str], questions: list[str], settings: Settings, c
 
 
 CacheOpt = Annotated[Optional[str], typer.Option("--cache", help="Answer from a cache saved by `kvcli compress` instead of reading documents.")]
-ReuseOpt = Annotated[bool, typer.Option("--reuse", help="Compress the documents once (question-agnostic) and answer every question from that cache.")]
+ReuseOpt = Annotated[bool, typer.Option("--reuse", help="Compress the documents once (question-agnostic: cheaper, but keeps specific facts less well) and answer every question from that cache.")]
 ChunkOpt = Annotated[Optional[int], typer.Option("--chunk-size", help="Read the prompt in chunks of N tokens, compressing after each (less memory for long documents).")]
 
 
@@ -468,8 +468,9 @@ def compress(
 ) -> None:
     """Compress documents once and save the cache, to answer many questions later with --cache.
 
-    The cache is question-agnostic: a generic instruction fills the observation window.
-    Example: kvcli compress report.pdf -o report.kvc --ratio 0.1
+    The cache is question-agnostic: a generic instruction fills the observation window, so it
+    keeps specific facts far less well than `kvcli ask` does (docs/results.md); it suits
+    summaries and broad questions. Example: kvcli compress report.pdf -o report.kvc --ratio 0.2
     """
     from pathlib import Path
 
