@@ -147,7 +147,7 @@ class KVCache(Cache):
         self.step_positions: torch.Tensor | None = None  # (q_len,) positions of the tokens being fed
         self.compressor = None  # set by the driver during a compressing prefill
         self.probe_len = 0  # trailing tokens of this step that score but are not kept (chunked prefill)
-        self.peak_nbytes = 0  # most KV bytes held at once, measured as each layer's attention ends
+        self.peak_nbytes = 0  # most KV bytes held at once while a compressor runs (after each layer's attention)
         self.layer_callback = None  # called with layer_idx after each layer (progress)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
@@ -161,9 +161,11 @@ class KVCache(Cache):
 
     def on_attention(self, layer_idx: int, query: torch.Tensor, scaling: float) -> None:
         """Called by the attention function after layer `layer_idx` attended over its keys."""
-        # The peak is now: this layer holds its full new KV, not yet compressed.
-        self.peak_nbytes = max(self.peak_nbytes, self.nbytes())
         if self.compressor is not None:
+            # The peak is now: this layer holds its full new KV, not yet compressed. Without a
+            # compressor the cache only grows, so its final size is its peak (and decode steps
+            # skip summing every layer's bytes).
+            self.peak_nbytes = max(self.peak_nbytes, self.nbytes())
             keys, _ = self.layers[layer_idx].view()
             self.compressor.observe_live(self, layer_idx, query, keys, scaling)
         if self.layer_callback is not None:

@@ -712,7 +712,7 @@ def eval_(
     method_objs = [settings.build_method(name) for name in names]
     if param and not any(apply_params(settings.build_method(n), parse_params(param), strict=False) for n in names):
         raise BudgetError("no method in --methods has the knobs given with --param")
-    mode_names = [name.strip() for name in modes.split(",") if name.strip()]
+    mode_names = _split_list("--modes", modes, str)
     if chunk_size is not None and "chunked" not in mode_names:
         raise InputError("--chunk-size is for --modes chunked; add chunked to --modes or drop --chunk-size")
     if "chunked" in mode_names and chunk_size is None:
