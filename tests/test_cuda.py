@@ -8,14 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import dispatch_model
-from transformers import LlamaForCausalLM
 
 from kvcli.attention import attend
 from kvcli.generate import capture, decode, prefill
 from kvcli.methods import REGISTRY, plan_budget
 from kvcli.methods.base import Compressor
-from methodutil import assert_same_cache, build
-from methodutil import tiny_llama as build_tiny_llama
+from methodutil import assert_same_cache, build, tiny_llama
 
 NUM_LAYERS = 6
 PROMPT_LEN = 80
@@ -26,11 +24,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    """A random grouped-query Llama on the CPU: 6 layers, 4 query heads sharing 2 KV heads."""
-    return build_tiny_llama(NUM_LAYERS)
 
 
 def prompt_ids() -> torch.Tensor:
@@ -78,7 +71,7 @@ def no_implicit_devices(monkeypatch):
 @pytest.mark.parametrize("name", COMPRESSING)
 def test_split_device_map_keeps_compression_on_each_layers_device(tmp_path, no_implicit_devices, name):
     """A model split by an accelerate device_map (layers 0-2 in memory, 3-5 offloaded to disk) compresses as the unsplit model does, with every kept tensor on its layer's device and no tensor created on the default device."""
-    reference = tiny_llama()
+    reference = tiny_llama(NUM_LAYERS)
     device_map = {
         "model.embed_tokens": "cpu",
         "model.rotary_emb": "cpu",
@@ -95,8 +88,7 @@ def test_split_device_map_keeps_compression_on_each_layers_device(tmp_path, no_i
     want = prefill(reference, ids, method, plan)
     assert_cache_on_layer_devices(got.cache, layer_devices(split))
     assert sum(got.cache.retained_per_layer()) == plan.total
-    for a, b in zip(got.cache.layers, want.cache.layers):
-        assert torch.equal(a.kept_positions(), b.kept_positions())
+    assert_same_cache(got.cache, want.cache)
     assert list(decode(split, got, 6, set())) == list(decode(reference, want, 6, set()))
 
 
@@ -105,7 +97,7 @@ def test_split_device_map_keeps_compression_on_each_layers_device(tmp_path, no_i
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_live_prefill_equals_replayed_capture_on_cuda(name):
     """On CUDA in bf16, compressing live during prefill keeps the same positions, keys and values as Capture.derive, and decodes the same tokens."""
-    model = tiny_llama().to("cuda", torch.bfloat16)
+    model = tiny_llama(NUM_LAYERS).to("cuda", torch.bfloat16)
     ids = prompt_ids().cuda()
     window = max(cls().window_size for cls in REGISTRY.values())
     captured = capture(model, ids, window, accumulated=True)
@@ -150,7 +142,7 @@ def test_attention_runs_on_fused_kernels(q_len):
 @pytest.mark.parametrize("name", COMPRESSING)
 def test_cpu_cuda_split_compresses_on_each_layers_device(name):
     """A model whose first layers are on CUDA and last on the CPU compresses to the budget, keeps each layer's cache on its device, and decodes."""
-    model = tiny_llama()
+    model = tiny_llama(NUM_LAYERS)
     device_map = {
         "model.embed_tokens": 0,
         "model.rotary_emb": 0,

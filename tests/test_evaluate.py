@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 
 import pytest
 import torch
+from rich.console import Console
 from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
@@ -325,8 +327,10 @@ def test_run_eval_modes_answer_as_ask_does(tiny_engine, haystack, counted_captur
     assert all(e["pct_of_full"] is None or e["pct_of_full"] >= 0 for e in result.summary)
     data = json.loads(json.dumps(result.to_dict()))
     assert data["modes"] == ["query", "reuse", "chunked"] and data["chunk_size"] == 32
-    table = render(result)
-    assert table is not None
+    console = Console(width=120, record=True, file=io.StringIO())
+    console.print(render(result))
+    shown = console.export_text()
+    assert "snapkv (reuse)" in shown and "snapkv (chunked 32)" in shown and "full (reuse)" in shown
 
 
 @pytest.mark.model
