@@ -25,7 +25,6 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 # The prose the prompts are made of: CPython's reference documentation (PSF License).
 START_TOPIC = "assignment"
@@ -283,7 +282,6 @@ def run_config(config: Config, settings: Settings) -> Row:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from kvcli.cache import KVShape
     from kvcli.methods import make_method, plan_budget
     from kvcli.models import load_model
     from kvcli.pipeline import Engine
@@ -296,7 +294,6 @@ def run_config(config: Config, settings: Settings) -> Row:
     if config.length + settings.new_tokens > limit:
         raise ValueError(f"{config.length} + {settings.new_tokens} tokens exceed {settings.model}'s {limit} positions")
     ids = prose_ids(engine.tokenizer, config.length)
-    shape = KVShape.of(model.config, engine.lm.dtype)
 
     if config.method == GENERATE:
         def measure(prompt):
@@ -334,7 +331,7 @@ def run_config(config: Config, settings: Settings) -> Row:
         ttft_s=result["ttft_s"],
         decode_tokens_per_s=result["decode_tokens_per_s"],
         kv_bytes_kept=result["kv_bytes_kept"],
-        kv_bytes_full=shape.bytes_for(config.length),
+        kv_bytes_full=engine.shape.bytes_for(config.length),
         weight_bytes=weight_bytes_per_step(model),
         matvec_tokens_per_s=matvec,
         peak_rss_bytes=peak,
@@ -574,10 +571,9 @@ def main(argv: list[str] | None = None) -> int:
         out.width = max(out.width, 180)  # a file or pipe gets whole rows, not wrapped cells
     out.print(render(result, rows))
     if args.json:
-        path = Path(args.json)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, path)
+        from kvcli.atomic import write_atomic
+
+        write_atomic(args.json, json.dumps(result, indent=2) + "\n")
     return 1 if any(row.error for row in rows) else 0
 
 

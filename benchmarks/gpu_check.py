@@ -18,12 +18,10 @@ import argparse
 import contextlib
 import gc
 import json
-import os
 import platform
 import sys
 import time
 from importlib.util import find_spec
-from pathlib import Path
 
 # Llama-3-8B's shapes, with the 128K-token context of Llama-3.1 (plain RoPE at theta 500000).
 LLAMA3_8B = {
@@ -242,10 +240,9 @@ def derive(result: dict) -> None:
 def write_json(path: str | None, result: dict) -> None:
     if not path:
         return
-    out = Path(path)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    from kvcli.atomic import write_atomic
+
+    write_atomic(path, json.dumps(result, indent=2) + "\n")
 
 
 def render(result: dict):

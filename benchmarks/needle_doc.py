@@ -14,9 +14,9 @@ from pathlib import Path
 
 from kvcli.evaluate import niah_rows
 from kvcli.models import load_model
+from reuse_check import FACTS  # benchmarks/ is on sys.path when a script in it runs
 
-NEEDLE = "The secret passphrase for the vault is indigo-walrus-17."
-QUESTION = "What is the secret passphrase for the vault?"
+NEEDLE, QUESTION, _ = FACTS[2]  # the vault passphrase
 
 
 def main() -> None:

@@ -19,12 +19,9 @@ from kvcli.generate import capture, decode
 from kvcli.methods import apply_params, make_method, parse_params, plan_budget
 from kvcli.models import load_model
 from kvcli.pipeline import Engine, Options
+from reuse_check import FACTS as ALL_FACTS  # benchmarks/ is on sys.path when a script in it runs
 
-FACTS = [
-    ("The key to the archive room is kept under the blue ceramic owl on the librarian's desk.", "Where is the key to the archive room kept?", "owl"),
-    ("Maria's favourite fruit, she once told the committee, has always been the persimmon.", "Which fruit does Maria like best?", "persimmon"),
-    ("The secret passphrase for the vault is indigo-walrus-17.", "What is the secret passphrase for the vault?", "indigo-walrus-17"),
-]
+FACTS = ALL_FACTS[:3]  # (fact, question, what a correct answer contains)
 
 
 def variant(engine: Engine, spec: str):

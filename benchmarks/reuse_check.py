@@ -49,11 +49,12 @@ FACTS = [
 def prose(tokenizer, n_tokens: int) -> str:
     """About `n_tokens` tokens of real English prose, cut at a paragraph end."""
     text = (ROOT / "samples" / "haystack.txt").read_text(encoding="utf-8")
-    if len(tokenizer(text, add_special_tokens=False)["input_ids"]) < n_tokens * 1.05:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < n_tokens * 1.05:
         from pydoc_data.topics import topics  # ~800 KB of CPython's reference documentation
 
         text = "\n\n".join(topics[name] for name in sorted(topics))
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) < n_tokens:
         raise SystemExit(f"only {len(ids)} tokens of prose available; ask for --length up to that")
     cut = tokenizer.decode(ids[:n_tokens])

@@ -8,6 +8,7 @@ saves the embedded models that first minute.
 
 import sys
 
+from kvcli.atomic import write_atomic
 from kvcli.models import EMBEDDED, load_model
 from kvcli.pipeline import Engine
 from kvcli.profile import PACKAGED, compute_profile, profile_path
@@ -19,7 +20,7 @@ def main() -> None:
         engine = Engine(load_model(name))
         profile = compute_profile(engine, progress=lambda done, total: print(f"{name}: {done}/{total}", flush=True))
         target = PACKAGED / profile_path(engine).name
-        target.write_text(profile.to_json())
+        write_atomic(target, profile.to_json())
         heads = profile.top_heads(8, max_layer=int(0.75 * (engine.num_layers - 1)))
         print(f"wrote {target}; top heads (layer, head): {heads}")
 
