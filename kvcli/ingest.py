@@ -2,6 +2,22 @@
 
 Ingest is text-only: it never sees tokens. It records where each file (or PDF page) sits in the
 text, so that later stages can say which source a passage or a truncation came from. It only reads.
+
+Which files a folder walk reads. A folder is walked recursively in sorted order; hidden paths
+(a leading '.'), paths a .gitignore ignores, and symlinked folders are always left out. The
+`include` and `exclude` globs then follow .gitignore rules and are matched against each path
+relative to the folder argument ('src/a.py' is 'a.py' when the user gave 'src'), so a glob without a
+slash ('*.py', 'test_*') matches a name at any depth, a leading '/' anchors it to the folder, a
+trailing '/' matches only folders, a matching folder matches everything inside it, and within one
+option a later '!glob' re-admits what an earlier glob matched. With include globs, only files they
+match are read; a file or folder an exclude glob matches is dropped (an excluded folder is not
+entered), even if an include glob matches it. By default a walk also skips two kinds of generated
+files, reporting them in one warning per folder: lock files (package-lock.json, yarn.lock,
+pnpm-lock.yaml, poetry.lock, Cargo.lock, Gemfile.lock, composer.lock, uv.lock, Pipfile.lock, go.sum
+and any *.lock) and minified files (*.min.js, *.min.css, *.map, and any .js, .mjs, .cjs or .json
+file with a line of more than 1000 characters in its first 4 KiB, which hand-written code and
+config rarely have). An include glob that matches such a file reads it after all. A path given
+directly (not found by a walk) is always read: no glob and no default skip applies to it.
 """
 
 from __future__ import annotations
@@ -12,6 +28,7 @@ import io
 import logging
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +44,9 @@ logger = logging.getLogger(__name__)
 
 STDIN_NAME = "<stdin>"
 BINARY_SNIFF_BYTES = 8192  # a NUL byte in this prefix marks a file as binary, as git does
+# a .js or .json file with a line longer than MINIFIED_LINE_CHARS in this prefix is minified
+MINIFIED_SNIFF_BYTES = 4096
+MINIFIED_LINE_CHARS = 1000
 
 CODE_EXTENSIONS = frozenset(
     ".py .pyi .pyx .ipynb .js .mjs .cjs .jsx .ts .tsx .vue .svelte .go .rs .c .h .cc .cpp .cxx "
@@ -50,6 +70,12 @@ BINARY_EXTENSIONS = frozenset(
     ".mov .avi .mkv .webm .woff .woff2 .ttf .otf .eot .doc .docx .xls .xlsx .ppt .pptx .odt "
     ".ods .odp .epub .iso .dmg".split()
 )
+LOCK_FILENAMES = frozenset(
+    "package-lock.json yarn.lock pnpm-lock.yaml poetry.lock Cargo.lock Gemfile.lock "
+    "composer.lock uv.lock Pipfile.lock go.sum".split()
+)
+MINIFIED_SUFFIXES = (".min.js", ".min.css", ".map")
+MINIFIED_SNIFF_EXTENSIONS = frozenset(".js .mjs .cjs .json".split())
 
 
 @dataclass(frozen=True)
@@ -86,11 +112,24 @@ class Document:
 
 @dataclass
 class _Entry:
-    """One file to read: `path` is None for stdin; `folder` is the folder argument it came from."""
+    """One file to read: `path` is None for stdin; `folder` is the folder argument it came from.
+
+    `wanted` is set when the user asked for the file (an include glob matched it, or it was also
+    named directly), which lifts the default skip of lock and minified files.
+    """
 
     path: Path | None
     name: str
     folder: str | None = None
+    wanted: bool = False
+
+
+@dataclass(frozen=True)
+class _Filters:
+    """The compiled include and exclude globs; None where the user gave none."""
+
+    include: pathspec.GitIgnoreSpec | None = None
+    exclude: pathspec.GitIgnoreSpec | None = None
 
 
 @dataclass
@@ -110,22 +149,32 @@ class _Log:
 
     warnings: list[str] = field(default_factory=list)
     binary: dict[str, list[str]] = field(default_factory=dict)
+    generated: dict[str, list[str]] = field(default_factory=dict)  # lock and minified files
+    # per folder argument: 'unmatched' files, 'excluded' files, 'excluded_folders'
+    filtered: dict[str, Counter[str]] = field(default_factory=dict)
 
 
 def read_documents(
     paths: Sequence[str],
     stdin: TextIO | None = None,
     progress: Callable[[int, int], None] | None = None,
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
 ) -> Document:
     """Read files, folders (recursively, honouring .gitignore) and `-` (stdin) into one Document.
 
+    `include` and `exclude` are gitignore-style globs that choose which files of a folder are read
+    (see the module docstring for the rules); files named directly are always read.
     `progress(done, total)` is called after each file. Raises InputError for anything the user
-    has to fix: a missing path, an empty, binary, encrypted or scanned file, an empty folder.
+    has to fix: a missing path, an empty, binary, encrypted or scanned file, an empty folder,
+    an empty or malformed glob.
     """
+    filters = _Filters(_compile(include, "include"), _compile(exclude, "exclude"))
     if not paths:
         raise InputError("no input given; pass a file, a folder, or - to read stdin")
     log = _Log()
-    entries, folders = _collect(paths, log)
+    entries, folders = _collect(paths, log, filters)
     parts: list[_Part] = []
     files_with_text: set[Path | None] = set()  # resolved paths; None stands for stdin
     for done, entry in enumerate(entries, start=1):
@@ -138,24 +187,113 @@ def read_documents(
 
     for folder, files in folders.items():
         if not files & files_with_text:
-            raise InputError(
-                f"{folder} has no readable text files; point kvcli at text, source code or PDFs"
-            )
+            raise _no_readable_files(folder, log)
     for folder, names in log.binary.items():
-        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-        plural = "s" if len(names) > 1 else ""
-        log.warnings.append(f"{folder}: skipped {len(names)} binary file{plural} ({shown})")
+        log.warnings.append(f"{folder}: skipped {_files(names, 'binary')} ({_some(names)})")
+    for folder, names in log.generated.items():
+        log.warnings.append(
+            f"{folder}: skipped {_files(names, 'lock or minified')} ({_some(names)}); "
+            "add an include glob that matches them to read them"
+        )
     return _assemble(parts, with_headers=len(files_with_text) > 1, warnings=log.warnings)
 
 
-def _collect(paths: Sequence[str], log: _Log) -> tuple[list[_Entry], dict[str, set[Path]]]:
+def _count(n: int, noun: str) -> str:
+    """'1 file' or '3 files'."""
+    return f"{n} {noun}{'s' if n != 1 else ''}"
+
+
+def _files(names: Sequence[str], what: str) -> str:
+    """'1 binary file' or '3 binary files'."""
+    return f"{len(names)} {what} file{'s' if len(names) != 1 else ''}"
+
+
+def _some(names: Sequence[str]) -> str:
+    """The first three names, then '...' if there are more."""
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+def _no_readable_files(folder: str, log: _Log) -> InputError:
+    """The error for a folder argument that gave no text, naming what globs and skips removed."""
+    filtered = log.filtered.get(folder, Counter())
+    removed = [
+        _count(filtered[key], noun) + " " + what
+        for key, noun, what in (
+            ("unmatched", "file", "matching no include glob"),
+            ("excluded", "file", "matching an exclude glob"),
+            ("excluded_folders", "folder", "matching an exclude glob"),
+        )
+        if filtered[key]
+    ]
+    generated = log.generated.get(folder, [])
+    if not removed and not generated:
+        return InputError(
+            f"{folder} has no readable text files; point kvcli at text, source code or PDFs"
+        )
+    reasons, fixes = [], []
+    if removed:
+        reasons.append(f"the include/exclude globs left out {', '.join(removed)}")
+        fixes.append("loosen the globs")
+    if generated:
+        skipped = f"{_files(generated, 'lock or minified')} ({_some(generated)})"
+        reasons.append(f"the default skips left out {skipped}")
+        fixes.append("add an include glob for the skipped files or name them directly")
+    return InputError(
+        f"{folder} has no readable text files: {'; '.join(reasons)}; {' or '.join(fixes)}"
+    )
+
+
+def _compile(globs: Sequence[str], option: str) -> pathspec.GitIgnoreSpec | None:
+    """The globs of one option as one gitignore spec (None if there are none), each checked first.
+
+    Each glob must mean something on its own: gitignore silently treats a blank line, a '#'
+    comment or an unclosed '[' as no pattern at all, which here would hide a typo.
+    """
+    if isinstance(globs, str):
+        raise TypeError(f"{option} must be a sequence of globs, not one string")
+    example = "e.g. '*.py', 'docs/' or 'src/**/*.ts'"
+    for glob in globs:
+        if not glob.strip():
+            raise InputError(f"an {option} glob is empty; remove it or give a pattern, {example}")
+        if "\n" in glob or "\r" in glob:
+            raise InputError(f"{option} glob {glob!r} spans lines; give each glob separately")
+        if {".", ".."} & set(glob.removeprefix("!").split("/")):
+            raise InputError(
+                f"{option} glob {glob!r} has a '.' or '..' part, which never matches: globs are "
+                "matched relative to the folder, so drop the ./ or ../"
+            )
+        try:
+            patterns = pathspec.GitIgnoreSpec.from_lines([glob]).patterns
+        except ValueError as err:  # pathspec's GitIgnorePatternError
+            if glob.endswith("\\"):
+                why = "a trailing \\ escapes nothing"
+            elif glob.strip() == "!":
+                why = "a lone ! negates nothing"
+            else:
+                why = _one_line(err)
+            message = f"{option} glob {glob!r} is malformed ({why}); fix it, {example}"
+            raise InputError(message) from err
+        if patterns[0].include is None:
+            if glob.lstrip().startswith("#"):
+                why = "a leading # makes it a comment; write \\# for a literal #"
+            elif "[" in glob:
+                why = "a [ without its ] makes it invalid"
+            else:
+                why = "it names no file or folder"
+            raise InputError(f"{option} glob {glob!r} matches nothing ({why}); fix it, {example}")
+    return pathspec.GitIgnoreSpec.from_lines(list(globs)) if globs else None
+
+
+def _collect(
+    paths: Sequence[str], log: _Log, filters: _Filters
+) -> tuple[list[_Entry], dict[str, set[Path]]]:
     """Expand the user's arguments into files to read, in order, each file at most once.
 
     Also returns, for each folder argument, the resolved paths of all the files found in it.
     """
     entries: list[_Entry] = []
     folders: dict[str, set[Path]] = {}
-    seen: set[Path] = set()
+    seen: dict[Path, _Entry] = {}
     stdin_seen = False
     for arg in paths:
         if arg == "-":
@@ -168,24 +306,31 @@ def _collect(paths: Sequence[str], log: _Log) -> tuple[list[_Entry], dict[str, s
         if not path.exists():
             raise InputError(f"{arg} does not exist; check the path")
         if path.is_dir():
-            candidates = [(p, n, arg) for p, n in _walk(path, arg, log)]
-            folders.setdefault(arg, set()).update(p.resolve() for p, _, _ in candidates)
+            walked = _walk(path, arg, log, filters)
+            candidates = [_Entry(file, name, arg, wanted) for file, name, wanted in walked]
+            folders.setdefault(arg, set()).update(e.path.resolve() for e in candidates)
         else:
-            candidates = [(path, os.path.normpath(arg), None)]
-        for file, name, folder in candidates:
-            key = file.resolve()
+            candidates = [_Entry(path, os.path.normpath(arg))]
+        for entry in candidates:
+            key = entry.path.resolve()
             if key not in seen:
-                seen.add(key)
-                entries.append(_Entry(file, name, folder))
+                seen[key] = entry
+                entries.append(entry)
+            elif entry.folder is None:
+                seen[key].wanted = True  # named directly after a folder walk found it: always read
     return entries, folders
 
 
-def _walk(root: Path, shown: str, log: _Log) -> Iterator[tuple[Path, str]]:
-    """Files under `root` in sorted order, skipping hidden and .gitignore'd paths.
+def _walk(
+    root: Path, shown: str, log: _Log, filters: _Filters
+) -> Iterator[tuple[Path, str, bool]]:
+    """(path, name, wanted) for files under `root` in sorted order, filtered as the module says.
 
     Each .gitignore applies to its own folder and below; a deeper file overrides a shallower one.
-    Symlinked folders are not followed, so links cannot make the walk loop.
+    Symlinked folders are not followed, so links cannot make the walk loop. `wanted` is True
+    when an include glob matched the file.
     """
+    filtered: Counter[str] = Counter()
 
     def visit(folder: Path, specs: list[tuple[Path, pathspec.GitIgnoreSpec]]):
         try:
@@ -204,12 +349,27 @@ def _walk(root: Path, shown: str, log: _Log) -> Iterator[tuple[Path, str]]:
             if _ignored(child, is_dir, specs):
                 logger.debug("ignored by .gitignore: %s", child)
                 continue
+            # include/exclude globs see the path below the folder argument, not below a .gitignore
+            relative = child.relative_to(root).as_posix() + ("/" if is_dir else "")
             if is_dir and not child.is_symlink():
+                if filters.exclude is not None and filters.exclude.match_file(relative):
+                    filtered["excluded_folders"] += 1
+                    continue
                 yield from visit(child, specs)
             elif not is_dir and child.is_file():
-                yield child, os.path.normpath(os.path.join(shown, child.relative_to(root)))
+                # an include glob is checked first, so a file both globs reject counts as unmatched
+                if filters.include is not None and not filters.include.match_file(relative):
+                    filtered["unmatched"] += 1
+                    continue
+                if filters.exclude is not None and filters.exclude.match_file(relative):
+                    filtered["excluded"] += 1
+                    continue
+                name = os.path.normpath(os.path.join(shown, relative))
+                yield child, name, filters.include is not None
 
     yield from visit(root, [])
+    if filtered:
+        log.filtered[shown] = filtered  # a folder given twice is walked the same way twice
 
 
 def _ignored(path: Path, is_dir: bool, specs: list[tuple[Path, pathspec.GitIgnoreSpec]]) -> bool:
@@ -225,14 +385,19 @@ def _ignored(path: Path, is_dir: bool, specs: list[tuple[Path, pathspec.GitIgnor
 def _read_entry(entry: _Entry, stdin: TextIO, log: _Log) -> list[_Part]:
     """The parts of one file or stdin; [] when a file inside a folder is skipped."""
     explicit = entry.folder is None
+    skip_generated = not explicit and not entry.wanted
     if entry.path is None:
         data: bytes | str = _read_stdin(stdin)
     else:
         if entry.path.suffix.lower() in BINARY_EXTENSIONS:
             return _binary(entry, log)
+        if skip_generated and _generated_name(entry.path.name):
+            return _generated(entry, log)  # lock files can be large: skipped without reading
         data = _read_file(entry)
         if data is None:
             return _binary(entry, log)
+        if skip_generated and _minified(entry.path, data):
+            return _generated(entry, log)
 
     if isinstance(data, str):  # a text stream without a byte buffer (e.g. io.StringIO)
         raw = data.encode("utf-8", errors="surrogatepass")
@@ -291,6 +456,32 @@ def _binary(entry: _Entry, log: _Log) -> list[_Part]:
         )
     logger.debug("skipped binary file %s", entry.name)
     log.binary.setdefault(entry.folder, []).append(entry.name)
+    return []
+
+
+def _generated_name(name: str) -> bool:
+    """Whether a file name marks a lock file or a minified bundle or source map."""
+    lower = name.lower()
+    return name in LOCK_FILENAMES or lower.endswith(".lock") or lower.endswith(MINIFIED_SUFFIXES)
+
+
+def _minified(path: Path, raw: bytes) -> bool:
+    """Whether a .js or .json file has a line too long for a person to have written it.
+
+    Only the first 4 KiB are looked at, so one long string late in a hand-written file does not
+    count; a minified bundle or a generated JSON dump starts with such a line.
+    """
+    if path.suffix.lower() not in MINIFIED_SNIFF_EXTENSIONS:
+        return False
+    head = raw[:MINIFIED_SNIFF_BYTES].decode("utf-8", errors="replace")
+    lines = head.replace("\r", "\n").split("\n")
+    return max(len(line) for line in lines) > MINIFIED_LINE_CHARS
+
+
+def _generated(entry: _Entry, log: _Log) -> list[_Part]:
+    """Note a lock or minified file found in a folder for a summary warning."""
+    logger.debug("skipped lock or minified file %s", entry.name)
+    log.generated.setdefault(entry.folder, []).append(entry.name)
     return []
 
 

@@ -1,5 +1,6 @@
 """Model-free tests of kvcli.ingest: files, folders, stdin and PDFs into one Document."""
 
+import fnmatch
 import io
 import tempfile
 from pathlib import Path
@@ -350,3 +351,210 @@ def test_any_bytes_give_a_document_or_an_input_error(data, suffix):
             assert "\n" not in str(err)
             return
     assert doc.text.strip() and len(doc.sources) == 1
+
+
+def names_in(doc: Document, folder: Path) -> list[str]:
+    """The document's source names, relative to `folder`, in reading order."""
+    return [Path(s.name).relative_to(folder).as_posix() for s in doc.sources]
+
+
+def code_tree(root: Path) -> Path:
+    """A small project: code in two folders, tests, docs and a vendored folder."""
+    for rel in ["a.py", "README.md", "lib/a.py", "lib/c.py", "lib/notes.txt",
+                "tests/test_a.py", "vendor/lib/v.py", "docs/guide.md"]:
+        write(root / rel, f"content of {rel}\n")
+    return root
+
+
+def test_include_and_exclude_choose_files_of_a_folder(tmp_path):
+    """Include keeps only matching files; exclude drops matching files and whole folders."""
+    root = code_tree(tmp_path / "proj")
+    doc = read_documents([str(root)], include=["*.py"], exclude=["tests/", "vendor"])
+    assert names_in(doc, root) == ["a.py", "lib/a.py", "lib/c.py"]
+    doc = read_documents([str(root)], exclude=["*.md", "lib/*.py"])
+    assert names_in(doc, root) == ["a.py", "lib/notes.txt", "tests/test_a.py", "vendor/lib/v.py"]
+
+
+def test_globs_match_paths_relative_to_the_folder_argument(tmp_path, monkeypatch):
+    """Globs see the path below the folder given (not below the cwd); a leading / anchors there."""
+    monkeypatch.chdir(tmp_path)
+    code_tree(tmp_path / "proj")
+    doc = read_documents(["proj"], include=["lib/*.py"])
+    assert [s.name for s in doc.sources] == ["proj/lib/a.py", "proj/lib/c.py"]
+    doc = read_documents(["proj"], include=["/a.py"])
+    assert [s.name for s in doc.sources] == ["proj/a.py"]
+    doc = read_documents(["proj"], include=["a.py"])  # no slash: the name at any depth
+    assert [s.name for s in doc.sources] == ["proj/a.py", "proj/lib/a.py"]
+    doc = read_documents(["proj"], include=["*.py", "!test_*"])  # the last matching glob decides
+    assert [s.name for s in doc.sources] == ["proj/a.py", "proj/lib/a.py", "proj/lib/c.py",
+                                             "proj/vendor/lib/v.py"]
+
+
+def test_excluded_folder_is_not_entered(tmp_path):
+    """A folder an exclude glob matches is pruned: a later '!' cannot re-admit a file inside it."""
+    root = code_tree(tmp_path / "proj")
+    doc = read_documents([str(root)], include=["*.py"], exclude=["lib/", "!lib/c.py"])
+    assert names_in(doc, root) == ["a.py", "tests/test_a.py"]  # lib/ at any depth, vendor/lib too
+    doc = read_documents([str(root)], include=["*.py"], exclude=["/lib/"])
+    assert names_in(doc, root) == ["a.py", "tests/test_a.py", "vendor/lib/v.py"]
+
+
+def test_filters_that_leave_nothing_say_so_with_counts(tmp_path):
+    """When the globs remove every file of a folder, the error names the globs and the counts."""
+    root = code_tree(tmp_path / "proj")
+    with pytest.raises(InputError, match="has no readable text files: the include/exclude globs "
+                       "left out 8 files matching no include glob; loosen the globs") as err:
+        read_documents([str(root)], include=["*.rs"])
+    assert "\n" not in str(err.value)
+    with pytest.raises(InputError, match="2 files matching an exclude glob, "
+                       "4 folders matching an exclude glob"):
+        read_documents([str(root)], exclude=["*.py", "*.md", "lib", "tests", "vendor", "docs/"])
+
+
+DEFAULT_SKIPPED = [
+    "package-lock.json", "yarn.lock", "pnpm-lock.yaml", "poetry.lock", "Cargo.lock",
+    "Gemfile.lock", "composer.lock", "uv.lock", "Pipfile.lock", "go.sum", "flake.lock",
+    "app.min.js", "style.min.css", "app.js.map",
+]
+
+
+@pytest.mark.parametrize("name", DEFAULT_SKIPPED)
+def test_lock_and_minified_files_are_skipped_in_folders_but_read_when_named(tmp_path, name):
+    """A lock or minified file is skipped with a warning in a folder walk, read when named."""
+    write(tmp_path / "d/app.py", "x = 1\n")
+    skipped = write(tmp_path / "d" / name, "generated: line one\n")
+    doc = read_documents([str(tmp_path / "d")])
+    assert names_in(doc, tmp_path / "d") == ["app.py"] and "generated" not in doc.text
+    (warning,) = doc.warnings
+    assert "skipped 1 lock or minified file" in warning and name in warning
+    assert "include glob" in warning
+    assert read_documents([str(skipped)]).text.endswith("generated: line one")
+
+
+def test_default_skips_give_one_summary_warning(tmp_path):
+    """All lock and minified files of a folder are reported in one warning with their count."""
+    write(tmp_path / "d/app.py", "x = 1\n")
+    for name in DEFAULT_SKIPPED:
+        write(tmp_path / "d/sub" / name, "generated\n")
+    doc = read_documents([str(tmp_path / "d")])
+    assert names_in(doc, tmp_path / "d") == ["app.py"]
+    (warning,) = doc.warnings
+    assert f"skipped {len(DEFAULT_SKIPPED)} lock or minified files" in warning
+    assert warning.count(", ") == 3 and "..." in warning  # three names shown, then ...
+
+
+def test_minified_rule_is_a_line_over_1000_chars_in_the_first_4_kib_of_js_or_json(tmp_path):
+    """A .js/.json file is minified iff a line in its first 4 KiB exceeds 1000 characters."""
+    d = tmp_path / "d"
+    write(d / "bundle.js", "var a=1;" + "x" * 1000 + "\n")
+    write(d / "dump.json", '{"k": "' + "v" * 1000 + '"}')
+    write(d / "esm.mjs", "export const a=" + "1" * 1000 + ";\n")
+    write(d / "edge.js", "a" * 1000 + "\n")  # exactly 1000: kept
+    write(d / "late.json", "{\n" + '  "k": 1,\n' * 500 + '"long": "' + "v" * 2000 + '"}\n')
+    write(d / "prose.txt", "word " * 400)  # long lines outside .js/.json are not sniffed
+    write(d / "rows.jsonl", '{"k": "' + "v" * 2000 + '"}\n')
+    doc = read_documents([str(d)])
+    assert names_in(doc, d) == ["edge.js", "late.json", "prose.txt", "rows.jsonl"]
+    (warning,) = doc.warnings
+    assert "skipped 3 lock or minified files" in warning
+
+
+def test_include_glob_overrides_a_default_skip(tmp_path):
+    """A file an include glob matches is read even if it is a lock or minified file."""
+    d = tmp_path / "d"
+    write(d / "app.py", "x = 1\n")
+    write(d / "package-lock.json", '{"lockfileVersion": 3}\n')
+    write(d / "dist/app.min.js", "minified()\n")
+    write(d / "data.json", '{"k": "' + "v" * 2000 + '"}')
+    doc = read_documents([str(d)], include=["*.json", "dist/"])
+    assert names_in(doc, d) == ["data.json", "dist/app.min.js", "package-lock.json"]
+    assert doc.warnings == ()
+    doc = read_documents([str(d)], include=["*.py", "yarn.lock"])  # not matched: still skipped
+    assert names_in(doc, d) == ["app.py"] and doc.warnings == ()
+
+
+def test_explicit_files_are_always_read(tmp_path):
+    """A file named directly is read whatever the globs and default skips say."""
+    d = tmp_path / "d"
+    write(d / "notes.md", "Notes.\n")
+    app = write(d / "app.py", "x = 1\n")
+    lock = write(d / "yarn.lock", "lock data\n")
+    doc = read_documents([str(app), str(d), str(lock)], include=["*.md"], exclude=["*.py"])
+    assert names_in(doc, d) == ["app.py", "notes.md", "yarn.lock"]
+    doc = read_documents([str(d), str(lock)])  # the walk met it first, then it was named
+    assert names_in(doc, d) == ["app.py", "notes.md", "yarn.lock"] and doc.warnings == ()
+    doc = read_documents([str(app)], exclude=["*"])
+    assert doc.text.endswith("x = 1")
+
+
+def test_folder_of_only_default_skipped_files_says_how_to_read_them(tmp_path):
+    """A folder holding only lock or minified files is refused with a hint to include them."""
+    write(tmp_path / "d/yarn.lock", "lock\n")
+    write(tmp_path / "d/app.min.js", "min()\n")
+    with pytest.raises(InputError, match="default skips left out 2 lock or minified files.*"
+                       "add an include glob for the skipped files or name them directly"):
+        read_documents([str(tmp_path / "d")])
+
+
+@pytest.mark.parametrize("option", ["include", "exclude"])
+@pytest.mark.parametrize("glob,why", [
+    ("", "is empty"), ("   ", "is empty"), ("#notes", "comment"), ("[ab", r"\["),
+    ("!", "negates nothing"), ("src\\", "escapes nothing"), ("./src", r"'\.' or '\.\.'"),
+    ("../x/*.py", r"'\.' or '\.\.'"), ("/", "names no file"), ("a\nb", "spans lines"),
+])
+def test_empty_or_malformed_glob_fails(tmp_path, option, glob, why):
+    """An empty or malformed glob is refused in one line that names the option, the glob and why."""
+    path = write(tmp_path / "a.txt", "Alpha.")
+    with pytest.raises(InputError, match=why) as err:
+        read_documents([str(path)], **{option: ["*.py", glob]})
+    message = str(err.value)
+    assert "\n" not in message and option in message
+    assert repr(glob) in message or not glob.strip()
+
+
+GLOB_DIRS = ["", "d1/", "d2/", "d1/d2/"]
+# Positive globs only, in the forms the oracle below understands: names, folders, anchored paths.
+PROPERTY_GLOBS = ["*.py", "*.md", "a*", "*b*", "?.txt", "d1", "d2/", "/a*", "/d2", "d1/*.py",
+                  "d1/d2/", "*c"]
+
+
+def glob_matches(glob: str, relative: str) -> bool:
+    """Gitignore semantics, by fnmatch on path parts, for the globs of PROPERTY_GLOBS."""
+    parts = relative.split("/")
+    dir_only = glob.endswith("/")
+    pattern = glob.rstrip("/")
+    if "/" in pattern:  # anchored at the folder: match a prefix of the path, part by part
+        wanted = pattern.lstrip("/").split("/")
+        if len(wanted) > len(parts) or (dir_only and len(wanted) == len(parts)):
+            return False
+        return all(fnmatch.fnmatchcase(p, w) for p, w in zip(parts, wanted))
+    # unanchored: any part (a folder part matches everything inside it)
+    last = len(parts) - 1
+    return any(fnmatch.fnmatchcase(p, pattern) and (i < last or not dir_only)
+               for i, p in enumerate(parts))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    files=st.sets(st.builds(str.__add__, st.sampled_from(GLOB_DIRS), st.builds(
+        str.__add__, st.text(alphabet="abc", min_size=1, max_size=2),
+        st.sampled_from([".py", ".txt", ".md"]))), min_size=1, max_size=8),
+    include=st.lists(st.sampled_from(PROPERTY_GLOBS), max_size=3),
+    exclude=st.lists(st.sampled_from(PROPERTY_GLOBS), max_size=3),
+)
+def test_a_file_is_read_iff_an_include_glob_matches_and_no_exclude_glob(files, include, exclude):
+    """A walked file is read iff it matches an include glob (if any) and no exclude glob."""
+    expected = {
+        f for f in files
+        if (not include or any(glob_matches(g, f) for g in include))
+        and not any(glob_matches(g, f) for g in exclude)
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        for rel in files:
+            write(Path(folder) / rel, f"content of {rel}\n")
+        try:
+            doc = read_documents([folder], include=include, exclude=exclude)
+        except InputError as err:
+            assert not expected and "include/exclude globs left out" in str(err)
+            return
+        assert set(names_in(doc, Path(folder))) == expected
