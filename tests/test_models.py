@@ -14,11 +14,21 @@ import numpy as np
 import pytest
 import torch
 from filelock import FileLock
+from methodutil import tiny_llama
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from kvcli import models
 from kvcli.errors import ModelError
-from kvcli.models import EMBEDDED, EmbeddedModel, load_model, resolve_device, resolve_dtype
+from kvcli.models import (
+    EMBEDDED,
+    EmbeddedModel,
+    ModelEntry,
+    list_models,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+    weights_fingerprint,
+)
 
 
 @pytest.fixture
@@ -327,6 +337,7 @@ def test_tiny_llama_folder_loads(tmp_path, home):
     assert loaded.model.config._attn_implementation == "sdpa"
     assert torch.is_grad_enabled() == grad_enabled
     assert len(loaded.config_hash) == 64
+    assert loaded.weights_fingerprint == weights_fingerprint(loaded.model) and len(loaded.weights_fingerprint) == 64
     assert loaded.tokenizer("w1 w2")["input_ids"] == [4, 5]
     assert model_folders(home) == []
 
@@ -347,6 +358,84 @@ def test_config_hash_ignores_how_the_model_was_saved(tmp_path):
     assert models.config_hash(config) == models.config_hash(reloaded)
     other = LlamaConfig.from_pretrained(folder, num_hidden_layers=3)
     assert models.config_hash(config) != models.config_hash(other)
+
+
+def test_weights_fingerprint_is_the_same_in_bfloat16_and_float32(tmp_path, home):
+    """A float32 and a bfloat16 load of one checkpoint get the same weights fingerprint, though their values differ."""
+    folder = save_tiny_llama(tmp_path / "tiny_llama")
+    fp32 = load_model(str(folder), device="cpu", dtype="float32")
+    bf16 = load_model(str(folder), device="cpu", dtype="bfloat16")
+    embeddings = fp32.model.get_input_embeddings().weight
+    # random float32 weights are not exact in bfloat16, so hashing float32 values would disagree
+    assert not torch.equal(bf16.model.get_input_embeddings().weight.float(), embeddings)
+    assert bf16.weights_fingerprint == fp32.weights_fingerprint
+    assert weights_fingerprint(fp32.model.to(torch.bfloat16)) == fp32.weights_fingerprint
+
+
+def test_weights_fingerprint_changes_with_one_weight():
+    """Changing one value of the embedding, or of the first or last layer, changes the fingerprint; equal models agree."""
+    model = tiny_llama(num_layers=3)
+    before = weights_fingerprint(model)
+    assert weights_fingerprint(tiny_llama(num_layers=3)) == before
+    layers = model.model.layers
+    for weight in (model.model.embed_tokens.weight, layers[0].self_attn.q_proj.weight, layers[-1].self_attn.q_proj.weight):
+        original = weight[0, 0].item()
+        with torch.no_grad():
+            weight[0, 0] = original + 0.25
+        assert weights_fingerprint(model) != before
+        with torch.no_grad():
+            weight[0, 0] = original
+        assert weights_fingerprint(model) == before
+
+
+def fake_conversion(folder: Path, meta: dict, files: dict[str, int]) -> Path:
+    """A converted-checkpoint folder holding `files` (name -> size) and a kvcli.json with `meta`."""
+    folder.mkdir(parents=True)
+    for name, size in files.items():
+        (folder / name).write_bytes(b"x" * size)
+    (folder / "kvcli.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_list_models_shows_embedded_and_converted(tmp_path, home, monkeypatch):
+    """Embedded models are listed first (installed or not, with their pinned size), then converted folders with their size on disk."""
+    monkeypatch.setattr(models, "find_spec", lambda name: None)  # no embedded package installed
+    smollm2 = EMBEDDED["smollm2-135m"]
+    fmt = models.CONVERSION_FORMAT
+    smollm2_folder = fake_conversion(
+        home / "models" / f"smollm2-135m-{smollm2.sha256[:12]}", {"format": fmt, "source": "smollm2-135m"}, {"model.safetensors": 10}
+    )
+    gguf_folder = fake_conversion(
+        home / "models" / "mine-0123456789ab",
+        {"format": fmt, "source": "/data/mine.gguf", "source_file": "mine.gguf"},
+        {"model.safetensors": 300, "config.json": 20},
+    )
+    (gguf_folder / "sub").mkdir()
+    (gguf_folder / "sub" / "extra.bin").write_bytes(b"y" * 5)
+    fake_conversion(home / "models" / "stale-0123456789ab", {"format": fmt - 1, "source": "/old.gguf"}, {"model.safetensors": 7})
+    (home / "models" / "mine-0123456789ab.lock").write_text("")
+
+    entries = list_models()
+    assert [(e.name, e.kind, e.installed) for e in entries] == [
+        ("qwen2.5-coder-0.5b", "embedded", False),
+        ("smollm2-135m", "embedded", False),
+        ("mine-0123456789ab", "converted", True),
+    ]
+    qwen, smol, mine = entries
+    assert (qwen.bytes, qwen.path, qwen.description) == (EMBEDDED["qwen2.5-coder-0.5b"].size, None, EMBEDDED["qwen2.5-coder-0.5b"].description)
+    assert (smol.bytes, smol.path) == (smollm2.size, str(smollm2_folder))
+    assert mine == ModelEntry(
+        name="mine-0123456789ab", kind="converted", installed=True, bytes=300 + 20 + 5 + len((gguf_folder / "kvcli.json").read_bytes()),
+        path=str(gguf_folder), description="converted from /data/mine.gguf",
+    )
+    assert list_models(tmp_path / "elsewhere")[2:] == [] and list_models(home) == entries
+
+
+def test_list_models_marks_found_parts_installed(tmp_path, home, monkeypatch):
+    """An embedded model whose part files are found is listed as installed, with no path until converted."""
+    embedded = fake_embedded(tmp_path, monkeypatch)
+    (entry,) = [e for e in list_models() if e.name == "tiny"]
+    assert (entry.kind, entry.installed, entry.bytes, entry.path) == ("embedded", True, embedded.size, None)
 
 
 # --- real embedded models --------------------------------------------------------------------

@@ -25,7 +25,10 @@ def small_cache(num_layers: int = 3) -> KVCache:
     return cache
 
 
-META = {"model": "m", "config_hash": "abc", "method": "dynamickv", "method_params": {}, "prompt_tokens": 40}
+META = {
+    "model": "m", "config_hash": "abc", "weights_fingerprint": "w1", "dtype": "float32",
+    "method": "dynamickv", "method_params": {}, "prompt_tokens": 40,
+}
 
 
 def rewrite_header(path, change) -> None:
@@ -46,7 +49,8 @@ def test_round_trip_keeps_every_layer(tmp_path):
     cache = small_cache()
     path = tmp_path / "doc.kvc"
     save_cache(path, cache, META)
-    loaded = load_cache(path, "abc", "m")
+    loaded = load_cache(path, "abc", "m", weights_fingerprint="w1")
+    assert loaded.meta["format_version"] == FORMAT_VERSION == 2 and loaded.meta["weights_fingerprint"] == "w1"
     assert loaded.prompt_tokens == 40 and loaded.meta["method"] == "dynamickv"
     for a, b in zip(cache.layers, loaded.cache.layers):
         assert torch.equal(a.kept_positions(), b.kept_positions())
@@ -83,6 +87,51 @@ def test_mismatched_metadata_is_refused(tmp_path, change, word):
     rewrite_header(path, change)
     with pytest.raises(InputError, match=word):
         load_cache(path, "abc", "m")
+
+
+def test_other_weights_of_the_same_architecture_are_refused(tmp_path):
+    """A cache made with the same config but other weights (a fine-tune) is refused in one line naming the cause."""
+    path = tmp_path / "doc.kvc"
+    save_cache(path, small_cache(), META)
+    with pytest.raises(InputError, match="other weights of the same architecture than 'm' .a fine-tune") as info:
+        load_cache(path, "abc", "m", dtype=torch.float32, weights_fingerprint="w2")
+    assert str(info.value).startswith(f"{path} was made with") and "\n" not in str(info.value)
+    assert "compress the documents again with this model" in str(info.value)
+
+
+def test_float16_on_one_side_only_names_the_dtype(tmp_path):
+    """A fingerprint mismatch between a float16 and a float32 load suggests --dtype, not a fine-tune."""
+    path = tmp_path / "doc.kvc"
+    save_cache(path, small_cache(), dict(META, dtype="float16"))
+    with pytest.raises(InputError, match="--dtype float16") as info:
+        load_cache(path, "abc", "m", dtype=torch.float32, weights_fingerprint="w2")
+    assert "fine-tune" not in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "change, word",
+    [
+        (lambda m: m.update(format_version=1), "older kvcli in cache format 1, which does not record the model's weights"),
+        (lambda m: m.pop("weights_fingerprint"), "does not record which weights made it"),
+    ],
+)
+def test_files_without_a_weights_fingerprint_are_refused(tmp_path, change, word):
+    """A format-1 file, or any file without a stored weights fingerprint, is refused with a request to re-compress."""
+    path = tmp_path / "doc.kvc"
+    save_cache(path, small_cache(), META)
+    rewrite_header(path, change)
+    for fingerprint in ("w1", None):
+        with pytest.raises(InputError, match=word) as info:
+            load_cache(path, "abc", "m", weights_fingerprint=fingerprint)
+        assert "compress the documents again" in str(info.value)
+
+
+def test_saving_needs_a_weights_fingerprint(tmp_path):
+    """save_cache refuses metadata without the model's weights fingerprint, and writes nothing."""
+    meta = {k: v for k, v in META.items() if k != "weights_fingerprint"}
+    with pytest.raises(ValueError, match="weights_fingerprint"):
+        save_cache(tmp_path / "doc.kvc", small_cache(), meta)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_truncated_file_is_refused(tmp_path):
