@@ -4,7 +4,7 @@ transformers builds one attention mask for all layers from one layer's length. k
 hold different numbers of tokens, so this function ignores that mask and builds each layer's
 own: the new `q_len` tokens see every cached entry and each other causally. It also attends
 per KV head (grouped-query attention without repeating keys), and after a layer's attention
-hands the layer to the running compressor through `KVCache.on_attention`.
+hands the layer to the step's compressor (`Step.after_attention`, `kvcli/step.py`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
+
+from .step import step_of
 
 ATTN_IMPLEMENTATION = "kvcli"
 
@@ -93,15 +95,15 @@ def accumulated_attention(query: torch.Tensor, key: torch.Tensor, scaling: float
 
 def kvcli_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: exact attention over a `KVCache`, then compression."""
-    cache = kwargs.get("kvcli_cache")
-    if cache is None:
+    step = step_of(kwargs)
+    if step is None:
         # Not driven by kvcli (one unpadded sequence, e.g. `model.generate`): plain causal SDPA.
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if kwargs.get("sliding_window"):
         raise NotImplementedError("kvcli does not support sliding-window attention layers yet")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = attend(query, key, value, scaling)
-    cache.on_attention(module.layer_idx, query, scaling)
+    step.after_attention(module.layer_idx, query, scaling)
     return out, None
 
 

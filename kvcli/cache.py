@@ -19,6 +19,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .errors import KvcliError
+from .step import step_of
 
 
 class KVLayer(CacheLayerMixin):
@@ -137,39 +138,26 @@ class KVLayer(CacheLayerMixin):
 class KVCache(Cache):
     """A transformers `Cache` whose layers hold different numbers of tokens.
 
-    The driver (`generate.py`) sets `step_positions` before each forward; the attention
-    function (`attention.py`) calls `on_attention` after each layer's attention, which is
-    where a running compressor prunes the layer.
+    Each forward pass carries a `Step` (`kvcli/step.py`): `update` appends the new entries at
+    the step's positions, and the attention function hands each layer to the step's
+    compressor right after that layer's attention.
     """
 
     def __init__(self, num_layers: int) -> None:
         super().__init__(layers=[KVLayer() for _ in range(num_layers)])
-        self.step_positions: torch.Tensor | None = None  # (q_len,) positions of the tokens being fed
-        self.compressor = None  # set by the driver during a compressing prefill
-        self.probe_len = 0  # trailing tokens of this step that score but are not kept (chunked prefill)
-        self.peak_nbytes = 0  # most KV bytes held at once while a compressor runs (after each layer's attention)
-        self.layer_callback = None  # called with layer_idx after each layer (progress)
+        self.peak_nbytes = 0  # most KV bytes held at once while a compressor ran (after a layer's attention)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if key_states.shape[0] != 1:
             raise KvcliError("internal: kvcli's cache holds one sequence (batch size 1)")
-        if self.step_positions is None or self.step_positions.shape[0] != key_states.shape[2]:
-            raise KvcliError("internal: KVCache.step_positions must be set for every forward")
+        step = step_of(kwargs)
+        if step is None:
+            raise KvcliError("internal: this architecture's attention does not pass kvcli's step to the cache")
+        if step.positions.shape[0] != key_states.shape[2]:
+            raise KvcliError("internal: the step's positions do not match the tokens fed")
         layer = self.layers[layer_idx]
-        layer.append(key_states, value_states, self.step_positions)
+        layer.append(key_states, value_states, step.positions)
         return layer.view()
-
-    def on_attention(self, layer_idx: int, query: torch.Tensor, scaling: float) -> None:
-        """Called by the attention function after layer `layer_idx` attended over its keys."""
-        if self.compressor is not None:
-            # The peak is now: this layer holds its full new KV, not yet compressed. Without a
-            # compressor the cache only grows, so its final size is its peak (and decode steps
-            # skip summing every layer's bytes).
-            self.peak_nbytes = max(self.peak_nbytes, self.nbytes())
-            keys, _ = self.layers[layer_idx].view()
-            self.compressor.observe_live(self, layer_idx, query, keys, scaling)
-        if self.layer_callback is not None:
-            self.layer_callback(layer_idx)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].length
@@ -184,6 +172,7 @@ class KVCache(Cache):
     def clone(self) -> KVCache:
         """An independent copy: several questions can each extend the same compressed prefix."""
         copy = KVCache(self.num_layers)
+        copy.peak_nbytes = self.peak_nbytes  # what making the copied cache cost is part of its story
         for source, target in zip(self.layers, copy.layers):
             if source.is_initialized:
                 keys, values = source.view()
@@ -193,6 +182,11 @@ class KVCache(Cache):
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def kv_peak_nbytes(self) -> int:
+        """Most KV bytes held at once so far: the compression peak, or the cache as it is now."""
+        return max(self.peak_nbytes, self.nbytes())
 
     def retained_per_layer(self) -> list[int]:
         """Tokens held per layer (window and generated tokens included)."""

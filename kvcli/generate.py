@@ -10,6 +10,7 @@ from the full prompt length although layers hold fewer tokens.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,7 +19,8 @@ import torch
 
 from . import attention
 from .cache import KVCache
-from .methods import BudgetPlan, Compressor, LayerObservation, Method
+from .methods import Compression, Compressor, LayerObservation
+from .step import STEP_KWARG, Step
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +32,30 @@ def prepare_model(model) -> None:
         model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
 
 
-def forward(model, cache: KVCache, input_ids: torch.Tensor, start: int) -> torch.Tensor:
-    """Feed `input_ids` `(1, q_len)` at positions start.. and return the last position's logits `(vocab,)`."""
+def forward(
+    model,
+    cache: KVCache,
+    input_ids: torch.Tensor,
+    start: int,
+    compressor=None,
+    probe_len: int = 0,
+    on_layer: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Feed `input_ids` `(1, q_len)` at positions start.. and return the last position's logits `(vocab,)`.
+
+    `compressor` (if any) prunes each layer right after its attention; the last `probe_len`
+    tokens score the rest but are not kept.
+    """
     q_len = input_ids.shape[1]
     positions = torch.arange(start, start + q_len, device=input_ids.device)
-    cache.step_positions = positions
+    step = Step(cache=cache, positions=positions, compressor=compressor, probe_len=probe_len, on_layer=on_layer)
     out = model(
         input_ids=input_ids,
         position_ids=positions[None, :],
         cache=cache,
         use_cache=True,
         logits_to_keep=1,
-        kvcli_cache=cache,
+        **{STEP_KWARG: step},
     )
     return out.logits[0, -1]
 
@@ -53,11 +67,15 @@ class Prefill:
     cache: KVCache
     logits: torch.Tensor  # (vocab,) for the token after the prompt
     prompt_len: int
-    plan: BudgetPlan | None
-    compressor: Compressor | None
     seconds: float
-    compressed: bool = field(default=False)
+    compression: Compression | None = None  # None: the full cache
+    compressor: Compressor | None = None  # the last step's, for reports (DynamicKV's allocations)
     chunks: list[tuple[int, int]] = field(default_factory=list)  # [start, stop) of each prefill step
+    compressed: bool | None = None  # defaults to whether `compression` is set (a saved cache says itself)
+
+    def __post_init__(self) -> None:
+        if self.compressed is None:
+            self.compressed = self.compression is not None
 
     def kept_per_chunk(self) -> list[float]:
         """Tokens kept from each chunk, summed over layers (mean over KV heads)."""
@@ -73,54 +91,57 @@ class Prefill:
 def prefill(
     model,
     input_ids: torch.Tensor,
-    method: Method,
-    plan: BudgetPlan | None,
-    layer_callback: Callable[[int], None] | None = None,
+    compression: Compression | None = None,
+    *,
     chunk_size: int | None = None,
     probe_ids: torch.Tensor | None = None,
+    on_layer: Callable[[int], None] | None = None,
 ) -> Prefill:
     """Read the prompt `(1, prompt_len)`, compressing each layer right after its attention.
 
-    `plan` None (or a method that does not compress) keeps the full cache. With `chunk_size`
-    the prompt is read in chunks and the cache is compressed after each, so it never holds
-    more than the budget plus one chunk; `probe_ids` (the question) are fed after each chunk
-    but the last so the chunk is scored against the question, then dropped.
+    `compression` None keeps the full cache. With `chunk_size` the prompt is read in chunks
+    and the cache is compressed after each, so it never holds more than the budget plus one
+    chunk; `probe_ids` (the question) are fed after each chunk but the last so the chunk is
+    scored against the question, then dropped.
     """
     prepare_model(model)
     cache = KVCache(model.config.num_hidden_layers)
-    compressing = plan is not None and method.compresses
     prompt_len = input_ids.shape[1]
     bounds = [0, prompt_len]
-    if chunk_size and compressing and chunk_size < prompt_len:
+    if chunk_size and compression is not None and chunk_size < prompt_len:
         bounds = list(range(0, prompt_len, chunk_size)) + [prompt_len]
-    cache.layer_callback = layer_callback
     compressor = None
-    chunk_kept: list[tuple[int, int]] = []
+    chunks: list[tuple[int, int]] = []
     started = time.perf_counter()
     with torch.inference_mode():
         for start, stop in zip(bounds[:-1], bounds[1:]):
             step_ids = input_ids[:, start:stop]
-            last = stop == prompt_len
-            if not last and probe_ids is not None:
+            probe_len = 0
+            if stop < prompt_len and probe_ids is not None:
                 step_ids = torch.cat([step_ids, probe_ids.to(step_ids.device)], dim=1)
-                cache.probe_len = probe_ids.shape[1]
-            compressor = method.compressor(plan) if compressing else None
-            cache.compressor = compressor
-            logits = forward(model, cache, step_ids, start)
-            cache.probe_len = 0
-            chunk_kept.append((start, stop))
-    seconds = time.perf_counter() - started
-    cache.compressor = None
-    cache.layer_callback = None
+                probe_len = probe_ids.shape[1]
+            compressor = compression.compressor() if compression is not None else None
+            logits = forward(model, cache, step_ids, start, compressor, probe_len, on_layer)
+            chunks.append((start, stop))
     return Prefill(
-        cache=cache,
-        logits=logits,
-        prompt_len=prompt_len,
-        plan=plan,
-        compressor=compressor,
-        seconds=seconds,
-        compressed=compressing,
-        chunks=chunk_kept,
+        cache=cache, logits=logits, prompt_len=prompt_len, seconds=time.perf_counter() - started,
+        compression=compression, compressor=compressor, chunks=chunks,
+    )
+
+
+def extend(model, state: Prefill, suffix_ids: torch.Tensor, copy: bool = True, seconds: float = 0.0) -> Prefill:
+    """Feed `suffix_ids` `(1, n)` after the cache of `state` (a copy of it unless `copy` is False).
+
+    The fed tokens are kept in full; `seconds` is what making `state` cost the caller.
+    """
+    cache = state.cache.clone() if copy else state.cache
+    started = time.perf_counter()
+    with torch.inference_mode():
+        logits = forward(model, cache, suffix_ids, state.prompt_len)
+    return Prefill(
+        cache=cache, logits=logits, prompt_len=state.prompt_len + suffix_ids.shape[1],
+        seconds=seconds + time.perf_counter() - started, compression=state.compression, compressor=state.compressor,
+        compressed=state.compressed,
     )
 
 
@@ -133,10 +154,11 @@ class Sampling:
     seed: int | None = None
 
     def generator(self, device) -> torch.Generator | None:
+        """A generator of its own (the global RNG is never seeded nor drawn from): `seed`, or fresh entropy."""
         if self.temperature <= 0:
             return None
         gen = torch.Generator(device=device)
-        gen.manual_seed(self.seed if self.seed is not None else torch.seed())
+        gen.manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
         return gen
 
     def pick(self, logits: torch.Tensor, gen: torch.Generator | None) -> int:
@@ -188,7 +210,7 @@ class _Recorder:
         self.accumulated = accumulated
         self.observations: list[LayerObservation] = []
 
-    def observe_live(self, cache, layer_idx: int, query, keys, scaling: float) -> None:
+    def observe_live(self, cache, layer_idx: int, query, keys, scaling: float, probe_len: int = 0) -> None:
         positions = cache.layers[layer_idx].kept_positions()
         self.observations.append(LayerObservation.compute(layer_idx, query, keys, positions, scaling, self.window_size, self.accumulated))
 
@@ -207,25 +229,20 @@ class Capture:
     prompt_len: int
     seconds: float
 
-    def derive(self, method: Method, plan: BudgetPlan | None) -> Prefill:
-        """The cache `method` would have kept live, built by replaying the observations."""
+    def derive(self, compression: Compression | None) -> Prefill:
+        """The cache `compression` would have kept live, built by replaying the observations."""
         started = time.perf_counter()
-        compressor = method.compressor(plan) if (plan is not None and method.compresses) else None
-        cache = self.cache.clone()
+        compressor = compression.compressor() if compression is not None else None
+        cache = self.cache.clone()  # keeps the capture's peak: the full cache was held to derive this
         if compressor is not None:
             for obs in self.observations:
-                if obs.window_attn.shape[2] < method.window_size:
+                if obs.window_attn.shape[2] < compression.method.window_size:
                     raise ValueError("internal: the capture's window is smaller than the method's")
                 for target_idx, positions in compressor.observe(obs).items():
                     cache.layers[target_idx].keep_positions(positions)
         return Prefill(
-            cache=cache,
-            logits=self.logits,
-            prompt_len=self.prompt_len,
-            plan=plan,
-            compressor=compressor,
-            seconds=self.seconds + time.perf_counter() - started,
-            compressed=compressor is not None,
+            cache=cache, logits=self.logits, prompt_len=self.prompt_len,
+            seconds=self.seconds + time.perf_counter() - started, compression=compression, compressor=compressor,
         )
 
 
@@ -234,7 +251,7 @@ def capture(
     input_ids: torch.Tensor,
     window_size: int,
     accumulated: bool = False,
-    layer_callback: Callable[[int], None] | None = None,
+    on_layer: Callable[[int], None] | None = None,
 ) -> Capture:
     """Prefill once with the full cache, recording what every method needs to choose tokens.
 
@@ -244,11 +261,7 @@ def capture(
     prepare_model(model)
     cache = KVCache(model.config.num_hidden_layers)
     recorder = _Recorder(window_size, accumulated)
-    cache.compressor = recorder
-    cache.layer_callback = layer_callback
     started = time.perf_counter()
     with torch.inference_mode():
-        logits = forward(model, cache, input_ids, 0)
-    cache.compressor = None
-    cache.layer_callback = None
+        logits = forward(model, cache, input_ids, 0, recorder, on_layer=on_layer)
     return Capture(cache, recorder.observations, logits, input_ids.shape[1], time.perf_counter() - started)

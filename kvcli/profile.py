@@ -76,27 +76,32 @@ def _probe(rng: random.Random, prose: str, tokenizer, length: int, depth: float,
     return body[:at] + fact + " " + body[at:], f"What is the access code for the {obj}?", code
 
 
-def compute_profile(engine, window_size: int = 8, kernel_size: int = 7, seed: int = 0, progress=None) -> RetrievalProfile:
-    """Prefill synthetic lookups and score every query head by where it ranks the fact."""
+def compute_profile(model, tokenizer, name: str, window_size: int = 8, kernel_size: int = 7, seed: int = 0, progress=None) -> RetrievalProfile:
+    """Prefill synthetic lookups and score every query head by where it ranks the fact.
+
+    `progress(done, total)` is called before the first lookup and after each.
+    """
     from .generate import capture
-    from .pipeline import Options
+    from .prompt import build_prompt
 
     rng = random.Random(seed)
     prose = _prose()
-    config = engine.model.config
-    num_heads = config.num_attention_heads
-    totals = torch.zeros(engine.num_layers, num_heads)
+    config = model.config
+    device = next(model.parameters()).device
+    totals = torch.zeros(config.num_hidden_layers, config.num_attention_heads)
     cases = [(length, depth) for length in _LENGTHS for depth in _DEPTHS]
+    if progress:
+        progress(0, len(cases))
     for index, (length, depth) in enumerate(cases):
         offset = rng.randrange(0, max(1, len(prose) - 12 * length))
-        document, question, code = _probe(rng, prose, engine.tokenizer, length, depth, offset)
-        prompt = engine.prompt(document, question, Options(max_new_tokens=16, max_context=length + 256))
+        document, question, code = _probe(rng, prose, tokenizer, length, depth, offset)
+        prompt = build_prompt(tokenizer, document, question, max_context=length + 256)
         start = document.index(code)
         fact_positions = [
             p for p in range(len(prompt))
             if (offset_ := prompt.doc_offset(p)) is not None and start <= offset_ < start + len(code)
         ]
-        cap = capture(engine.model, prompt.ids.to(engine.lm.device), window_size)
+        cap = capture(model, prompt.ids.to(device), window_size)
         for obs in cap.observations:
             k_len = obs.k_len
             attn = obs.window_attn[:, :, -window_size:, : k_len - window_size].sum(dim=2)  # (num_kv_heads, group, k)
@@ -106,35 +111,45 @@ def compute_profile(engine, window_size: int = 8, kernel_size: int = 7, seed: in
             totals[obs.layer_idx] += -torch.log2(rank + 1).cpu()
         if progress:
             progress(index + 1, len(cases))
-    return RetrievalProfile(scores=(totals / len(cases)).tolist(), model=engine.lm.name)
+    return RetrievalProfile(scores=(totals / len(cases)).tolist(), model=name)
 
 
-def profile_path(engine) -> Path:
+def profile_path(name: str, config_hash: str) -> Path:
+    """Where the profile of model `name` (with this config hash) is cached under KVCLI_HOME."""
     from .models import kvcli_home
 
-    safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in engine.lm.name.strip("/").replace("/", "_"))[-60:]
-    return kvcli_home() / "profiles" / f"{safe}-{engine.lm.config_hash[:12]}-v{PROFILE_VERSION}.json"
+    safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in name.strip("/").replace("/", "_"))[-60:]
+    return kvcli_home() / "profiles" / f"{safe}-{config_hash[:12]}-v{PROFILE_VERSION}.json"
 
 
 PACKAGED = Path(__file__).resolve().parent / "data" / "profiles"
 
 
-def load_or_compute_profile(engine, progress=None) -> RetrievalProfile:
-    """The model's retrieval-head profile: shipped for the embedded models, else computed once and cached.
+def stored_profile(name: str, config_hash: str) -> RetrievalProfile | None:
+    """The shipped or cached profile of a model, or None when it must be computed."""
+    path = profile_path(name, config_hash)
+    for candidate in (PACKAGED / path.name, path):
+        if candidate.is_file():
+            return RetrievalProfile.from_json(candidate.read_text())
+    return None
 
-    Computing takes 9 prefills of 1-2K tokens (about a minute on the default model on a CPU).
+
+def load_or_compute_profile(lm, progress=None) -> RetrievalProfile:
+    """The retrieval-head profile of a loaded model (`models.LoadedModel`): shipped for the
+    embedded models, else computed once and cached.
+
+    Computing takes 9 prefills of 1-2K tokens (about a minute on the default model on a
+    CPU); `progress(done, total)` hears of it from the start, so a caller can say so.
     """
-    path = profile_path(engine)
-    packaged = PACKAGED / path.name
-    if packaged.is_file():
-        return RetrievalProfile.from_json(packaged.read_text())
-    if path.is_file():
-        return RetrievalProfile.from_json(path.read_text())
+    found = stored_profile(lm.name, lm.config_hash)
+    if found is not None:
+        return found
+    path = profile_path(lm.name, lm.config_hash)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if path.is_file():  # another process made it while we waited
             return RetrievalProfile.from_json(path.read_text())
-        log.info("computing the retrieval-head profile of %s (once)", engine.lm.name)
-        profile = compute_profile(engine, progress=progress)
+        log.info("computing the retrieval-head profile of %s (once)", lm.name)
+        profile = compute_profile(lm.model, lm.tokenizer, lm.name, progress=progress)
         write_atomic(path, profile.to_json())
     return profile

@@ -45,6 +45,12 @@ class Prompt:
     def __len__(self) -> int:
         return self.ids.shape[1]
 
+    @property
+    def doc_end(self) -> int:
+        """Index of the first token after the document (where an instruction or the question starts)."""
+        end = self.doc_start + len(self.doc_text)
+        return next((i for i, start in enumerate(self.token_starts) if start >= end), len(self.token_starts))
+
     def doc_offset(self, position: int) -> int | None:
         """Char offset in the original document of the token at `position`, or None outside it."""
         char = self.token_starts[position] - self.doc_start
@@ -68,19 +74,19 @@ _DOC = "\x00KVCLI_DOCUMENT\x00"
 _QUESTION = "\x00KVCLI_QUESTION\x00"
 
 
-def _chat_parts(tokenizer, document: str, question: str, instruction: str | None) -> tuple[str, str, int]:
+def _chat_parts(tokenizer, document: str, question: str, instruction: str | None, system: str | None = None) -> tuple[str, str, int]:
     """(prefix, suffix, doc_start): the chat prompt split where the question begins.
 
-    The prefix holds the template's opening, the document and an optional instruction; the
-    suffix holds the question and the template's closing. A compressed prefix can be saved
-    and answered later by feeding only a suffix.
+    The prefix holds the template's opening (and `system`), the document and an optional
+    instruction; the suffix holds the question and the template's closing. A compressed
+    prefix can be saved and answered later by feeding only a suffix.
     """
     content = _DOC + (f"\n\n{instruction}" if instruction else "") + "\n\n" + _QUESTION
-    messages = [{"role": "user", "content": content}]
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
     if getattr(tokenizer, "chat_template", None):
         templated = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:
-        templated = f"{content}\n\nAnswer: "
+        templated = (f"{system}\n\n" if system else "") + f"{content}\n\nAnswer: "
     split = templated.index(_QUESTION) - 2  # the blank line before the question starts the suffix
     prefix, suffix = templated[:split], templated[split:].replace(_QUESTION, question, 1)
     doc_start = prefix.index(_DOC)
@@ -92,32 +98,60 @@ def _encode(tokenizer, text: str) -> tuple[list[int], list[int]]:
     return list(enc["input_ids"]), [start for start, _ in enc["offset_mapping"]]
 
 
-def question_suffix(tokenizer, question: str, instruction: str | None = REUSE_INSTRUCTION) -> torch.Tensor:
-    """Token ids `(1, n)` that ask `question` after a saved or reused document prefix."""
+def check_question(question: str) -> None:
+    """The one check every command's question goes through."""
     if not question.strip():
         raise InputError("the question is empty; pass a question in quotes")
-    _, suffix, _ = _chat_parts(tokenizer, "", question, instruction)
+
+
+def question_suffix(tokenizer, question: str, instruction: str | None = REUSE_INSTRUCTION, system: str | None = None) -> torch.Tensor:
+    """Token ids `(1, n)` that ask `question` after a saved or reused document prefix."""
+    check_question(question)
+    _, suffix, _ = _chat_parts(tokenizer, "", question, instruction, system)
     return torch.tensor([_encode(tokenizer, suffix)[0]], dtype=torch.long)
 
 
-def build_prompt(tokenizer, document: str, question: str, max_context: int, reserve: int = 0, instruction: str | None = None) -> Prompt:
+def build_prompt(
+    tokenizer, document: str, question: str, max_context: int, reserve: int = 0,
+    instruction: str | None = None, system: str | None = None,
+) -> Prompt:
     """Tokenize the chat prompt; cut the document's middle if prompt + `reserve` exceeds `max_context`.
 
+    `reserve` is room kept for the answer, so prompt + answer never pass `max_context`.
     `instruction` goes between the document and the question (used when the prefix is
-    compressed once and reused for several questions).
+    compressed once and reused for several questions); `system` is the system prompt.
     """
-    if not question.strip():
-        raise InputError("the question is empty; pass a question in quotes after the files")
-    empty_prefix, empty_suffix, _ = _chat_parts(tokenizer, "", question, instruction)
+    check_question(question)
+    empty_prefix, empty_suffix, _ = _chat_parts(tokenizer, "", question, instruction, system)
     overhead = len(_encode(tokenizer, empty_prefix)[0]) + len(_encode(tokenizer, empty_suffix)[0])
     limit = max_context - reserve
     if overhead + 16 > limit:
-        raise InputError(f"--max-context {max_context} leaves no room for the document; raise it")
+        raise InputError(
+            f"the {max_context}-token context leaves no room for the document after the prompt ({overhead} tokens) "
+            f"and the answer ({reserve} tokens); raise --max-context or lower --max-new-tokens"
+        )
     doc_ids = tokenizer(document, add_special_tokens=False)["input_ids"]
+    keep = len(doc_ids) if overhead + len(doc_ids) <= limit else limit - overhead - 16  # 16: room for the marker
+    while True:
+        prompt = _layout(tokenizer, document, doc_ids, keep, question, instruction, system)
+        over = len(prompt) - limit
+        if over <= 0:
+            break
+        # Decoding the head and tail and encoding them again can merge or split tokens at the
+        # seams: cut more until the prompt itself fits, not only the count it was cut by.
+        keep -= over
+        if keep < 1:
+            raise InputError(f"--max-context {max_context} leaves no room for the document; raise it")
+    if prompt.dropped_tokens:
+        log.warning("the document has %d tokens more than fit; cut from the middle", prompt.dropped_tokens)
+    return prompt
+
+
+def _layout(tokenizer, document: str, doc_ids: list[int], keep: int, question: str, instruction, system) -> Prompt:
+    """The prompt with `keep` of the document's tokens: all of them, or its head and tail."""
     dropped, cut_at, cut_len = 0, None, 0
     doc_text = document
-    if overhead + len(doc_ids) > limit:
-        keep = limit - overhead - 16  # room for the marker
+    if keep < len(doc_ids):
         head_n, tail_n = keep // 2, keep - keep // 2
         dropped = len(doc_ids) - keep
         head = tokenizer.decode(doc_ids[:head_n])
@@ -125,8 +159,7 @@ def build_prompt(tokenizer, document: str, question: str, max_context: int, rese
         cut_at = len(head)
         cut_len = len(document) - len(head) - len(tail)
         doc_text = head + _cut_marker(dropped) + tail
-        log.warning("the document has %d tokens more than fit; cut from the middle", dropped)
-    prefix, suffix, doc_start = _chat_parts(tokenizer, doc_text, question, instruction)
+    prefix, suffix, doc_start = _chat_parts(tokenizer, doc_text, question, instruction, system)
     prefix_ids, prefix_starts = _encode(tokenizer, prefix)
     suffix_ids, suffix_starts = _encode(tokenizer, suffix)
     ids = torch.tensor([prefix_ids + suffix_ids], dtype=torch.long)
@@ -142,4 +175,4 @@ def window_text(tokenizer, prompt: Prompt, window_size: int) -> str:
     return tokenizer.decode(prompt.ids[0, -window_size:].tolist())
 
 
-__all__ = ["REUSE_INSTRUCTION", "Prompt", "build_prompt", "question_suffix", "summary_instruction", "window_text"]
+__all__ = ["REUSE_INSTRUCTION", "Prompt", "build_prompt", "check_question", "question_suffix", "summary_instruction", "window_text"]

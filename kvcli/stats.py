@@ -81,6 +81,8 @@ class RunStats:
     decode_tokens: int = 0
     decode_s: float = 0.0
     dropped_tokens: int = 0
+    read: str = "query"  # how the document was read: query, chunked, reused or saved
+    stopped: str | None = None  # why the answer ended: "end of sequence" or "max_new_tokens"
     extra: dict = field(default_factory=dict)
 
     @property
@@ -159,8 +161,12 @@ def render(stats: RunStats) -> Group:
     if stats.dropped_tokens:
         prompt.append(f" ({stats.dropped_tokens} cut from the middle)", style="yellow")
     facts.add_row("prompt", prompt)
+    facts.add_row("read", _read_line(stats))
     if stats.compressed:
-        facts.add_row("budget", f"{stats.budget:.1f} tokens/layer = ratio {stats.ratio:.4f}")
+        budget = Text(f"{stats.budget:.1f} tokens/layer = ratio {stats.ratio:.4f}")
+        if stats.note:
+            budget.append(f" ({stats.note})", style="yellow")
+        facts.add_row("budget", budget)
         if stats.window_text:
             facts.add_row("window", Text(f"covers {stats.window_text!r}"))
     else:
@@ -179,4 +185,22 @@ def render(stats: RunStats) -> Group:
         + (f"  first token {stats.ttft_s:.2f}s" if stats.ttft_s is not None else "")
         + (f"  decode {rate:.2f} tokens/s ({stats.decode_tokens} tokens)" if rate else ""),
     )
+    if stats.stopped is not None:
+        facts.add_row("answer", f"{stats.decode_tokens} tokens, stopped at {'--max-new-tokens' if stats.stopped == 'max_new_tokens' else 'the end of sequence'}")
     return Group(facts, Text("retained tokens per layer (window included):"), layer_bars(stats.retained_per_layer))
+
+
+_READS = {
+    "query": "query-aware, one pass (the question in the observation window)",
+    "chunked": "query-aware, in chunks (the question probes each chunk)",
+    "reused": "question-agnostic prefix, compressed once and reused for each question",
+    "saved": "question-agnostic prefix from a saved cache",
+}
+
+
+def _read_line(stats: RunStats) -> str:
+    line = _READS.get(stats.read, stats.read)
+    chunks = stats.extra.get("chunks")
+    if chunks:
+        line += f": {len(chunks)} chunks"
+    return line

@@ -10,18 +10,17 @@ import sys
 
 from kvcli.atomic import write_atomic
 from kvcli.models import EMBEDDED, load_model
-from kvcli.pipeline import Engine
 from kvcli.profile import PACKAGED, compute_profile, profile_path
 
 
 def main() -> None:
     PACKAGED.mkdir(parents=True, exist_ok=True)
     for name in sys.argv[1:] or list(EMBEDDED):
-        engine = Engine(load_model(name))
-        profile = compute_profile(engine, progress=lambda done, total: print(f"{name}: {done}/{total}", flush=True))
-        target = PACKAGED / profile_path(engine).name
+        lm = load_model(name)
+        profile = compute_profile(lm.model, lm.tokenizer, lm.name, progress=lambda done, total: print(f"{name}: {done}/{total}", flush=True))
+        target = PACKAGED / profile_path(lm.name, lm.config_hash).name
         write_atomic(target, profile.to_json())
-        heads = profile.top_heads(8, max_layer=int(0.75 * (engine.num_layers - 1)))
+        heads = profile.top_heads(8, max_layer=int(0.75 * (lm.model.config.num_hidden_layers - 1)))
         print(f"wrote {target}; top heads (layer, head): {heads}")
 
 

@@ -34,14 +34,14 @@ def model_home() -> Path:
 
 def _engine(name: str):
     from kvcli.models import EMBEDDED, load_model
-    from kvcli.pipeline import Engine
+    from kvcli.reading import Reader
 
     try:
         EMBEDDED[name].part_paths()
     except ModelError as err:
         pytest.skip(str(err))
     os.environ.setdefault("KVCLI_HOME", str(_model_home()))
-    return Engine(load_model(name))
+    return Reader(load_model(name))
 
 
 @pytest.fixture(scope="session")

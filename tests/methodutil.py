@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kvcli.methods import make_method
+from kvcli.methods import Compression, make_method
 from kvcli.profile import RetrievalProfile
 
 
@@ -16,11 +16,17 @@ def random_profile(num_layers: int, num_heads: int, seed: int = 0) -> RetrievalP
 
 
 def build(name: str, num_layers: int, num_heads: int, **params):
-    """`make_method(name, **params)`, with a random profile when the method needs one."""
-    method = make_method(name, **params)
-    if method.needs_profile:
-        method.profile = random_profile(num_layers, num_heads)
-    return method
+    """`make_method(name, **params)` (the shape is that of the model it will run on, for `squeeze`)."""
+    return make_method(name, **params)
+
+
+def squeeze(method, plan, num_heads: int = 4) -> Compression | None:
+    """What a read with `method` under `plan` compresses with (None: the full cache), with a
+    random retrieval-head profile of `num_heads` query heads per layer when the method needs one."""
+    if plan is None or not method.compresses:
+        return None
+    profile = random_profile(plan.num_layers, num_heads) if method.needs_profile else None
+    return Compression(method, plan, profile)
 
 
 def tiny_llama(num_layers: int = 6) -> LlamaForCausalLM:

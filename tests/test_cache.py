@@ -10,6 +10,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvcli.cache import KVCache, KVLayer, KVShape
 from kvcli.errors import KvcliError
+from kvcli.step import STEP_KWARG, Step
 
 NUM_KV_HEADS, HEAD_DIM = 2, 4
 
@@ -95,9 +96,8 @@ def test_nbytes_and_retained_per_layer():
     """nbytes counts the live keys and values of every layer; retained_per_layer their lengths."""
     cache = KVCache(3)
     for layer_idx, length in enumerate([10, 4, 7]):
-        cache.step_positions = torch.arange(length)
         keys, values = states(length)
-        cache.update(keys.half(), values.half(), layer_idx)
+        cache.update(keys.half(), values.half(), layer_idx, kwargs=step(cache, length))
     cache.layers[0].keep(torch.arange(6).expand(NUM_KV_HEADS, -1))
     assert cache.retained_per_layer() == [6, 4, 7]
     assert cache.nbytes() == 2 * NUM_KV_HEADS * HEAD_DIM * 2 * (6 + 4 + 7)
@@ -106,20 +106,35 @@ def test_nbytes_and_retained_per_layer():
     assert shape.bytes_for(17 / 3) == cache.nbytes()
 
 
+def step(cache, length: int, start: int = 0) -> dict:
+    """The keyword arguments transformers hands `KVCache.update`: the step among them."""
+    return {STEP_KWARG: Step(cache=cache, positions=torch.arange(start, start + length))}
+
+
 def test_update_returns_the_whole_layer_and_needs_positions():
-    """KVCache.update appends at step_positions and returns the layer's full keys and values."""
+    """KVCache.update appends at the step's positions and returns the layer's full keys and values."""
     cache = KVCache(1)
-    cache.step_positions = torch.arange(5)
     keys, values = states(5)
-    cache.update(keys, values, 0)
-    cache.step_positions = torch.tensor([5])
-    out_keys, out_values = cache.update(*states(1, offset=5), 0)
+    cache.update(keys, values, 0, kwargs=step(cache, 5))
+    out_keys, out_values = cache.update(*states(1, offset=5), 0, kwargs=step(cache, 1, 5))
     assert torch.equal(out_keys, states(6)[0]) and torch.equal(out_values, states(6)[1])
+    assert torch.equal(cache.layers[0].kept_positions(), torch.arange(6).expand(NUM_KV_HEADS, -1))
     assert cache.get_seq_length(0) == 6
     with pytest.raises(KvcliError):
-        cache.update(*states(2, offset=6), 0)  # step_positions has one entry, not two
+        cache.update(*states(2, offset=6), 0, kwargs=step(cache, 1, 6))  # one position for two tokens
+    with pytest.raises(KvcliError):
+        cache.update(*states(1, offset=6), 0)  # no step at all
     with pytest.raises(KvcliError):
         cache.layers[0].update(*states(1), 0)
+
+
+def test_clone_keeps_the_peak():
+    """A cloned cache keeps the KV peak of the one it copies (what --reuse and --cache report)."""
+    cache = KVCache(1)
+    cache.update(*states(5), 0, kwargs=step(cache, 5))
+    cache.peak_nbytes = 10 * cache.nbytes()
+    copy = cache.clone()
+    assert copy.kv_peak_nbytes == cache.kv_peak_nbytes == 10 * cache.nbytes()
 
 
 def test_transformers_cache_api_still_fits():

@@ -13,7 +13,7 @@ from kvcli.attention import attend
 from kvcli.generate import capture, decode, prefill
 from kvcli.methods import REGISTRY, plan_budget
 from kvcli.methods.base import Compressor
-from methodutil import assert_same_cache, build, tiny_llama
+from methodutil import assert_same_cache, build, squeeze, tiny_llama
 
 NUM_LAYERS = 6
 PROMPT_LEN = 80
@@ -84,8 +84,8 @@ def test_split_device_map_keeps_compression_on_each_layers_device(tmp_path, no_i
     method = build(name, NUM_LAYERS, reference.config.num_attention_heads)
     plan = plan_for(method)
     ids = prompt_ids()
-    got = prefill(split, ids, method, plan)
-    want = prefill(reference, ids, method, plan)
+    got = prefill(split, ids, squeeze(method, plan))
+    want = prefill(reference, ids, squeeze(method, plan))
     assert_cache_on_layer_devices(got.cache, layer_devices(split))
     assert sum(got.cache.retained_per_layer()) == plan.total
     assert_same_cache(got.cache, want.cache)
@@ -103,8 +103,8 @@ def test_live_prefill_equals_replayed_capture_on_cuda(name):
     captured = capture(model, ids, window, accumulated=True)
     method = build(name, NUM_LAYERS, model.config.num_attention_heads)
     plan = plan_for(method)
-    live = prefill(model, ids, method, plan)
-    derived = captured.derive(method, plan)
+    live = prefill(model, ids, squeeze(method, plan))
+    derived = captured.derive(squeeze(method, plan))
     assert_cache_on_layer_devices(live.cache, [torch.device("cuda", torch.cuda.current_device())] * NUM_LAYERS)
     assert_same_cache(live.cache, derived.cache)
     if method.compresses:
@@ -153,7 +153,7 @@ def test_cpu_cuda_split_compresses_on_each_layers_device(name):
     split = dispatch_model(model, device_map=device_map)
     method = build(name, NUM_LAYERS, model.config.num_attention_heads)
     plan = plan_for(method)
-    state = prefill(split, prompt_ids().cuda(), method, plan)
+    state = prefill(split, prompt_ids().cuda(), squeeze(method, plan))
     devices = layer_devices(split)
     assert {d.type for d in devices} == {"cuda", "cpu"}
     assert_cache_on_layer_devices(state.cache, devices)

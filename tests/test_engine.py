@@ -7,7 +7,7 @@ import torch
 
 from kvcli.generate import capture, decode, forward, prefill
 from kvcli.methods import REGISTRY, make_method, plan_budget
-from methodutil import assert_same_cache, build, tiny_llama
+from methodutil import assert_same_cache, build, squeeze, tiny_llama
 
 NUM_LAYERS = 6
 PROMPT_LEN = 80
@@ -46,7 +46,7 @@ def test_full_cache_decode_matches_generate(tiny_model, prompt):
             prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
         )
     expected = output[0, PROMPT_LEN:].tolist()
-    state = prefill(tiny_model, prompt, make_method("full"), None)
+    state = prefill(tiny_model, prompt, squeeze(make_method("full"), None))
     assert list(decode(tiny_model, state, 12, set())) == expected
     assert len(set(expected)) > 3, "the tiny model should not just repeat one token"
 
@@ -56,8 +56,8 @@ def test_live_prefill_equals_replayed_capture(tiny_model, prompt, captured, name
     """Compressing live during prefill keeps the same positions, keys and values per layer and head as Capture.derive, and decodes the same tokens."""
     method = build(name, NUM_LAYERS, tiny_model.config.num_attention_heads)
     plan = plan_for(method)
-    live = prefill(tiny_model, prompt, method, plan)
-    derived = captured.derive(method, plan)
+    live = prefill(tiny_model, prompt, squeeze(method, plan))
+    derived = captured.derive(squeeze(method, plan))
     assert live.compressed == derived.compressed == method.compresses
     assert_same_cache(live.cache, derived.cache)
     if method.compresses:
@@ -70,7 +70,7 @@ def test_dynamickv_layers_differ_in_length(tiny_model, prompt):
     """dynamickv leaves layers of different lengths in the cache, summing to the budget."""
     method = make_method("dynamickv")
     plan = plan_for(method)
-    retained = prefill(tiny_model, prompt, method, plan).cache.retained_per_layer()
+    retained = prefill(tiny_model, prompt, squeeze(method, plan)).cache.retained_per_layer()
     assert len(set(retained)) > 1
     assert sum(retained) == plan.total
 
@@ -80,8 +80,8 @@ def test_multi_token_feed_matches_one_at_a_time(tiny_model, prompt, captured, na
     """Feeding 5 tokens at once into a (compressed) cache gives the same last logits as feeding them one by one."""
     method = build(name, NUM_LAYERS, tiny_model.config.num_attention_heads)
     plan = plan_for(method)
-    together = prefill(tiny_model, prompt, method, plan).cache
-    one_by_one = captured.derive(method, plan).cache
+    together = prefill(tiny_model, prompt, squeeze(method, plan)).cache
+    one_by_one = captured.derive(squeeze(method, plan)).cache
     ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         logits_together = forward(tiny_model, together, ids, PROMPT_LEN)
@@ -97,7 +97,7 @@ def test_chunked_prefill_meets_budget(tiny_model, prompt, name):
     method = build(name, NUM_LAYERS, tiny_model.config.num_attention_heads)
     plan = plan_for(method)
     probe = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(3))
-    state = prefill(tiny_model, prompt, method, plan, chunk_size=24, probe_ids=probe)
+    state = prefill(tiny_model, prompt, squeeze(method, plan), chunk_size=24, probe_ids=probe)
     assert sum(state.cache.retained_per_layer()) == plan.total
     window = torch.arange(PROMPT_LEN - method.window_size, PROMPT_LEN)
     for layer in state.cache.layers:

@@ -185,7 +185,7 @@ OUT_OF_MEMORY = [
 @pytest.mark.parametrize("error,needed", OUT_OF_MEMORY)
 def test_out_of_memory_says_what_to_lower(error, needed, tiny_model, home, monkeypatch, tmp_path):
     """Running out of memory in the prefill says how much was asked for (when known) and suggests --ratio and --chunk-size."""
-    import kvcli.pipeline
+    import kvcli.reading.query
 
     doc = tmp_path / "doc.txt"
     doc.write_text(tiny_words())
@@ -193,15 +193,15 @@ def test_out_of_memory_says_what_to_lower(error, needed, tiny_model, home, monke
     def prefill(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(kvcli.pipeline, "prefill", prefill)
-    result = run("ask", str(doc), "w1?", "-m", tiny_model, "--ratio", "0.5", "--max-new-tokens", "2")
+    monkeypatch.setattr(kvcli.reading.query, "prefill", prefill)
+    result = run("ask", str(doc), "w1?", "-m", tiny_model, "--method", "snapkv", "--ratio", "0.5", "--max-new-tokens", "2")
     assert_one_line_error(result, "out of memory", needed, "--ratio", "--chunk-size")
     assert result.exit_code == 3
 
 
 def test_a_bug_keeps_its_traceback(tiny_model, home, monkeypatch, tmp_path):
     """A RuntimeError that is not an allocation failure is a bug: it is not dressed up as a user error."""
-    import kvcli.pipeline
+    import kvcli.reading.query
 
     doc = tmp_path / "doc.txt"
     doc.write_text(tiny_words())
@@ -209,8 +209,8 @@ def test_a_bug_keeps_its_traceback(tiny_model, home, monkeypatch, tmp_path):
     def prefill(*args, **kwargs):
         raise RuntimeError("shape mismatch in attention")
 
-    monkeypatch.setattr(kvcli.pipeline, "prefill", prefill)
-    result = run("ask", str(doc), "w1?", "-m", tiny_model, "--ratio", "0.5")
+    monkeypatch.setattr(kvcli.reading.query, "prefill", prefill)
+    result = run("ask", str(doc), "w1?", "-m", tiny_model, "--ratio", "0.5", "--max-new-tokens", "2")
     assert isinstance(result.exception, RuntimeError)
     assert "kvcli: error" not in result.stderr
 

@@ -39,7 +39,7 @@ def home(tmp_path, monkeypatch):
     return path
 
 
-def save_tiny_llama(folder: Path) -> Path:
+def save_tiny_llama(folder: Path, max_positions: int = 128) -> Path:
     """Save a two-layer grouped-query Llama with a word-level tokenizer; loads in milliseconds."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
@@ -58,7 +58,7 @@ def save_tiny_llama(folder: Path) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=128,
+        max_position_embeddings=max_positions,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)

@@ -11,8 +11,7 @@ from typer.testing import CliRunner
 from helpers_text import prose, with_needle
 from kvcli.cli import app
 from kvcli.generate import decode, prefill, prepare_model
-from kvcli.methods import make_method
-from kvcli.pipeline import Options
+from kvcli.reading import Options
 
 pytestmark = pytest.mark.model
 
@@ -43,7 +42,7 @@ def test_full_cache_equals_generate(name, request):
     text = open("samples/python_exceptions.txt").read()[:2500]
     prompt = engine.prompt(text, "What does the raise statement do?", Options(max_new_tokens=24))
     expected = _generate_greedy(engine, prompt.ids, 24)
-    state = prefill(engine.model, prompt.ids, make_method("full"), None)
+    state = prefill(engine.model, prompt.ids)
     assert list(decode(engine.model, state, 24, set())) == expected
 
 

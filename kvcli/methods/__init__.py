@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import BudgetError
-from .base import BudgetPlan, Compressor, LayerObservation, Method, plan_budget
+from .base import DEFAULT_RATIO, Budget, BudgetPlan, Compression, Compressor, LayerObservation, Method, plan_budget
 from .dynamickv import DynamicKV
 from .evidencekv import EvidenceKV
 from .full import Full
@@ -43,31 +43,54 @@ def parse_params(items: list[str]) -> dict[str, str]:
 
 
 def apply_params(method: Method, params: dict[str, str], strict: bool) -> Method:
-    """Set knobs from strings, converted to each field's type; unknown knobs fail when `strict`."""
-    fields = {f.name: f for f in dataclasses.fields(method) if f.name != "profile"}
+    """Set knobs from strings, converted to each knob's type; a knob the method lacks fails when `strict`."""
+    knobs = method.params()
     changes = {}
     for key, raw in params.items():
-        if key not in fields:
+        if key not in knobs:
             if strict:
-                raise BudgetError(f"method {method.name} has no knob {key!r}; its knobs: {', '.join(fields) or 'none'}")
+                raise BudgetError(f"method {method.name} has no knob {key!r}; its knobs: {', '.join(knobs) or 'none'} (see `kvcli methods`)")
             continue
-        kind = type(getattr(method, key))
-        if kind is type(None):  # optional integer knobs such as h2o.recent_size
-            kind = int
-        try:
-            if kind is bool:
-                if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(raw)
-                value = raw.lower() in ("true", "1", "yes")
-            else:
-                value = kind(raw)
-        except ValueError:
-            raise BudgetError(f"--param {key}={raw}: expected a {kind.__name__}") from None
-        changes[key] = value
+        changes[key] = _convert(key, raw, type(getattr(method, key)))
     return dataclasses.replace(method, **changes) if changes else method
 
 
+def _convert(key: str, raw: str, kind: type):
+    if kind is type(None):  # optional integer knobs such as h2o.recent_size
+        kind = int
+    try:
+        if kind is bool:
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1", "yes")
+        return kind(raw)
+    except ValueError:
+        raise BudgetError(f"--param {key}={raw}: expected a {kind.__name__}") from None
+
+
+def configure(names: list[str], params: list[str] | None = None, window: int | None = None) -> list[Method]:
+    """Methods `names` with `--window` and `--param KEY=VALUE` applied.
+
+    One method: every knob must be one of its own. Several (eval): a knob applies to the
+    methods that have it, and is an error only when none of them has it.
+    """
+    parsed = parse_params(params or [])
+    if window is not None:
+        parsed = {"window_size": str(window), **parsed}
+    methods = [make_method(name) for name in names]
+    if len(methods) == 1:
+        given = {k: v for k, v in parsed.items() if k != "window_size" or methods[0].compresses}
+        return [apply_params(methods[0], given, strict=True)]
+    for key in parsed:
+        if key != "window_size" and not any(key in m.params() for m in methods):
+            raise BudgetError(f"no method in --methods has the knob {key!r} (see `kvcli methods`)")
+    return [apply_params(m, parsed, strict=False) for m in methods]
+
+
 __all__ = [
+    "DEFAULT_RATIO",
+    "Budget",
+    "Compression",
     "BudgetPlan",
     "Compressor",
     "DynamicKV",
@@ -77,6 +100,7 @@ __all__ = [
     "LayerObservation",
     "Method",
     "apply_params",
+    "configure",
     "parse_params",
     "PyramidKV",
     "REGISTRY",

@@ -11,7 +11,6 @@ is why both give the same cache.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
@@ -41,31 +40,66 @@ class BudgetPlan:
         return self.total / (self.num_layers * self.prompt_len)
 
 
-def plan_budget(prompt_len: int, num_layers: int, *, window_size: int, ratio: float | None = None, budget: int | None = None) -> BudgetPlan | None:
-    """Turn `--ratio` or `--budget` into a `BudgetPlan`; None when the prompt already fits."""
-    if budget is not None:
-        if budget < 1:
-            raise BudgetError(f"--budget must be a positive number of tokens per layer, got {budget}")
-        if budget <= window_size:
+DEFAULT_RATIO = 0.1
+
+
+@dataclass(frozen=True)
+class Budget:
+    """`--ratio` or `--budget` as the user gave them (neither: the default ratio), checked once."""
+
+    ratio: float | None = None
+    tokens: int | None = None  # mean tokens kept per layer, window included
+
+    def __post_init__(self) -> None:
+        if self.ratio is not None and self.tokens is not None:
+            raise BudgetError("give --ratio or --budget, not both")
+        if self.ratio is not None and not 0 < self.ratio <= 1:
+            raise BudgetError(f"--ratio must be in (0, 1], got {self.ratio}")
+        if self.tokens is not None and self.tokens < 1:
+            raise BudgetError(f"--budget must be a positive number of tokens per layer, got {self.tokens}")
+
+    def check(self, window_size: int) -> None:
+        """Refuse an explicit budget that the observation window alone would fill."""
+        if self.tokens is not None and self.tokens <= window_size:
             raise BudgetError(
-                f"--budget {budget} is not larger than the observation window ({window_size} tokens); "
+                f"--budget {self.tokens} is not larger than the observation window ({window_size} tokens); "
                 f"use --budget {window_size + 1} or more, or a smaller --window"
             )
-        total = budget * num_layers
-    else:
-        ratio = 0.1 if ratio is None else ratio
-        if not 0 < ratio <= 1:
-            raise BudgetError(f"--ratio must be in (0, 1], got {ratio}")
-        total = round(ratio * prompt_len * num_layers)
-        if total < (window_size + 1) * num_layers and total < prompt_len * num_layers:
-            need = (window_size + 1) / prompt_len
-            raise BudgetError(
-                f"--ratio {ratio} keeps {total / num_layers:.1f} tokens per layer of this {prompt_len}-token prompt, "
-                f"not more than the {window_size}-token window; use --ratio {math.ceil(need * 1000) / 1000} or more"
-            )
-    if total >= prompt_len * num_layers:
-        return None
-    return BudgetPlan(num_layers=num_layers, prompt_len=prompt_len, total=total)
+
+    @property
+    def label(self) -> str:
+        return f"budget {self.tokens}" if self.tokens is not None else f"ratio {self.ratio if self.ratio is not None else DEFAULT_RATIO:g}"
+
+    def plan(self, prompt_len: int, num_layers: int, window_size: int) -> tuple[BudgetPlan | None, str]:
+        """The tokens a prompt may keep, and a note when that is not what was asked for.
+
+        None (with a note) when the prompt already fits. A ratio that would keep no more than
+        the window keeps the window plus one token per layer instead, and says so: a short
+        document must simply work with the default settings.
+        """
+        self.check(window_size)
+        if self.tokens is not None:
+            total = self.tokens * num_layers
+        else:
+            ratio = DEFAULT_RATIO if self.ratio is None else self.ratio
+            total = round(ratio * prompt_len * num_layers)
+            least = (window_size + 1) * num_layers
+            if total < least:
+                if least >= prompt_len * num_layers:
+                    return None, f"the {prompt_len}-token prompt is too short to compress below its {window_size}-token window"
+                note = (
+                    f"ratio {ratio:g} would keep {total / num_layers:.1f} tokens per layer of this {prompt_len}-token prompt, "
+                    f"no more than the {window_size}-token window: kept {window_size + 1} per layer"
+                )
+                return BudgetPlan(num_layers=num_layers, prompt_len=prompt_len, total=least), note
+        if total >= prompt_len * num_layers:
+            return None, f"the {prompt_len}-token prompt already fits the {self.label}"
+        return BudgetPlan(num_layers=num_layers, prompt_len=prompt_len, total=total), ""
+
+
+def plan_budget(prompt_len: int, num_layers: int, *, window_size: int, ratio: float | None = None, budget: int | None = None) -> BudgetPlan | None:
+    """`Budget(ratio, budget).plan(...)` without its note; None when the prompt already fits."""
+    return Budget(ratio, budget).plan(prompt_len, num_layers, window_size)[0]
 
 
 @dataclass
@@ -132,12 +166,26 @@ def keep_window_and_top(scores: torch.Tensor, n_kept: int, positions: torch.Tens
     return positions.gather(1, local)
 
 
+@dataclass(frozen=True)
+class Compression:
+    """What a compressing read needs: the method, its budget for this prompt, the model's profile."""
+
+    method: Method
+    plan: BudgetPlan
+    profile: object = None  # RetrievalProfile when `method.needs_profile`
+
+    def compressor(self) -> Compressor:
+        """A fresh compressor: one per prefill step (a chunked read starts one per chunk)."""
+        return self.method.compressor(self.plan, self.profile)
+
+
 class Compressor:
     """One prefill's run of a method: observes layers in order, decides what each keeps."""
 
-    def __init__(self, method: Method, plan: BudgetPlan) -> None:
+    def __init__(self, method: Method, plan: BudgetPlan, profile=None) -> None:
         self.method = method
         self.plan = plan
+        self.profile = profile  # the model's RetrievalProfile, for methods that need one
         self.layer_budgets = method.layer_budgets(plan)
 
     def observe(self, obs: LayerObservation) -> dict[int, torch.Tensor]:
@@ -146,15 +194,15 @@ class Compressor:
         n_kept = self.layer_budgets[obs.layer_idx]
         return {obs.layer_idx: keep_window_and_top(scores, n_kept, obs.positions, self.method.window_size)}
 
-    def observe_live(self, cache, layer_idx: int, query, keys, scaling: float) -> None:
+    def observe_live(self, cache, layer_idx: int, query, keys, scaling: float, probe_len: int = 0) -> None:
         """Observe a layer during prefill and prune the live cache as decided."""
         layer = cache.layers[layer_idx]
         obs = LayerObservation.compute(
             layer_idx, query, keys, layer.kept_positions(), scaling, self.method.window_size, self.method.needs_accumulated
         )
-        if cache.probe_len:
+        if probe_len:
             # The probe (the question fed after a chunk) scored the chunk; it is not kept.
-            obs = obs.drop_tail(cache.probe_len)
+            obs = obs.drop_tail(probe_len)
         for target, positions in self.observe(obs).items():
             cache.layers[target].keep_positions(positions)
 
@@ -168,7 +216,7 @@ class Method:
     paper: ClassVar[str] = ""
     compresses: ClassVar[bool] = True
     needs_accumulated: ClassVar[bool] = False
-    needs_profile: ClassVar[bool] = False  # set `profile` (kvcli/profile.py) before compressing
+    needs_profile: ClassVar[bool] = False  # its compressor needs the model's retrieval-head profile (kvcli/profile.py)
     selects_by_scores: ClassVar[bool] = True  # kept tokens outside the window are the top of `scores`
 
     window_size: int = 8
@@ -198,8 +246,12 @@ class Method:
         """Tokens each layer keeps (windows included); the default splits the total evenly."""
         return even_split(plan.total, plan.num_layers)
 
-    def compressor(self, plan: BudgetPlan) -> Compressor:
-        return Compressor(self, plan)
+    def compressor(self, plan: BudgetPlan, profile=None) -> Compressor:
+        return Compressor(self, plan, profile)
+
+    def knobs(self) -> list[str]:
+        """The names `--param KEY=VALUE` accepts for this method."""
+        return [f.name for f in fields(self)]
 
     def params(self) -> dict:
         """The method's knobs and their values, for reports."""
@@ -207,7 +259,10 @@ class Method:
 
 
 __all__ = [
+    "DEFAULT_RATIO",
+    "Budget",
     "BudgetPlan",
+    "Compression",
     "Compressor",
     "LayerObservation",
     "Method",

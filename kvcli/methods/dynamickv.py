@@ -55,7 +55,7 @@ class DynamicKV(Method):
         if self.period < 1:
             raise BudgetError(f"--period must be at least 1, got {self.period}")
 
-    def compressor(self, plan: BudgetPlan) -> Compressor:
+    def compressor(self, plan: BudgetPlan, profile=None) -> Compressor:
         return DynamicKVCompressor(self, plan)
 
 

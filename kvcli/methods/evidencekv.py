@@ -27,7 +27,7 @@ prefill's peak KV is about `max_depth` of the full cache (the final cache meets 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -48,7 +48,6 @@ class EvidenceKV(Method):
     shared_fraction: float = 1.0
     num_heads: int = 8
     max_depth: float = 0.75
-    profile: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -59,15 +58,10 @@ class EvidenceKV(Method):
         if not 0 < self.max_depth <= 1:
             raise BudgetError(f"--max-depth must be in (0, 1], got {self.max_depth}")
 
-    def params(self) -> dict:
-        params = super().params()
-        params.pop("profile", None)
-        return params
-
-    def compressor(self, plan: BudgetPlan) -> Compressor:
-        if self.profile is None:
-            raise BudgetError("internal: evidencekv needs the model's retrieval-head profile (Engine.prepare sets it)")
-        return EvidenceCompressor(self, plan)
+    def compressor(self, plan: BudgetPlan, profile=None) -> Compressor:
+        if profile is None:
+            raise BudgetError("internal: evidencekv needs the model's retrieval-head profile (kvcli.profile)")
+        return EvidenceCompressor(self, plan, profile)
 
 
 class EvidenceCompressor(Compressor):
@@ -75,10 +69,10 @@ class EvidenceCompressor(Compressor):
 
     method: EvidenceKV
 
-    def __init__(self, method: EvidenceKV, plan: BudgetPlan) -> None:
-        super().__init__(method, plan)
+    def __init__(self, method: EvidenceKV, plan: BudgetPlan, profile) -> None:
+        super().__init__(method, plan, profile)
         max_layer = max(0, math.floor(method.max_depth * (plan.num_layers - 1)))
-        heads = method.profile.top_heads(method.num_heads, max_layer=max_layer)
+        heads = profile.top_heads(method.num_heads, max_layer=max_layer)
         self.heads_by_layer: dict[int, list[int]] = {}
         for layer, head in heads:
             self.heads_by_layer.setdefault(layer, []).append(head)

@@ -1,0 +1,92 @@
+"""The `kvcli` command line: the only package that prints.
+
+One module per command (or pair of commands); `options.py` declares the shared options
+once, `output.py` owns the terminal (messages, progress, reports, exit codes), and
+`session.py` holds the steps every model-running command takes.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Annotated
+
+import typer
+
+from .. import __version__
+from .ask import ask, summarize
+from .compress import compress
+from .evaluate import eval_
+from .info import methods, models
+from .inspect import inspect
+from .output import EXIT_INTERRUPTED, EXIT_OUT_OF_MEMORY, EXIT_USER_ERROR
+
+__all__ = ["EXIT_INTERRUPTED", "EXIT_OUT_OF_MEMORY", "EXIT_USER_ERROR", "app", "main"]
+
+HELP = """Ask questions about long documents on a local LLM whose KV cache is compressed.
+
+The default method is evidencekv, kvcli's own: DynamicKV's idea (arXiv 2412.14838) of sharing
+evidence across layers, taken one step further; dynamickv (the paper's method) and four others are
+one --method away (`kvcli methods`).
+
+Environment: KVCLI_MODEL (--model), KVCLI_METHOD (--method), KVCLI_DEVICE (--device), and
+KVCLI_HOME (where converted models and profiles are kept, default ~/.cache/kvcli).
+Exit codes: 0 done, 1 a bug, 2 a user error, 3 out of memory, 130 interrupted.
+"""
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, help=HELP)
+for command in (ask, summarize, compress, inspect, methods, models):
+    app.command()(command)
+app.command("eval")(eval_)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"kvcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False) -> None:
+    logging.basicConfig(level=logging.ERROR, format="kvcli: %(message)s")
+    readable_arguments()
+    # transformers' own progress bars and advice would interleave with the answer's report.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def readable_arguments() -> None:
+    """Typer prints an argument's Python type after its metavar (`PATHS... <list[str]>`); kvcli's
+    metavars already say what goes there, so the type is left out where a metavar is set."""
+    from typer.core import TyperArgument
+
+    if getattr(TyperArgument, "_kvcli_readable", False):
+        return
+    shown = TyperArgument.display_type_rich
+    TyperArgument.display_type_rich = lambda self, ctx: "" if self.metavar else shown(self, ctx)
+    TyperArgument._kvcli_readable = True
+
+
+def _return_freed_memory() -> None:
+    """Ask glibc to give large freed buffers back to the system at once.
+
+    Compression frees each layer's full KV right after its attention; with glibc's default
+    thresholds those buffers stay resident, so the process's memory would not show the saving.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold = -3
+        libc.mallopt(m_mmap_threshold, 128 * 1024)
+    except (OSError, AttributeError):
+        pass
+
+
+def main() -> None:
+    _return_freed_memory()
+    app()

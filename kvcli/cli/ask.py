@@ -1,0 +1,190 @@
+"""`kvcli ask` and `kvcli summarize`: answer questions about documents, streaming the answer."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import InputError
+from ..methods import make_method
+from ..prompt import check_question, summary_instruction
+from .options import COMPRESSION, GENERATION, MODEL, OUTPUT, RunOptions, shared
+from .output import Screen, print_json, user_errors
+from .session import load, prepare, read_documents, stdin_is_piped, warn_prompt
+
+CacheOpt = Annotated[Optional[str], typer.Option("--cache", metavar="FILE.kvc", help="Answer from a cache saved by `kvcli compress` instead of reading documents.", show_default=False)]
+IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", metavar="GLOB", help="In folders, read only files matching this glob (gitignore style); repeatable.", show_default=False)]
+ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", metavar="GLOB", help="In folders, skip files and folders matching this glob; repeatable.", show_default=False)]
+
+
+def split_arguments(args: list[str], questions: list[str] | None, cache: str | None) -> tuple[list[str], list[str]]:
+    """(documents, questions) from `ask`'s arguments: `FILES... QUESTION`, or every argument a
+    document when -q is given; with piped stdin and one argument, stdin is the document."""
+    if cache:
+        if questions and args:
+            raise InputError("with --cache, give no documents: the cache already holds them")
+        if not questions and not args:
+            raise InputError(f'give the question in quotes: kvcli ask --cache {cache} "question"')
+        files, questions = [], list(questions or args)
+    elif questions:
+        files, questions = args, list(questions)
+    elif len(args) == 1 and stdin_is_piped():
+        files, questions = ["-"], args
+    elif len(args) < 2:
+        raise InputError('give the documents, then the question in quotes: kvcli ask FILE "question"')
+    else:
+        files, questions = args[:-1], [args[-1]]
+        check_question(questions[0])
+        if Path(questions[0]).exists():
+            raise InputError(f"the last argument {questions[0]!r} is a file, not a question; put the question in quotes after the documents, or use -q")
+    for question in questions:
+        check_question(question)
+    if not files and not cache:
+        raise InputError('no documents given; pass files, folders or - for stdin, then the question')
+    return files, questions
+
+
+def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache: str | None = None,
+               reuse: bool = False, compare: bool = False, include=(), exclude=()) -> None:
+    """Answer each question: query-aware by default, or after one question-agnostic prefix."""
+    from ..reading import QueryAware, Reused, add_answer, answer, run_stats
+
+    screen = Screen(run.quiet, run.json)
+    method = run.make_method()
+    options = run.options()
+    options.check(method)
+    if compare and (cache or reuse):
+        raise InputError("--compare reads query-aware; drop --cache or --reuse")
+    doc = None if cache else _documents(files, screen, include, exclude)
+    reader = load(run, screen)
+    prefix = None
+    if cache:
+        prefix, method = _saved(reader, cache, run, screen)
+    else:
+        prepare(reader, method, screen)
+        if reuse:
+            screen.warn("--reuse chooses what to keep without the questions: specific facts are often lost (docs/results.md); leave it out to read query-aware")
+            mode = Reused(reader, doc.text, options)
+            warn_prompt(reader, options, mode.prompt, screen)
+            with screen.layers(reader.num_layers, "compress") as on_layer:
+                prefix = mode.read(method, on_layer=on_layer)
+        else:
+            mode = QueryAware(reader, doc.text, options)
+    for question in questions:
+        started = time.perf_counter()
+        if prefix is not None:
+            reading = prefix.ask(reader, question, options)
+        else:
+            warn_prompt(reader, options, mode.prompt(question), screen)
+            with screen.layers(reader.num_layers) as on_layer:
+                if compare:
+                    from ..methods import Full
+
+                    captured = mode.capture(question, method.window_size, method.needs_accumulated, on_layer)
+                    reading = mode.derive(captured, question, method)
+                else:
+                    reading = mode.read(question, method, on_layer=on_layer)
+        stats = run_stats(reader, reading)
+        try:
+            result = answer(reader, reading, options, on_text=screen.stream(), started=started)
+        finally:
+            screen.end_answer()
+        add_answer(stats, reader, result)
+        out = {"question": question, "answer": result.text, "stats": stats.to_dict()}
+        if compare:
+            full = answer(reader, mode.derive(captured, question, Full()), options)
+            out["full_cache_answer"] = full.text
+            out["same_answer"] = full.text == result.text
+        if run.json:
+            print_json(out)
+        else:
+            screen.report(stats)
+            if compare:
+                _say_comparison(screen, stats, full.text, result.text)
+
+
+def _documents(files: list[str], screen: Screen, include, exclude):
+    try:
+        return read_documents(files, screen, include, exclude)
+    except InputError as exc:
+        if files == ["-"] and str(exc).startswith("stdin is empty"):
+            raise InputError('no documents given and stdin is empty; pass files, then the question in quotes: kvcli ask FILE "question"') from None
+        raise
+
+
+def _say_comparison(screen: Screen, stats, full: str, compressed: str) -> None:
+    kept = 100 * stats.kv_bytes_kept / stats.kv_bytes_full if stats.kv_bytes_full else 100.0
+    verdict = "same answer" if full == compressed else "a different answer"
+    screen.note(f"full cache answered: {full}")
+    screen.note(f"kept {kept:.1f}%: {stats.kv_bytes_kept / 2**20:.1f} of {stats.kv_bytes_full / 2**20:.1f} MiB, {verdict}")
+
+
+def _saved(reader, path: str, run: RunOptions, screen: Screen):
+    """The prefix saved in `path`, with the method it was compressed with."""
+    from ..reading import saved_prefix
+    from ..store import load_cache
+
+    lm = reader.lm
+    saved = load_cache(path, lm.config_hash, lm.name, device=lm.device, dtype=lm.dtype, weights_fingerprint=getattr(lm, "weights_fingerprint", None))
+    method = make_method(saved.meta["method"], **saved.meta.get("method_params", {}))
+    ignored = [flag for flag, name in (("--method", "method"), ("--ratio", "ratio"), ("--budget", "budget"), ("--chunk-size", "chunk_size"), ("--param", "param")) if name in run.given]
+    if ignored:
+        screen.warn(f"{', '.join(ignored)} ignored: {path} was compressed with {method.name} when it was saved")
+    screen.warn(f"{path} was compressed without knowing the questions: specific facts are often lost (docs/results.md)")
+    return saved_prefix(reader, saved, method), method
+
+
+@user_errors
+@shared(MODEL, COMPRESSION, GENERATION, OUTPUT)
+def ask(
+    args: Annotated[Optional[list[str]], typer.Argument(help="Files, folders or - (stdin), then the question (unless -q is used). With piped stdin, the question alone.", show_default=False, metavar="PATHS... QUESTION")] = None,
+    question: Annotated[Optional[list[str]], typer.Option("--question", "-q", metavar="TEXT", help="A question; repeat for several (then every argument is a document).", show_default=False)] = None,
+    cache: CacheOpt = None,
+    reuse: Annotated[bool, typer.Option("--reuse", help="Compress the documents once, question-agnostic, and answer every question from that cache (cheaper, but keeps specific facts far less well).")] = False,
+    compare: Annotated[bool, typer.Option("--compare", help="Also answer from the full cache (one shared prefill) and say whether the answers agree.")] = False,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    *,
+    run: RunOptions,
+) -> None:
+    """Answer a question about documents, streaming the answer; report what the cache kept on stderr.
+
+    Examples: kvcli ask report.pdf "What did the audit find?" --ratio 0.05;
+    kvcli ask src/ -q "Where is the retry logic?" -q "What are its limits?";
+    cat notes.txt | kvcli ask "Who objected?"
+    """
+    files, questions = split_arguments(list(args or []), question, cache)
+    answer_all(files, questions, run, cache=cache, reuse=reuse, compare=compare, include=include or (), exclude=exclude or ())
+
+
+@user_errors
+@shared(MODEL, COMPRESSION, GENERATION, OUTPUT, max_new_tokens=400)
+def summarize(
+    files: Annotated[Optional[list[str]], typer.Argument(help="Files, folders or - (stdin).", show_default=False, metavar="PATHS...")] = None,
+    length: Annotated[str, typer.Option("--length", metavar="short|medium|long", help="How long the summary is.")] = "medium",
+    focus: Annotated[Optional[str], typer.Option("--focus", metavar="TEXT", help="What the summary should concentrate on.", show_default=False)] = None,
+    cache: CacheOpt = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    *,
+    run: RunOptions,
+) -> None:
+    """Summarize documents, streaming the summary; report what the cache kept on stderr.
+
+    Examples: kvcli summarize paper.pdf --length short; kvcli summarize --cache paper.kvc
+    """
+    instruction = summary_instruction(length, focus)
+    files = list(files or [])
+    if cache and files:
+        raise InputError("give documents or --cache, not both")
+    if not files and not cache:
+        if not stdin_is_piped():
+            raise InputError("give the documents to summarize, or --cache FILE.kvc")
+        files = ["-"]
+    answer_all(files, [instruction], run, cache=cache, include=include or (), exclude=exclude or ())
+
+
+__all__ = ["answer_all", "ask", "split_arguments", "summarize"]

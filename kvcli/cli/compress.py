@@ -1,0 +1,78 @@
+"""`kvcli compress`: compress documents once and save the cache for later questions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .. import __version__
+from ..errors import InputError
+from .ask import ExcludeOpt, IncludeOpt
+from .options import COMPRESSION, MODEL, OUTPUT, RunOptions, shared
+from .output import Screen, err, print_json, user_errors
+from .session import load, prepare, read_documents, warn_prompt
+
+
+@user_errors
+@shared(MODEL, COMPRESSION, OUTPUT)
+def compress(
+    files: Annotated[list[str], typer.Argument(help="Files, folders or - (stdin).", show_default=False, metavar="PATHS...")],
+    output: Annotated[str, typer.Option("--output", "-o", metavar="FILE.kvc", help="The .kvc file to write.", show_default=False)],
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    *,
+    run: RunOptions,
+) -> None:
+    """Compress documents once and save the cache, to answer many questions later with --cache.
+
+    The cache is question-agnostic: a generic instruction fills the observation window, so it
+    keeps specific facts far less well than `kvcli ask` does (docs/results.md); it suits
+    summaries and broad questions. Example: kvcli compress report.pdf -o report.kvc --ratio 0.2
+    """
+    from ..reading import Reused, run_stats
+    from ..store import save_cache
+
+    target = Path(output)
+    if target.suffix != ".kvc":
+        raise InputError(f"--output {output} should end in .kvc")
+    if not target.parent.exists():
+        raise InputError(f"folder {target.parent} does not exist; create it or choose another --output")
+    screen = Screen(run.quiet, run.json)
+    method = run.make_method()
+    options = run.options()
+    options.check(method)
+    doc = read_documents(list(files), screen, include or (), exclude or ())
+    reader = load(run, screen)
+    prepare(reader, method, screen)
+    mode = Reused(reader, doc.text, options)
+    warn_prompt(reader, options, mode.prompt, screen)
+    with screen.layers(reader.num_layers, "compress") as on_layer:
+        prefix = mode.read(method, on_layer=on_layer)
+    stats = run_stats(reader, prefix.reading())
+    lm = reader.lm
+    meta = {
+        "kvcli_version": __version__,
+        "model": lm.name,
+        "config_hash": lm.config_hash,
+        "weights_fingerprint": getattr(lm, "weights_fingerprint", None),
+        "dtype": str(lm.dtype).removeprefix("torch."),
+        "method": method.name,
+        "method_params": method.params(),
+        "prompt_tokens": prefix.state.prompt_len,
+        "compressed": prefix.state.compressed,
+        "note": prefix.note,
+        "window_text": prefix.window,
+        "kv_peak_bytes": prefix.state.cache.kv_peak_nbytes,
+        "retained_per_layer": stats.retained_per_layer,
+        "sources": [{"name": s.name, "page": s.page, "sha256": s.sha256} for s in doc.sources],
+    }
+    written = save_cache(target, prefix.state.cache, meta)
+    stats.extra["file_bytes"] = written
+    if run.json:
+        print_json({"output": str(target), "stats": stats.to_dict()})
+    elif not run.quiet:
+        screen.report(stats)
+        err.print(f"saved {target} ({written / 2**20:.1f} MiB); ask with: kvcli ask --cache {target} \"question\"", markup=False)
+

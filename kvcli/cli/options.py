@@ -1,0 +1,131 @@
+"""The options several commands share, declared once, and the decorator that adds them.
+
+A command lists the groups it takes (`@shared("model", "compression", ...)`) and receives
+their values as one `RunOptions` argument named `run`; its own options stay in its
+signature. Typer reads the combined signature, so `--help` shows every option as usual.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass, field
+from typing import Annotated, Optional
+
+import typer
+
+from ..generate import Sampling
+from ..methods import DEFAULT_METHOD, Budget, configure
+from ..reading import Options
+
+MODEL = "model"
+COMPRESSION = "compression"
+GENERATION = "generation"
+OUTPUT = "output"
+
+_MODEL_HELP = "Embedded model name, local folder, .gguf file or hub id (`kvcli models` lists them) [default: qwen2.5-coder-0.5b]."
+
+GROUPS: dict[str, list[tuple[str, object, object]]] = {
+    MODEL: [
+        ("model", Annotated[Optional[str], typer.Option("--model", "-m", envvar="KVCLI_MODEL", metavar="NAME|PATH", help=_MODEL_HELP, show_default=False)], None),
+        ("device", Annotated[str, typer.Option("--device", envvar="KVCLI_DEVICE", metavar="auto|cpu|cuda[:N]", help="Where the model runs.")], "auto"),
+        ("dtype", Annotated[str, typer.Option("--dtype", metavar="auto|float32|bfloat16|float16", help="Compute dtype: auto is float32 on CPU, bfloat16 on CUDA.")], "auto"),
+        ("trust_remote_code", Annotated[bool, typer.Option("--trust-remote-code", help="Allow a hub model's own code to run.")], False),
+    ],
+    COMPRESSION: [
+        ("method", Annotated[str, typer.Option("--method", envvar="KVCLI_METHOD", metavar="NAME", help="Compression method (`kvcli methods` lists them and their knobs).")], DEFAULT_METHOD),
+        ("ratio", Annotated[Optional[float], typer.Option("--ratio", metavar="R", help="Fraction of the prompt's KV entries kept, summed over layers, in (0, 1] [default: 0.1].", show_default=False)], None),
+        ("budget", Annotated[Optional[int], typer.Option("--budget", metavar="N", help="Mean tokens kept per layer, window included (instead of --ratio).", show_default=False)], None),
+        ("window", Annotated[int, typer.Option("--window", metavar="N", help="Observation window: the prompt's last N tokens score the rest.")], 8),
+        ("param", Annotated[Optional[list[str]], typer.Option("--param", metavar="KEY=VALUE", help="A knob of the method, e.g. --param max_multiple=5 for dynamickv (`kvcli methods` lists them); repeatable.", show_default=False)], None),
+        ("chunk_size", Annotated[Optional[int], typer.Option("--chunk-size", metavar="N", help="Read the prompt in chunks of N tokens, compressing after each (less memory for long documents).", show_default=False)], None),
+        ("max_context", Annotated[Optional[int], typer.Option("--max-context", metavar="N", help="Longest prompt plus answer in tokens; longer documents are cut in the middle [default: the model's positions].", show_default=False)], None),
+    ],
+    GENERATION: [
+        ("max_new_tokens", Annotated[int, typer.Option("--max-new-tokens", metavar="N", help="Stop after this many generated tokens.")], 256),
+        ("temperature", Annotated[float, typer.Option("--temperature", metavar="T", help="Sampling temperature; 0 is greedy.")], 0.0),
+        ("top_p", Annotated[float, typer.Option("--top-p", metavar="P", help="Nucleus sampling threshold.")], 1.0),
+        ("seed", Annotated[Optional[int], typer.Option("--seed", metavar="N", help="Random seed for sampling.", show_default=False)], None),
+        ("system", Annotated[Optional[str], typer.Option("--system", metavar="TEXT", help="A system prompt for the model.", show_default=False)], None),
+    ],
+    OUTPUT: [
+        ("json", Annotated[bool, typer.Option("--json", help="Print one JSON object per result on stdout instead of text and a report.")], False),
+        ("quiet", Annotated[bool, typer.Option("--quiet", "-Q", help="No progress, warnings or report on stderr.")], False),
+    ],
+}
+
+
+@dataclass
+class RunOptions:
+    """The shared options' values; a group a command does not take keeps its defaults."""
+
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    method: str = DEFAULT_METHOD
+    ratio: float | None = None
+    budget: int | None = None
+    window: int = 8
+    param: list[str] | None = None
+    chunk_size: int | None = None
+    max_context: int | None = None
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    system: str | None = None
+    json: bool = False
+    quiet: bool = False
+    given: set[str] = field(default_factory=set)  # the options the user set (not left at their defaults)
+
+    def make_method(self):
+        """The method with --window and --param applied; a knob it lacks is an error."""
+        return configure([self.method], self.param, self.window)[0]
+
+    def options(self) -> Options:
+        """How to read and answer, checked (the budget, the chunk size and --max-new-tokens)."""
+        if self.chunk_size is not None and self.chunk_size < 1:
+            from ..errors import InputError
+
+            raise InputError(f"--chunk-size must be a positive number of tokens, got {self.chunk_size}")
+        return Options(
+            budget=Budget(self.ratio, self.budget), chunk_size=self.chunk_size, max_context=self.max_context,
+            max_new_tokens=self.max_new_tokens, sampling=Sampling(self.temperature, self.top_p, self.seed),
+            system=self.system,
+        )
+
+
+def shared(*groups: str, **defaults):
+    """Add the options of `groups` to a command, passed to it as `run: RunOptions`.
+
+    `defaults` overrides a shared option's default for this command (e.g. max_new_tokens=400),
+    or fixes its value where its group is not taken (inspect generates nothing: max_new_tokens=1).
+    """
+    entries = [entry for group in groups for entry in GROUPS[group]]
+
+    def decorate(fn):
+        signature = inspect.signature(fn, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != "run"]
+        added = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=defaults.get(name, default), annotation=annotation)
+            for name, annotation, default in entries
+        ]
+        names = [name for name, _, _ in entries]
+
+        fixed = {name: value for name, value in defaults.items() if name not in names}  # for groups not taken
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            values = {name: kwargs.pop(name) for name in names if name in kwargs}
+            given = {name for name, value in values.items() if value != defaults.get(name, _default(name))}
+            return fn(*args, **kwargs, run=RunOptions(**fixed, **values, given=given))
+
+        wrapper.__signature__ = signature.replace(parameters=own + added)
+        return wrapper
+
+    return decorate
+
+
+def _default(name: str):
+    return next(default for group in GROUPS.values() for entry_name, _, default in group if entry_name == name)

@@ -1,0 +1,154 @@
+"""Everything kvcli shows on the terminal: messages, progress bars, the report, errors.
+
+Answers go to stdout; progress, warnings, reports and errors go to stderr. Exit codes:
+0 done, 1 a bug (with its traceback), 2 a user error (one line), 3 out of memory,
+130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import re
+import sys
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..errors import KvcliError
+from ..stats import render
+
+err = Console(stderr=True, highlight=False)
+
+EXIT_USER_ERROR = 2
+EXIT_OUT_OF_MEMORY = 3
+EXIT_INTERRUPTED = 130
+
+
+def say(line: str) -> None:
+    """A message on stderr: word-wrapped on a terminal, one line in pipes and logs (so it greps)."""
+    err.print(line, markup=False, soft_wrap=not err.is_terminal)
+
+
+class Screen:
+    """What one command run may show on stderr, given --quiet and whether stderr is a terminal."""
+
+    def __init__(self, quiet: bool = False, json_out: bool = False) -> None:
+        self.quiet = quiet
+        self.json = json_out
+
+    @property
+    def show_progress(self) -> bool:
+        return not self.quiet and err.is_terminal
+
+    def warn(self, *messages: str) -> None:
+        if not self.quiet:
+            for message in messages:
+                say(f"kvcli: warning: {message}")
+
+    def note(self, message: str) -> None:
+        if not self.quiet:
+            say(message)
+
+    @contextlib.contextmanager
+    def progress(self, label: str, unit: str = "", total: int | None = None):
+        """A transient bar on a terminal; yields `update(done, total=None)` (a no-op elsewhere)."""
+        if not self.show_progress:
+            yield lambda done, total=None: None
+            return
+        bar = Progress(TextColumn(label), BarColumn(), TextColumn("{task.completed}/{task.total} " + unit), TimeElapsedColumn(), console=err, transient=True)
+        task = bar.add_task(label, total=total)
+        bar.start()
+        try:
+            yield lambda done, total=None: bar.update(task, completed=done, **({"total": total} if total is not None else {}))
+        finally:
+            bar.stop()
+
+    @contextlib.contextmanager
+    def layers(self, num_layers: int, label: str = "prefill"):
+        """A bar over the model's layers; yields the `on_layer(layer_idx)` callback (or None)."""
+        if not self.show_progress:
+            yield None
+            return
+        with self.progress(label, "layers", total=num_layers) as update:
+            yield lambda layer: update(layer + 1)
+
+    @contextlib.contextmanager
+    def status(self, message: str):
+        """A spinner with a message on a terminal; yields `update(message)`."""
+        if not self.show_progress:
+            yield lambda message: None
+            return
+        status = err.status(message)
+        status.start()
+        try:
+            yield status.update
+        finally:
+            status.stop()
+
+    def report(self, stats) -> None:
+        if not self.quiet and not self.json:
+            err.print(render(stats))
+
+    def stream(self):
+        """The callback that writes the answer to stdout as it comes (None with --json)."""
+        if self.json:
+            return None
+
+        def write(piece: str) -> None:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        return write
+
+    def end_answer(self) -> None:
+        if not self.json:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+
+def print_json(data: dict) -> None:
+    print(json.dumps(data, ensure_ascii=False))
+
+
+def user_errors(fn):
+    """Turn user mistakes into one line on stderr and a non-zero exit; Ctrl-C into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KvcliError as exc:
+            say(f"kvcli: error: {exc}")
+            raise typer.Exit(exc.exit_code) from None
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            say(f"kvcli: error: {out_of_memory(exc)}")
+            raise typer.Exit(EXIT_OUT_OF_MEMORY) from None
+        except RuntimeError as exc:
+            if "can't allocate memory" not in str(exc):  # torch's CPU allocator fails with a plain RuntimeError
+                raise
+            say(f"kvcli: error: {out_of_memory(exc)}")
+            raise typer.Exit(EXIT_OUT_OF_MEMORY) from None
+        except KeyboardInterrupt:
+            sys.stdout.flush()
+            err.print("\nkvcli: interrupted", markup=False)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    return wrapper
+
+
+def out_of_memory(exc: BaseException) -> str:
+    """One line for a failed allocation: how much was asked for, when torch says, and what to lower."""
+    text = str(exc)
+    needed = ""
+    if match := re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", text):  # CUDA
+        needed = f" (tried to allocate {match.group(1)})"
+    elif match := re.search(r"tried to allocate (\d+) bytes", text):  # CPU
+        needed = f" (tried to allocate {int(match.group(1)) / 2**30:.2f} GiB)"
+    return (
+        f"out of memory{needed}; try a lower --ratio, --chunk-size 1024 (reads the prompt in pieces, "
+        "compressing after each), a shorter --max-context or a smaller model"
+    )

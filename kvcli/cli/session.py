@@ -1,0 +1,67 @@
+"""The steps every model-running command takes: read the documents, load the model, get the
+method ready (its profile, with progress the first time), warn about the prompt."""
+
+from __future__ import annotations
+
+import sys
+
+from ..errors import InputError
+from ..stats import reset_peak_memory
+from .options import RunOptions
+from .output import Screen
+
+
+def read_documents(paths: list[str], screen: Screen, include=(), exclude=()):
+    """The documents as one text, with a bar over files on a terminal and warnings shown."""
+    from ..ingest import read_documents as read
+
+    if not paths:
+        raise InputError("no documents given; pass files, folders or - for stdin before the question")
+    with screen.progress("reading", "files") as update:
+        doc = read(paths, progress=lambda done, total: update(done, total), include=include, exclude=exclude)
+    screen.warn(*doc.warnings)
+    return doc
+
+
+def load(run: RunOptions, screen: Screen):
+    """The model as a `reading.Reader`; the reported peak memory starts after the load."""
+    from ..models import load_model
+    from ..reading import Reader
+
+    with screen.status("loading model") as update:
+        lm = load_model(run.model, device=run.device, dtype=run.dtype, trust_remote_code=run.trust_remote_code, progress=update)
+    reader = Reader(lm)
+    reset_peak_memory(lm.device)
+    return reader
+
+
+def prepare(reader, method, screen: Screen) -> None:
+    """Load (or compute, once per model, with a progress bar) what the method needs from the model."""
+    if not method.needs_profile:
+        return
+    with screen.progress("retrieval-head profile", "prefills") as update:
+        def progress(done: int, total: int) -> None:
+            if done == 0:
+                screen.note(f"kvcli: computing the retrieval-head profile of {reader.lm.name} for {method.name} (once per model: {total} short prefills)")
+            update(done, total)
+
+        reader.profile(progress)
+
+
+def warn_prompt(reader, options, prompt, screen: Screen) -> None:
+    """Say when the document was cut to fit, or the prompt is past the model's trained positions."""
+    limit = reader.context_limit(options)
+    if prompt.dropped_tokens:
+        screen.warn(
+            f"the documents are {prompt.dropped_tokens} tokens longer than fit the {limit}-token context with room for "
+            f"the answer; cut from the middle (head and tail kept); pass --max-context to change the limit"
+        )
+    if len(prompt) + options.max_new_tokens > reader.max_positions:
+        screen.warn(f"the {len(prompt)}-token prompt and its answer pass the model's trained context ({reader.max_positions}); answers may degrade")
+
+
+def stdin_is_piped() -> bool:
+    try:
+        return not sys.stdin.isatty()
+    except (AttributeError, ValueError):
+        return False

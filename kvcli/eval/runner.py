@@ -1,0 +1,211 @@
+"""Running an evaluation: every method x budget x mode on every row, as few prefills as possible.
+
+During prefill every layer attends over its full KV whatever the method, so a row's prompt is
+captured once and each setting's cache is derived from the capture (the same cache the live
+path keeps, tested). Rows are read through the same modes `kvcli ask` uses
+(`kvcli/reading/`): query-aware and reused settings derive from one capture per prompt;
+chunked settings prefill on their own, since compressing a chunk changes what later chunks
+attend to. Finished samples are appended to the log as they come. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import BudgetError
+from ..generate import Sampling
+from ..methods import Budget, Method
+from ..reading import Options, QueryAware, Reused, answer
+from .data import Row, check_template, prompt_parts, row_hash
+from .log import append_record, check_row, log_header, resume_log
+from .metrics import get_metric
+from .results import EvalResult, niah_grids, summarize
+from .settings import REFERENCE_MODE, Setting, settings_for
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What an evaluation runs: methods x budgets (or ratios) x modes, and how it answers."""
+
+    methods: Sequence[Method]
+    budgets: Sequence[int] | None
+    ratios: Sequence[float] | None
+    metric: str
+    max_new_tokens: int = 64
+    template: str | None = None
+    max_context: int | None = None
+    modes: Sequence[str] = ("query",)
+    chunk_size: int | None = None
+
+    def settings(self) -> list[Setting]:
+        """Every setting, checked (bad settings fail before a model loads)."""
+        get_metric(self.metric)
+        if self.template is not None:
+            check_template(self.template)
+        Options(max_new_tokens=self.max_new_tokens, max_context=self.max_context)  # the same checks as ask
+        return settings_for(self.methods, self.budgets, self.ratios, self.modes, self.chunk_size)
+
+    def options(self) -> Options:
+        # greedy: scores must not depend on a seed
+        return Options(max_new_tokens=self.max_new_tokens, max_context=self.max_context, sampling=Sampling())
+
+
+def run_eval(reader, rows: Sequence[Row], config: EvalConfig, log: Path | None = None,
+             progress: Callable[[int, int], None] | None = None) -> EvalResult:
+    """Score every setting of `config` on every row; `log` is the JSONL progress log (resumed).
+
+    Samples already in the log are skipped (their predictions rescored with the metric);
+    `progress(done, total)` is called after each sample.
+    """
+    score = get_metric(config.metric)
+    settings = config.settings()
+    by_name = {m.name: m for m in config.methods}
+    done: dict[tuple, dict] = {}
+    if log is not None:
+        log = Path(log)
+        header = log_header(reader.lm.name, reader.lm.config_hash, config.methods, config.max_new_tokens, config.template, config.max_context)
+        done = resume_log(log, header)
+    total = len(rows) * len(settings)
+    finished = resumed = 0
+    samples: dict[tuple, dict] = {}
+    timing_rows = []
+    row_reader = _RowReader(reader, config)
+    for row in rows:
+        digest = row_hash(row)
+        todo = []
+        for setting in settings:
+            key = (row.id, *setting.key)
+            if key in done:
+                check_row(log, done[key], digest)
+                samples[key] = {**done[key], "score": score(done[key]["prediction"], row.answers)}
+                finished += 1
+                resumed += 1
+            else:
+                todo.append(setting)
+        if progress is not None:
+            progress(finished, total)
+        if not todo:
+            continue
+        row_reader.start(row)
+        for ref in set(REFERENCE_MODE.values()):
+            earlier = done.get((row.id, *Setting("full", mode=ref).key))
+            if earlier is not None:
+                row_reader.full_predictions[ref] = earlier["prediction"]
+        for setting in todo:
+            prediction, compressed = row_reader.answer(setting, by_name[setting.method])
+            sample = {
+                "id": row.id, "method": setting.method, "budget": setting.budget, "ratio": setting.ratio,
+                "mode": setting.mode, "chunk_size": setting.chunk_size,
+                "prediction": prediction, "score": score(prediction, row.answers), "compressed": compressed,
+                "row_hash": digest,
+            }
+            samples[(row.id, *setting.key)] = sample
+            if log is not None:
+                append_record(log, sample)
+            finished += 1
+            if progress is not None:
+                progress(finished, total)
+        timing_rows.append({"id": row.id, **row_reader.finish(), "runs": len(todo)})
+
+    ordered = [samples[(row.id, *s.key)] for row in rows for s in settings]
+    result = EvalResult(
+        model=reader.lm.name, metric=config.metric, samples=ordered, summary=summarize(ordered, settings),
+        timing={
+            "capture_s": round(sum(t["capture_s"] for t in timing_rows), 3),
+            "derive_s": round(sum(t["derive_s"] for t in timing_rows), 3),
+            "decode_s": round(sum(t["decode_s"] for t in timing_rows), 3),
+            "resumed_samples": resumed,
+            "rows": timing_rows,
+        },
+        modes=list(config.modes),
+        chunk_size=config.chunk_size if "chunked" in config.modes else None,
+    )
+    if any(row.niah is not None for row in rows):
+        result.niah = niah_grids(ordered, rows, settings)
+    return result
+
+
+class _RowReader:
+    """Answers one row in every setting, through the reading modes, one capture per prompt.
+
+    A setting whose budget keeps every token answers as the full cache of its reference
+    prompt did (the same cache and greedy decoding).
+    """
+
+    def __init__(self, reader, config: EvalConfig) -> None:
+        self.reader = reader
+        self.config = config
+        self.options = config.options()
+        compressing = [m for m in config.methods if m.compresses]
+        self.window_size = max((m.window_size for m in compressing), default=1)
+        self.accumulated = any(m.needs_accumulated for m in compressing)
+
+    def start(self, row: Row) -> None:
+        self.row = row
+        self.document, self.question = prompt_parts(row, self.config.template)
+        self.modes = {"query": QueryAware(self.reader, self.document, self.options)}
+        self.captures: dict[str, object] = {}
+        self.full_predictions: dict[str, str] = {}
+        self.timing = {"prompt_tokens": None, "dropped_tokens": 0, "capture_s": 0.0, "derive_s": 0.0, "decode_s": 0.0}
+
+    def finish(self) -> dict:
+        self.captures.clear()  # free the full caches before the next row
+        return {key: round(value, 4) if isinstance(value, float) else value for key, value in self.timing.items()}
+
+    def _mode(self, ref: str):
+        if ref not in self.modes:
+            self.modes[ref] = Reused(self.reader, self.document, self.options)
+        mode = self.modes[ref]
+        if self.timing["prompt_tokens"] is None:
+            prompt = mode.prompt(self.question) if ref == "query" else mode.prompt
+            self.timing["prompt_tokens"], self.timing["dropped_tokens"] = len(prompt), prompt.dropped_tokens
+        return mode
+
+    def _capture(self, ref: str, mode):
+        if ref not in self.captures:
+            self.captures.clear()  # settings come grouped by prompt: hold one full cache at a time
+            if ref == "query":
+                captured = mode.capture(self.question, self.window_size, self.accumulated)
+            else:
+                captured = mode.capture(self.window_size, self.accumulated)
+            self.captures[ref] = captured
+            self.timing["capture_s"] += captured.seconds
+        return self.captures[ref]
+
+    def answer(self, setting: Setting, method: Method) -> tuple[str, bool]:
+        """The greedy answer in `setting`, and whether its cache was compressed."""
+        ref = REFERENCE_MODE[setting.mode]
+        mode = self._mode(ref)
+        budget = Budget(setting.ratio, setting.budget)
+        try:
+            if setting.mode == "chunked":
+                reading = mode.read(self.question, method, budget, chunk_size=setting.chunk_size)
+                if reading.state.compressed:
+                    self.timing["capture_s"] += reading.state.seconds
+            else:
+                captured = self._capture(ref, mode)
+                started = time.perf_counter()
+                if ref == "query":
+                    reading = mode.derive(captured, self.question, method, budget)
+                else:
+                    prefix = mode.derive(captured, method, budget)
+                    prefix.charged = True  # the capture's time is counted once, above
+                    reading = prefix.ask(self.reader, self.question, self.options)
+                self.timing["derive_s"] += time.perf_counter() - started
+        except BudgetError as exc:
+            raise BudgetError(f"row {self.row.id}: {exc}") from None
+        compressed = reading.state.compressed
+        if not compressed and ref in self.full_predictions:
+            return self.full_predictions[ref], False
+        started = time.perf_counter()
+        prediction = answer(self.reader, reading, self.options).text
+        self.timing["decode_s"] += time.perf_counter() - started
+        if not compressed:
+            self.full_predictions[ref] = prediction
+        return prediction, compressed
+
+
+__all__ = ["EvalConfig", "run_eval"]

@@ -1,0 +1,21 @@
+"""Ways to read documents into caches, shared by every command and by `kvcli eval`.
+
+- `reader.py`: `Reader`, a loaded model that reads (prompt layout, budgets, the retrieval-head
+  profile, end-of-sequence ids), `Options`, and `Reading` (a cache ready for one question).
+- `query.py`: query-aware reading, the question in the observation window; one pass, or in
+  chunks (`--chunk-size`) with the question probing every chunk.
+- `prefix.py`: a question-agnostic document prefix, compressed once (`--reuse`, `compress`)
+  or loaded from a `.kvc` file, that each question follows.
+- `answer.py`: decoding a `Reading` into text (streamed through a callback), and its `RunStats`.
+
+Each mode reads live (what `ask` runs) and, where one prefill can serve many settings, by
+capture and derive (what `eval` runs); the two give the same cache, which the tests check.
+Nothing here prints.
+"""
+
+from .answer import Answer, add_answer, answer, run_stats
+from .prefix import Prefix, Reused, saved_prefix
+from .query import QueryAware
+from .reader import Options, Reader, Reading
+
+__all__ = ["Answer", "add_answer", "Options", "Prefix", "QueryAware", "Reader", "Reading", "Reused", "answer", "run_stats", "saved_prefix"]

@@ -1,0 +1,61 @@
+"""Query-aware reading: the question sits in the observation window, as in the papers.
+
+One prefill per question. With `--chunk-size` the prompt is read in chunks, compressing
+after each, and the question is fed after every chunk as a probe (scoring it, not kept), so
+the cache never holds more than the budget plus one chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..generate import Capture, capture, prefill
+from ..methods import Budget, Method
+from ..prompt import Prompt, window_text
+from .reader import Options, Reader, Reading
+
+
+class QueryAware:
+    """Reads one document for each question it is asked."""
+
+    name = "query"
+
+    def __init__(self, reader: Reader, document: str, options: Options) -> None:
+        self.reader = reader
+        self.document = document
+        self.options = options
+        self._prompts: dict[str, Prompt] = {}
+
+    def prompt(self, question: str) -> Prompt:
+        if question not in self._prompts:
+            self._prompts = {question: self.reader.prompt(self.document, question, self.options)}
+        return self._prompts[question]
+
+    def read(self, question: str, method: Method, budget: Budget | None = None, chunk_size: int | None = None,
+             on_layer: Callable[[int], None] | None = None) -> Reading:
+        """Prefill the prompt for `question`, compressing live (in chunks if a chunk size is set)."""
+        reader = self.reader
+        prompt = self.prompt(question)
+        compression, note = reader.compression(method, budget or self.options.budget, len(prompt))
+        chunk_size = chunk_size if chunk_size is not None else self.options.chunk_size
+        probe = prompt.ids[:, prompt.prefix_len :] if chunk_size and compression is not None else None
+        state = prefill(
+            reader.model, prompt.ids.to(reader.device), compression,
+            chunk_size=chunk_size, probe_ids=probe, on_layer=on_layer,
+        )
+        mode = "chunked" if len(state.chunks) > 1 else "query"
+        return self._reading(prompt, state, method, mode, note)
+
+    def capture(self, question: str, window_size: int, accumulated: bool = False, on_layer=None) -> Capture:
+        """One full prefill from which any method's query-aware cache is derived (eval, --compare)."""
+        return capture(self.reader.model, self.prompt(question).ids.to(self.reader.device), window_size, accumulated, on_layer)
+
+    def derive(self, captured: Capture, question: str, method: Method, budget: Budget | None = None) -> Reading:
+        """The cache a live `read` would keep, replayed from `captured` (the same cache, tested)."""
+        prompt = self.prompt(question)
+        compression, note = self.reader.compression(method, budget or self.options.budget, len(prompt))
+        return self._reading(prompt, captured.derive(compression), method, "query", note)
+
+    def _reading(self, prompt: Prompt, state, method: Method, mode: str, note: str) -> Reading:
+        window = window_text(self.reader.tokenizer, prompt, method.window_size) if state.compressed else ""
+        return Reading(state, method, mode, note, window, prompt, prompt.dropped_tokens)

@@ -1,0 +1,161 @@
+"""The command line on a tiny random Llama saved in the test: the flags and conventions users meet,
+end to end, in milliseconds per run (no embedded model needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_models import save_tiny_llama
+from typer.testing import CliRunner
+
+from kvcli.cli import app
+
+runner = CliRunner()
+
+
+def words(n: int, offset: int = 0) -> str:
+    return " ".join(f"w{(offset + 7 * i) % 60}" for i in range(n))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    """A two-layer random Llama folder with 1,024 positions."""
+    return str(save_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny", max_positions=1024))
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("KVCLI_HOME", str(tmp_path / "home"))
+    for name in ("KVCLI_METHOD", "KVCLI_MODEL", "KVCLI_DEVICE"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def doc(tmp_path) -> Path:
+    path = tmp_path / "doc.txt"
+    path.write_text(words(300))
+    return path
+
+
+def run(*args, input=None):
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+def one_line_error(result, *words: str) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("kvcli: error:"), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def test_short_document_with_default_settings_answers(tiny, home, tmp_path):
+    """A document whose prompt is shorter than ten windows answers with the default ratio and says what it kept."""
+    note = tmp_path / "note.txt"
+    note.write_text(words(30))
+    result = run("ask", note, "w1?", "-m", tiny, "--method", "snapkv", "--max-new-tokens", "3", "--json")
+    assert result.exit_code == 0, result.stderr
+    stats = json.loads(result.stdout)["stats"]
+    assert stats["compressed"] and stats["retained_per_layer"] == [9, 9]
+    assert "no more than the 8-token window" in stats["note"]
+
+
+def test_question_that_is_a_file_is_refused(tiny, home, doc, tmp_path):
+    """`kvcli ask a.txt b.txt` refuses to ask the question 'b.txt'."""
+    other = tmp_path / "b.txt"
+    other.write_text("w1")
+    one_line_error(run("ask", doc, other, "-m", tiny), "is a file, not a question")
+
+
+def test_piped_stdin_needs_no_dash(tiny, home):
+    """`cat f | kvcli ask "Q"` reads the piped text as the document."""
+    result = run("ask", "w1?", "-m", tiny, "--method", "snapkv", "--max-new-tokens", "2", "--json", input=words(100))
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["stats"]["prompt_tokens"] > 100
+
+
+def test_method_knobs_go_through_param(tiny, home, doc):
+    """--param sets a knob the method has; a knob it lacks, and the removed --max-multiple flag, are one-line errors."""
+    ok = run("ask", doc, "w1?", "-m", tiny, "--method", "dynamickv", "--param", "max_multiple=3", "--max-new-tokens", "2", "--json")
+    assert ok.exit_code == 0, ok.stderr
+    assert json.loads(ok.stdout)["stats"]["method_params"]["max_multiple"] == 3.0
+    one_line_error(run("ask", doc, "w1?", "-m", tiny, "--method", "snapkv", "--param", "max_multiple=3"), "has no knob 'max_multiple'")
+    assert run("ask", doc, "w1?", "--max-multiple", "3").exit_code == 2
+
+
+def test_report_and_json_say_why_the_answer_stopped(tiny, home, doc):
+    """The report and --json say the answer stopped at --max-new-tokens (or the end of sequence)."""
+    data = run("ask", doc, "w1?", "-m", tiny, "--method", "snapkv", "--max-new-tokens", "3", "--json")
+    assert json.loads(data.stdout)["stats"]["stopped"] == "max_new_tokens"
+    text = run("ask", doc, "w1?", "-m", tiny, "--method", "snapkv", "--max-new-tokens", "3")
+    assert "3 tokens, stopped at --max-new-tokens" in text.stderr
+
+
+def test_first_evidencekv_run_says_it_computes_the_profile(tiny, home, doc):
+    """The first evidencekv run on a model without a profile says so on stderr; the second finds it cached."""
+    first = run("ask", doc, "w1?", "-m", tiny, "--max-new-tokens", "2")
+    assert first.exit_code == 0, first.stderr
+    assert "computing the retrieval-head profile" in first.stderr
+    assert list((home / "profiles").glob("*.json"))
+    second = run("ask", doc, "w1?", "-m", tiny, "--max-new-tokens", "2")
+    assert "computing the retrieval-head profile" not in second.stderr
+
+
+def test_reuse_reports_the_compression_peak(tiny, home, doc):
+    """--reuse reports the KV peak of compressing the prefix, not just the bytes kept, and warns it is question-agnostic."""
+    result = run("ask", doc, "w1?", "-m", tiny, "--method", "snapkv", "--reuse", "--ratio", "0.2", "--max-new-tokens", "2", "--json")
+    assert result.exit_code == 0, result.stderr
+    stats = json.loads(result.stdout)["stats"]
+    assert stats["read"] == "reused"
+    assert stats["kv_bytes_peak"] > stats["kv_bytes_kept"]
+    assert "question-agnostic" in result.stderr or "without the questions" in result.stderr
+
+
+def test_environment_picks_the_method(tiny, home, doc, monkeypatch):
+    """KVCLI_METHOD sets the default --method."""
+    monkeypatch.setenv("KVCLI_METHOD", "h2o")
+    result = run("ask", doc, "w1?", "-m", tiny, "--max-new-tokens", "2", "--json")
+    assert json.loads(result.stdout)["stats"]["method"] == "h2o"
+
+
+def test_compare_answers_from_both_caches(tiny, home, doc):
+    """--compare answers from the compressed and the full cache of one prefill and says whether they agree."""
+    result = run("ask", doc, "w1?", "-m", tiny, "--method", "snapkv", "--ratio", "0.1", "--max-new-tokens", "3", "--compare", "--json")
+    data = json.loads(result.stdout)
+    assert isinstance(data["full_cache_answer"], str) and data["same_answer"] == (data["full_cache_answer"] == data["answer"])
+    text = run("ask", doc, "w1?", "-m", tiny, "--method", "snapkv", "--ratio", "0.1", "--max-new-tokens", "3", "--compare")
+    assert "full cache answered:" in text.stderr and "kept 10.0%" in text.stderr
+
+
+def test_inspect_layers_can_be_turned_off(tiny, home, doc):
+    """`inspect --no-layers` prints the report without the per-layer retention profile; --layers adds it."""
+    off = run("inspect", doc, "-m", tiny, "--method", "snapkv", "--no-layers")
+    on = run("inspect", doc, "-m", tiny, "--method", "snapkv", "--layers")
+    assert off.exit_code == on.exit_code == 0, off.stderr
+    assert "kept share by" in on.stdout and "kept share by" not in off.stdout
+    assert "profile" not in json.loads(run("inspect", doc, "-m", tiny, "--method", "snapkv", "--no-layers", "--json").stdout)
+
+
+def test_include_and_exclude_reach_the_reader(tiny, home, tmp_path):
+    """--include/--exclude pick which files of a folder are read."""
+    folder = tmp_path / "src"
+    folder.mkdir()
+    (folder / "a.py").write_text(words(40))
+    (folder / "b.md").write_text(words(40, 3))
+    both = json.loads(run("inspect", folder, "-m", tiny, "--method", "snapkv", "--json").stdout)["stats"]["prompt_tokens"]
+    only = json.loads(run("inspect", folder, "-m", tiny, "--method", "snapkv", "--include", "*.py", "--json").stdout)["stats"]["prompt_tokens"]
+    excluded = json.loads(run("inspect", folder, "-m", tiny, "--method", "snapkv", "--exclude", "*.md", "--json").stdout)["stats"]["prompt_tokens"]
+    assert only == excluded < both
+
+
+def test_models_lists_the_embedded_models(home):
+    """`kvcli models --json` lists every embedded model with whether it is installed."""
+    from kvcli.models import EMBEDDED
+
+    rows = json.loads(run("models", "--json").stdout)
+    assert [r["name"] for r in rows if r["kind"] == "embedded"] == list(EMBEDDED)
+    assert all(isinstance(r["installed"], bool) for r in rows)

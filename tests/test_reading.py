@@ -1,0 +1,182 @@
+"""The reading modes on a tiny random Llama with a real (word-level) tokenizer: what each mode
+keeps, how budgets meet short prompts, prompts that fit, and sampling that leaves the global RNG alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from methodutil import assert_same_cache
+from test_models import save_tiny_llama
+
+from kvcli.errors import BudgetError, InputError
+from kvcli.generate import Sampling
+from kvcli.methods import Budget, make_method
+from kvcli.models import load_model
+from kvcli.prompt import REUSE_INSTRUCTION, build_prompt, question_suffix
+from kvcli.reading import Options, QueryAware, Reader, Reused, answer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def words(n: int, seed: int = 0) -> str:
+    gen = torch.Generator().manual_seed(seed)
+    return " ".join(f"w{int(i)}" for i in torch.randint(3, 60, (n,), generator=gen))
+
+
+@pytest.fixture(scope="module")
+def reader(tmp_path_factory):
+    """A two-layer random Llama with 1,024 positions and a word-level tokenizer, as a Reader."""
+    folder = save_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny", max_positions=1024)
+    return Reader(load_model(str(folder)))
+
+
+# --- budgets ----------------------------------------------------------------------------------
+
+
+def test_default_ratio_on_a_short_prompt_keeps_the_window_and_says_so():
+    """A 49-token prompt at the default ratio (4.9 tokens per layer) keeps window + 1 per layer, with a note, instead of failing."""
+    plan, note = Budget().plan(49, 24, window_size=8)
+    assert plan is not None and plan.total == 9 * 24
+    assert "4.9 tokens per layer" in note and "kept 9 per layer" in note
+
+
+def test_a_prompt_no_longer_than_the_window_is_not_compressed():
+    """A prompt no longer than window + 1 tokens is kept whole, with the reason."""
+    plan, note = Budget(ratio=0.5).plan(9, 4, window_size=8)
+    assert plan is None and "too short" in note
+
+
+def test_an_explicit_budget_below_the_window_is_an_error():
+    """Only an explicit --budget that the window alone would fill is refused."""
+    with pytest.raises(BudgetError, match="not larger than the observation window"):
+        Budget(tokens=8).plan(1000, 4, window_size=8)
+    assert Budget(tokens=9).plan(1000, 4, window_size=8)[0].total == 36
+
+
+@pytest.mark.parametrize("ratio,tokens", [(0.5, 10), (0.0, None), (1.5, None), (None, 0)])
+def test_budget_checks_live_in_one_place(ratio, tokens):
+    """Both given, a ratio outside (0, 1] or a non-positive budget is refused by Budget itself."""
+    with pytest.raises(BudgetError):
+        Budget(ratio, tokens)
+
+
+# --- modes --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["snapkv", "dynamickv", "h2o", "evidencekv"])
+def test_query_aware_read_equals_derive(reader, name):
+    """QueryAware.read (live) and QueryAware.derive (from one capture) keep the same cache for every layer and head."""
+    options = Options(budget=Budget(ratio=0.3), max_new_tokens=4)
+    mode = QueryAware(reader, words(300), options)
+    method = make_method(name)
+    live = mode.read("w5 w6?", method)
+    derived = mode.derive(mode.capture("w5 w6?", method.window_size, method.needs_accumulated), "w5 w6?", method)
+    assert live.state.compressed and derived.state.compressed
+    assert_same_cache(live.state.cache, derived.state.cache)
+    assert answer(reader, live, options).tokens == answer(reader, derived, options).tokens
+
+
+def test_reused_read_equals_derive_and_answers_after_a_copy(reader):
+    """Reused.read and Reused.derive keep the same prefix, and asking a question leaves the prefix untouched."""
+    options = Options(budget=Budget(ratio=0.3), max_new_tokens=4)
+    mode = Reused(reader, words(300), options)
+    method = make_method("snapkv")
+    live = mode.read(method)
+    derived = mode.derive(mode.capture(method.window_size), method)
+    assert_same_cache(live.state.cache, derived.state.cache)
+    before = live.state.cache.retained_per_layer()
+    reading = live.ask(reader, "w5 w6?", options)
+    assert live.state.cache.retained_per_layer() == before
+    suffix = question_suffix(reader.tokenizer, "w5 w6?", REUSE_INSTRUCTION)
+    assert reading.state.prompt_len == live.state.prompt_len + suffix.shape[1]
+
+
+def test_chunked_reuse_probes_every_chunk_with_the_instruction(reader, monkeypatch):
+    """compress/--reuse in chunks feed the generic instruction after every chunk, as the last chunk is scored by it."""
+    import kvcli.reading.prefix
+
+    seen = {}
+    real = kvcli.reading.prefix.prefill
+
+    def spy(model, ids, compression=None, **kwargs):
+        seen.update(kwargs)
+        return real(model, ids, compression, **kwargs)
+
+    monkeypatch.setattr(kvcli.reading.prefix, "prefill", spy)
+    mode = Reused(reader, words(300), Options(budget=Budget(ratio=0.3), chunk_size=64))
+    prefix = mode.read(make_method("snapkv"))
+    assert len(prefix.state.chunks) > 1
+    probe = seen["probe_ids"]
+    assert probe is not None and probe.shape[1] > 0
+    assert torch.equal(probe[0], mode.prompt.ids[0, mode.prompt.doc_end : mode.prompt.prefix_len])
+
+
+def test_chunked_query_read_keeps_the_budget(reader):
+    """A chunked query-aware read keeps exactly the budget and says it was read in chunks."""
+    options = Options(budget=Budget(ratio=0.25), chunk_size=64)
+    reading = QueryAware(reader, words(300), options).read("w5?", make_method("snapkv"))
+    assert reading.mode == "chunked" and len(reading.state.chunks) > 1
+    plan, _ = options.budget.plan(reading.state.prompt_len, reader.num_layers, 8)
+    assert sum(reading.state.cache.retained_per_layer()) == plan.total
+
+
+# --- prompts that fit -----------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(doc_words=st.integers(1, 400), limit=st.integers(60, 300), reserve=st.integers(0, 40))
+def test_prompt_and_answer_never_pass_the_context(reader, doc_words, limit, reserve):
+    """Whatever the document, the prompt plus the room kept for the answer fits max_context, and a cut is reported."""
+    try:
+        prompt = build_prompt(reader.tokenizer, words(doc_words), "w1?", max_context=limit, reserve=reserve)
+    except InputError:
+        return  # no room at all: refused in one line
+    assert len(prompt) + reserve <= limit
+    whole = build_prompt(reader.tokenizer, words(doc_words), "w1?", max_context=1 << 20)
+    assert (prompt.dropped_tokens == 0) == (len(whole) + reserve <= limit)
+
+
+def test_reader_prompt_reserves_the_whole_answer(reader):
+    """Reader.prompt keeps room for every token of --max-new-tokens within the model's positions."""
+    options = Options(max_new_tokens=300)
+    prompt = reader.prompt(words(2000), "w1?", options)
+    assert prompt.dropped_tokens > 0
+    assert len(prompt) + 300 <= reader.max_positions
+
+
+def test_system_prompt_reaches_the_model(reader):
+    """--system text is part of the prompt's prefix, before the document."""
+    prompt = build_prompt(reader.tokenizer, "w1 w2 w3", "w4?", max_context=200, system="w9 w9 w9")
+    assert prompt.text.index("w9 w9 w9") < prompt.text.index("w1 w2 w3")
+    assert prompt.text.index("w1 w2 w3") == prompt.doc_start
+
+
+# --- sampling ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [None, 7])
+def test_sampling_leaves_the_global_rng_alone(seed):
+    """Sampling draws from a generator of its own: torch's global RNG state is the same before and after."""
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    sampling = Sampling(temperature=0.8, top_p=0.9, seed=seed)
+    gen = sampling.generator("cpu")
+    picks = [sampling.pick(torch.randn(50, generator=torch.Generator().manual_seed(i)), gen) for i in range(20)]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(0 <= p < 50 for p in picks)
+
+
+def test_a_seed_repeats_its_samples():
+    """The same --seed gives the same samples; greedy ignores it."""
+    logits = [torch.randn(50, generator=torch.Generator().manual_seed(i)) for i in range(20)]
+
+    def run(seed):
+        sampling = Sampling(temperature=1.0, seed=seed)
+        gen = sampling.generator("cpu")
+        return [sampling.pick(x, gen) for x in logits]
+
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+    assert Sampling().pick(logits[0], None) == int(logits[0].argmax())
