@@ -17,6 +17,8 @@ from filelock import FileLock
 from methodutil import tiny_llama
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+import kvcli.models.checkpoints
+import kvcli.models.embedded
 from kvcli import models
 from kvcli.errors import ModelError
 from kvcli.models import (
@@ -182,7 +184,7 @@ def test_broken_local_folder_is_not_blamed_on_the_hub(tmp_path, home):
 
 def test_missing_embedded_packages_give_the_pip_command(home, monkeypatch):
     """An embedded model whose packages are not installed says which pip command installs them."""
-    monkeypatch.setattr(models, "find_spec", lambda name: None)
+    monkeypatch.setattr(kvcli.models.embedded, "find_spec", lambda name: None)
     with pytest.raises(ModelError) as info:
         load_model("qwen2.5-coder-0.5b")
     message = str(info.value)
@@ -212,7 +214,7 @@ def test_sha_mismatch_refuses_to_load(tmp_path, home, monkeypatch):
     def never_called(gguf, out_dir):
         raise AssertionError("conversion must not start on unverified bytes")
 
-    monkeypatch.setattr(models, "_convert_gguf", never_called)
+    monkeypatch.setattr(kvcli.models.checkpoints, "convert_gguf", never_called)
     with pytest.raises(ModelError, match="do not match the pinned sha256") as info:
         load_model("tiny")
     assert "refusing" in str(info.value)
@@ -228,7 +230,7 @@ def test_failed_conversion_leaves_no_target_folder(tmp_path, home, monkeypatch):
         (out_dir / "model.safetensors").write_bytes(b"half written")
         raise RuntimeError("killed midway")
 
-    monkeypatch.setattr(models, "_convert_gguf", dies_midway)
+    monkeypatch.setattr(kvcli.models.checkpoints, "convert_gguf", dies_midway)
     with pytest.raises(RuntimeError, match="killed midway"):
         load_model("tiny")
     assert model_folders(home) == [] and leftover_temp(home) == []
@@ -244,7 +246,7 @@ def test_conversion_is_cached_and_reused(tmp_path, home, monkeypatch):
         calls.append(gguf.read_bytes())
         shutil.copytree(checkpoint, out_dir)
 
-    monkeypatch.setattr(models, "_convert_gguf", copy_checkpoint)
+    monkeypatch.setattr(kvcli.models.checkpoints, "convert_gguf", copy_checkpoint)
     messages = []
     first = load_model("tiny", progress=messages.append)
     second = load_model("tiny")
@@ -266,7 +268,7 @@ def test_waiting_process_reuses_the_conversion_it_waited_for(tmp_path, home, mon
     def never_called(gguf, out_dir):
         raise AssertionError("the waiting load must not convert again")
 
-    monkeypatch.setattr(models, "_convert_gguf", never_called)
+    monkeypatch.setattr(kvcli.models.checkpoints, "convert_gguf", never_called)
     target = home / "models" / f"tiny-{embedded.sha256[:12]}"
     target.parent.mkdir(parents=True)
     messages, results = [], []
@@ -291,7 +293,7 @@ def test_stale_temp_folders_are_cleaned(tmp_path, home, monkeypatch):
     stale = home / "tmp" / f"tiny-{embedded.sha256[:12]}.killed"
     stale.mkdir(parents=True)
     (stale / "tiny.gguf").write_bytes(b"leftover")
-    monkeypatch.setattr(models, "_convert_gguf", lambda gguf, out_dir: shutil.copytree(checkpoint, out_dir))
+    monkeypatch.setattr(kvcli.models.checkpoints, "convert_gguf", lambda gguf, out_dir: shutil.copytree(checkpoint, out_dir))
     load_model("tiny")
     assert leftover_temp(home) == []
 
@@ -399,7 +401,7 @@ def fake_conversion(folder: Path, meta: dict, files: dict[str, int]) -> Path:
 
 def test_list_models_shows_embedded_and_converted(tmp_path, home, monkeypatch):
     """Embedded models are listed first (installed or not, with their pinned size), then converted folders with their size on disk."""
-    monkeypatch.setattr(models, "find_spec", lambda name: None)  # no embedded package installed
+    monkeypatch.setattr(kvcli.models.embedded, "find_spec", lambda name: None)  # no embedded package installed
     smollm2 = EMBEDDED["smollm2-135m"]
     fmt = models.CONVERSION_FORMAT
     smollm2_folder = fake_conversion(

