@@ -218,28 +218,29 @@ def _decode_rate(times: list[float]) -> float | None:
     return steps / (times[-1] - times[0]) if steps > 0 and times[-1] > times[0] else None
 
 
-def measure_kvcli(engine, ids, method, plan, new_tokens: int) -> dict:
-    """One kvcli prefill (compression included) and `new_tokens` greedy decode steps, EOS ignored."""
+def measure_kvcli(reader, ids, compression, new_tokens: int) -> dict:
+    """One kvcli prefill (compression included; None keeps the full cache) and `new_tokens`
+    greedy decode steps, EOS ignored."""
     from kvcli.generate import decode, prefill
 
     started = time.perf_counter()
-    state = prefill(engine.model, ids, method, plan)
+    state = prefill(reader.model, ids, compression)
     prefill_s = time.perf_counter() - started
     kv_bytes_kept = state.cache.nbytes()
     times = []
-    for _ in decode(engine.model, state, new_tokens, set()):
+    for _ in decode(reader.model, state, new_tokens, set()):
         times.append(time.perf_counter())
     return {"prefill_s": prefill_s, "ttft_s": times[0] - started, "decode_tokens_per_s": _decode_rate(times), "kv_bytes_kept": kv_bytes_kept}
 
 
-def measure_generate(engine, ids, new_tokens: int) -> dict:
+def measure_generate(reader, ids, new_tokens: int) -> dict:
     """`model.generate` with SDPA attention and its default cache, greedy, exactly `new_tokens` tokens."""
     import torch
 
     from kvcli.generate import prepare_model
 
-    model = engine.model
-    pad = engine.tokenizer.pad_token_id
+    model = reader.model
+    pad = reader.tokenizer.pad_token_id
     clock = _TokenClock()
     model.set_attn_implementation("sdpa")
     try:
@@ -282,37 +283,37 @@ def run_config(config: Config, settings: Settings) -> Row:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from kvcli.methods import make_method, plan_budget
+    from kvcli.methods import Budget, make_method
     from kvcli.models import load_model
-    from kvcli.pipeline import Engine
+    from kvcli.reading import Reader
 
     hf_logging.disable_progress_bar()  # a bar per child would bury the benchmark's own progress
     torch.set_num_threads(settings.threads)
-    engine = Engine(load_model(settings.model, device="cpu"))
-    model = engine.model
-    limit = engine.max_positions
+    reader = Reader(load_model(settings.model, device="cpu"))
+    model = reader.model
+    limit = reader.max_positions
     if config.length + settings.new_tokens > limit:
         raise ValueError(f"{config.length} + {settings.new_tokens} tokens exceed {settings.model}'s {limit} positions")
-    ids = prose_ids(engine.tokenizer, config.length)
+    ids = prose_ids(reader.tokenizer, config.length)
 
     if config.method == GENERATE:
         def measure(prompt):
-            return measure_generate(engine, prompt, settings.new_tokens)
+            return measure_generate(reader, prompt, settings.new_tokens)
 
         def warm(prompt):
-            return measure_generate(engine, prompt, 4)
+            return measure_generate(reader, prompt, 4)
     else:
-        method = engine.prepare(make_method(config.method))
-        plan = None
+        method = make_method(config.method)
+        compression = None  # a method that keeps every token, or no ratio: the full cache
         if method.compresses and config.ratio is not None:
-            plan = plan_budget(config.length, engine.num_layers, window_size=method.window_size, ratio=config.ratio)
+            compression, _ = reader.compression(method, Budget(ratio=config.ratio), config.length)
 
         def measure(prompt):
-            return measure_kvcli(engine, prompt, method, plan, settings.new_tokens)
+            return measure_kvcli(reader, prompt, compression, settings.new_tokens)
 
         def warm(prompt):
-            small = plan_budget(prompt.shape[1], engine.num_layers, window_size=method.window_size, budget=2 * method.window_size) if method.compresses else None
-            return measure_kvcli(engine, prompt, method, small, 4)
+            small, _ = reader.compression(method, Budget(tokens=2 * method.window_size), prompt.shape[1])
+            return measure_kvcli(reader, prompt, small, 4)
 
     # First calls pay for lazy initialisation (kernels, allocator pools, mask functions).
     warm(ids[:, :64])
@@ -331,7 +332,7 @@ def run_config(config: Config, settings: Settings) -> Row:
         ttft_s=result["ttft_s"],
         decode_tokens_per_s=result["decode_tokens_per_s"],
         kv_bytes_kept=result["kv_bytes_kept"],
-        kv_bytes_full=engine.shape.bytes_for(config.length),
+        kv_bytes_full=reader.shape.bytes_for(config.length),
         weight_bytes=weight_bytes_per_step(model),
         matvec_tokens_per_s=matvec,
         peak_rss_bytes=peak,

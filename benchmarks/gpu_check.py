@@ -135,14 +135,31 @@ def fused_attention_only(device):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION])
 
 
-def measure(model, ids, method, plan, new_tokens: int, memory: Memory) -> dict:
-    """Prefill (compression included) then greedy decoding, EOS ignored; times, KV bytes and the peak."""
+def compression_for(method, budget, prompt_len: int, num_layers: int):
+    """What `method` keeps of a `prompt_len`-token prompt under `budget` (None: the full cache).
+
+    The model is built from a config, not loaded, so there is no `Reader` and no retrieval-head
+    profile: methods that need one are not measured here.
+    """
+    from kvcli.methods import Compression
+
+    if method.needs_profile:
+        raise ValueError(f"{method.name} needs a retrieval-head profile; a random-weight model has none")
+    if not method.compresses:
+        return None
+    plan, _ = budget.plan(prompt_len, num_layers, method.window_size)
+    return Compression(method, plan) if plan is not None else None
+
+
+def measure(model, ids, compression, new_tokens: int, memory: Memory) -> dict:
+    """Prefill (compression included; None keeps the full cache) then greedy decoding, EOS
+    ignored; times, KV bytes and the peak."""
     from kvcli.generate import decode, prefill
 
     memory.reset()
     memory.sync()
     started = time.perf_counter()
-    state = prefill(model, ids, method, plan)
+    state = prefill(model, ids, compression)
     memory.sync()
     prefill_s = time.perf_counter() - started
     kv_bytes = state.cache.nbytes()
@@ -167,7 +184,7 @@ def run(args: argparse.Namespace, progress) -> dict:
     import transformers
 
     from kvcli.cache import KVShape
-    from kvcli.methods import make_method, plan_budget
+    from kvcli.methods import Budget, make_method
 
     started = time.perf_counter()
     model, device, dtype = build_model(args.smoke)
@@ -198,8 +215,8 @@ def run(args: argparse.Namespace, progress) -> dict:
     with torch.inference_mode(), fused_attention_only(device):
         # First calls pay for kernel selection and allocator growth; not timed.
         warm = torch.randint(0, config.vocab_size, (1, 512), generator=gen).to(device)
-        measure(model, warm, full, None, 4, memory)
-        measure(model, warm, dynamickv, plan_budget(512, num_layers, window_size=dynamickv.window_size, budget=64), 4, memory)
+        measure(model, warm, None, 4, memory)
+        measure(model, warm, compression_for(dynamickv, Budget(tokens=64), 512, num_layers), 4, memory)
         for length in args.lengths:
             ids = torch.randint(0, config.vocab_size, (1, length), generator=gen).to(device)
             for method, ratio in [(full, None)] + [(dynamickv, ratio) for ratio in args.ratios]:
@@ -208,9 +225,9 @@ def run(args: argparse.Namespace, progress) -> dict:
                 if time.perf_counter() - started > args.time_limit:
                     row["error"] = f"skipped: past the {args.time_limit:.0f} s time limit"
                 else:
-                    plan = plan_budget(length, num_layers, window_size=method.window_size, ratio=ratio) if ratio is not None else None
+                    compression = compression_for(method, Budget(ratio=ratio), length, num_layers) if ratio is not None else None
                     try:
-                        row.update(measure(model, ids, method, plan, args.new_tokens, memory))
+                        row.update(measure(model, ids, compression, args.new_tokens, memory))
                     except torch.OutOfMemoryError as err:
                         row["error"] = "out of memory: " + str(err).splitlines()[0]
                     except RuntimeError as err:  # e.g. no fused kernel takes the call

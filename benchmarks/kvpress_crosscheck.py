@@ -12,7 +12,7 @@ Two ways of treating the question are checked, since the tools default to differ
   applied to a `model(...)` call on the whole prompt.
 - `context`: only the context is compressed and the question is fed afterwards, uncompressed.
   kvpress's `KVPressTextGenerationPipeline` does this (it is run as is); kvcli does it with
-  `prefill` on the context and `Engine.extend` with the question (its `--reuse` path).
+  `prefill` on the context and `extend` with the question (its `--reuse` path).
 
 kvpress records nothing about what it kept, so its kept positions are recovered by matching
 each compressed cache row to the full prefill keys of that layer and head (snapshotted by a
@@ -187,10 +187,10 @@ def kvcli_side(spec: dict, kvpress: dict) -> list[dict]:
     import importlib.metadata as md
 
     import torch
-    from kvcli.generate import decode, prefill
-    from kvcli.methods import BudgetPlan, SnapKV, make_method
+    from kvcli.generate import decode, extend, prefill
+    from kvcli.methods import BudgetPlan, Compression, SnapKV, make_method
     from kvcli.models import load_model
-    from kvcli.pipeline import Engine
+    from kvcli.reading import Reader
 
     @dataclass
     class KvpressCounts(SnapKV):
@@ -202,8 +202,8 @@ def kvcli_side(spec: dict, kvpress: dict) -> list[dict]:
             return list(self.counts)
 
     torch.set_num_threads(spec["threads"])
-    engine = Engine(load_model(spec["model"], device="cpu", dtype="float32"))
-    model, tokenizer = engine.model, engine.tokenizer
+    reader = Reader(load_model(spec["model"], device="cpu", dtype="float32"))
+    model, tokenizer = reader.model, reader.tokenizer
     context_ids = torch.tensor([kvpress["context_ids"]])
     question_ids = torch.tensor([kvpress["question_ids"]])
     prompt_ids = torch.cat([context_ids, question_ids], dim=1)
@@ -212,15 +212,16 @@ def kvcli_side(spec: dict, kvpress: dict) -> list[dict]:
     def run(method, counts: list[int] | None, mode: str) -> dict:
         ids = prompt_ids if mode == "prompt" else context_ids
         n = ids.shape[1]
-        plan = None
+        compression = None  # the full cache
         if counts is not None:
-            plan = BudgetPlan(num_layers=len(counts), prompt_len=n, total=sum(counts))
+            # None of these methods needs a retrieval-head profile.
+            compression = Compression(method, BudgetPlan(num_layers=len(counts), prompt_len=n, total=sum(counts)))
         started = time.perf_counter()
-        state = prefill(model, ids, method, plan)
+        state = prefill(model, ids, compression)
         kept = [layer.kept_positions().tolist() for layer in state.cache.layers]
         if mode == "context":
-            state = engine.extend(state.cache, n, question_ids)
-        tokens = list(decode(model, state, spec["max_new_tokens"], engine.eos_ids))
+            state = extend(model, state, question_ids)
+        tokens = list(decode(model, state, spec["max_new_tokens"], reader.eos_ids))
         return {
             "kept": kept, "tokens": tokens, "answer": tokenizer.decode(tokens, skip_special_tokens=True),
             "seconds": round(time.perf_counter() - started, 2),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kvcli.evaluate import niah_rows
+from kvcli.eval import niah_rows
 from kvcli.models import load_model
 from reuse_check import FACTS  # benchmarks/ is on sys.path when a script in it runs
 

@@ -14,20 +14,18 @@ import argparse
 import time
 from pathlib import Path
 
-from kvcli.evaluate import niah_rows
-from kvcli.generate import capture, decode
-from kvcli.methods import apply_params, make_method, parse_params, plan_budget
+from kvcli.eval import niah_rows
+from kvcli.methods import Budget, apply_params, make_method, parse_params
 from kvcli.models import load_model
-from kvcli.pipeline import Engine, Options
+from kvcli.reading import Options, QueryAware, Reader, answer
 from reuse_check import FACTS as ALL_FACTS  # benchmarks/ is on sys.path when a script in it runs
 
 FACTS = ALL_FACTS[:3]  # (fact, question, what a correct answer contains)
 
 
-def variant(engine: Engine, spec: str):
+def variant(spec: str):
     name, *knobs = spec.split(":")
-    method = apply_params(make_method(name), parse_params(knobs), strict=True)
-    return engine.prepare(method)
+    return apply_params(make_method(name), parse_params(knobs), strict=True)
 
 
 def main() -> None:
@@ -41,30 +39,35 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=20)
     args = parser.parse_args()
 
-    engine = Engine(load_model(args.model))
+    reader = Reader(load_model(args.model))
+    options = Options(max_new_tokens=args.max_new_tokens)
     haystack = (Path(__file__).resolve().parent.parent / "samples" / "haystack.txt").read_text()
     depths = [float(d) for d in args.depths.split(",")]
     levels = [("budget", int(b)) for b in args.budgets.split(",")] if args.budgets else [("ratio", float(r)) for r in (args.ratios or "0.05").split(",")]
     specs = args.variants.split(";")
+    methods = [(spec, variant(spec)) for spec in specs]
+    compressing = [m for _, m in methods if m.compresses]
+    # One capture serves every variant: its window is the widest, with all-query attention if H2O is there.
+    window_size = max((m.window_size for m in compressing), default=1)
+    accumulated = any(m.needs_accumulated for m in compressing)
     found: dict[tuple, int] = {}
     cases = 0
-    for fact, question, answer in FACTS:
-        for row in niah_rows(haystack, fact, question, answer, [args.length], depths, engine.tokenizer):
-            prompt = engine.prompt(row.context, question, Options(max_new_tokens=args.max_new_tokens))
+    for fact, question, expected in FACTS:
+        for row in niah_rows(haystack, fact, question, expected, [args.length], depths, reader.tokenizer):
+            document = QueryAware(reader, row.context, options)
             started = time.perf_counter()
-            captured = capture(engine.model, prompt.ids, 8)
+            captured = document.capture(question, window_size, accumulated)
             marks = []
             for kind, level in levels:
-                for spec in specs:
-                    method = variant(engine, spec)
-                    plan = plan_budget(len(prompt), engine.num_layers, window_size=method.window_size, **{kind: level})
-                    tokens = decode(engine.model, captured.derive(method, plan), args.max_new_tokens, engine.eos_ids)
-                    ok = answer in engine.tokenizer.decode(list(tokens)).lower()
+                budget = Budget(tokens=level) if kind == "budget" else Budget(ratio=level)
+                for spec, method in methods:
+                    reading = document.derive(captured, question, method, budget)
+                    ok = expected in answer(reader, reading, options).text.lower()
                     found[(spec, kind, level)] = found.get((spec, kind, level), 0) + ok
                     marks.append("Y" if ok else ".")
             cases += 1
-            print(f"{row.id} {answer:>16} {''.join(marks)}  ({time.perf_counter() - started:.0f}s)", flush=True)
-    print(f"\nfound out of {cases} cases ({engine.lm.name}, {args.length}-token prompts):")
+            print(f"{row.id} {expected:>16} {''.join(marks)}  ({time.perf_counter() - started:.0f}s)", flush=True)
+    print(f"\nfound out of {cases} cases ({reader.lm.name}, {args.length}-token prompts):")
     for (spec, kind, level), n in found.items():
         print(f"  {spec:<48} {kind} {level}: {n}/{cases}")
 

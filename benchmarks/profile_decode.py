@@ -33,22 +33,22 @@ def main(argv: list[str] | None = None) -> int:
     from bench import prose_ids  # the script's own folder is on sys.path when run as a script
 
     from kvcli.generate import decode, prefill
-    from kvcli.methods import make_method, plan_budget
+    from kvcli.methods import Budget, make_method
     from kvcli.models import DEFAULT_MODEL, load_model
-    from kvcli.pipeline import Engine
+    from kvcli.reading import Reader
     from torch.profiler import ProfilerActivity, profile
 
     torch.set_num_threads(args.threads)
-    engine = Engine(load_model(args.model or DEFAULT_MODEL, device="cpu"))
-    method = engine.prepare(make_method(args.method))
-    ids = prose_ids(engine.tokenizer, args.length)
-    plan = plan_budget(args.length, engine.num_layers, window_size=method.window_size, ratio=args.ratio) if method.compresses else None
+    reader = Reader(load_model(args.model or DEFAULT_MODEL, device="cpu"))
+    method = make_method(args.method)
+    ids = prose_ids(reader.tokenizer, args.length)
+    compression, _ = reader.compression(method, Budget(ratio=args.ratio), args.length)  # None: the full cache
 
     # A short unprofiled decode first, so one-time initialisation is not what gets listed.
-    warm = prefill(engine.model, ids[:, :64], make_method("full"), None)
-    list(decode(engine.model, warm, 4, set()))
-    state = prefill(engine.model, ids, method, plan)
-    steps = iter(decode(engine.model, state, args.steps + 1, set()))
+    warm = prefill(reader.model, ids[:, :64])
+    list(decode(reader.model, warm, 4, set()))
+    state = prefill(reader.model, ids, compression)
+    steps = iter(decode(reader.model, state, args.steps + 1, set()))
     next(steps)  # the first token comes from the prefill's logits
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         started = time.perf_counter()

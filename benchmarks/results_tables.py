@@ -1,4 +1,4 @@
-"""Markdown tables for docs/results.md from `kvcli eval --json` and `benchmarks/bench.py --json` files.
+"""Markdown tables for docs/results.md from `kvcli eval -o FILE.json` and `benchmarks/bench.py --json` files.
 
     python benchmarks/results_tables.py results/niah-qwen2.5-coder-0.5b.json [...]
     python benchmarks/results_tables.py results/bench-smollm2-135m.json
@@ -6,8 +6,8 @@
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from collections import defaultdict
 
 
@@ -98,8 +98,10 @@ def bench_table(result: dict, target_ratio: float = 0.05) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    for path in sys.argv[1:]:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="+", metavar="FILE.json", help="`kvcli eval -o` or `benchmarks/bench.py --json` results")
+    for path in parser.parse_args(argv).files:
         result = json.load(open(path))
         if "checks" in result:
             print(f"### {path}: {result['model']}, copy bandwidth {result['bandwidth_gb_s']:.1f} GB/s\n")

@@ -4,7 +4,7 @@ and the memory chunked prefill saves. Every measurement runs kvcli's own command
     # 1. rows for the eval harness: one document with ten facts, one question per fact
     python benchmarks/reuse_check.py data -m qwen2.5-coder-0.5b --length 3000 -o questions.jsonl
     kvcli eval --data questions.jsonl --metric contains --methods full,dynamickv,evidencekv \\
-        --ratios 0.1 --modes query,reuse,chunked --chunk-size 512 --max-new-tokens 24 --json modes.json
+        --ratios 0.1 --modes query,reuse,chunked --chunk-size 512 --max-new-tokens 24 -o modes.json
 
     # 2. ten questions: `kvcli compress` once + one `kvcli ask --cache -q ... -q ...`
     #    vs ten separate `kvcli ask` runs (each a fresh process, as a user would type them)

@@ -11,11 +11,11 @@ question="Where is the key to the archive room kept?"
 niah() {  # model lengths
   kvcli eval --niah --haystack samples/haystack.txt --needle "$needle" --question "$question" --answer owl \
     --lengths "$2" --depths 0.1,0.5,0.9 --methods all --budgets 32,64,128,256 --max-new-tokens 20 \
-    -m "$1" --json "$out/niah-$1.json"
+    -m "$1" -o "$out/niah-$1.json"
 }
 news() {  # model limit
   kvcli eval --data "$data" --metric rouge_l --limit "$2" --methods all --budgets 32,64,128,256 \
-    --max-new-tokens 64 -m "$1" --json "$out/multi_news-$1.json"
+    --max-new-tokens 64 -m "$1" -o "$out/multi_news-$1.json"
 }
 niah smollm2-135m 2000,7000
 niah qwen2.5-coder-0.5b 2000,7000
@@ -27,8 +27,8 @@ news qwen2.5-coder-0.5b 2
 m=qwen2.5-coder-0.5b
 python benchmarks/reuse_check.py data -m $m --length 3000 -o "$out/questions.jsonl"
 kvcli eval --data "$out/questions.jsonl" --metric contains --methods full,dynamickv,evidencekv --ratios 0.1 \
-  --modes query,reuse,chunked --chunk-size 512 --max-new-tokens 24 -m $m --json "$out/modes-$m.json"
+  --modes query,reuse,chunked --chunk-size 512 --max-new-tokens 24 -m $m -o "$out/modes-$m.json"
 kvcli eval --data "$out/questions.jsonl" --metric contains --methods full,snapkv,h2o,dynamickv,evidencekv \
-  --ratios 0.2,0.4 --modes reuse --max-new-tokens 24 -m $m --json "$out/reuse-ratios-$m.json"
+  --ratios 0.2,0.4 --modes reuse --max-new-tokens 24 -m $m -o "$out/reuse-ratios-$m.json"
 python benchmarks/reuse_check.py time -m $m --length 3000 --ratio 0.1 --json "$out/time-$m.json"
 python benchmarks/reuse_check.py memory -m $m --length 32000 --chunk-size 1024 --json "$out/memory-$m.json"

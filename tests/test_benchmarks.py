@@ -1,15 +1,22 @@
-"""The benchmark scripts' own helpers: the many-questions document, the matvec ceiling, the results tables."""
+"""The benchmark scripts' own helpers (the many-questions document, the matvec ceiling, the results
+tables), and their kvcli side run on a tiny random model, so an API change breaks a test, not a
+benchmark run."""
 
 from __future__ import annotations
 
+import ast
+import importlib
 import importlib.util
+import random
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from test_models import save_tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = sorted((ROOT / "benchmarks").glob("*.py")) + sorted((ROOT / "scripts").glob("*.py"))
 
 
 def _script(name: str):
@@ -55,3 +62,94 @@ def test_results_tables_name_rows_by_mode():
     names = [line.split("|")[1].strip() for line in lines[2:]]
     assert names == ["full", "full (reuse)", "snapkv", "snapkv (reuse)", "snapkv (chunked 512)"]
     assert "0.000 (0%)" in lines[5] and "0.500 (50%)" in lines[6]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    """A two-layer random Llama folder with a word-level tokenizer: loads in milliseconds."""
+    return str(save_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny_llama"))
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """An empty KVCLI_HOME, so nothing here touches the machine's model cache."""
+    monkeypatch.setenv("KVCLI_HOME", str(tmp_path / "kvcli_home"))
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_scripts_import_only_what_the_package_has(path):
+    """Every `from kvcli... import name` in a script, those inside functions included, names a module and attribute that exist."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "kvcli":
+            module = importlib.import_module(node.module)
+            missing = [alias.name for alias in node.names if not hasattr(module, alias.name)]
+            assert not missing, f"{path.name}:{node.lineno}: {node.module} has no {', '.join(missing)}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "kvcli":
+                    importlib.import_module(alias.name)
+
+
+def test_bench_measures_each_configuration_on_a_tiny_model(tiny_model, home, one_thread):
+    """run_config measures kvcli's full cache, a compressed cache at its ratio, and `generate`, on the same prompt."""
+    bench = _script("bench")
+    settings = bench.Settings(model=tiny_model, new_tokens=4, threads=1, repeats=1)
+    rows = {config.label: bench.run_config(config, settings) for config in (
+        bench.Config(64, "full"), bench.Config(64, "snapkv", 0.5), bench.Config(64, bench.GENERATE),
+    )}
+    for row in rows.values():
+        assert row.error is None and row.decode_tokens_per_s > 0
+    assert rows["full"].kv_bytes_kept == rows["full"].kv_bytes_full == rows["generate"].kv_bytes_kept
+    assert rows["snapkv@0.5"].kv_bytes_kept == rows["full"].kv_bytes_full // 2
+    assert rows["full"].prefill_s > 0 and rows["generate"].prefill_s is None
+
+
+def test_profile_decode_profiles_a_compressed_cache(tiny_model, home, one_thread, capsys):
+    """profile_decode prefills with the method at its ratio and lists the decode step's operators."""
+    _script("bench")  # profile_decode takes its prompt from bench, beside it
+    profile_decode = _script("profile_decode")
+    assert profile_decode.main(["--model", tiny_model, "--length", "64", "--steps", "2", "--threads", "1", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("dynamickv@0.05 on 64 tokens") and "(all operators)" in out
+
+
+def test_needle_sweep_scores_every_variant_from_one_capture(tiny_model, home, one_thread, monkeypatch, capsys):
+    """needle_sweep answers each fact x depth with every variant (knobs and a wider window included) and counts them."""
+    _script("reuse_check")  # needle_sweep takes its facts from reuse_check, beside it
+    needle_sweep = _script("needle_sweep")
+    variants = "snapkv;h2o;full;dynamickv:max_multiple=5;snapkv:window_size=12"
+    monkeypatch.setattr(sys, "argv", ["needle_sweep.py", "-m", tiny_model, "--length", "80", "--depths", "0.5",
+                                      "--budgets", "16", "--max-new-tokens", "2", "--variants", variants])
+    needle_sweep.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[:3]] == ["niah-L80-d0.5"] * 3
+    assert all(len(line.split()[2]) == 5 for line in lines[:3])  # one mark per variant
+    counted = [line.split()[0] for line in lines if line.endswith("/3")]
+    assert counted == variants.split(";")
+
+
+def test_kvpress_crosscheck_kvcli_side_keeps_kvpress_counts(tiny_model, home, one_thread):
+    """The kvcli side prefills kvpress's token ids under kvpress's per-layer counts, in both question modes."""
+    crosscheck = _script("kvpress_crosscheck")
+    rng = random.Random(0)
+    context = [rng.randrange(3, 64) for _ in range(90)]
+    question = [rng.randrange(3, 64) for _ in range(6)]
+
+    def run(config: str, mode: str, counts: list[int]) -> dict:
+        n = len(context) + (len(question) if mode == "prompt" else 0)
+        kept = [[sorted(rng.sample(range(n), count)) for _ in range(2)] for count in counts]
+        return {"config": config, "ratio": 0.5, "mode": mode, "kept": kept, "answer": "", "how": "pipeline",
+                "tokens": [] if mode == "prompt" else None}
+
+    runs = [run("full", "prompt", [96, 96]), run("full", "context", [90, 90]), run("snapkv", "prompt", [70, 70]),
+            run("pyramidkv-w8", "context", [60, 30]), run("streamingllm", "context", [45, 45])]
+    spec = {"model": tiny_model, "threads": 1, "max_new_tokens": 3, "configs": crosscheck.CONFIGS}
+    rows = crosscheck.kvcli_side(spec, {"context_ids": context, "question_ids": question, "runs": runs})
+    assert [(row["config"], row["mode"]) for row in rows] == [(r["config"], r["mode"]) for r in runs]
+    for row in rows:
+        if row["config"] != "pyramidkv-w8":  # its own allocation differs, then kvpress's counts are imposed
+            assert row["counts_kvcli"] == row["counts_kvpress"]
+        if row["mode"] == "context":  # the question fed after the context is not among the kept positions
+            assert max(p for layer in row["kept_kvcli"] for head in layer for p in head) < len(context)
+    assert rows[0]["jaccard_mean"] == rows[1]["jaccard_mean"] == 1.0
+    assert "same_counts" in rows[3]

@@ -1,8 +1,9 @@
 """The resumable progress log: a JSONL file of header lines and finished samples, appended as they come.
 
-A header records everything a stored prediction depends on; a rerun checks every header in the
-log against its own and refuses a log written for another model, other settings or other data,
-then skips the samples already there.
+A header records the settings a stored prediction depends on; a rerun checks every header in
+the log against its own and refuses a log written for another model or other settings. Each
+sample carries its row's hash, and `check_row` refuses one read from other data under the
+same id. The samples that pass are skipped on the rerun.
 """
 
 from __future__ import annotations
@@ -42,14 +43,14 @@ def log_header(
 
 
 def log_path(json_path: str | Path) -> Path:
-    """The progress log kept beside a `--json` output, used to resume."""
+    """The progress log kept beside an `--output` file, used to resume."""
     return Path(str(json_path) + ".partial.jsonl")
 
 
 def read_log(path: Path, header: dict) -> tuple[dict[tuple, dict], dict | None]:
     """Samples already in the log `{(id, *setting.key): sample}` and its last header.
 
-    Refuses a log written for another model, other settings or other data.
+    Refuses a log written for another model or other settings (`check_row` checks the data).
     """
     done: dict[tuple, dict] = {}
     last_header = None

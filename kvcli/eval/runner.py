@@ -68,18 +68,21 @@ def run_eval(reader, rows: Sequence[Row], config: EvalConfig, log: Path | None =
         log = Path(log)
         header = log_header(reader.lm.name, reader.lm.config_hash, config.methods, config.max_new_tokens, config.template, config.max_context)
         done = resume_log(log, header)
+    digests = {row.id: row_hash(row) for row in rows}
+    for key, sample in done.items():  # other data under the same ids is refused before any row is read
+        if key[0] in digests:
+            check_row(log, sample, digests[key[0]])
     total = len(rows) * len(settings)
     finished = resumed = 0
     samples: dict[tuple, dict] = {}
     timing_rows = []
     row_reader = _RowReader(reader, config)
     for row in rows:
-        digest = row_hash(row)
+        digest = digests[row.id]
         todo = []
         for setting in settings:
             key = (row.id, *setting.key)
             if key in done:
-                check_row(log, done[key], digest)
                 samples[key] = {**done[key], "score": score(done[key]["prediction"], row.answers)}
                 finished += 1
                 resumed += 1
