@@ -90,6 +90,14 @@ class KVLayer(CacheLayerMixin):
         """Original positions of the stored entries, `(num_kv_heads, length)`."""
         return self.positions[:, : self.length]
 
+    def kept_per_group(self, group_of: torch.Tensor, num_groups: int) -> torch.Tensor:
+        """Kept entries per group, mean over KV heads: `group_of` `(n,)` names the group of each
+        position below n (a prompt's tokens); entries at n or later (generated tokens) are not counted."""
+        positions = self.kept_positions().cpu()  # (num_kv_heads, n_kept)
+        counted = positions[positions < group_of.shape[0]]
+        counts = torch.bincount(group_of[counted], minlength=num_groups).float()
+        return counts / max(1, positions.shape[0])
+
     def keep(self, local_index: torch.Tensor) -> None:
         """Keep only the entries at `local_index` `(num_kv_heads, n_kept)` (sorted per head).
 

@@ -80,12 +80,8 @@ class Prefill:
     def kept_per_chunk(self) -> list[float]:
         """Tokens kept from each chunk, summed over layers (mean over KV heads)."""
         edges = torch.tensor([stop for _, stop in self.chunks])
-        totals = torch.zeros(len(self.chunks))
-        for layer in self.cache.layers:
-            positions = layer.kept_positions().cpu()
-            positions = positions[positions < self.prompt_len]
-            totals += torch.bincount(torch.searchsorted(edges, positions, right=True), minlength=len(self.chunks)).float()[: len(self.chunks)] / layer.kept_positions().shape[0]
-        return totals.tolist()
+        chunk_of = torch.searchsorted(edges, torch.arange(self.prompt_len), right=True)  # (prompt_len,)
+        return sum(layer.kept_per_group(chunk_of, len(self.chunks)) for layer in self.cache.layers).tolist()
 
 
 def prefill(

@@ -80,12 +80,7 @@ def retention_profile(cache, prompt, doc, buckets: int = 10) -> Profile:
     group_list, labels, pages, by = _group_of_positions(prompt, doc, buckets)
     group_of = torch.tensor(group_list, dtype=torch.long)
     group_tokens = torch.bincount(group_of, minlength=len(labels)).tolist()
-    per_layer = []
-    for layer in cache.layers:
-        positions = layer.kept_positions().cpu()
-        positions = positions[positions < len(prompt)]  # prompt tokens only, not generated ones
-        counts = torch.bincount(group_of[positions], minlength=len(labels)).float()
-        per_layer.append((counts / layer.kept_positions().shape[0]).tolist())
+    per_layer = [layer.kept_per_group(group_of, len(labels)).tolist() for layer in cache.layers]
     return Profile(labels, group_tokens, pages, per_layer, cache.retained_per_layer(), by)
 
 
@@ -143,14 +138,10 @@ def position_map(cache, prompt, doc, buckets: int = 200) -> PositionMap:
     buckets = max(1, min(buckets, n))
     bucket_of = torch.arange(n) * buckets // max(1, n)  # (doc_tokens,)
     bucket_size = torch.bincount(bucket_of, minlength=buckets).clamp(min=1).float()
-    index = torch.tensor(doc_positions, dtype=torch.long)
-    rows = []
-    for layer in cache.layers:
-        kept = layer.kept_positions().cpu()  # (num_kv_heads, n_kept)
-        flat = kept.flatten()
-        per_position = torch.bincount(flat[flat < len(prompt)], minlength=len(prompt)).float() / kept.shape[0]
-        per_bucket = torch.zeros(buckets).index_add_(0, bucket_of, per_position[index])
-        rows.append((per_bucket / bucket_size).tolist())
+    # every prompt position's bucket; template and question tokens go to one extra bucket, dropped
+    group_of = torch.full((len(prompt),), buckets, dtype=torch.long)
+    group_of[torch.tensor(doc_positions, dtype=torch.long)] = bucket_of
+    rows = [(layer.kept_per_group(group_of, buckets + 1)[:buckets] / bucket_size).tolist() for layer in cache.layers]
     edges = [-(-b * n // buckets) for b in range(buckets)] + [n]  # first index i with i * buckets // n == b
     by = "page" if any(s.page is not None for s in doc.sources) else ("file" if len(doc.sources) > 1 else "position")
     return PositionMap(rows, edges, boundaries if by != "position" else [], cut, n, by)

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from kvcli.cli import app
 from kvcli.ingest import read_documents
-from kvcli.inspect import position_map
+from kvcli.cache import KVLayer
+from kvcli.inspect import position_map, retention_profile
 from kvcli.stats import RunStats
 
 runner = CliRunner()
@@ -33,9 +34,12 @@ class FakePrompt:
         return self.offsets[position]
 
 
-def layer_keeping(*heads: list[int]):
+def layer_keeping(*heads: list[int]) -> KVLayer:
     """A cache layer whose KV heads kept these prompt positions (same count per head)."""
-    return SimpleNamespace(kept_positions=lambda: torch.tensor(heads, dtype=torch.long))
+    positions = torch.tensor(heads, dtype=torch.long)  # (num_kv_heads, n_kept)
+    layer = KVLayer()
+    layer.load(torch.zeros(1, *positions.shape, 2), torch.zeros(1, *positions.shape, 2), positions)
+    return layer
 
 
 @pytest.fixture
@@ -65,6 +69,22 @@ def test_position_map_fractions_and_boundaries(two_files):
     assert [start for start, _ in result.boundaries] == [0, 5]
     assert [label.rsplit("/", 1)[-1] for _, label in result.boundaries] == ["a.txt", "b.txt"]
     assert result.by == "file" and result.cut is None
+
+
+def test_retention_profile_splits_each_layer_over_the_files(two_files):
+    """retention_profile counts each layer's kept prompt tokens per file (mean over KV heads), the rest as the prompt's own part."""
+    doc = two_files
+    second = doc.sources[1].start
+    offsets = [None, None] + [i * 5 for i in range(5)] + [second + i * 5 for i in range(5)] + [None]
+    cache = SimpleNamespace(layers=[
+        layer_keeping([0, 1, 12], [0, 1, 12]),
+        layer_keeping([2, 3, 4, 5, 13], [7, 8, 9, 10, 14]),  # 13 and 14 are generated tokens: not counted
+    ])
+    cache.retained_per_layer = lambda: [3, 5]
+    profile = retention_profile(cache, FakePrompt(offsets), doc)
+    assert profile.by == "file" and profile.group_tokens == [5, 5, 3]
+    assert profile.per_layer == [[0.0, 0.0, 3.0], [2.0, 2.0, 0.0]]
+    assert profile.groups[-1] == "prompt (template, question)"
 
 
 def test_position_map_marks_the_cut_and_ignores_generated_positions(two_files):
