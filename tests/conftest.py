@@ -54,3 +54,17 @@ def qwen():
 def smollm():
     """The small embedded model (SmolLM2-135M-Instruct), loaded once."""
     return _engine("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm):
+    """SmolLM2's tokenizer, for prompt lengths (a module may define its own)."""
+    return smollm.tokenizer
+
+
+@pytest.fixture(scope="module")
+def haystack(tokenizer):
+    """About 2,500 tokens of real prose to hide needles in and cut rows from."""
+    from helpers_text import prose
+
+    return prose(tokenizer, 2500)

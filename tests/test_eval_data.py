@@ -7,7 +7,6 @@ import re
 
 import pytest
 
-from helpers_text import prose
 from kvcli.errors import InputError
 from kvcli.eval.data import Row, insert_needle, niah_rows, prompt_parts, read_rows, row_hash, sentence_starts
 from kvcli.prompt import build_prompt, summary_instruction
@@ -130,16 +129,6 @@ def test_insert_needle_goes_to_sentence_boundaries():
     assert "six! N. Seven" in middle
 
 
-@pytest.fixture(scope="module")
-def tokenizer(smollm):
-    """SmolLM2's tokenizer, for prompt lengths."""
-    return smollm.tokenizer
-
-
-@pytest.fixture(scope="module")
-def haystack(tokenizer):
-    """About 2500 tokens of prose to hide needles in."""
-    return prose(tokenizer, 2500)
 
 
 @pytest.mark.model

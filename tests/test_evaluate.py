@@ -36,16 +36,6 @@ SUMMARY_KEYS = {"method", "budget", "ratio", "mode", "chunk_size", "score", "n",
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tokenizer(smollm):
-    """SmolLM2's tokenizer, for the tiny model and the prompts."""
-    return smollm.tokenizer
-
-
-@pytest.fixture(scope="module")
-def haystack(tokenizer):
-    """About 2500 tokens of prose to cut rows from."""
-    return prose(tokenizer, 2500)
 
 
 def save_tiny_eval_model(folder: Path) -> Path:

@@ -13,7 +13,7 @@ from ..methods import make_method
 from ..prompt import check_question, summary_instruction
 from .options import COMPRESSION, GENERATION, MODEL, OUTPUT, RunOptions, shared
 from .output import Screen, print_json, user_errors
-from .session import load, prepare, read_documents, stdin_is_piped, warn_prompt
+from .session import start, stdin_is_piped, warn_prompt
 
 CacheOpt = Annotated[Optional[str], typer.Option("--cache", metavar="FILE.kvc", help="Answer from a cache saved by `kvcli compress` instead of reading documents.", show_default=False)]
 IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", metavar="GLOB", help="In folders, read only files matching this glob (gitignore style); repeatable.", show_default=False)]
@@ -52,19 +52,14 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
     """Answer each question: query-aware by default, or after one question-agnostic prefix."""
     from ..reading import QueryAware, Reused, add_answer, answer, run_stats
 
-    screen = Screen(run.quiet, run.json)
-    method = run.make_method()
-    options = run.options()
-    options.check(method)
     if compare and (cache or reuse):
         raise InputError("--compare reads query-aware; drop --cache or --reuse")
-    doc = None if cache else _documents(files, screen, include, exclude)
-    reader = load(run, screen)
+    started = start(run, None if cache else files, include, exclude)
+    screen, method, options, doc, reader = started.screen, started.method, started.options, started.doc, started.reader
     prefix = None
     if cache:
         prefix, method = _saved(reader, cache, run, screen)
     else:
-        prepare(reader, method, screen)
         if reuse:
             screen.warn("--reuse chooses what to keep without the questions: specific facts are often lost (docs/results.md); leave it out to read query-aware")
             mode = Reused(reader, doc.text, options)
@@ -74,7 +69,7 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
         else:
             mode = QueryAware(reader, doc.text, options)
     for question in questions:
-        started = time.perf_counter()
+        began = time.perf_counter()
         if prefix is not None:
             reading = prefix.ask(reader, question, options)
         else:
@@ -89,7 +84,7 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
                     reading = mode.read(question, method, on_layer=on_layer)
         stats = run_stats(reader, reading)
         try:
-            result = answer(reader, reading, options, on_text=screen.stream(), started=started)
+            result = answer(reader, reading, options, on_text=screen.stream(), started=began)
         finally:
             screen.end_answer()
         add_answer(stats, reader, result)
@@ -104,15 +99,6 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
             screen.report(stats)
             if compare:
                 _say_comparison(screen, stats, full.text, result.text)
-
-
-def _documents(files: list[str], screen: Screen, include, exclude):
-    try:
-        return read_documents(files, screen, include, exclude)
-    except InputError as exc:
-        if files == ["-"] and str(exc).startswith("stdin is empty"):
-            raise InputError('no documents given and stdin is empty; pass files, then the question in quotes: kvcli ask FILE "question"') from None
-        raise
 
 
 def _say_comparison(screen: Screen, stats, full: str, compressed: str) -> None:

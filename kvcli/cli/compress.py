@@ -11,8 +11,8 @@ from .. import __version__
 from ..errors import InputError
 from .ask import ExcludeOpt, IncludeOpt
 from .options import COMPRESSION, MODEL, OUTPUT, RunOptions, shared
-from .output import Screen, err, print_json, user_errors
-from .session import load, prepare, read_documents, warn_prompt
+from .output import err, print_json, user_errors
+from .session import start, warn_prompt
 
 
 @user_errors
@@ -39,13 +39,8 @@ def compress(
         raise InputError(f"--output {output} should end in .kvc")
     if not target.parent.exists():
         raise InputError(f"folder {target.parent} does not exist; create it or choose another --output")
-    screen = Screen(run.quiet, run.json)
-    method = run.make_method()
-    options = run.options()
-    options.check(method)
-    doc = read_documents(list(files), screen, include or (), exclude or ())
-    reader = load(run, screen)
-    prepare(reader, method, screen)
+    started = start(run, files, include or (), exclude or ())
+    screen, method, options, doc, reader = started.screen, started.method, started.options, started.doc, started.reader
     mode = Reused(reader, doc.text, options)
     warn_prompt(reader, options, mode.prompt, screen)
     with screen.layers(reader.num_layers, "compress") as on_layer:

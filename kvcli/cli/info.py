@@ -43,8 +43,9 @@ def models(json_out: JsonFlag = False) -> None:
         print(json.dumps([asdict(e) for e in entries], indent=2))
         return
     table = Table(box=None, pad_edge=False)
-    for column in ("name", "kind", "installed", "size", "path"):
-        table.add_column(column)
+    for column in ("name", "kind", "installed", "size"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("path", overflow="fold")
     for entry in entries:
         size = f"{entry.bytes / 2**20:,.0f} MiB" if entry.bytes else "-"
         table.add_row(entry.name, entry.kind, "yes" if entry.installed else "no", size, entry.path or "-")

@@ -12,8 +12,8 @@ from ..prompt import check_question, summary_instruction
 from ..stats import render
 from .ask import ExcludeOpt, IncludeOpt
 from .options import COMPRESSION, MODEL, OUTPUT, RunOptions, shared
-from .output import Screen, print_json, user_errors
-from .session import load, prepare, read_documents, warn_prompt
+from .output import print_json, user_errors
+from .session import start, warn_prompt
 
 
 @user_errors
@@ -45,13 +45,8 @@ def inspect(
         from ..plot import check_target
 
         plot_target = check_target(plot)  # before the model runs, so a typo costs nothing
-    screen = Screen(run.quiet, run.json)
-    method = run.make_method()
-    options = run.options()
-    options.check(method)
-    doc = read_documents(list(files), screen, include or (), exclude or ())
-    reader = load(run, screen)
-    prepare(reader, method, screen)
+    started = start(run, files, include or (), exclude or ())
+    screen, method, options, doc, reader = started.screen, started.method, started.options, started.doc, started.reader
     mode = QueryAware(reader, doc.text, options)
     question = question or summary_instruction()
     prompt = mode.prompt(question)

@@ -4,6 +4,7 @@ method ready (its profile, with progress the first time), warn about the prompt.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 from ..errors import InputError
 from ..stats import reset_peak_memory
@@ -17,8 +18,13 @@ def read_documents(paths: list[str], screen: Screen, include=(), exclude=()):
 
     if not paths:
         raise InputError("no documents given; pass files, folders or - for stdin before the question")
-    with screen.progress("reading", "files") as update:
-        doc = read(paths, progress=lambda done, total: update(done, total), include=include, exclude=exclude)
+    try:
+        with screen.progress("reading", "files") as update:
+            doc = read(paths, progress=lambda done, total: update(done, total), include=include, exclude=exclude)
+    except InputError as exc:
+        if paths == ["-"] and str(exc).startswith("stdin is empty"):
+            raise InputError('no documents given and stdin is empty; pass files, then the question in quotes: kvcli ask FILE "question"') from None
+        raise
     screen.warn(*doc.warnings)
     return doc
 
@@ -58,6 +64,30 @@ def warn_prompt(reader, options, prompt, screen: Screen) -> None:
         )
     if len(prompt) + options.max_new_tokens > reader.max_positions:
         screen.warn(f"the {len(prompt)}-token prompt and its answer pass the model's trained context ({reader.max_positions}); answers may degrade")
+
+
+@dataclass
+class Started:
+    """What a model-running command has once it has checked its options, read and loaded."""
+
+    screen: Screen
+    method: object  # methods.Method
+    options: object  # reading.Options
+    doc: object  # ingest.Document, or None when answering from a saved cache
+    reader: object  # reading.Reader
+
+
+def start(run: RunOptions, files: list[str] | None, include=(), exclude=()) -> Started:
+    """Check the options (before anything slow), read the documents, load the model, prepare the method."""
+    screen = Screen(run.quiet, run.json)
+    method = run.make_method()
+    options = run.options()
+    options.check(method)
+    doc = read_documents(list(files), screen, include, exclude) if files is not None else None
+    reader = load(run, screen)
+    if doc is not None:
+        prepare(reader, method, screen)
+    return Started(screen, method, options, doc, reader)
 
 
 def stdin_is_piped() -> bool:

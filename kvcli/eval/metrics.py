@@ -27,13 +27,17 @@ def contains(prediction: str, answers: Sequence[str]) -> float:
     return float(any(answer.lower() in lowered for answer in answers if answer))
 
 
+def _f1(overlap: int, n_pred: int, n_gold: int) -> float:
+    """The harmonic mean of precision (overlap / n_pred) and recall (overlap / n_gold)."""
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / n_pred, overlap / n_gold
+    return 2 * precision * recall / (precision + recall)
+
+
 def _token_f1(prediction: str, answer: str) -> float:
     pred, gold = normalize_answer(prediction).split(), normalize_answer(answer).split()
-    common = sum((Counter(pred) & Counter(gold)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(gold)
-    return 2 * precision * recall / (precision + recall)
+    return _f1(sum((Counter(pred) & Counter(gold)).values()), len(pred), len(gold))
 
 
 def qa_f1(prediction: str, answers: Sequence[str]) -> float:
@@ -55,11 +59,7 @@ def _lcs_len(a: list[str], b: list[str]) -> int:
 
 def _rouge_l(prediction: str, answer: str) -> float:
     pred, gold = normalize_answer(prediction).split(), normalize_answer(answer).split()
-    lcs = _lcs_len(pred, gold) if pred and gold else 0
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(pred), lcs / len(gold)
-    return 2 * precision * recall / (precision + recall)
+    return _f1(_lcs_len(pred, gold) if pred and gold else 0, len(pred), len(gold))
 
 
 def rouge_l(prediction: str, answers: Sequence[str]) -> float:
