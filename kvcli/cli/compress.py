@@ -41,6 +41,7 @@ def compress(
         raise InputError(f"folder {target.parent} does not exist; create it or choose another --output")
     started = start(run, files, include or (), exclude or ())
     screen, method, options, doc, reader = started.screen, started.method, started.options, started.doc, started.reader
+    screen.warn("a saved cache is compressed without knowing the questions: it suits summaries and broad questions, and often loses specific facts (docs/results.md)")
     mode = Reused(reader, doc.text, options)
     warn_prompt(reader, options, mode.prompt, screen)
     with screen.layers(reader.num_layers, "compress") as on_layer:
