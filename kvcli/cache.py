@@ -28,10 +28,11 @@ class KVLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
 
-    def __init__(self) -> None:
+    def __init__(self, base: KVLayer | None = None) -> None:
         super().__init__()
         self.length = 0
         self.positions: torch.Tensor | None = None  # (num_kv_heads, capacity) int64
+        self.base = base if base is not None and base.is_initialized else None  # see KVCache.fork
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         _, num_kv_heads, _, head_dim = key_states.shape
@@ -62,6 +63,15 @@ class KVLayer(CacheLayerMixin):
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor) -> None:
         """Append `q_len` new entries at `positions` `(q_len,)` for every KV head."""
+        if self.base is not None:
+            # A fork's first step: this layer's copy is the base's entries and the new ones,
+            # made now (one layer at a time) so the base is never written to.
+            keys, values = self.base.view()
+            base_positions = self.base.kept_positions()
+            new_positions = positions.to(base_positions.device).expand(base_positions.shape[0], -1)
+            self.base = None
+            self.load(torch.cat([keys, key_states], dim=2), torch.cat([values, value_states], dim=2), torch.cat([base_positions, new_positions], dim=1))
+            return
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q_len = key_states.shape[2]
@@ -84,10 +94,14 @@ class KVLayer(CacheLayerMixin):
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The live keys and values, `(1, num_kv_heads, length, head_dim)` each."""
+        if self.base is not None:
+            return self.base.view()
         return self.keys[:, :, : self.length], self.values[:, :, : self.length]
 
     def kept_positions(self) -> torch.Tensor:
         """Original positions of the stored entries, `(num_kv_heads, length)`."""
+        if self.base is not None:
+            return self.base.kept_positions()
         return self.positions[:, : self.length]
 
     def kept_per_group(self, group_of: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -127,7 +141,7 @@ class KVLayer(CacheLayerMixin):
         self.keep(local_index)
 
     def get_seq_length(self) -> int:
-        return self.length
+        return self.base.length if self.base is not None else self.length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -136,8 +150,8 @@ class KVLayer(CacheLayerMixin):
         return -1
 
     def nbytes(self) -> int:
-        """Bytes held by the live entries (keys and values)."""
-        if not self.is_initialized:
+        """Bytes held by the live entries (keys and values); a fork's untouched layer holds none of its own."""
+        if not self.is_initialized or self.base is not None:
             return 0
         keys, values = self.view()
         return keys.numel() * keys.element_size() + values.numel() * values.element_size()
@@ -168,7 +182,7 @@ class KVCache(Cache):
         return layer.view()
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.layers[layer_idx].length
+        return self.layers[layer_idx].get_seq_length()
 
     def reserve(self, extra: int) -> None:
         """Make room for `extra` more entries per layer, exactly: decoding a known number of
@@ -176,6 +190,18 @@ class KVCache(Cache):
         for layer in self.layers:
             if layer.is_initialized:
                 layer._reserve(layer.length + extra, exact=True)
+
+    def fork(self) -> KVCache:
+        """A cache that reads as this one and copies each layer only when a step first writes to it.
+
+        Read once, compress per question: the question is fed into a fork of the full document
+        prefix; each layer is copied (prefix + question) right before its attention and
+        compressed right after, so the prefix is never changed and only one layer is ever
+        held in full twice.
+        """
+        fork = KVCache(self.num_layers)
+        fork.layers = [KVLayer(base=layer) for layer in self.layers]
+        return fork
 
     def clone(self) -> KVCache:
         """An independent copy: several questions can each extend the same compressed prefix."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import attention
+from .attention import accumulated_attention
 from .cache import KVCache
 from .methods import Compression, Compressor, LayerObservation
 from .step import STEP_KWARG, Step
@@ -40,6 +41,8 @@ def forward(
     compressor=None,
     probe_len: int = 0,
     on_layer: Callable[[int], None] | None = None,
+    accumulated_before: list[torch.Tensor] | None = None,
+    queries_before: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Feed `input_ids` `(1, q_len)` at positions start.. and return the last position's logits `(vocab,)`.
 
@@ -48,7 +51,8 @@ def forward(
     """
     q_len = input_ids.shape[1]
     positions = torch.arange(start, start + q_len, device=input_ids.device)
-    step = Step(cache=cache, positions=positions, compressor=compressor, probe_len=probe_len, on_layer=on_layer)
+    step = Step(cache=cache, positions=positions, compressor=compressor, probe_len=probe_len, on_layer=on_layer,
+                accumulated_before=accumulated_before, queries_before=queries_before)
     out = model(
         input_ids=input_ids,
         position_ids=positions[None, :],
@@ -142,6 +146,76 @@ def extend(model, state: Prefill, suffix_ids: torch.Tensor, copy: bool = True, s
 
 
 @dataclass
+class FullPrefix:
+    """A document prefix read once with the full cache, and what its questions' scoring needs of it."""
+
+    state: Prefill
+    tail_queries: list[torch.Tensor]  # per layer (1, num_heads, w, head_dim): the prefix's last queries
+    accumulated: list[torch.Tensor] | None  # per layer (num_kv_heads, group, n): attention from its own queries (H2O)
+
+
+class _PrefixRecorder:
+    """Stands in for a compressor while a prefix is read in full: keeps each layer's last queries."""
+
+    def __init__(self, window_size: int, accumulated: bool) -> None:
+        self.window_size = window_size
+        self.accumulated = accumulated
+        self.tail_queries: list[torch.Tensor] = []
+        self.sums: list[torch.Tensor] = []
+
+    def observe_live(self, cache, layer_idx: int, query, keys, scaling: float, **_) -> None:
+        self.tail_queries.append(query[:, :, -self.window_size :].clone())
+        if self.accumulated:
+            self.sums.append(accumulated_attention(query, keys, scaling))
+
+
+def read_prefix(model, input_ids: torch.Tensor, window_size: int, accumulated: bool = False,
+                on_layer: Callable[[int], None] | None = None) -> FullPrefix:
+    """Prefill a prefix `(1, n)` with the full cache, keeping the last `window_size` queries of
+    every layer (and, for H2O, the attention its entries received from all its queries)."""
+    prepare_model(model)
+    cache = KVCache(model.config.num_hidden_layers)
+    recorder = _PrefixRecorder(window_size, accumulated)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        logits = forward(model, cache, input_ids, 0, recorder, on_layer=on_layer)
+    cache.peak_nbytes = 0  # nothing was compressed: the full cache is the peak
+    state = Prefill(cache=cache, logits=logits, prompt_len=input_ids.shape[1], seconds=time.perf_counter() - started)
+    return FullPrefix(state, recorder.tail_queries, recorder.sums if accumulated else None)
+
+
+def ask_after(
+    model,
+    prefix: FullPrefix,
+    suffix_ids: torch.Tensor,
+    compression: Compression | None,
+    on_layer: Callable[[int], None] | None = None,
+) -> Prefill:
+    """Feed `suffix_ids` `(1, n)` (a question) after a full `prefix` and compress as one pass would.
+
+    Each layer is copied from the prefix right before its attention and compressed right after
+    it, scored by the prompt's last window queries (the prefix's tail kept from its read, then
+    this step's), which see exactly the keys a one-pass read of prefix + suffix sees: the kept
+    positions are that read's. The prefix is left untouched for the next question.
+    """
+    cache = prefix.state.cache.fork()
+    started = time.perf_counter()
+    compressor = compression.compressor() if compression is not None else None
+    accumulated = prefix.accumulated if compression is not None and compression.method.needs_accumulated else None
+    if compression is not None and compression.method.needs_accumulated and prefix.accumulated is None:
+        raise ValueError("internal: the prefix was read without the all-query attention this method scores by")
+    if compression is not None and compression.method.window_size > prefix.tail_queries[0].shape[2] + suffix_ids.shape[1]:
+        raise ValueError("internal: the prefix kept fewer queries than the method's window needs")
+    with torch.inference_mode():
+        logits = forward(model, cache, suffix_ids, prefix.state.prompt_len, compressor, on_layer=on_layer,
+                         accumulated_before=accumulated, queries_before=prefix.tail_queries)
+    return Prefill(
+        cache=cache, logits=logits, prompt_len=prefix.state.prompt_len + suffix_ids.shape[1],
+        seconds=time.perf_counter() - started, compression=compression, compressor=compressor,
+    )
+
+
+@dataclass
 class Sampling:
     """How the next token is chosen: greedy unless a temperature is set."""
 
@@ -206,7 +280,7 @@ class _Recorder:
         self.accumulated = accumulated
         self.observations: list[LayerObservation] = []
 
-    def observe_live(self, cache, layer_idx: int, query, keys, scaling: float, probe_len: int = 0) -> None:
+    def observe_live(self, cache, layer_idx: int, query, keys, scaling: float, **_) -> None:
         positions = cache.layers[layer_idx].kept_positions()
         self.observations.append(LayerObservation.compute(layer_idx, query, keys, positions, scaling, self.window_size, self.accumulated))
 

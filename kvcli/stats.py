@@ -193,6 +193,7 @@ def render(stats: RunStats) -> Group:
 _READS = {
     "query": "query-aware, one pass (the question in the observation window)",
     "chunked": "query-aware, in chunks (the question probes each chunk)",
+    "once": "query-aware, the document read once for all questions",
     "reused": "question-agnostic prefix, compressed once and reused for each question",
     "saved": "question-agnostic prefix from a saved cache",
 }
@@ -203,4 +204,8 @@ def _read_line(stats: RunStats) -> str:
     chunks = stats.extra.get("chunks")
     if chunks:
         line += f": {len(chunks)} chunks"
+    prefix = stats.extra.get("prefix")
+    if prefix:
+        paid = f", read in {prefix['seconds']:.2f}s (this question)" if prefix["seconds"] else ", read by an earlier question"
+        line += f": prefix {prefix['tokens']} tokens ({_mib(prefix['kv_bytes'])} full{paid}); question step {prefix['question_s']:.2f}s"
     return line

@@ -26,6 +26,12 @@ class Step:
     compressor: object | None = None  # a methods.Compressor (or capture recorder) pruning each layer
     probe_len: int = 0  # trailing tokens that score the rest but are not kept (the question after a chunk)
     on_layer: Callable[[int], None] | None = None  # called with layer_idx after each layer (progress)
+    # Per layer, attention already received by the cached entries from queries of earlier steps
+    # (a read-once prefix's own), added to this step's for methods that sum over all queries (H2O).
+    accumulated_before: list[torch.Tensor] | None = None
+    # Per layer, the last queries of the earlier steps (a read-once prefix's tail), so a step
+    # shorter than the observation window is scored by a whole window, as in one pass.
+    queries_before: list[torch.Tensor] | None = None
 
     def after_attention(self, layer_idx: int, query: torch.Tensor, scaling: float) -> None:
         """Called by the attention function once layer `layer_idx` has attended over its keys."""
@@ -35,7 +41,11 @@ class Step:
             # compressor the cache only grows, so its final size is its peak.
             cache.peak_nbytes = max(cache.peak_nbytes, cache.nbytes())
             keys, _ = cache.layers[layer_idx].view()
-            self.compressor.observe_live(cache, layer_idx, query, keys, scaling, probe_len=self.probe_len)
+            self.compressor.observe_live(
+                cache, layer_idx, query, keys, scaling, probe_len=self.probe_len,
+                accumulated_before=self.accumulated_before[layer_idx] if self.accumulated_before is not None else None,
+                queries_before=self.queries_before[layer_idx] if self.queries_before is not None else None,
+            )
         if self.on_layer is not None:
             self.on_layer(layer_idx)
 

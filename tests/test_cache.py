@@ -170,3 +170,19 @@ def test_reserve_grows_exactly_and_keeps_entries():
         assert torch.equal(layer.view()[0], torch.ones(1, 2, 20, 4))
     cache.layers[0].append(torch.zeros(1, 2, 7, 4), torch.zeros(1, 2, 7, 4), torch.arange(20, 27))
     assert cache.layers[0].capacity == 27
+
+
+def test_fork_copies_a_layer_only_when_written_and_never_changes_the_base():
+    """A fork reads as its base until a step appends to a layer; then that layer is base + new entries, the base unchanged."""
+    base = KVCache(2)
+    for layer_idx in range(2):
+        base.update(*states(5), layer_idx, kwargs=step(base, 5))
+    before = [tuple(t.clone() for t in layer.view()) for layer in base.layers]
+    fork = base.fork()
+    assert fork.nbytes() == 0 and torch.equal(fork.layers[1].view()[0], base.layers[1].view()[0])
+    keys, _ = fork.update(*states(2, offset=5), 0, kwargs=step(fork, 2, 5))
+    assert torch.equal(keys, states(7)[0])
+    assert torch.equal(fork.layers[0].kept_positions(), torch.arange(7).expand(NUM_KV_HEADS, -1))
+    fork.layers[0].keep(torch.tensor([[0, 6], [1, 6]]))
+    for layer, (k, v) in zip(base.layers, before):
+        assert torch.equal(layer.view()[0], k) and torch.equal(layer.view()[1], v) and layer.length == 5

@@ -159,3 +159,18 @@ def test_models_lists_the_embedded_models(home):
     rows = json.loads(run("models", "--json").stdout)
     assert [r["name"] for r in rows if r["kind"] == "embedded"] == list(EMBEDDED)
     assert all(isinstance(r["installed"], bool) for r in rows)
+
+
+def test_several_questions_read_the_document_once(tiny, home, doc):
+    """`ask -q A -q B` reads the document once and answers each as a one-pass `ask` of that question does."""
+    args = ["-m", tiny, "--method", "snapkv", "--ratio", "0.2", "--max-new-tokens", "4", "--json"]
+    both = run("ask", doc, "-q", "w1 w2?", "-q", "w30?", *args)
+    assert both.exit_code == 0, both.stderr
+    rows = [json.loads(line) for line in both.stdout.splitlines()]
+    assert [r["stats"]["read"] for r in rows] == ["once", "once"]
+    assert rows[0]["stats"]["extra"]["prefix"]["seconds"] > 0 and rows[1]["stats"]["extra"]["prefix"]["seconds"] == 0
+    for row in rows:
+        alone = json.loads(run("ask", doc, row["question"], *args).stdout)
+        assert row["answer"] == alone["answer"]
+        assert row["stats"]["retained_per_layer"] == alone["stats"]["retained_per_layer"]
+        assert row["stats"]["prompt_tokens"] == alone["stats"]["prompt_tokens"]

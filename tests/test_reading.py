@@ -180,3 +180,30 @@ def test_a_seed_repeats_its_samples():
     assert run(3) == run(3)
     assert run(3) != run(4)
     assert Sampling().pick(logits[0], None) == int(logits[0].argmax())
+
+
+# --- read once, compress per question ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["full", "streamingllm", "h2o", "snapkv", "pyramidkv", "dynamickv", "evidencekv"])
+def test_read_once_keeps_what_one_pass_keeps(reader, name):
+    """For every method, each question fed after a once-read full prefix keeps the positions (every layer and KV head),
+    keys and values a one-pass read of that question keeps, answers the same tokens, and leaves the prefix untouched."""
+    from kvcli.reading import ReadOnce
+
+    options = Options(budget=Budget(ratio=0.2), max_new_tokens=5)
+    document = words(400, seed=3)
+    method = make_method(name)
+    once = ReadOnce(reader, document, options, accumulated=method.needs_accumulated)
+    prefix = once.read_prefix().state
+    held = prefix.cache.retained_per_layer()
+    for question in ("w5 w6 w7?", "w40 w2?"):
+        one_pass = QueryAware(reader, document, options).read(question, method)
+        fed = once.read(question, method)
+        assert fed.mode == "once" and fed.state.prompt_len == one_pass.state.prompt_len
+        for a, b in zip(fed.state.cache.layers, one_pass.state.cache.layers, strict=True):
+            assert torch.equal(a.kept_positions(), b.kept_positions())
+            for x, y in zip(a.view(), b.view()):
+                assert torch.allclose(x, y, atol=1e-5)
+        assert answer(reader, fed, options).tokens == answer(reader, one_pass, options).tokens
+        assert prefix.cache.retained_per_layer() == held

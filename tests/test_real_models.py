@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from helpers_text import prose, with_needle
 from kvcli.cli import app
 from kvcli.generate import decode, prefill, prepare_model
+from kvcli.methods import make_method
 from kvcli.reading import Options
 
 pytestmark = pytest.mark.model
@@ -95,3 +96,25 @@ def test_saved_cache_answers_and_refuses_damage(smollm, tmp_path, model_home, mo
         assert result.stderr.strip().startswith("kvcli: error:") and word in result.stderr and len(result.stderr.strip().splitlines()) == 1
     other = runner.invoke(app, ["ask", "--cache", str(out), "q?", "-m", "qwen2.5-coder-0.5b"])
     assert other.exit_code != 0 and "smollm2-135m" in other.stderr and len(other.stderr.strip().splitlines()) == 1
+
+
+def test_read_once_is_one_pass_on_the_default_model(qwen):
+    """On the default model, questions fed after a once-read prefix keep, for every method, the positions a one-pass
+    read keeps in every layer and KV head, and the default method and dynamickv answer token for token as one pass does."""
+    from kvcli.methods import REGISTRY, Budget
+    from kvcli.reading import QueryAware, ReadOnce, answer
+
+    text = open("samples/python_exceptions.txt").read()[:5000]
+    options = Options(budget=Budget(ratio=0.1), max_new_tokens=8)
+    methods = [make_method(name) for name in REGISTRY]
+    once = ReadOnce(qwen, text, options, accumulated=True)
+    one_pass = QueryAware(qwen, text, options)
+    for question in ("What does the raise statement do?", "Which exception does assert raise?"):
+        captured = one_pass.capture(question, 8, accumulated=True)
+        for method in methods:
+            expected = one_pass.derive(captured, question, method)
+            fed = once.read(question, method)
+            for a, b in zip(fed.state.cache.layers, expected.state.cache.layers, strict=True):
+                assert torch.equal(a.kept_positions(), b.kept_positions()), (question, method.name)
+            if method.name in ("evidencekv", "dynamickv"):
+                assert answer(qwen, fed, options).tokens == answer(qwen, expected, options).tokens, (question, method.name)

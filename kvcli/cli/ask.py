@@ -50,7 +50,7 @@ def split_arguments(args: list[str], questions: list[str] | None, cache: str | N
 def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache: str | None = None,
                reuse: bool = False, compare: bool = False, include=(), exclude=()) -> None:
     """Answer each question: query-aware by default, or after one question-agnostic prefix."""
-    from ..reading import QueryAware, Reused, add_answer, answer, run_stats
+    from ..reading import QueryAware, ReadOnce, Reused, add_answer, answer, run_stats
 
     if compare and (cache or reuse):
         raise InputError("--compare reads query-aware; drop --cache or --reuse")
@@ -66,12 +66,20 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
             warn_prompt(reader, options, mode.prompt, screen)
             with screen.layers(reader.num_layers, "compress") as on_layer:
                 prefix = mode.read(method, on_layer=on_layer)
+        elif len(questions) > 1 and options.chunk_size is None and not compare:
+            # Many questions: read the document once, compress a copy per question (the same cache as one pass).
+            mode = ReadOnce(reader, doc.text, options, window_size=max(32, method.window_size), accumulated=method.needs_accumulated)
+            warn_prompt(reader, options, mode.query.prompt(questions[0]), screen)
+            with screen.layers(reader.num_layers, "reading once") as on_layer:
+                mode.read_prefix(on_layer)
         else:
             mode = QueryAware(reader, doc.text, options)
     for question in questions:
         began = time.perf_counter()
         if prefix is not None:
             reading = prefix.ask(reader, question, options)
+        elif isinstance(mode, ReadOnce):
+            reading = mode.read(question, method)
         else:
             warn_prompt(reader, options, mode.prompt(question), screen)
             with screen.layers(reader.num_layers) as on_layer:

@@ -126,11 +126,14 @@ class LayerObservation:
         )
 
     @classmethod
-    def compute(cls, layer_idx: int, query, keys, positions, scaling: float, window_size: int, accumulated: bool) -> LayerObservation:
+    def compute(cls, layer_idx: int, query, keys, positions, scaling: float, window_size: int, accumulated: bool,
+                window_query=None) -> LayerObservation:
+        """`window_query` (default: `query`) are the last queries of the prompt, this step's and
+        any kept from earlier steps; accumulated attention counts this step's queries only."""
         return cls(
             layer_idx=layer_idx,
             positions=positions,
-            window_attn=window_attention(query, keys, window_size, scaling),
+            window_attn=window_attention(query if window_query is None else window_query, keys, window_size, scaling),
             accumulated=accumulated_attention(query, keys, scaling) if accumulated else None,
         )
 
@@ -194,12 +197,25 @@ class Compressor:
         n_kept = self.layer_budgets[obs.layer_idx]
         return {obs.layer_idx: keep_window_and_top(scores, n_kept, obs.positions, self.method.window_size)}
 
-    def observe_live(self, cache, layer_idx: int, query, keys, scaling: float, probe_len: int = 0) -> None:
-        """Observe a layer during prefill and prune the live cache as decided."""
+    def observe_live(self, cache, layer_idx: int, query, keys, scaling: float, probe_len: int = 0,
+                     accumulated_before=None, queries_before=None) -> None:
+        """Observe a layer during prefill and prune the live cache as decided.
+
+        After a read-once prefix, `queries_before` `(1, num_heads, w, head_dim)` are the prefix's
+        last queries (so a short question still has a whole observation window) and
+        `accumulated_before` `(num_kv_heads, group, n)` the attention the prefix's entries
+        received from its own queries: the scores then equal one pass's.
+        """
         layer = cache.layers[layer_idx]
+        window_query = query
+        if queries_before is not None and query.shape[2] < self.method.window_size:
+            window_query = torch.cat([queries_before.to(query.device, query.dtype), query], dim=2)
         obs = LayerObservation.compute(
-            layer_idx, query, keys, layer.kept_positions(), scaling, self.method.window_size, self.method.needs_accumulated
+            layer_idx, query, keys, layer.kept_positions(), scaling, self.method.window_size, self.method.needs_accumulated,
+            window_query=window_query,
         )
+        if obs.accumulated is not None and accumulated_before is not None:
+            obs.accumulated[..., : accumulated_before.shape[-1]] += accumulated_before.to(obs.accumulated.device)
         if probe_len:
             # The probe (the question fed after a chunk) scored the chunk; it is not kept.
             obs = obs.drop_tail(probe_len)

@@ -4,6 +4,8 @@
   profile, end-of-sequence ids), `Options`, and `Reading` (a cache ready for one question).
 - `query.py`: query-aware reading, the question in the observation window; one pass, or in
   chunks (`--chunk-size`) with the question probing every chunk.
+- `once.py`: read once, compress per question: the full prefix prefilled once, each question
+  fed after it and compressed exactly as a one-pass query-aware read would be (`ask -q ... -q`).
 - `prefix.py`: a question-agnostic document prefix, compressed once (`--reuse`, `compress`)
   or loaded from a `.kvc` file, that each question follows.
 - `answer.py`: decoding a `Reading` into text (streamed through a callback), and its `RunStats`.
@@ -14,8 +16,9 @@ Nothing here prints.
 """
 
 from .answer import Answer, add_answer, answer, run_stats
+from .once import ReadOnce
 from .prefix import Prefix, Reused, saved_prefix
 from .query import QueryAware
 from .reader import Options, Reader, Reading
 
-__all__ = ["Answer", "add_answer", "Options", "Prefix", "QueryAware", "Reader", "Reading", "Reused", "answer", "run_stats", "saved_prefix"]
+__all__ = ["Answer", "add_answer", "Options", "Prefix", "QueryAware", "ReadOnce", "Reader", "Reading", "Reused", "answer", "run_stats", "saved_prefix"]

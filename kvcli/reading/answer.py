@@ -82,6 +82,8 @@ def run_stats(reader: Reader, reading: Reading) -> RunStats:
         dropped_tokens=reading.dropped_tokens,
         read=reading.mode,
     )
+    if reading.prefix is not None:
+        stats.extra["prefix"] = reading.prefix
     if len(state.chunks) > 1:
         stats.extra["chunks"] = [
             {"start": start, "stop": stop, "kept_tokens_over_layers": round(kept, 1)}

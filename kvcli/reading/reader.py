@@ -44,11 +44,12 @@ class Reading:
 
     state: Prefill  # the cache, the next-token logits, the length read and what it cost
     method: Method
-    mode: str  # "query", "chunked", "reused" or "saved"
+    mode: str  # "query", "chunked", "once", "reused" or "saved"
     note: str = ""  # why the cache is not compressed as asked, or ""
     window: str = ""  # what the observation window covered
     prompt: Prompt | None = None  # None when answering after a saved cache
     dropped_tokens: int = 0  # document tokens cut from the middle
+    prefix: dict | None = None  # read once: the full prefix's tokens, KV bytes, seconds (first question only), question step seconds
 
 
 class Reader:

@@ -1,0 +1,70 @@
+"""Read once, compress per question: the document is prefilled once with the full cache, and
+each question is fed after it and compressed exactly as a one-pass query-aware read would be.
+
+The prefix is the prompt up to the question (template opening and documents): its ids are the
+same for every question, since a prompt is encoded as prefix and question separately, so no
+token merges across the seam. Each question is fed as one multi-token step over a fork of the
+full prefix; every layer is compressed right after that step's attention, scored by the
+step's window queries, which see the same keys as in one pass. The answer decodes from that
+compressed fork while the full prefix stays as it was for the next question.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..generate import FullPrefix, ask_after, read_prefix
+from ..methods import Budget, Method
+from ..prompt import Prompt, window_text
+from .query import QueryAware
+from .reader import Options, Reader, Reading
+
+
+class ReadOnce:
+    """Holds one document's full prefix and answers each question from a compressed fork of it."""
+
+    name = "once"
+
+    def __init__(self, reader: Reader, document: str, options: Options, window_size: int = 32, accumulated: bool = False) -> None:
+        self.reader = reader
+        self.options = options
+        self.query = QueryAware(reader, document, options)  # for prompts, and questions whose prompt differs
+        self.window_size = window_size  # the widest observation window a question may be scored with
+        self.accumulated = accumulated  # record the prefix's all-query attention (for H2O)
+        self.prefix: FullPrefix | None = None
+        self.charged = False
+
+    def read_prefix(self, on_layer: Callable[[int], None] | None = None) -> FullPrefix:
+        """Prefill the prefix with the full cache (once; later calls return it)."""
+        if self.prefix is None:
+            prompt = self.query.prompt("?")
+            self.prefix_ids = prompt.ids[:, : prompt.prefix_len].to(self.reader.device)
+            self.prefix = read_prefix(self.reader.model, self.prefix_ids, self.window_size, self.accumulated, on_layer)
+        return self.prefix
+
+    def can_answer(self, method: Method) -> bool:
+        """Whether the prefix was read with what `method` scores by (its window, all-query attention)."""
+        return method.window_size <= self.window_size and (self.accumulated or not method.needs_accumulated)
+
+    def read(self, question: str, method: Method, budget: Budget | None = None,
+             on_layer: Callable[[int], None] | None = None) -> Reading:
+        """The cache a one-pass read of (document, question) keeps, made from the prefix."""
+        prefix = self.read_prefix()
+        prompt: Prompt = self.query.prompt(question)
+        n = prefix.state.prompt_len
+        if prompt.prefix_len != n or not torch.equal(prompt.ids[:, :n].to(self.prefix_ids.device), self.prefix_ids):
+            # The document was cut in the middle differently for this question's length: read it whole.
+            reading = self.query.read(question, method, budget, on_layer=on_layer)
+            reading.note = (reading.note + "; " if reading.note else "") + "read again: this question's prompt cuts the document differently"
+            return reading
+        if method.compresses and not self.can_answer(method):
+            raise ValueError("internal: the prefix was read for a narrower window or without all-query attention")
+        compression, note = self.reader.compression(method, budget or self.options.budget, len(prompt))
+        state = ask_after(self.reader.model, prefix, prompt.ids[:, n:].to(self.reader.device), compression, on_layer)
+        window = window_text(self.reader.tokenizer, prompt, method.window_size) if state.compressed else ""
+        made = {"tokens": n, "kv_bytes": prefix.state.cache.nbytes(), "seconds": 0.0 if self.charged else prefix.state.seconds, "question_s": state.seconds}
+        state.seconds += made["seconds"]  # the first question pays for reading the prefix
+        self.charged = True
+        return Reading(state, method, "once", note, window, prompt, prompt.dropped_tokens, prefix=made)
