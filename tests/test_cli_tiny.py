@@ -174,3 +174,34 @@ def test_several_questions_read_the_document_once(tiny, home, doc):
         assert row["answer"] == alone["answer"]
         assert row["stats"]["retained_per_layer"] == alone["stats"]["retained_per_layer"]
         assert row["stats"]["prompt_tokens"] == alone["stats"]["prompt_tokens"]
+
+
+def test_a_saved_full_prefix_answers_query_aware(tiny, home, doc, tmp_path):
+    """`kvcli read` saves the full prefix; `ask --cache` then compresses each question with the ask-time method and
+    ratio, keeping and answering what a one-pass `ask` does; bfloat16 storage halves the file."""
+    full = tmp_path / "doc.kvc"
+    made = run("read", doc, "-o", full, "-m", tiny, "--json")
+    assert made.exit_code == 0, made.stderr
+    assert json.loads(made.stdout)["kind"] == "full"
+    args = ["-m", tiny, "--method", "dynamickv", "--ratio", "0.2", "--max-new-tokens", "4", "--json"]
+    saved = [json.loads(line) for line in run("ask", "--cache", full, "-q", "w1 w2?", "-q", "w30?", *args).stdout.splitlines()]
+    for row in saved:
+        alone = json.loads(run("ask", doc, row["question"], *args).stdout)
+        assert row["stats"]["read"] == "once" and row["stats"]["method"] == "dynamickv"
+        assert row["answer"] == alone["answer"]
+        assert row["stats"]["retained_per_layer"] == alone["stats"]["retained_per_layer"]
+    half = tmp_path / "half.kvc"
+    assert run("read", doc, "-o", half, "-m", tiny, "--save-dtype", "bfloat16").exit_code == 0
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    assert run("ask", "--cache", half, "w1?", *args).exit_code == 0
+
+
+def test_a_saved_full_prefix_says_what_it_cannot_answer(tiny, home, doc, tmp_path):
+    """h2o on a full prefix saved without all-query scores, and a wider --window than it was read for, are one-line errors."""
+    full = tmp_path / "doc.kvc"
+    assert run("read", doc, "-o", full, "-m", tiny).exit_code == 0
+    one_line_error(run("ask", "--cache", full, "w1?", "-m", tiny, "--method", "h2o", "--max-new-tokens", "2"), "--all-query-scores")
+    one_line_error(run("ask", "--cache", full, "w1?", "-m", tiny, "--method", "snapkv", "--window", "100", "--max-new-tokens", "2"), "read again")
+    scored = tmp_path / "scored.kvc"
+    assert run("read", doc, "-o", scored, "-m", tiny, "--all-query-scores").exit_code == 0
+    assert run("ask", "--cache", scored, "w1?", "-m", tiny, "--method", "h2o", "--max-new-tokens", "2").exit_code == 0

@@ -19,6 +19,7 @@ from .compress import compress
 from .evaluate import eval_
 from .info import methods, models
 from .inspect import inspect
+from .read import read
 from .output import EXIT_INTERRUPTED, EXIT_OUT_OF_MEMORY, EXIT_USER_ERROR
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_OUT_OF_MEMORY", "EXIT_USER_ERROR", "app", "main"]
@@ -35,7 +36,7 @@ Exit codes: 0 done, 1 a bug, 2 a user error, 3 out of memory, 130 interrupted.
 """
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, help=HELP)
-for command in (ask, summarize, compress, inspect, methods, models):
+for command in (ask, summarize, read, compress, inspect, methods, models):
     app.command()(command)
 app.command("eval")(eval_)
 

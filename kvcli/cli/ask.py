@@ -13,7 +13,7 @@ from ..methods import make_method
 from ..prompt import check_question, summary_instruction
 from .options import COMPRESSION, GENERATION, MODEL, OUTPUT, RunOptions, shared
 from .output import Screen, print_json, user_errors
-from .session import start, stdin_is_piped, warn_prompt
+from .session import prepare, start, stdin_is_piped, warn_prompt
 
 CacheOpt = Annotated[Optional[str], typer.Option("--cache", metavar="FILE.kvc", help="Answer from a cache saved by `kvcli compress` instead of reading documents.", show_default=False)]
 IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", metavar="GLOB", help="In folders, read only files matching this glob (gitignore style); repeatable.", show_default=False)]
@@ -58,7 +58,7 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
     screen, method, options, doc, reader = started.screen, started.method, started.options, started.doc, started.reader
     prefix = None
     if cache:
-        prefix, method = _saved(reader, cache, run, screen)
+        prefix, method, mode = _saved(reader, cache, run, screen, method, options)
     else:
         if reuse:
             screen.warn("--reuse chooses what to keep without the questions: specific facts are often lost (docs/results.md); leave it out to read query-aware")
@@ -116,19 +116,25 @@ def _say_comparison(screen: Screen, stats, full: str, compressed: str) -> None:
     screen.note(f"kept {kept:.1f}%: {stats.kv_bytes_kept / 2**20:.1f} of {stats.kv_bytes_full / 2**20:.1f} MiB, {verdict}")
 
 
-def _saved(reader, path: str, run: RunOptions, screen: Screen):
-    """The prefix saved in `path`, with the method it was compressed with."""
-    from ..reading import saved_prefix
+def _saved(reader, path: str, run: RunOptions, screen: Screen, method, options):
+    """(prefix, method, mode) for `--cache path`: a compressed prefix answers with the method it was
+    compressed with (prefix set); a full one compresses each question with this run's method (mode set)."""
+    from ..reading import ReadOnce, saved_prefix
     from ..store import load_cache
 
     lm = reader.lm
-    saved = load_cache(path, lm.config_hash, lm.name, device=lm.device, dtype=lm.dtype, weights_fingerprint=getattr(lm, "weights_fingerprint", None))
+    saved = load_cache(path, lm.config_hash, lm.name, device=lm.device, dtype=lm.dtype, weights_fingerprint=lm.weights_fingerprint)
+    if saved.kind == "full":
+        if (saved.meta.get("system") or None) != (options.system or None):
+            raise InputError(f"{path} was read with --system {saved.meta.get('system')!r}; ask with the same system prompt or read the documents again")
+        prepare(reader, method, screen)
+        return None, method, ReadOnce.saved(reader, saved, options)
     method = make_method(saved.meta["method"], **saved.meta.get("method_params", {}))
     ignored = [flag for flag, name in (("--method", "method"), ("--ratio", "ratio"), ("--budget", "budget"), ("--chunk-size", "chunk_size"), ("--param", "param")) if name in run.given]
     if ignored:
         screen.warn(f"{', '.join(ignored)} ignored: {path} was compressed with {method.name} when it was saved")
-    screen.warn(f"{path} was compressed without knowing the questions: specific facts are often lost (docs/results.md)")
-    return saved_prefix(reader, saved, method), method
+    screen.warn(f"{path} was compressed without knowing the questions: specific facts are often lost (docs/results.md); `kvcli read` saves a cache that answers query-aware")
+    return saved_prefix(reader, saved, method), method, None
 
 
 @user_errors

@@ -15,9 +15,10 @@ from collections.abc import Callable
 
 import torch
 
-from ..generate import FullPrefix, ask_after, read_prefix
+from ..errors import InputError
+from ..generate import FullPrefix, Prefill, ask_after, read_prefix
 from ..methods import Budget, Method
-from ..prompt import Prompt, window_text
+from ..prompt import Prompt, question_suffix, window_text
 from .query import QueryAware
 from .reader import Options, Reader, Reading
 
@@ -27,15 +28,25 @@ class ReadOnce:
 
     name = "once"
 
-    def __init__(self, reader: Reader, document: str, options: Options, window_size: int = 32, accumulated: bool = False) -> None:
+    def __init__(self, reader: Reader, document: str | None, options: Options, window_size: int = 32, accumulated: bool = False) -> None:
         self.reader = reader
         self.options = options
-        self.query = QueryAware(reader, document, options)  # for prompts, and questions whose prompt differs
+        # for prompts, and questions whose prompt differs; None for a prefix loaded from a file
+        self.query = QueryAware(reader, document, options) if document is not None else None
         self.window_size = window_size  # the widest observation window a question may be scored with
         self.accumulated = accumulated  # record the prefix's all-query attention (for H2O)
         self.prefix: FullPrefix | None = None
         self.charged = False
 
+    @classmethod
+    def saved(cls, reader: Reader, saved, options: Options) -> ReadOnce:
+        """A full prefix loaded from a `.kvc` of kind `full` (`store.SavedCache`)."""
+        queries = saved.extras["tail_queries"]
+        once = cls(reader, None, options, window_size=queries[0].shape[2], accumulated="accumulated" in saved.extras)
+        state = Prefill(cache=saved.cache, logits=None, prompt_len=saved.prompt_tokens, seconds=0.0)
+        once.prefix = FullPrefix(state, queries, saved.extras.get("accumulated"))
+        once.charged = True
+        return once
     def read_prefix(self, on_layer: Callable[[int], None] | None = None) -> FullPrefix:
         """Prefill the prefix with the full cache (once; later calls return it)."""
         if self.prefix is None:
@@ -52,19 +63,40 @@ class ReadOnce:
              on_layer: Callable[[int], None] | None = None) -> Reading:
         """The cache a one-pass read of (document, question) keeps, made from the prefix."""
         prefix = self.read_prefix()
-        prompt: Prompt = self.query.prompt(question)
         n = prefix.state.prompt_len
-        if prompt.prefix_len != n or not torch.equal(prompt.ids[:, :n].to(self.prefix_ids.device), self.prefix_ids):
-            # The document was cut in the middle differently for this question's length: read it whole.
-            reading = self.query.read(question, method, budget, on_layer=on_layer)
-            reading.note = (reading.note + "; " if reading.note else "") + "read again: this question's prompt cuts the document differently"
-            return reading
+        prompt: Prompt | None = None
+        if self.query is not None:
+            prompt = self.query.prompt(question)
+            if prompt.prefix_len != n or not torch.equal(prompt.ids[:, :n].to(self.prefix_ids.device), self.prefix_ids):
+                # The document was cut in the middle differently for this question's length: read it whole.
+                reading = self.query.read(question, method, budget, on_layer=on_layer)
+                reading.note = (reading.note + "; " if reading.note else "") + "read again: this question's prompt cuts the document differently"
+                return reading
+            suffix = prompt.ids[:, n:]
+        else:
+            suffix = question_suffix(self.reader.tokenizer, question, None, self.options.system)
+            limit = self.reader.context_limit(self.options)
+            if n + suffix.shape[1] + self.options.max_new_tokens > limit:
+                raise InputError(
+                    f"the saved prefix ({n} tokens), this question ({suffix.shape[1]}) and --max-new-tokens "
+                    f"{self.options.max_new_tokens} pass the {limit}-token context; ask a shorter question or lower --max-new-tokens"
+                )
         if method.compresses and not self.can_answer(method):
-            raise ValueError("internal: the prefix was read for a narrower window or without all-query attention")
-        compression, note = self.reader.compression(method, budget or self.options.budget, len(prompt))
-        state = ask_after(self.reader.model, prefix, prompt.ids[:, n:].to(self.reader.device), compression, on_layer)
-        window = window_text(self.reader.tokenizer, prompt, method.window_size) if state.compressed else ""
+            raise InputError(
+                f"this prefix was read for observation windows up to {self.window_size} tokens"
+                + ("" if self.accumulated else " and without all-query scores")
+                + f"; {method.name} with --window {method.window_size} needs it read again"
+                + ("" if not method.needs_accumulated else " (kvcli read --all-query-scores)")
+            )
+        compression, note = self.reader.compression(method, budget or self.options.budget, n + suffix.shape[1])
+        state = ask_after(self.reader.model, prefix, suffix.to(self.reader.device), compression, on_layer)
+        if not state.compressed:
+            window = ""
+        elif prompt is not None:
+            window = window_text(self.reader.tokenizer, prompt, method.window_size)
+        else:
+            window = self.reader.tokenizer.decode(suffix[0, -method.window_size :].tolist())
         made = {"tokens": n, "kv_bytes": prefix.state.cache.nbytes(), "seconds": 0.0 if self.charged else prefix.state.seconds, "question_s": state.seconds}
         state.seconds += made["seconds"]  # the first question pays for reading the prefix
         self.charged = True
-        return Reading(state, method, "once", note, window, prompt, prompt.dropped_tokens, prefix=made)
+        return Reading(state, method, "once", note, window, prompt, prompt.dropped_tokens if prompt is not None else 0, prefix=made)
