@@ -6,9 +6,10 @@ and the memory chunked prefill saves. Every measurement runs kvcli's own command
     kvcli eval --data questions.jsonl --metric contains --methods full,dynamickv,evidencekv \\
         --ratios 0.1 --modes query,reuse,chunked --chunk-size 512 --max-new-tokens 24 -o modes.json
 
-    # 2. ten questions: `kvcli compress` once + one `kvcli ask --cache -q ... -q ...`
-    #    vs ten separate `kvcli ask` runs (each a fresh process, as a user would type them)
-    python benchmarks/reuse_check.py time -m qwen2.5-coder-0.5b --length 3000 --ratio 0.1 --json time.json
+    # 2. ten questions, every way kvcli answers them: ten separate `kvcli ask` runs (fresh
+    #    processes, as a user types them), one `ask -q x10` (read once), `kvcli read` + one
+    #    `ask --cache` (full prefix, fp32 and bf16 files), `kvcli compress` + one `ask --cache`
+    python benchmarks/reuse_check.py time -m qwen2.5-coder-0.5b --length 7000 --ratio 0.1 --json time.json
 
     # 3. peak memory of one `kvcli ask` reading a long document in one pass vs in chunks
     python benchmarks/reuse_check.py memory -m qwen2.5-coder-0.5b --length 32000 --chunk-size 1024 --json memory.json
@@ -106,34 +107,69 @@ def cmd_data(args) -> None:
 
 
 def cmd_time(args) -> None:
+    """Ten questions about one document, each way kvcli can answer them, side by side in one run."""
     tokenizer = load_tokenizer(args.model)
     model = ["-m", args.model] if args.model else []
-    compression = ["--method", args.method, "--ratio", str(args.ratio), *model]
+    compression = ["--method", args.method, "--ratio", str(args.ratio)]
     answering = ["--max-new-tokens", str(args.max_new_tokens), *model]
     facts = FACTS[: args.questions]
+    asked = [a for _, q, _ in facts for a in ("-q", q)]
+    ways = [name.strip() for name in args.ways.split(",") if name.strip()]
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         doc = Path(tmp) / "document.txt"
         doc.write_text(build_document(tokenizer, args.length), encoding="utf-8")
-        kvc = Path(tmp) / "document.kvc"
-        compress_s, (made,) = kvcli("compress", str(doc), "-o", str(kvc), *compression)
-        cached_s, cached = kvcli("ask", "--cache", str(kvc), *[a for _, q, _ in facts for a in ("-q", q)], *answering)
-        separate = [kvcli("ask", str(doc), question, *compression, *answering[:2]) for _, question, _ in facts]
-        file_bytes = kvc.stat().st_size
-    separate_s = sum(seconds for seconds, _ in separate)
-    answers_separate = [lines[0]["answer"] for _, lines in separate]
-    answers_cached = [line["answer"] for line in cached]
-    found = lambda answers: sum(expected in a.lower() for a, (_, _, expected) in zip(answers, facts))  # noqa: E731
+
+        def run_way(name: str) -> tuple[list[tuple[float, list[dict]]], Path | None]:
+            kvc = Path(tmp) / f"{name}.kvc"
+            if name == "separate":  # ten `kvcli ask` processes, as a user types them
+                return [kvcli("ask", str(doc), q, *compression, *answering) for _, q, _ in facts], None
+            if name == "once":  # one `kvcli ask -q ... -q ...`: the document read once
+                return [kvcli("ask", str(doc), *asked, *compression, *answering)], None
+            if name in ("read", "read-bf16"):  # `kvcli read` (full prefix) + one `ask --cache` with ten -q
+                dtype = ["--save-dtype", "bfloat16"] if name == "read-bf16" else []
+                made = kvcli("read", str(doc), "-o", str(kvc), *dtype, *model)
+                return [made, kvcli("ask", "--cache", str(kvc), *asked, *compression, *answering)], kvc
+            if name.startswith("compress"):  # `kvcli compress` (question-agnostic) + one `ask --cache`
+                scorer = ["--scorer", name.split(":", 1)[1]] if ":" in name else []
+                made = kvcli("compress", str(doc), "-o", str(kvc), *compression, *scorer, *model)
+                return [made, kvcli("ask", "--cache", str(kvc), *asked, *answering)], kvc
+            if name == "chat":  # `kvcli chat` with the questions piped in, one per line
+                return [kvcli_piped(["chat", str(doc), *compression, *answering], "".join(q + "\n" for _, q, _ in facts))], None
+            raise SystemExit(f"unknown way {name!r}")
+
+        for name in ways:
+            runs, kvc = run_way(name)
+            lines = [line for _, out in runs for line in out if "answer" in line]
+            answers = [line["answer"] for line in lines]
+            results[name] = {
+                "seconds": round(sum(seconds for seconds, _ in runs), 1),
+                "processes": len(runs),
+                "found": sum(expected in a.lower() for a, (_, _, expected) in zip(answers, facts)),
+                "file_bytes": kvc.stat().st_size if kvc is not None and kvc.exists() else None,
+                "peak_memory_bytes": max((line["stats"]["peak_memory_bytes"] for line in lines), default=None),
+                "answers": answers,
+            }
+            print(f"{name}: {results[name]['seconds']} s, found {results[name]['found']}/{len(facts)}", file=sys.stderr)
+    base = results.get("separate")
+    for name, row in results.items():
+        if base is not None:
+            row["speedup_vs_separate"] = round(base["seconds"] / row["seconds"], 2)
+            row["answers_equal_separate"] = row["answers"] == base["answers"]
     write_result({
         "model": args.model or "default", "method": args.method, "ratio": args.ratio, "questions": len(facts),
-        "prompt_tokens": made["stats"]["prompt_tokens"], "cache_file_bytes": file_bytes,
-        "seconds_separate_asks": round(separate_s, 1),
-        "seconds_compress": round(compress_s, 1), "seconds_ask_cache": round(cached_s, 1),
-        "seconds_saved_cache": round(compress_s + cached_s, 1),
-        "speedup_saved_cache": round(separate_s / (compress_s + cached_s), 2),
-        "speedup_when_cache_exists": round(separate_s / cached_s, 2),
-        "found_separate_asks": found(answers_separate), "found_saved_cache": found(answers_cached),
-        "answers_separate_asks": answers_separate, "answers_saved_cache": answers_cached,
+        "length": args.length, "ways": results,
     }, args.json)
+
+
+def kvcli_piped(args: list[str], stdin: str) -> tuple[float, list[dict]]:
+    """Run `kvcli ARGS --json --quiet` with `stdin` piped in; its wall time and its JSON lines."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "kvcli", *args, "--json", "--quiet"], input=stdin, capture_output=True, text=True, cwd=ROOT)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"kvcli {args[0]} ... failed: {done.stderr.strip()}")
+    return seconds, [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
 
 
 def cmd_memory(args) -> None:
@@ -190,6 +226,8 @@ def main() -> None:
         p.add_argument("--json", default=None, help="also write the result here")
         if name == "time":
             p.add_argument("--questions", type=int, default=len(FACTS), help=f"how many questions (at most {len(FACTS)})")
+            p.add_argument("--ways", default="separate,once,read,read-bf16,compress",
+                           help="comma-separated: separate, once, read, read-bf16, compress, compress:SCORER, chat")
         else:
             p.add_argument("--chunk-size", type=int, default=1024)
     args = parser.parse_args()

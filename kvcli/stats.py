@@ -206,6 +206,7 @@ def _read_line(stats: RunStats) -> str:
         line += f": {len(chunks)} chunks"
     prefix = stats.extra.get("prefix")
     if prefix:
-        paid = f", read in {prefix['seconds']:.2f}s (this question)" if prefix["seconds"] else ", read by an earlier question"
-        line += f": prefix {prefix['tokens']} tokens ({_mib(prefix['kv_bytes'])} full{paid}); question step {prefix['question_s']:.2f}s"
+        paid = f", read in {prefix['seconds']:.2f}s (this question)" if prefix["seconds"] else ", read earlier"
+        many = f" for {prefix['questions']} questions" if prefix.get("questions") else ""
+        line += f"{many}: prefix {prefix['tokens']} tokens ({_mib(prefix['kv_bytes'])} full{paid}); question step {prefix['question_s']:.2f}s"
     return line

@@ -91,6 +91,8 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
                 else:
                     reading = mode.read(question, method, on_layer=on_layer)
         stats = run_stats(reader, reading)
+        if "prefix" in stats.extra:
+            stats.extra["prefix"]["questions"] = len(questions)
         try:
             result = answer(reader, reading, options, on_text=screen.stream(), started=began)
         finally:
