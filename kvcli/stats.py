@@ -193,7 +193,7 @@ def render(stats: RunStats) -> Group:
 _READS = {
     "query": "query-aware, one pass (the question in the observation window)",
     "chunked": "query-aware, in chunks (the question probes each chunk)",
-    "once": "query-aware, the document read once for all questions",
+    "once": "query-aware, the document read once",
     "reused": "question-agnostic prefix, compressed once and reused for each question",
     "saved": "question-agnostic prefix from a saved cache",
 }
@@ -206,7 +206,7 @@ def _read_line(stats: RunStats) -> str:
         line += f": {len(chunks)} chunks"
     prefix = stats.extra.get("prefix")
     if prefix:
-        paid = f", read in {prefix['seconds']:.2f}s (this question)" if prefix["seconds"] else ", read earlier"
+        paid = f", read in {prefix['seconds']:.2f}s by this question" if prefix["seconds"] else ", read earlier"
         many = f" for {prefix['questions']} questions" if prefix.get("questions") else ""
         line += f"{many}: prefix {prefix['tokens']} tokens ({_mib(prefix['kv_bytes'])} full{paid}); question step {prefix['question_s']:.2f}s"
     return line
