@@ -205,3 +205,16 @@ def test_a_saved_full_prefix_says_what_it_cannot_answer(tiny, home, doc, tmp_pat
     scored = tmp_path / "scored.kvc"
     assert run("read", doc, "-o", scored, "-m", tiny, "--all-query-scores").exit_code == 0
     assert run("ask", "--cache", scored, "w1?", "-m", tiny, "--method", "h2o", "--max-new-tokens", "2").exit_code == 0
+
+
+def test_read_once_on_a_document_cut_to_fit_reads_it_once(tiny, home, tmp_path):
+    """Several questions about a document longer than the context read its (cut) prefix once, with room for the longest question."""
+    long_doc = tmp_path / "long.txt"
+    long_doc.write_text(words(3000))
+    result = run("ask", long_doc, "-q", "w1?", "-q", "w2 w3 w4 w5 w6 w7 w8 w9?", "-m", tiny, "--method", "snapkv",
+                 "--max-new-tokens", "4", "--max-context", "600", "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert all(r["stats"]["read"] == "once" and r["stats"]["dropped_tokens"] > 0 for r in rows)
+    assert all(r["stats"]["prompt_tokens"] + 4 <= 600 for r in rows)
+    assert rows[1]["stats"]["extra"]["prefix"]["seconds"] == 0

@@ -15,6 +15,7 @@ import typer
 
 from .. import __version__
 from .ask import ask, summarize
+from .chat import chat
 from .compress import compress
 from .evaluate import eval_
 from .info import methods, models
@@ -36,7 +37,7 @@ Exit codes: 0 done, 1 a bug, 2 a user error, 3 out of memory, 130 interrupted.
 """
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, help=HELP)
-for command in (ask, summarize, read, compress, inspect, methods, models):
+for command in (ask, summarize, chat, read, compress, inspect, methods, models):
     app.command()(command)
 app.command("eval")(eval_)
 

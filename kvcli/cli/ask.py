@@ -68,8 +68,10 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
                 prefix = mode.read(method, on_layer=on_layer)
         elif len(questions) > 1 and options.chunk_size is None and not compare:
             # Many questions: read the document once, compress a copy per question (the same cache as one pass).
-            mode = ReadOnce(reader, doc.text, options, window_size=max(32, method.window_size), accumulated=method.needs_accumulated)
-            warn_prompt(reader, options, mode.query.prompt(questions[0]), screen)
+            longest = max(questions, key=lambda q: len(reader.tokenizer(q)["input_ids"]))
+            mode = ReadOnce(reader, doc.text, options, window_size=max(32, method.window_size),
+                            accumulated=method.needs_accumulated, longest_question=longest)
+            warn_prompt(reader, options, mode.layout(), screen)
             with screen.layers(reader.num_layers, "reading once") as on_layer:
                 mode.read_prefix(on_layer)
         else:

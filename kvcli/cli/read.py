@@ -54,7 +54,7 @@ def save_full_prefix(target: Path, reader, once, doc, system: str | None, save_d
 
 
 @user_errors
-@shared(MODEL, OUTPUT, max_new_tokens=1)
+@shared(MODEL, OUTPUT, max_new_tokens=512)  # room kept, in a document cut to fit, for a question and its answer
 def read(
     files: Annotated[list[str], typer.Argument(help="Files, folders or - (stdin).", show_default=False, metavar="PATHS...")],
     output: Annotated[str, typer.Option("--output", "-o", metavar="FILE.kvc", help="The .kvc file to write.", show_default=False)],
@@ -83,7 +83,7 @@ def read(
     started = start(run, files, include or (), exclude or ())
     screen, options, doc, reader = started.screen, started.options, started.doc, started.reader
     once = ReadOnce(reader, doc.text, options, window_size=SAVED_WINDOW, accumulated=all_query_scores)
-    warn_prompt(reader, options, once.query.prompt("?"), screen)
+    warn_prompt(reader, options, once.layout(), screen)
     with screen.layers(reader.num_layers, "reading") as on_layer:
         prefix = once.read_prefix(on_layer)
     written = save_full_prefix(target, reader, once, doc, system, save_dtype)

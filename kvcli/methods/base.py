@@ -110,6 +110,9 @@ class LayerObservation:
     positions: torch.Tensor  # (num_kv_heads, k_len) original token positions, sorted per head
     window_attn: torch.Tensor  # (num_kv_heads, group, window, k_len) float32 probabilities
     accumulated: torch.Tensor | None = None  # (num_kv_heads, group, k_len) attention summed over all queries
+    # (num_kv_heads, group, k_len) float32: each entry's score from another pass than the window
+    # (the repeat scorer's peak attention, kvcli/repeat.py); `Method.scores` ranks by it when set.
+    key_scores: torch.Tensor | None = None
 
     @property
     def k_len(self) -> int:
@@ -123,6 +126,7 @@ class LayerObservation:
             positions=self.positions[:, :keep],
             window_attn=self.window_attn[..., :keep],
             accumulated=None if self.accumulated is None else self.accumulated[..., :keep],
+            key_scores=None if self.key_scores is None else self.key_scores[..., :keep],
         )
 
     @classmethod
@@ -252,11 +256,23 @@ class Method:
 
         Default: attention from the window's queries summed over the window (as the DynamicKV
         and SnapKV reference code do), pooled over neighbours per query head, then averaged
-        over the query heads that share each KV head.
+        over the query heads that share each KV head. With `obs.key_scores` (a question-agnostic
+        pass, `--scorer repeat`) those are pooled the same way and the max is taken over the
+        query heads of each KV head instead: an entry that one head needs is kept (as KVzip does).
         """
         window = min(self.window_size, obs.k_len)
+        if obs.key_scores is not None:
+            keyed = obs.key_scores[..., : obs.k_len - window]  # (num_kv_heads, group, k_len - window)
+            return pool_scores(keyed, self.kernel_size, self.pooling).amax(dim=1)
         attn = obs.window_attn[:, :, -window:, : obs.k_len - window].sum(dim=2)  # (num_kv_heads, group, k_len - window)
         return pool_scores(attn, self.kernel_size, self.pooling).mean(dim=1)
+
+    @property
+    def takes_key_scores(self) -> bool:
+        """Whether the method can rank by `LayerObservation.key_scores` (the repeat scorer): those
+        that score with `Method.scores`. A method overriding `scores` (H2O's all-query sums,
+        StreamingLLM's positions) is refused for it unless it overrides this too."""
+        return type(self).scores is Method.scores
 
     def layer_budgets(self, plan: BudgetPlan) -> list[int]:
         """Tokens each layer keeps (windows included); the default splits the total evenly."""

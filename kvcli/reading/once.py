@@ -13,13 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
-
 from ..errors import InputError
 from ..generate import FullPrefix, Prefill, ask_after, read_prefix
 from ..methods import Budget, Method
-from ..prompt import Prompt, question_suffix, window_text
-from .query import QueryAware
+from ..prompt import Prompt, question_suffix
 from .reader import Options, Reader, Reading
 
 
@@ -28,14 +25,16 @@ class ReadOnce:
 
     name = "once"
 
-    def __init__(self, reader: Reader, document: str | None, options: Options, window_size: int = 32, accumulated: bool = False) -> None:
+    def __init__(self, reader: Reader, document: str | None, options: Options, window_size: int = 32,
+                 accumulated: bool = False, longest_question: str = "?") -> None:
         self.reader = reader
         self.options = options
-        # for prompts, and questions whose prompt differs; None for a prefix loaded from a file
-        self.query = QueryAware(reader, document, options) if document is not None else None
+        self.document = document  # None for a prefix loaded from a file
+        self.longest_question = longest_question  # a cut document leaves room for it and the answer
         self.window_size = window_size  # the widest observation window a question may be scored with
         self.accumulated = accumulated  # record the prefix's all-query attention (for H2O)
         self.prefix: FullPrefix | None = None
+        self.prompt: Prompt | None = None  # the prompt the prefix was cut from (None for a saved prefix)
         self.charged = False
 
     @classmethod
@@ -47,12 +46,21 @@ class ReadOnce:
         once.prefix = FullPrefix(state, queries, saved.extras.get("accumulated"))
         once.charged = True
         return once
+
+    def layout(self) -> Prompt:
+        """The prompt the prefix comes from: the document, cut in the middle if it must be so that
+        the longest question and the answer fit after it."""
+        if self.prompt is None:
+            self.prompt = self.reader.prompt(self.document, self.longest_question, self.options)
+        return self.prompt
+
     def read_prefix(self, on_layer: Callable[[int], None] | None = None) -> FullPrefix:
         """Prefill the prefix with the full cache (once; later calls return it)."""
         if self.prefix is None:
-            prompt = self.query.prompt("?")
-            self.prefix_ids = prompt.ids[:, : prompt.prefix_len].to(self.reader.device)
-            self.prefix = read_prefix(self.reader.model, self.prefix_ids, self.window_size, self.accumulated, on_layer)
+            prompt = self.layout()
+            ids = prompt.ids[:, : prompt.prefix_len].to(self.reader.device)
+            self.prefix = read_prefix(self.reader.model, ids, self.window_size, self.accumulated, on_layer)
+            self.tail_ids = ids[0, -64:].tolist()
         return self.prefix
 
     def can_answer(self, method: Method) -> bool:
@@ -61,26 +69,20 @@ class ReadOnce:
 
     def read(self, question: str, method: Method, budget: Budget | None = None,
              on_layer: Callable[[int], None] | None = None) -> Reading:
-        """The cache a one-pass read of (document, question) keeps, made from the prefix."""
+        """The cache a one-pass read of (document, question) keeps, made from the prefix.
+
+        A prompt is encoded as its prefix and its question separately, so prefix ids + this
+        question's ids are exactly the one-pass prompt's (when the document fits uncut).
+        """
         prefix = self.read_prefix()
         n = prefix.state.prompt_len
-        prompt: Prompt | None = None
-        if self.query is not None:
-            prompt = self.query.prompt(question)
-            if prompt.prefix_len != n or not torch.equal(prompt.ids[:, :n].to(self.prefix_ids.device), self.prefix_ids):
-                # The document was cut in the middle differently for this question's length: read it whole.
-                reading = self.query.read(question, method, budget, on_layer=on_layer)
-                reading.note = (reading.note + "; " if reading.note else "") + "read again: this question's prompt cuts the document differently"
-                return reading
-            suffix = prompt.ids[:, n:]
-        else:
-            suffix = question_suffix(self.reader.tokenizer, question, None, self.options.system)
-            limit = self.reader.context_limit(self.options)
-            if n + suffix.shape[1] + self.options.max_new_tokens > limit:
-                raise InputError(
-                    f"the saved prefix ({n} tokens), this question ({suffix.shape[1]}) and --max-new-tokens "
-                    f"{self.options.max_new_tokens} pass the {limit}-token context; ask a shorter question or lower --max-new-tokens"
-                )
+        suffix = question_suffix(self.reader.tokenizer, question, None, self.options.system)
+        limit = self.reader.context_limit(self.options)
+        if n + suffix.shape[1] + self.options.max_new_tokens > limit:
+            raise InputError(
+                f"the document's prefix ({n} tokens), this question ({suffix.shape[1]}) and --max-new-tokens "
+                f"{self.options.max_new_tokens} pass the {limit}-token context; ask a shorter question or lower --max-new-tokens"
+            )
         if method.compresses and not self.can_answer(method):
             raise InputError(
                 f"this prefix was read for observation windows up to {self.window_size} tokens"
@@ -90,13 +92,10 @@ class ReadOnce:
             )
         compression, note = self.reader.compression(method, budget or self.options.budget, n + suffix.shape[1])
         state = ask_after(self.reader.model, prefix, suffix.to(self.reader.device), compression, on_layer)
-        if not state.compressed:
-            window = ""
-        elif prompt is not None:
-            window = window_text(self.reader.tokenizer, prompt, method.window_size)
-        else:
-            window = self.reader.tokenizer.decode(suffix[0, -method.window_size :].tolist())
+        tail = (getattr(self, "tail_ids", []) + suffix[0].tolist())[-method.window_size :]
+        window = self.reader.tokenizer.decode(tail) if state.compressed else ""
         made = {"tokens": n, "kv_bytes": prefix.state.cache.nbytes(), "seconds": 0.0 if self.charged else prefix.state.seconds, "question_s": state.seconds}
         state.seconds += made["seconds"]  # the first question pays for reading the prefix
         self.charged = True
-        return Reading(state, method, "once", note, window, prompt, prompt.dropped_tokens if prompt is not None else 0, prefix=made)
+        dropped = self.prompt.dropped_tokens if self.prompt is not None else 0
+        return Reading(state, method, "once", note, window, None, dropped, prefix=made)

@@ -1,0 +1,303 @@
+"""`kvcli chat`: a session over documents read once; each question typed is compressed
+query-aware from that read, keeping what a one-pass `kvcli ask` keeps, and answered."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import InputError, KvcliError
+from ..methods import Budget, configure, method_names
+from ..prompt import check_question
+from .ask import ExcludeOpt, IncludeOpt
+from .options import COMPRESSION, GENERATION, MODEL, RunOptions, shared
+from .output import Screen, say, user_errors
+from .read import SAVED_WINDOW, save_full_prefix
+from .session import prepare, start, stdin_is_piped, warn_prompt
+
+PROMPT = "kvcli> "
+# The questions are not known when the documents are read: documents cut to fit the context
+# leave room after them for a question of about this many words, and its answer.
+QUESTION_ROOM = " ".join(["word"] * 64)
+
+COMMANDS = """\
+A line starting with / is a command; any other line is a question about the documents.
+  /method NAME [KEY=VALUE ...]  compress with another method (and knobs, e.g. window_size=16)
+  /ratio R                      keep this fraction of the prompt's KV entries, in (0, 1]
+  /budget N                     keep N tokens per layer on average, window included
+  /stats                        the full report of the last answer
+  /save FILE.kvc                save the documents' full cache, for `kvcli chat --cache` or `kvcli ask --cache`
+  /help                         this list
+  /exit                         leave (as Ctrl-D does); Ctrl-C stops an answer"""
+
+
+class Chat:
+    """One session: the documents' full prefix (a `reading.ReadOnce`), the method and budget now
+    chosen, and the report of the last answer. Every question is independent of the others."""
+
+    def __init__(self, reader, once, method, options, run: RunOptions, screen: Screen, doc, text: str | None, source: str) -> None:
+        self.reader = reader
+        self.once = once
+        self.method = method
+        self.options = options  # as checked at the start; the budget changes through /ratio and /budget
+        self.budget: Budget = options.budget
+        self.window = run.window  # --window: the window of a method chosen with /method unless it says otherwise
+        self.screen = screen
+        self.doc = doc  # what /save records as the sources
+        self.text = text  # the documents' text, to read them again; None when started from a .kvc
+        self.source = source  # the documents or the .kvc file, for messages
+        self.last = None  # stats.RunStats of the last answer
+
+    def handle(self, line: str, interactive: bool) -> bool:
+        """Answer a question or run a command; False when the session ends.
+
+        A user error is one line and the session goes on. Interactively, Ctrl-C cancels what is
+        running (an answer, a new read): each question decodes from a fork of the prefix, and a
+        new read replaces the prefix only once it is complete, so nothing is left half-changed.
+        """
+        line = line.strip()
+        if not line:
+            return True
+        try:
+            if line.startswith("/"):
+                return self.command(line)
+            self.ask(line)
+        except KvcliError as exc:
+            say(f"kvcli: error: {exc}")
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            sys.stdout.flush()
+            say("(cancelled)")
+        return True
+
+    def ask(self, question: str) -> None:
+        """Stream the answer to stdout, then one line on stderr: what was kept, speed, why it stopped."""
+        from ..reading import add_answer, answer, run_stats
+
+        check_question(question)
+        began = time.perf_counter()
+        reading = self.once.read(question, self.method, self.budget)
+        stats = run_stats(self.reader, reading)
+        try:
+            result = answer(self.reader, reading, self.options, on_text=self.screen.stream(), started=began)
+        finally:
+            self.screen.end_answer()
+        self.last = add_answer(stats, self.reader, result)
+        say(summary(stats, self.method, self.budget))
+
+    def command(self, line: str) -> bool:
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if name == "/exit":
+            return False
+        actions = {"/method": self.set_method, "/ratio": self.set_ratio, "/budget": self.set_budget,
+                   "/stats": self.show_stats, "/save": self.save, "/help": lambda _: say(COMMANDS)}
+        if name not in actions:
+            raise InputError(f"unknown command {name}; /help lists the commands")
+        actions[name](arg)
+        return True
+
+    def set_method(self, arg: str) -> None:
+        words = arg.split()
+        if not words:
+            say(f"method {_method_label(self.method)}; choose one of: {', '.join(method_names())}")
+            return
+        method = configure([words[0]], words[1:], self.window)[0]
+        self._check(method, self.budget)
+        prepare(self.reader, method, self.screen)
+        if not self.once.can_answer(method):
+            self._read_again(method)
+        self.method = method
+        say(f"method {_method_label(method)}")
+
+    def set_ratio(self, arg: str) -> None:
+        self._set_budget(arg, "/ratio R, a fraction in (0, 1], e.g. /ratio 0.2", float, lambda value: Budget(ratio=value))
+
+    def set_budget(self, arg: str) -> None:
+        self._set_budget(arg, "/budget N, tokens kept per layer, e.g. /budget 256", int, lambda value: Budget(tokens=value))
+
+    def _set_budget(self, arg: str, usage: str, kind: type, make) -> None:
+        if not arg:
+            say(f"{self.budget.label}; change it with {usage}")
+            return
+        try:
+            value = kind(arg)
+        except ValueError:
+            raise InputError(f"expected {usage}, got {arg!r}") from None
+        budget = make(value)
+        self._check(self.method, budget)
+        self.budget = budget
+        say(budget.label)
+
+    def _check(self, method, budget: Budget) -> None:
+        """The checks --method, --ratio and --budget get at the start."""
+        dataclasses.replace(self.options, budget=budget).check(method)
+
+    def _read_again(self, method) -> None:
+        from ..reading import ReadOnce
+
+        once = self.once
+        needs = [f"a {method.window_size}-token window"] if method.window_size > once.window_size else []
+        if method.needs_accumulated and not once.accumulated:
+            needs.append("all-query scores")
+        if self.text is None:
+            raise InputError(f"{method.name} needs {' and '.join(needs)}, which {self.source} was read without; read the documents again with `kvcli read --all-query-scores` or choose another method")
+        say(f"kvcli: {method.name} needs {' and '.join(needs)}: reading the documents again")
+        again = ReadOnce(self.reader, self.text, self.options, window_size=max(once.window_size, method.window_size),
+                         accumulated=once.accumulated or method.needs_accumulated, longest_question=QUESTION_ROOM)
+        with self.screen.layers(self.reader.num_layers, "reading again") as on_layer:
+            again.read_prefix(on_layer)
+        self.once = again  # only now: a cancelled read leaves the session as it was
+
+    def show_stats(self, _: str) -> None:
+        if self.last is None:
+            raise InputError("no answer yet; ask a question first")
+        self.screen.report(self.last)
+
+    def save(self, arg: str) -> None:
+        if not arg:
+            raise InputError("give the file: /save FILE.kvc")
+        target = Path(arg).expanduser()
+        if target.suffix != ".kvc":
+            raise InputError(f"/save {arg}: the file should end in .kvc")
+        if not target.parent.exists():
+            raise InputError(f"/save {arg}: folder {target.parent} does not exist")
+        written = save_full_prefix(target, self.reader, self.once, self.doc, self.options.system)
+        say(f"saved {target} ({written / 2**20:.1f} MiB, the full cache); later: kvcli chat --cache {target}")
+
+
+def summary(stats, method, budget: Budget) -> str:
+    """The line after each answer: the share of the KV cache kept, decode speed, why it stopped."""
+    kept = 100 * stats.kv_bytes_kept / stats.kv_bytes_full if stats.kv_bytes_full else 100.0
+    line = f"({method.name}, {budget.label}) " if method.compresses else f"({method.name}) "
+    line += f"kept {kept:.1f}% of the KV cache ({stats.kv_bytes_kept / 2**20:.1f} of {stats.kv_bytes_full / 2**20:.1f} MiB)"
+    if not stats.compressed:
+        line += f", not compressed: {stats.note}"
+    if stats.decode_tokens_per_s:
+        line += f", {stats.decode_tokens_per_s:.1f} tokens/s"
+    stopped = "--max-new-tokens" if stats.stopped == "max_new_tokens" else "the end of sequence"
+    return line + f", {stats.decode_tokens} tokens, stopped at {stopped}"
+
+
+def _method_label(method) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in method.params().items())
+    return f"{method.name} ({params})" if params else method.name
+
+
+def typed_lines():
+    """Lines typed at the terminal, with line editing and in-memory history where the stdlib
+    readline exists. Ctrl-C clears the line; Ctrl-D ends the session."""
+    on_terminal = sys.stdout.isatty()
+    if on_terminal:
+        try:
+            import readline  # noqa: F401  (input() edits lines and keeps history once it is imported)
+        except ImportError:
+            pass
+    prompt_to = sys.stdout if on_terminal else sys.stderr  # a redirected stdout holds only answers
+    while True:
+        try:
+            if on_terminal:
+                line = input(PROMPT)  # readline draws the prompt, so it must know it
+            else:
+                prompt_to.write(PROMPT)
+                prompt_to.flush()
+                line = input()
+        except KeyboardInterrupt:
+            prompt_to.write("\n")
+            continue
+        except EOFError:
+            prompt_to.write("\n")
+            return
+        yield line
+
+
+def piped_lines():
+    """Lines read from piped stdin, to its end."""
+    for line in sys.stdin:
+        yield line.rstrip("\n")
+
+
+def _saved_full(reader, path: str, options, method, screen: Screen):
+    """(ReadOnce, sources) for `--cache path`: a .kvc of kind full, as `kvcli read` or /save write it."""
+    from ..reading import ReadOnce
+    from ..store import load_cache
+
+    lm = reader.lm
+    saved = load_cache(path, lm.config_hash, lm.name, device=lm.device, dtype=lm.dtype, weights_fingerprint=lm.weights_fingerprint)
+    if saved.kind != "full":
+        raise InputError(f"{path} is compressed, and chat compresses each question itself; save the full cache with `kvcli read FILES -o {path}`")
+    if (saved.meta.get("system") or None) != (options.system or None):
+        raise InputError(f"{path} was read with --system {saved.meta.get('system')!r}; chat with the same system prompt or read the documents again")
+    prepare(reader, method, screen)
+    # /save writes the sources it was read from again (name, page, sha256 are what it records)
+    sources = SimpleNamespace(sources=[SimpleNamespace(**source) for source in saved.meta.get("sources", [])])
+    return ReadOnce.saved(reader, saved, options), sources
+
+
+@user_errors
+@shared(MODEL, COMPRESSION, GENERATION)
+def chat(
+    files: Annotated[Optional[list[str]], typer.Argument(help="Files or folders.", show_default=False, metavar="PATHS...")] = None,
+    cache: Annotated[Optional[str], typer.Option("--cache", metavar="FILE.kvc", help="Start from a full cache saved by `kvcli read` or /save instead of reading documents.", show_default=False)] = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    *,
+    run: RunOptions,
+) -> None:
+    """Ask questions about documents in a session: they are read once, then each question typed
+    is compressed query-aware from that read (keeping what `kvcli ask` keeps) and answered.
+
+    Answers stream to stdout; after each, one line on stderr says how much of the KV cache was
+    kept, the decode speed and why the answer stopped. The prompt (`kvcli> `) is on stdout when
+    stdout is the terminal, else on stderr, so a redirected stdout holds only the answers. Line
+    editing and history (kept in memory only) need stdin and stdout on the terminal.
+
+    Commands: /method NAME [KEY=VALUE ...] (reads the documents again when the method needs
+    it), /ratio R, /budget N, /stats (the last answer's full report), /save FILE.kvc, /help,
+    /exit. Ctrl-C stops an answer, Ctrl-D leaves. With piped stdin every line is a question (or
+    a command), answered in turn, and the session ends with the input.
+
+    Examples: kvcli chat report.pdf --ratio 0.05; kvcli chat --cache report.kvc;
+    printf 'Q1\\nQ2\\n' | kvcli chat notes.txt
+    """
+    from ..reading import ReadOnce
+
+    files = list(files or [])
+    if cache and files:
+        raise InputError("give documents or --cache, not both")
+    if not files and not cache:
+        raise InputError("give the documents to ask about: kvcli chat FILE..., or --cache FILE.kvc")
+    if "-" in files:
+        raise InputError("chat reads its questions from stdin, so the documents cannot come from it; save them to a file, or `kvcli read - -o doc.kvc` and `kvcli chat --cache doc.kvc`")
+    if run.chunk_size is not None:
+        raise InputError("chat reads the documents once in full and compresses each question from that read; leave out --chunk-size")
+    started = start(run, None if cache else files, include or (), exclude or ())
+    screen, method, options, doc, reader = started.screen, started.method, started.options, started.doc, started.reader
+    if cache:
+        once, doc = _saved_full(reader, cache, options, method, screen)
+    else:
+        # read as `kvcli read` does, so that /save writes the same file
+        once = ReadOnce(reader, doc.text, options, window_size=max(SAVED_WINDOW, method.window_size),
+                        accumulated=method.needs_accumulated, longest_question=QUESTION_ROOM)
+        warn_prompt(reader, options, once.layout(), screen)
+        with screen.layers(reader.num_layers, "reading") as on_layer:
+            once.read_prefix(on_layer)
+    interactive = not stdin_is_piped()
+    session = Chat(reader, once, method, options, run, screen, doc, None if cache else doc.text, cache or " ".join(files))
+    if interactive:
+        prefix = once.read_prefix().state
+        read = f"read {prefix.prompt_len} tokens in {prefix.seconds:.1f}s" if not cache else f"loaded {cache} ({prefix.prompt_len} tokens)"
+        screen.note(f"{read}; ask a question, /help lists the commands, Ctrl-D leaves")
+    for line in typed_lines() if interactive else piped_lines():
+        if not session.handle(line, interactive):
+            break
+
+
+__all__ = ["chat"]
