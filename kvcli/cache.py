@@ -3,7 +3,9 @@
 Each layer keeps, for every KV head, the keys and values of the tokens it retained and
 the original position of each. Layers may hold different numbers of tokens; within a layer
 every KV head holds the same number (each head its own tokens). Keys are stored post-RoPE,
-so kept tokens need no re-rotation and new tokens continue from the full prompt's positions.
+so kept tokens need no re-rotation and new tokens continue from the full prompt's positions;
+only a document read past the model's positions is re-indexed, and then each entry also
+records where RoPE now places it (`rope`).
 
 Storage grows geometrically, so a decode step writes one row instead of concatenating the
 whole layer. This module and `attention.py` are the only places that touch transformers'
@@ -32,6 +34,9 @@ class KVLayer(CacheLayerMixin):
         super().__init__()
         self.length = 0
         self.positions: torch.Tensor | None = None  # (num_kv_heads, capacity) int64
+        # Where each entry's RoPE places it, when that is not its original position (a document
+        # read past the model's positions is re-indexed: kvcli/reindex.py); None: the same.
+        self.rope: torch.Tensor | None = None  # (num_kv_heads, capacity) int64
         self.base = base if base is not None and base.is_initialized else None  # see KVCache.fork
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -57,37 +62,62 @@ class KVLayer(CacheLayerMixin):
             new = old.new_empty((*old.shape[:2], new_capacity, old.shape[3]))
             new[:, :, : self.length] = old[:, :, : self.length]
             setattr(self, name, new)
-        positions = self.positions.new_empty((self.positions.shape[0], new_capacity))
-        positions[:, : self.length] = self.positions[:, : self.length]
-        self.positions = positions
+        for name in ("positions", "rope"):
+            old = getattr(self, name)
+            if old is None:
+                continue
+            new = old.new_empty((old.shape[0], new_capacity))
+            new[:, : self.length] = old[:, : self.length]
+            setattr(self, name, new)
 
-    def append(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor) -> None:
-        """Append `q_len` new entries at `positions` `(q_len,)` for every KV head."""
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor,
+               rope_positions: torch.Tensor | None = None) -> None:
+        """Append `q_len` new entries at original `positions` `(q_len,)` for every KV head, placed by
+        RoPE at `rope_positions` `(q_len,)` when those differ (a re-indexed read)."""
         if self.base is not None:
             # A fork's first step: this layer's copy is the base's entries and the new ones,
             # made now (one layer at a time) so the base is never written to.
-            keys, values = self.base.view()
-            base_positions = self.base.kept_positions()
-            new_positions = positions.to(base_positions.device).expand(base_positions.shape[0], -1)
+            base = self.base
+            keys, values = base.view()
+            heads = base.kept_positions().shape[0]
+            grow = lambda old, new: torch.cat([old, new.to(old.device).expand(heads, -1)], dim=1)  # noqa: E731
+            rope = None
+            if base.rope is not None or rope_positions is not None:
+                rope = grow(base.rope_positions(), positions if rope_positions is None else rope_positions)
             self.base = None
-            self.load(torch.cat([keys, key_states], dim=2), torch.cat([values, value_states], dim=2), torch.cat([base_positions, new_positions], dim=1))
+            self.load(torch.cat([keys, key_states], dim=2), torch.cat([values, value_states], dim=2),
+                      grow(base.kept_positions(), positions), rope)
             return
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if rope_positions is not None and self.rope is None:
+            self.rope = self.positions.clone()  # until now RoPE placed every entry at its own position
         q_len = key_states.shape[2]
         end = self.length + q_len
         self._reserve(end)
         self.keys[:, :, self.length : end] = key_states
         self.values[:, :, self.length : end] = value_states
         self.positions[:, self.length : end] = positions.to(self.positions.device)
+        if self.rope is not None:
+            self.rope[:, self.length : end] = (positions if rope_positions is None else rope_positions).to(self.rope.device)
         self.length = end
 
-    def load(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
-        """Take `keys`/`values` `(1, num_kv_heads, n, head_dim)` and `positions` `(num_kv_heads, n)` as the layer."""
+    def load(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor | None = None) -> None:
+        """Take `keys`/`values` `(1, num_kv_heads, n, head_dim)`, `positions` `(num_kv_heads, n)` and
+        (when re-indexed) where RoPE places each entry, `rope` `(num_kv_heads, n)`, as the layer."""
         self.device, self.dtype = keys.device, keys.dtype
         self.keys, self.values, self.positions = keys, values, positions.to(keys.device)
+        self.rope = None if rope is None else rope.to(keys.device)
         self.length = positions.shape[1]
         self.is_initialized = True
+
+    def rope_positions(self) -> torch.Tensor:
+        """Where RoPE placed each stored entry, `(num_kv_heads, length)`: its original position unless re-indexed."""
+        if self.base is not None:
+            return self.base.rope_positions()
+        if self.rope is None:
+            return self.kept_positions()
+        return self.rope[:, : self.length]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         raise KvcliError("internal: KVLayer.update needs positions; go through KVCache.update")
@@ -123,6 +153,8 @@ class KVLayer(CacheLayerMixin):
         gather = local_index[None, :, :, None]  # (1, num_kv_heads, n_kept, 1)
         self.keys = keys.gather(2, gather.expand(-1, -1, -1, keys.shape[3]))
         self.values = values.gather(2, gather.expand(-1, -1, -1, values.shape[3]))
+        if self.rope is not None:
+            self.rope = self.rope_positions().gather(1, local_index)
         self.positions = self.kept_positions().gather(1, local_index)
         self.length = local_index.shape[1]
 
@@ -178,7 +210,10 @@ class KVCache(Cache):
         if step.positions.shape[0] != key_states.shape[2]:
             raise KvcliError("internal: the step's positions do not match the tokens fed")
         layer = self.layers[layer_idx]
-        layer.append(key_states, value_states, step.positions)
+        if step.original is None:
+            layer.append(key_states, value_states, step.positions)
+        else:
+            layer.append(key_states, value_states, step.original, rope_positions=step.positions)
         return layer.view()
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -210,7 +245,8 @@ class KVCache(Cache):
         for source, target in zip(self.layers, copy.layers):
             if source.is_initialized:
                 keys, values = source.view()
-                target.load(keys.clone(), values.clone(), source.kept_positions().clone())
+                rope = None if source.rope is None else source.rope_positions().clone()
+                target.load(keys.clone(), values.clone(), source.kept_positions().clone(), rope)
         return copy
 
     @property

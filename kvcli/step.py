@@ -22,7 +22,10 @@ class Step:
     """One forward pass: where its tokens sit, and what happens after each layer's attention."""
 
     cache: object  # the kvcli.cache.KVCache being read into (attention functions are not given the cache)
-    positions: torch.Tensor  # (q_len,) the position of every token fed in this step
+    positions: torch.Tensor  # (q_len,) the position of every token fed in this step (what RoPE sees)
+    # (q_len,) the tokens' places in the prompt, when re-indexing feeds them at other positions;
+    # None: the same as `positions`
+    original: torch.Tensor | None = None
     compressor: object | None = None  # a methods.Compressor (or capture recorder) pruning each layer
     probe_len: int = 0  # trailing tokens that score the rest but are not kept (the question after a chunk)
     on_layer: Callable[[int], None] | None = None  # called with layer_idx after each layer (progress)

@@ -142,7 +142,7 @@ def load_cache(
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"cache file {path} does not exist; make one with `kvcli compress FILES -o {path}`")
+        raise InputError(f"cache file {path} does not exist; make one with `kvcli read FILES -o {path}` (answers query-aware) or `kvcli compress`")
     raw = path.read_bytes()
     meta = _read_header(raw, path)
     version = meta.get("format_version")

@@ -18,7 +18,7 @@ from ..prompt import check_question
 from .ask import ExcludeOpt, IncludeOpt
 from .options import COMPRESSION, GENERATION, MODEL, RunOptions, shared
 from .output import Screen, say, user_errors
-from .read import SAVED_WINDOW, save_full_prefix
+from .read import SAVED_WINDOW, check_target, save_full_prefix
 from .session import prepare, start, stdin_is_piped, warn_prompt
 
 PROMPT = "kvcli> "
@@ -53,6 +53,7 @@ class Chat:
         self.text = text  # the documents' text, to read them again; None when started from a .kvc
         self.source = source  # the documents or the .kvc file, for messages
         self.last = None  # stats.RunStats of the last answer
+        self.answer_ended = False  # the answer being shown has had its line end
 
     def handle(self, line: str, interactive: bool) -> bool:
         """Answer a question or run a command; False when the session ends.
@@ -64,6 +65,7 @@ class Chat:
         line = line.strip()
         if not line:
             return True
+        self.answer_ended = False
         try:
             if line.startswith("/"):
                 return self.command(line)
@@ -73,8 +75,8 @@ class Chat:
         except KeyboardInterrupt:
             if not interactive:
                 raise
-            sys.stdout.flush()
-            say("(cancelled)")
+            # the terminal echoed ^C where the cursor was: after the answer so far, or on a line of its own
+            say("(cancelled)" if self.answer_ended else "\n(cancelled)")
         return True
 
     def ask(self, question: str) -> None:
@@ -89,6 +91,7 @@ class Chat:
             result = answer(self.reader, reading, self.options, on_text=self.screen.stream(), started=began)
         finally:
             self.screen.end_answer()
+            self.answer_ended = True
         self.last = add_answer(stats, self.reader, result)
         say(summary(stats, self.method, self.budget))
 
@@ -112,8 +115,7 @@ class Chat:
         method = configure([words[0]], words[1:], self.window)[0]
         self._check(method, self.budget)
         prepare(self.reader, method, self.screen)
-        if not self.once.can_answer(method):
-            self._read_again(method)
+        self.fit(method)
         self.method = method
         say(f"method {_method_label(method)}")
 
@@ -140,15 +142,26 @@ class Chat:
         """The checks --method, --ratio and --budget get at the start."""
         dataclasses.replace(self.options, budget=budget).check(method)
 
+    def fit(self, method) -> None:
+        """Make sure the prefix holds what `method` scores by (its window, all-query scores):
+        read the documents again if not, or refuse where there are only a .kvc's."""
+        if method.compresses and not self.once.can_answer(method):
+            self._read_again(method)
+
     def _read_again(self, method) -> None:
         from ..reading import ReadOnce
 
         once = self.once
-        needs = [f"a {method.window_size}-token window"] if method.window_size > once.window_size else []
+        needs, fixes = [], []
+        if method.window_size > once.window_size:
+            needs.append(f"a {method.window_size}-token window")
+            fixes.append(f"window_size={once.window_size} or less")
         if method.needs_accumulated and not once.accumulated:
             needs.append("all-query scores")
+            fixes.append("a .kvc saved by `kvcli read --all-query-scores`")
         if self.text is None:
-            raise InputError(f"{method.name} needs {' and '.join(needs)}, which {self.source} was read without; read the documents again with `kvcli read --all-query-scores` or choose another method")
+            raise InputError(f"{method.name} needs {' and '.join(needs)}, which {self.source} was read without; "
+                             f"use {' and '.join(fixes)}, or chat about the documents themselves")
         say(f"kvcli: {method.name} needs {' and '.join(needs)}: reading the documents again")
         again = ReadOnce(self.reader, self.text, self.options, window_size=max(once.window_size, method.window_size),
                          accumulated=once.accumulated or method.needs_accumulated, longest_question=QUESTION_ROOM)
@@ -164,11 +177,7 @@ class Chat:
     def save(self, arg: str) -> None:
         if not arg:
             raise InputError("give the file: /save FILE.kvc")
-        target = Path(arg).expanduser()
-        if target.suffix != ".kvc":
-            raise InputError(f"/save {arg}: the file should end in .kvc")
-        if not target.parent.exists():
-            raise InputError(f"/save {arg}: folder {target.parent} does not exist")
+        target = check_target(str(Path(arg).expanduser()), "/save")
         written = save_full_prefix(target, self.reader, self.once, self.doc, self.options.system)
         say(f"saved {target} ({written / 2**20:.1f} MiB, the full cache); later: kvcli chat --cache {target}")
 
@@ -283,7 +292,7 @@ def chat(
     if cache:
         once, doc = _saved_full(reader, cache, options, method, screen)
     else:
-        # read as `kvcli read` does, so that /save writes the same file
+        # at least the window `kvcli read` keeps, so that a file from /save serves what one from `kvcli read` does
         once = ReadOnce(reader, doc.text, options, window_size=max(SAVED_WINDOW, method.window_size),
                         accumulated=method.needs_accumulated, longest_question=QUESTION_ROOM)
         warn_prompt(reader, options, once.layout(), screen)
@@ -291,6 +300,7 @@ def chat(
             once.read_prefix(on_layer)
     interactive = not stdin_is_piped()
     session = Chat(reader, once, method, options, run, screen, doc, None if cache else doc.text, cache or " ".join(files))
+    session.fit(method)  # a .kvc may lack what --method scores by
     if interactive:
         prefix = once.read_prefix().state
         read = f"read {prefix.prompt_len} tokens in {prefix.seconds:.1f}s" if not cache else f"loaded {cache} ({prefix.prompt_len} tokens)"

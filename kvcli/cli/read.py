@@ -18,13 +18,13 @@ from .session import start, warn_prompt
 SAVED_WINDOW = 64  # the widest --window a question about a saved full prefix may use
 
 
-def check_target(output: str) -> Path:
-    """The .kvc path to write, checked before anything slow."""
+def check_target(output: str, flag: str = "--output") -> Path:
+    """The .kvc path to write, checked before anything slow; `flag` names where it came from."""
     target = Path(output)
     if target.suffix != ".kvc":
-        raise InputError(f"--output {output} should end in .kvc")
+        raise InputError(f"{flag} {output} should end in .kvc")
     if not target.parent.exists():
-        raise InputError(f"folder {target.parent} does not exist; create it or choose another --output")
+        raise InputError(f"folder {target.parent} does not exist; create it or choose another {flag}")
     return target
 
 
@@ -45,6 +45,7 @@ def save_full_prefix(target: Path, reader, once, doc, system: str | None, save_d
         "prompt_tokens": prefix.state.prompt_len,
         "window_size": once.window_size,
         "all_query_scores": prefix.accumulated is not None,
+        "tail_ids": list(getattr(once, "tail_ids", [])),
         "sources": [{"name": s.name, "page": s.page, "sha256": s.sha256} for s in doc.sources] if doc is not None else [],
     }
     extras = {"tail_queries": prefix.tail_queries}

@@ -44,6 +44,7 @@ class ReadOnce:
         once = cls(reader, None, options, window_size=queries[0].shape[2], accumulated="accumulated" in saved.extras)
         state = Prefill(cache=saved.cache, logits=None, prompt_len=saved.prompt_tokens, seconds=0.0)
         once.prefix = FullPrefix(state, queries, saved.extras.get("accumulated"))
+        once.tail_ids = list(saved.meta.get("tail_ids", []))  # for the report's window text
         once.charged = True
         return once
 
@@ -60,7 +61,7 @@ class ReadOnce:
             prompt = self.layout()
             ids = prompt.ids[:, : prompt.prefix_len].to(self.reader.device)
             self.prefix = read_prefix(self.reader.model, ids, self.window_size, self.accumulated, on_layer)
-            self.tail_ids = ids[0, -64:].tolist()
+            self.tail_ids = ids[0, -self.window_size :].tolist()
         return self.prefix
 
     def can_answer(self, method: Method) -> bool:
