@@ -43,16 +43,19 @@ def forward(
     on_layer: Callable[[int], None] | None = None,
     accumulated_before: list[torch.Tensor] | None = None,
     queries_before: list[torch.Tensor] | None = None,
+    original_start: int | None = None,
 ) -> torch.Tensor:
     """Feed `input_ids` `(1, q_len)` at positions start.. and return the last position's logits `(vocab,)`.
 
     `compressor` (if any) prunes each layer right after its attention; the last `probe_len`
-    tokens score the rest but are not kept.
+    tokens score the rest but are not kept. With `original_start` the tokens are fed at positions
+    start.. but recorded as the prompt's tokens original_start.. (a re-indexed read).
     """
     q_len = input_ids.shape[1]
     positions = torch.arange(start, start + q_len, device=input_ids.device)
-    step = Step(cache=cache, positions=positions, compressor=compressor, probe_len=probe_len, on_layer=on_layer,
-                accumulated_before=accumulated_before, queries_before=queries_before)
+    original = None if original_start is None else torch.arange(original_start, original_start + q_len, device=input_ids.device)
+    step = Step(cache=cache, positions=positions, original=original, compressor=compressor, probe_len=probe_len,
+                on_layer=on_layer, accumulated_before=accumulated_before, queries_before=queries_before)
     out = model(
         input_ids=input_ids,
         position_ids=positions[None, :],
@@ -76,6 +79,7 @@ class Prefill:
     compressor: Compressor | None = None  # the last step's, for reports (DynamicKV's allocations)
     chunks: list[tuple[int, int]] = field(default_factory=list)  # [start, stop) of each prefill step
     compressed: bool | None = None  # defaults to whether `compression` is set (a saved cache says itself)
+    next_position: int | None = None  # where RoPE places the next token, when re-indexed; None: prompt_len
 
     def __post_init__(self) -> None:
         if self.compressed is None:
@@ -96,22 +100,29 @@ def prefill(
     chunk_size: int | None = None,
     probe_ids: torch.Tensor | None = None,
     on_layer: Callable[[int], None] | None = None,
+    reindex=None,
+    tail: int = 0,
 ) -> Prefill:
     """Read the prompt `(1, prompt_len)`, compressing each layer right after its attention.
 
     `compression` None keeps the full cache. With `chunk_size` the prompt is read in chunks
     and the cache is compressed after each, so it never holds more than the budget plus one
     chunk; `probe_ids` (the question) are fed after each chunk but the last so the chunk is
-    scored against the question, then dropped.
+    scored against the question, then dropped. The last `tail` tokens (the question, when it
+    is the prompt's end) stay together in the last chunk, so its observation window is whole.
+    With `reindex` (a `reindex.Reindexer`) the prompt is read in chunks whatever its length and
+    the kept entries are packed before each next chunk, so positions stay below budget + chunk + probe.
     """
     prepare_model(model)
     cache = KVCache(model.config.num_hidden_layers)
     prompt_len = input_ids.shape[1]
     bounds = [0, prompt_len]
-    if chunk_size and compression is not None and chunk_size < prompt_len:
-        bounds = list(range(0, prompt_len, chunk_size)) + [prompt_len]
+    body = max(1, prompt_len - tail)
+    if chunk_size and compression is not None and (chunk_size < prompt_len or reindex is not None):
+        bounds = list(range(0, body, chunk_size)) + [prompt_len]
     compressor = None
     chunks: list[tuple[int, int]] = []
+    position = 0  # where the next chunk is fed (its start, unless re-indexed)
     started = time.perf_counter()
     with torch.inference_mode():
         for start, stop in zip(bounds[:-1], bounds[1:]):
@@ -121,11 +132,16 @@ def prefill(
                 step_ids = torch.cat([step_ids, probe_ids.to(step_ids.device)], dim=1)
                 probe_len = probe_ids.shape[1]
             compressor = compression.compressor() if compression is not None else None
-            logits = forward(model, cache, step_ids, start, compressor, probe_len, on_layer)
+            if reindex is None:
+                logits = forward(model, cache, step_ids, start, compressor, probe_len, on_layer)
+            else:
+                logits = forward(model, cache, step_ids, position, compressor, probe_len, on_layer, original_start=start)
+                position = reindex.pack(cache)
             chunks.append((start, stop))
     return Prefill(
         cache=cache, logits=logits, prompt_len=prompt_len, seconds=time.perf_counter() - started,
         compression=compression, compressor=compressor, chunks=chunks,
+        next_position=position if reindex is not None else None,
     )
 
 
@@ -137,11 +153,15 @@ def extend(model, state: Prefill, suffix_ids: torch.Tensor, copy: bool = True, s
     cache = state.cache.clone() if copy else state.cache
     started = time.perf_counter()
     with torch.inference_mode():
-        logits = forward(model, cache, suffix_ids, state.prompt_len)
+        if state.next_position is None:
+            logits = forward(model, cache, suffix_ids, state.prompt_len)
+        else:  # a re-indexed prefix: the suffix goes where RoPE left off
+            logits = forward(model, cache, suffix_ids, state.next_position, original_start=state.prompt_len)
     return Prefill(
         cache=cache, logits=logits, prompt_len=state.prompt_len + suffix_ids.shape[1],
         seconds=seconds + time.perf_counter() - started, compression=state.compression, compressor=state.compressor,
         compressed=state.compressed,
+        next_position=None if state.next_position is None else state.next_position + suffix_ids.shape[1],
     )
 
 
@@ -259,6 +279,7 @@ def decode(
     gen = sampling.generator(device)
     logits = state.logits
     position = state.prompt_len
+    fed_at = state.next_position  # re-indexed: RoPE places the answer here, its tokens still counted from prompt_len
     state.cache.reserve(max_new_tokens - 1)
     with torch.inference_mode():
         for step in range(max_new_tokens):
@@ -268,7 +289,11 @@ def decode(
             yield token
             if step + 1 == max_new_tokens:
                 return
-            logits = forward(model, state.cache, torch.tensor([[token]], device=device), position)
+            ids = torch.tensor([[token]], device=device)
+            if fed_at is None:
+                logits = forward(model, state.cache, ids, position)
+            else:
+                logits = forward(model, state.cache, ids, fed_at + step, original_start=position)
             position += 1
 
 

@@ -89,7 +89,9 @@ def compute_profile(model, tokenizer, name: str, window_size: int = 8, kernel_si
     config = model.config
     device = next(model.parameters()).device
     totals = torch.zeros(config.num_hidden_layers, config.num_attention_heads)
-    cases = [(length, depth) for length in _LENGTHS for depth in _DEPTHS]
+    # a model with few positions is probed within them (the prompt adds ~30 tokens to a probe)
+    most = max(64, int(getattr(config, "max_position_embeddings", 0) or 1 << 30) - 64)
+    cases = [(min(length, most), depth) for length in _LENGTHS for depth in _DEPTHS]
     if progress:
         progress(0, len(cases))
     for index, (length, depth) in enumerate(cases):

@@ -194,6 +194,7 @@ _READS = {
     "query": "query-aware, one pass (the question in the observation window)",
     "chunked": "query-aware, in chunks (the question probes each chunk)",
     "once": "query-aware, the document read once",
+    "reindexed": "query-aware, past the model's positions",
     "reused": "question-agnostic prefix, compressed once and reused for each question",
     "saved": "question-agnostic prefix from a saved cache",
 }
@@ -204,6 +205,13 @@ def _read_line(stats: RunStats) -> str:
     chunks = stats.extra.get("chunks")
     if chunks:
         line += f": {len(chunks)} chunks"
+    past = stats.extra.get("past_window")
+    if past:
+        line += (
+            f": document {past['prompt_tokens']:,} tokens = {past['prompt_tokens'] / past['positions']:.1f}x the model's "
+            f"{past['positions']:,} positions: read in {past['chunks']} chunks, positions re-indexed"
+        )
+        return line
     prefix = stats.extra.get("prefix")
     if prefix:
         paid = f", read in {prefix['seconds']:.2f}s by this question" if prefix["seconds"] else ", read earlier"

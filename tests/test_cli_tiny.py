@@ -208,13 +208,35 @@ def test_a_saved_full_prefix_says_what_it_cannot_answer(tiny, home, doc, tmp_pat
 
 
 def test_read_once_on_a_document_cut_to_fit_reads_it_once(tiny, home, tmp_path):
-    """Several questions about a document longer than the context read its (cut) prefix once, with room for the longest question."""
+    """With --cut-middle, several questions about a document longer than the context read its cut prefix once, with room for the longest question."""
     long_doc = tmp_path / "long.txt"
     long_doc.write_text(words(3000))
     result = run("ask", long_doc, "-q", "w1?", "-q", "w2 w3 w4 w5 w6 w7 w8 w9?", "-m", tiny, "--method", "snapkv",
-                 "--max-new-tokens", "4", "--max-context", "600", "--json")
+                 "--max-new-tokens", "4", "--max-context", "600", "--cut-middle", "--json")
     assert result.exit_code == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert all(r["stats"]["read"] == "once" and r["stats"]["dropped_tokens"] > 0 for r in rows)
     assert all(r["stats"]["prompt_tokens"] + 4 <= 600 for r in rows)
     assert rows[1]["stats"]["extra"]["prefix"]["seconds"] == 0
+
+
+def test_a_document_past_the_context_is_read_whole_by_default(tiny, home, tmp_path):
+    """A document 4x --max-context is read whole in chunks with re-indexed positions (the report says so); --method full
+    and a budget that cannot fit are refused in one line; --cut-middle still cuts."""
+    long_doc = tmp_path / "long.txt"
+    long_doc.write_text(words(2400))
+    args = ["-m", tiny, "--method", "snapkv", "--budget", "64", "--max-new-tokens", "4", "--max-context", "600"]
+    data = json.loads(run("ask", long_doc, "w1?", *args, "--json").stdout)
+    stats = data["stats"]
+    assert stats["read"] == "reindexed" and stats["dropped_tokens"] == 0 and stats["prompt_tokens"] > 2400
+    past = stats["extra"]["past_window"]
+    assert past["positions"] == 600 and past["chunks"] >= 4
+    assert stats["retained_per_layer"] == [64, 64]
+    text = run("ask", long_doc, "w1?", *args)
+    assert "positions re-indexed" in text.stderr and "x the model's 600 positions" in text.stderr
+    several = [json.loads(line) for line in run("ask", long_doc, "-q", "w1?", "-q", "w2?", *args, "--json").stdout.splitlines()]
+    assert [r["stats"]["read"] for r in several] == ["reindexed", "reindexed"]
+    one_line_error(run("ask", long_doc, "w1?", *args[:2], "--method", "full", "--max-context", "600"), "--method full", "--cut-middle")
+    one_line_error(run("ask", long_doc, "w1?", *args[:2], "--method", "snapkv", "--ratio", "0.5", "--max-context", "600"), "lower --ratio")
+    cut = json.loads(run("ask", long_doc, "w1?", *args, "--cut-middle", "--json").stdout)["stats"]
+    assert cut["read"] == "query" and cut["dropped_tokens"] > 0

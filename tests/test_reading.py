@@ -207,3 +207,44 @@ def test_read_once_keeps_what_one_pass_keeps(reader, name):
                 assert torch.allclose(x, y, atol=1e-5)
         assert answer(reader, fed, options).tokens == answer(reader, one_pass, options).tokens
         assert prefix.cache.retained_per_layer() == held
+
+
+# --- past the context window --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["streamingllm", "h2o", "snapkv", "pyramidkv", "dynamickv", "evidencekv"])
+def test_a_document_four_times_the_positions_reads_without_passing_them(reader, name):
+    """For every compressing method, a prompt 4x the model's positions is read in chunks; no position fed to the model
+    (prefill or decode) reaches max_position_embeddings; the cache keeps the budget; kept entries keep their original positions."""
+    limit = reader.max_positions
+    options = Options(budget=Budget(tokens=96), max_new_tokens=6)
+    mode = QueryAware(reader, words(4 * limit, seed=5), options)
+    method = make_method(name)
+    reader.profile()  # evidencekv's retrieval-head profile is computed (within the positions) before counting
+    fed = []
+    hook = reader.model.register_forward_pre_hook(lambda module, args, kwargs: fed.append(int(kwargs["position_ids"].max())), with_kwargs=True)
+    try:
+        reading = mode.read("w5 w6?", method)
+        answer(reader, reading, options)
+    finally:
+        hook.remove()
+    assert reading.mode == "reindexed" and reading.state.prompt_len > 4 * limit
+    assert max(fed) < limit and len(fed) > 4
+    plan, _ = options.budget.plan(reading.state.prompt_len, reader.num_layers, method.window_size)
+    assert sum(reading.state.cache.retained_per_layer()) == plan.total + 5 * reader.num_layers  # 5 decode steps
+    for layer in reading.state.cache.layers:
+        kept = layer.kept_positions()
+        assert (kept[:, 1:] > kept[:, :-1]).all() and (kept[:, -6] == reading.state.prompt_len - 1).all()
+        assert (layer.rope_positions() < limit).all()
+
+
+def test_a_rope_that_cannot_move_is_refused(reader, monkeypatch):
+    """Reading past the context with a dynamic-NTK RoPE is one KvcliError naming it, before anything is read."""
+    from kvcli.errors import KvcliError
+
+    config = reader.model.config
+    monkeypatch.setattr(config, "rope_parameters", {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}, raising=False)
+    monkeypatch.setattr(reader, "_layout", None, raising=False)
+    mode = QueryAware(reader, words(3000), Options(budget=Budget(tokens=64), max_new_tokens=4))
+    with pytest.raises(KvcliError, match="dynamic"):
+        mode.read("w1?", make_method("snapkv"))

@@ -50,7 +50,8 @@ def inspect(
     mode = QueryAware(reader, doc.text, options)
     question = question or summary_instruction()
     prompt = mode.prompt(question)
-    warn_prompt(reader, options, prompt, screen)
+    mode.check(question, method)
+    warn_prompt(reader, options, prompt, screen, method)
     with screen.layers(reader.num_layers) as on_layer:
         reading = mode.read(question, method, on_layer=on_layer)
     stats = run_stats(reader, reading)

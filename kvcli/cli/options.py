@@ -39,7 +39,8 @@ GROUPS: dict[str, list[tuple[str, object, object]]] = {
         ("window", Annotated[int, typer.Option("--window", metavar="N", help="Observation window: the prompt's last N tokens score the rest.")], 8),
         ("param", Annotated[Optional[list[str]], typer.Option("--param", metavar="KEY=VALUE", help="A knob of the method, e.g. --param max_multiple=5 for dynamickv (`kvcli methods` lists them); repeatable.", show_default=False)], None),
         ("chunk_size", Annotated[Optional[int], typer.Option("--chunk-size", metavar="N", help="Read the prompt in chunks of N tokens, compressing after each (less memory for long documents).", show_default=False)], None),
-        ("max_context", Annotated[Optional[int], typer.Option("--max-context", metavar="N", help="Longest prompt plus answer in tokens; longer documents are cut in the middle [default: the model's positions].", show_default=False)], None),
+        ("max_context", Annotated[Optional[int], typer.Option("--max-context", metavar="N", help="Positions the model reads (prompt plus answer) [default: the model's own]; a longer document is read whole in chunks with re-indexed positions.", show_default=False)], None),
+        ("cut_middle", Annotated[bool, typer.Option("--cut-middle", help="Cut the middle of a document longer than --max-context instead of reading it whole.")], False),
     ],
     GENERATION: [
         ("max_new_tokens", Annotated[int, typer.Option("--max-new-tokens", metavar="N", help="Stop after this many generated tokens.")], 256),
@@ -70,6 +71,7 @@ class RunOptions:
     param: list[str] | None = None
     chunk_size: int | None = None
     max_context: int | None = None
+    cut_middle: bool = False
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
@@ -92,7 +94,7 @@ class RunOptions:
         return Options(
             budget=Budget(self.ratio, self.budget), chunk_size=self.chunk_size, max_context=self.max_context,
             max_new_tokens=self.max_new_tokens, sampling=Sampling(self.temperature, self.top_p, self.seed),
-            system=self.system,
+            system=self.system, fit="cut" if self.cut_middle else "reindex",
         )
 
 

@@ -54,16 +54,22 @@ def prepare(reader, method, screen: Screen) -> None:
         reader.profile(progress)
 
 
-def warn_prompt(reader, options, prompt, screen: Screen) -> None:
-    """Say when the document was cut to fit, or the prompt is past the model's trained positions."""
+def warn_prompt(reader, options, prompt, screen: Screen, method=None) -> None:
+    """Say when the document was cut to fit, or is read past the model's positions (by a
+    compressing `method`; for `full` the read itself refuses)."""
     limit = reader.context_limit(options)
     if prompt.dropped_tokens:
         screen.warn(
             f"the documents are {prompt.dropped_tokens} tokens longer than fit the {limit}-token context with room for "
-            f"the answer; cut from the middle (head and tail kept); pass --max-context to change the limit"
+            f"the answer; cut from the middle (head and tail kept), as --cut-middle asks"
         )
-    if len(prompt) + options.max_new_tokens > reader.max_positions:
-        screen.warn(f"the {len(prompt)}-token prompt and its answer pass the model's trained context ({reader.max_positions}); answers may degrade")
+    elif len(prompt) + options.max_new_tokens > limit and (method is None or method.compresses):
+        screen.note(
+            f"kvcli: the {len(prompt):,}-token prompt is {len(prompt) / limit:.1f}x the {limit:,} positions the model reads: "
+            "reading it whole in chunks, compressing after each, positions re-indexed"
+        )
+    if limit > reader.max_positions:
+        screen.warn(f"--max-context {limit} passes the model's trained context ({reader.max_positions}); answers may degrade")
 
 
 @dataclass

@@ -281,6 +281,10 @@ class Method:
     def compressor(self, plan: BudgetPlan, profile=None) -> Compressor:
         return Compressor(self, plan, profile)
 
+    def most_kept(self, plan: BudgetPlan) -> int:
+        """The most entries one layer may hold once a prefill step is compressed (window included)."""
+        return max(self.layer_budgets(plan))
+
     def knobs(self) -> list[str]:
         """The names `--param KEY=VALUE` accepts for this method."""
         return [f.name for f in fields(self)]

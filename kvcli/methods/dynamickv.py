@@ -58,6 +58,11 @@ class DynamicKV(Method):
     def compressor(self, plan: BudgetPlan, profile=None) -> Compressor:
         return DynamicKVCompressor(self, plan)
 
+    def most_kept(self, plan: BudgetPlan) -> int:
+        """A re-division may give one layer up to `max_multiple` times the mean (outside the window)."""
+        average = plan.total / plan.num_layers - self.window_size
+        return min(plan.prompt_len, math.ceil(self.max_multiple * average) + self.window_size)
+
 
 class DynamicKVCompressor(Compressor):
     """Holds each seen layer's scores and candidates until the re-division that trims them."""

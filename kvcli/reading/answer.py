@@ -84,6 +84,8 @@ def run_stats(reader: Reader, reading: Reading) -> RunStats:
     )
     if reading.prefix is not None:
         stats.extra["prefix"] = reading.prefix
+    if reading.past is not None:
+        stats.extra["past_window"] = reading.past
     if len(state.chunks) > 1:
         stats.extra["chunks"] = [
             {"start": start, "stop": stop, "kept_tokens_over_layers": round(kept, 1)}

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..errors import InputError
 from ..generate import Capture, capture, prefill
+from ..reindex import Reindexer
 from ..methods import Budget, Method
 from ..prompt import Prompt, window_text
 from .reader import Options, Reader, Reading
+
+
+DEFAULT_PAST_CHUNK = 2048  # tokens per chunk when reading past the context, unless --chunk-size says
 
 
 class QueryAware:
@@ -27,15 +32,30 @@ class QueryAware:
         self._prompts: dict[str, Prompt] = {}
 
     def prompt(self, question: str) -> Prompt:
+        """The prompt for `question`: whole when it will be read past the context, else cut to fit."""
         if question not in self._prompts:
-            self._prompts = {question: self.reader.prompt(self.document, question, self.options)}
+            whole = self.options.fit == "reindex"
+            prompt = self.reader.prompt(self.document, question, self.options, whole=whole)
+            if whole and not self._past(prompt):
+                prompt = self.reader.prompt(self.document, question, self.options)  # fits: the same prompt as ever
+            self._prompts = {question: prompt}
         return self._prompts[question]
+
+    def _past(self, prompt: Prompt) -> bool:
+        return len(prompt) + self.options.max_new_tokens > self.reader.context_limit(self.options)
+
+    def past_window(self, question: str) -> bool:
+        """Whether the prompt for `question` is read past the context (chunks, re-indexed positions)."""
+        return self._past(self.prompt(question))
 
     def read(self, question: str, method: Method, budget: Budget | None = None, chunk_size: int | None = None,
              on_layer: Callable[[int], None] | None = None) -> Reading:
-        """Prefill the prompt for `question`, compressing live (in chunks if a chunk size is set)."""
+        """Prefill the prompt for `question`, compressing live (in chunks if a chunk size is set;
+        in chunks with re-indexed positions when the prompt is longer than the context)."""
         reader = self.reader
         prompt = self.prompt(question)
+        if self._past(prompt):
+            return self._read_past(prompt, method, budget or self.options.budget, chunk_size, on_layer)
         compression, note = reader.compression(method, budget or self.options.budget, len(prompt))
         chunk_size = chunk_size if chunk_size is not None else self.options.chunk_size
         probe = prompt.ids[:, prompt.prefix_len :] if chunk_size and compression is not None else None
@@ -45,6 +65,52 @@ class QueryAware:
         )
         mode = "chunked" if len(state.chunks) > 1 else "query"
         return self._reading(prompt, state, method, mode, note)
+
+    def check(self, question: str, method: Method, budget: Budget | None = None) -> None:
+        """Refuse, before any reading, what cannot be read: past the context, a method that keeps
+        every token, a RoPE that cannot move, or a budget leaving no room for a chunk."""
+        prompt = self.prompt(question)
+        if self._past(prompt):
+            self._plan_past(prompt, method, budget or self.options.budget, None)
+
+    def _plan_past(self, prompt: Prompt, method: Method, budget: Budget, chunk_size: int | None):
+        """(compression, chunk size, rotary layout) for reading `prompt` past the context, or an InputError."""
+        reader = self.reader
+        limit = reader.context_limit(self.options)
+        n = len(prompt)
+        if method.compresses:
+            layout = reader.rotary_layout()
+            compression, note = reader.compression(method, budget, n)
+        if not method.compresses or compression is None:
+            raise InputError(
+                f"the prompt is {n:,} tokens, longer than the {limit:,} positions the model reads (with room for the answer); "
+                f"{'--method full' if not method.compresses else budget.label} keeps every token, so it cannot read past them: "
+                "pass a compressing --method at a smaller budget (the default reads it whole in chunks) or --cut-middle"
+            )
+        question = prompt.ids[:, prompt.prefix_len :]
+        room = limit - self.options.max_new_tokens - question.shape[1] - method.most_kept(compression.plan)
+        if room < 2 * method.window_size:
+            raise InputError(
+                f"at {budget.label} a layer keeps up to {method.most_kept(compression.plan):,} of the {n:,} tokens, which with "
+                f"the question and the answer fills the {limit:,} positions the model reads: lower --ratio or pass a smaller --budget"
+            )
+        chunk = min(chunk_size or self.options.chunk_size or DEFAULT_PAST_CHUNK, room)
+        return compression, note, chunk, layout
+
+    def _read_past(self, prompt: Prompt, method: Method, budget: Budget, chunk_size: int | None, on_layer) -> Reading:
+        """Read a prompt longer than the context: in chunks, compressing after each, the question
+        probing every chunk, kept keys re-indexed so that no position reaches the context's end."""
+        reader = self.reader
+        compression, note, chunk, layout = self._plan_past(prompt, method, budget, chunk_size)
+        question = prompt.ids[:, prompt.prefix_len :]
+        n, limit = len(prompt), reader.context_limit(self.options)
+        state = prefill(
+            reader.model, prompt.ids.to(reader.device), compression, chunk_size=chunk,
+            probe_ids=question.to(reader.device), on_layer=on_layer, reindex=Reindexer(layout), tail=question.shape[1],
+        )
+        reading = self._reading(prompt, state, method, "reindexed", note)
+        reading.past = {"prompt_tokens": n, "positions": limit, "chunks": len(state.chunks), "chunk_size": chunk}
+        return reading
 
     def capture(self, question: str, window_size: int, accumulated: bool = False, on_layer=None) -> Capture:
         """One full prefill from which any method's query-aware cache is derived (eval, --compare)."""

@@ -22,6 +22,9 @@ class Options:
     max_new_tokens: int = 256
     sampling: Sampling = field(default_factory=Sampling)
     system: str | None = None
+    # A document longer than the context: "reindex" reads it whole in chunks, re-indexing the
+    # kept keys' positions (compressing methods only); "cut" cuts its middle (--cut-middle).
+    fit: str = "reindex"
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -44,12 +47,13 @@ class Reading:
 
     state: Prefill  # the cache, the next-token logits, the length read and what it cost
     method: Method
-    mode: str  # "query", "chunked", "once", "reused" or "saved"
+    mode: str  # "query", "chunked", "reindexed", "once", "reused" or "saved"
     note: str = ""  # why the cache is not compressed as asked, or ""
     window: str = ""  # what the observation window covered
     prompt: Prompt | None = None  # None when answering after a saved cache
     dropped_tokens: int = 0  # document tokens cut from the middle
     prefix: dict | None = None  # read once: the full prefix's tokens, KV bytes, seconds (first question only), question step seconds
+    past: dict | None = None  # read past the context: prompt tokens, the model's positions, chunks, chunk size
 
 
 class Reader:
@@ -92,13 +96,21 @@ class Reader:
         """The longest prompt plus answer: --max-context if given, else the model's positions."""
         return options.max_context or self.max_positions
 
-    def prompt(self, document: str, question: str, options: Options, instruction: str | None = None) -> Prompt:
-        """The chat prompt, cut in the middle so that it and the answer fit the context."""
-        limit = self.context_limit(options)
+    def prompt(self, document: str, question: str, options: Options, instruction: str | None = None, whole: bool = False) -> Prompt:
+        """The chat prompt, cut in the middle so that it and the answer fit the context (unless `whole`)."""
+        limit = (1 << 40) if whole else self.context_limit(options)
         return build_prompt(
             self.tokenizer, document, question, limit, reserve=options.max_new_tokens,
             instruction=instruction, system=options.system,
         )
+
+    def rotary_layout(self):
+        """Each layer's rotary frequencies (`rope.rotary_layout`), for reading past the context; refuses a RoPE that cannot move."""
+        if getattr(self, "_layout", None) is None:
+            from ..rope import rotary_layout
+
+            self._layout = rotary_layout(self.model.config)
+        return self._layout
 
     def profile(self, progress: Callable[[int, int], None] | None = None):
         """The model's retrieval-head profile, loaded or computed once per reader."""
