@@ -433,7 +433,7 @@ def test_eval_predictions_are_what_ask_prints(smollm, model_home, monkeypatch, t
     samples = {s["mode"]: s for s in json.loads(evaluated.stdout)["samples"]}
     assert sorted(samples) == ["chunked", "query", "reuse"] and all(s["compressed"] for s in samples.values())
     asked = {}
-    for mode, flags in {"query": [], "reuse": ["--reuse"], "chunked": ["--chunk-size", "128"]}.items():
+    for mode, flags in {"query": [], "reuse": ["--reuse", "--scorer", "instruction"], "chunked": ["--chunk-size", "128"]}.items():
         result = runner.invoke(app, ["ask", str(document), question, "--method", "snapkv", "--budget", "48", *flags, *common])
         assert result.exit_code == 0, result.output
         (line,) = result.stdout.splitlines()

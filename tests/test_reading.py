@@ -81,7 +81,7 @@ def test_query_aware_read_equals_derive(reader, name):
 def test_reused_read_equals_derive_and_answers_after_a_copy(reader):
     """Reused.read and Reused.derive keep the same prefix, and asking a question leaves the prefix untouched."""
     options = Options(budget=Budget(ratio=0.3), max_new_tokens=4)
-    mode = Reused(reader, words(300), options)
+    mode = Reused(reader, words(300), options, scorer="instruction")
     method = make_method("snapkv")
     live = mode.read(method)
     derived = mode.derive(mode.capture(method.window_size), method)
@@ -105,7 +105,7 @@ def test_chunked_reuse_probes_every_chunk_with_the_instruction(reader, monkeypat
         return real(model, ids, compression, **kwargs)
 
     monkeypatch.setattr(kvcli.reading.prefix, "prefill", spy)
-    mode = Reused(reader, words(300), Options(budget=Budget(ratio=0.3), chunk_size=64))
+    mode = Reused(reader, words(300), Options(budget=Budget(ratio=0.3), chunk_size=64), scorer="instruction")
     prefix = mode.read(make_method("snapkv"))
     assert len(prefix.state.chunks) > 1
     probe = seen["probe_ids"]

@@ -11,6 +11,7 @@ import typer
 from ..errors import InputError
 from ..methods import make_method
 from ..prompt import check_question, summary_instruction
+from ..reading.prefix import DEFAULT_SCORER, pick_scorer
 from .options import COMPRESSION, GENERATION, MODEL, OUTPUT, RunOptions, shared
 from .output import Screen, print_json, user_errors
 from .session import prepare, start, stdin_is_piped, warn_prompt
@@ -18,6 +19,7 @@ from .session import prepare, start, stdin_is_piped, warn_prompt
 CacheOpt = Annotated[Optional[str], typer.Option("--cache", metavar="FILE.kvc", help="Answer from a cache saved by `kvcli compress` instead of reading documents.", show_default=False)]
 IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", metavar="GLOB", help="In folders, read only files matching this glob (gitignore style); repeatable.", show_default=False)]
 ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", metavar="GLOB", help="In folders, skip files and folders matching this glob; repeatable.", show_default=False)]
+ScorerOpt = Annotated[Optional[str], typer.Option("--scorer", metavar="instruction|repeat", help=f"How a question-agnostic cache ranks tokens: instruction (the attention of a generic instruction) or repeat (the attention the document gets while the model repeats it, KVzip: a second, longer pass over the document) [default: {DEFAULT_SCORER}; instruction for h2o, streamingllm and --chunk-size].", show_default=False)]
 
 
 def split_arguments(args: list[str], questions: list[str] | None, cache: str | None) -> tuple[list[str], list[str]]:
@@ -48,7 +50,7 @@ def split_arguments(args: list[str], questions: list[str] | None, cache: str | N
 
 
 def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache: str | None = None,
-               reuse: bool = False, compare: bool = False, include=(), exclude=()) -> None:
+               reuse: bool = False, compare: bool = False, include=(), exclude=(), scorer: str = DEFAULT_SCORER) -> None:
     """Answer each question: query-aware by default, or after one question-agnostic prefix."""
     from ..reading import QueryAware, ReadOnce, Reused, add_answer, answer, run_stats
 
@@ -62,11 +64,11 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
     else:
         if reuse:
             screen.warn("--reuse chooses what to keep without the questions: specific facts are often lost (docs/results.md); leave it out to read query-aware")
-            mode = Reused(reader, doc.text, options)
+            mode = Reused(reader, doc.text, options, scorer)
             warn_prompt(reader, options, mode.prompt, screen)
             with screen.layers(reader.num_layers, "compress") as on_layer:
                 prefix = mode.read(method, on_layer=on_layer)
-        elif len(questions) > 1 and options.chunk_size is None and not compare:
+        elif len(questions) > 1 and options.chunk_size is None and not compare and not _past_window(reader, doc.text, options, questions):
             # Many questions: read the document once, compress a copy per question (the same cache as one pass).
             longest = max(questions, key=lambda q: len(reader.tokenizer(q)["input_ids"]))
             mode = ReadOnce(reader, doc.text, options, window_size=max(32, method.window_size),
@@ -83,7 +85,8 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
         elif isinstance(mode, ReadOnce):
             reading = mode.read(question, method)
         else:
-            warn_prompt(reader, options, mode.prompt(question), screen)
+            mode.check(question, method)
+            warn_prompt(reader, options, mode.prompt(question), screen, method)
             with screen.layers(reader.num_layers) as on_layer:
                 if compare:
                     from ..methods import Full
@@ -93,6 +96,7 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
                 else:
                     reading = mode.read(question, method, on_layer=on_layer)
         stats = run_stats(reader, reading)
+        stats.extra.update(prefix.extra if prefix is not None else {})
         if "prefix" in stats.extra:
             stats.extra["prefix"]["questions"] = len(questions)
         try:
@@ -111,6 +115,14 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
             screen.report(stats)
             if compare:
                 _say_comparison(screen, stats, full.text, result.text)
+
+
+def _past_window(reader, document: str, options, questions: list[str]) -> bool:
+    """Whether the documents are read past the context: then each question gets its own chunked
+    read (a full prefix past the model's positions cannot be held as one)."""
+    from ..reading import QueryAware
+
+    return options.fit == "reindex" and QueryAware(reader, document, options).past_window(max(questions, key=len))
 
 
 def _say_comparison(screen: Screen, stats, full: str, compressed: str) -> None:
@@ -149,6 +161,7 @@ def ask(
     cache: CacheOpt = None,
     reuse: Annotated[bool, typer.Option("--reuse", help="Compress the documents once, question-agnostic, and answer every question from that cache (cheaper, but keeps specific facts far less well).")] = False,
     compare: Annotated[bool, typer.Option("--compare", help="Also answer from the full cache (one shared prefill) and say whether the answers agree.")] = False,
+    scorer: ScorerOpt = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     *,
@@ -161,7 +174,10 @@ def ask(
     cat notes.txt | kvcli ask "Who objected?"
     """
     files, questions = split_arguments(list(args or []), question, cache)
-    answer_all(files, questions, run, cache=cache, reuse=reuse, compare=compare, include=include or (), exclude=exclude or ())
+    if scorer is not None and not reuse:
+        raise InputError("--scorer ranks a question-agnostic cache's tokens; add --reuse or drop --scorer")
+    scorer = pick_scorer(scorer, run.make_method(), run.chunk_size)
+    answer_all(files, questions, run, cache=cache, reuse=reuse, compare=compare, include=include or (), exclude=exclude or (), scorer=scorer)
 
 
 @user_errors

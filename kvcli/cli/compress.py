@@ -9,7 +9,8 @@ import typer
 
 from .. import __version__
 from ..errors import InputError
-from .ask import ExcludeOpt, IncludeOpt
+from ..reading.prefix import pick_scorer
+from .ask import ExcludeOpt, IncludeOpt, ScorerOpt
 from .options import COMPRESSION, MODEL, OUTPUT, RunOptions, shared
 from .output import err, print_json, user_errors
 from .session import start, warn_prompt
@@ -22,14 +23,16 @@ def compress(
     output: Annotated[str, typer.Option("--output", "-o", metavar="FILE.kvc", help="The .kvc file to write.", show_default=False)],
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
+    scorer: ScorerOpt = None,
     *,
     run: RunOptions,
 ) -> None:
     """Compress documents once and save the cache, to answer many questions later with --cache.
 
-    The cache is question-agnostic: a generic instruction fills the observation window, so it
-    keeps specific facts far less well than `kvcli ask` does (docs/results.md); it suits
-    summaries and broad questions. Example: kvcli compress report.pdf -o report.kvc --ratio 0.2
+    The cache is question-agnostic: tokens are ranked by the attention the model pays them while
+    repeating the document (--scorer repeat: a second, longer pass over the document), so it keeps specific facts
+    less well than `kvcli ask` does (docs/results.md), though far better than a generic
+    instruction's attention. Example: kvcli compress report.pdf -o report.kvc --ratio 0.3
     """
     from ..reading import Reused, run_stats
     from ..store import save_cache
@@ -39,14 +42,16 @@ def compress(
         raise InputError(f"--output {output} should end in .kvc")
     if not target.parent.exists():
         raise InputError(f"folder {target.parent} does not exist; create it or choose another --output")
+    scorer = pick_scorer(scorer, run.make_method(), run.chunk_size)
     started = start(run, files, include or (), exclude or ())
     screen, method, options, doc, reader = started.screen, started.method, started.options, started.doc, started.reader
     screen.warn("a saved cache is compressed without knowing the questions: it suits summaries and broad questions, and often loses specific facts (docs/results.md)")
-    mode = Reused(reader, doc.text, options)
+    mode = Reused(reader, doc.text, options, scorer)
     warn_prompt(reader, options, mode.prompt, screen)
     with screen.layers(reader.num_layers, "compress") as on_layer:
         prefix = mode.read(method, on_layer=on_layer)
     stats = run_stats(reader, prefix.reading())
+    stats.extra.update(prefix.extra)
     lm = reader.lm
     meta = {
         "kvcli_version": __version__,

@@ -51,7 +51,7 @@ def eval_(
     answer: Annotated[str, typer.Option("--answer", metavar="TEXT", help="NIAH: the text a correct answer contains.")] = NIAH_ANSWER,
     lengths: Annotated[str, typer.Option("--lengths", metavar="N,N,...", help="NIAH: comma-separated prompt lengths in model tokens.")] = "1000,2000,4000,7000",
     depths: Annotated[str, typer.Option("--depths", metavar="D,D,...", help="NIAH: comma-separated needle depths, 0 (start) to 1 (end).")] = "0,0.25,0.5,0.75,1",
-    modes: Annotated[str, typer.Option("--modes", metavar="query,reuse,chunked", help="How each prompt is read, comma-separated to compare: query (the question in the window), reuse (as ask --reuse and saved caches), chunked (as ask --chunk-size).")] = "query",
+    modes: Annotated[str, typer.Option("--modes", metavar="query,reuse,reuse-repeat,chunked", help="How each prompt is read, comma-separated to compare: query (the question in the window), reuse (a generic instruction ranks the reused prefix: ask --reuse --scorer instruction), reuse-repeat (the repeat ranks it: ask --reuse and compress by default), chunked (as ask --chunk-size).")] = "query",
     chunk_size: Annotated[Optional[int], typer.Option("--chunk-size", metavar="N", help="Chunk length in tokens for --modes chunked [default: 1024].", show_default=False)] = None,
     window: Annotated[int, typer.Option("--window", metavar="N", help="Observation window of every compressing method.")] = 8,
     param: Annotated[Optional[list[str]], typer.Option("--param", metavar="KEY=VALUE", help="A method knob, applied to the listed methods that have it; repeatable.", show_default=False)] = None,

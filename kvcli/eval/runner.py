@@ -3,8 +3,8 @@
 During prefill every layer attends over its full KV whatever the method, so a row's prompt is
 captured once and each setting's cache is derived from the capture (the same cache the live
 path keeps, tested). Rows are read through the same modes `kvcli ask` uses
-(`kvcli/reading/`): query-aware and reused settings derive from one capture per prompt;
-chunked settings prefill on their own, since compressing a chunk changes what later chunks
+(`kvcli/reading/`): query-aware and reused settings derive from one capture per prompt (the
+repeat scorer's settings from one repeat of the reused prefix); chunked settings prefill on their own, since compressing a chunk changes what later chunks
 attend to. Finished samples are appended to the log as they come. Nothing here prints.
 """
 
@@ -120,6 +120,9 @@ def run_eval(reader, rows: Sequence[Row], config: EvalConfig, log: Path | None =
             "capture_s": round(sum(t["capture_s"] for t in timing_rows), 3),
             "derive_s": round(sum(t["derive_s"] for t in timing_rows), 3),
             "decode_s": round(sum(t["decode_s"] for t in timing_rows), 3),
+            **({"repeat_s": round(sum(t["repeat_s"] for t in timing_rows), 3),
+                "repeat_prefill_s": round(sum(t["repeat_prefill_s"] for t in timing_rows), 3)}
+               if "reuse-repeat" in config.modes else {}),
             "resumed_samples": resumed,
             "rows": timing_rows,
         },
@@ -153,6 +156,9 @@ class _RowReader:
         self.captures: dict[str, object] = {}
         self.full_predictions: dict[str, str] = {}
         self.timing = {"prompt_tokens": None, "dropped_tokens": 0, "capture_s": 0.0, "derive_s": 0.0, "decode_s": 0.0}
+        if "reuse-repeat" in self.config.modes:
+            # the repeat's own prefill and its repeat pass (both in capture_s too), for their ratio
+            self.timing.update(repeat_prefill_s=0.0, repeat_s=0.0)
 
     def finish(self) -> dict:
         self.captures.clear()  # free the full caches before the next row
@@ -160,23 +166,28 @@ class _RowReader:
 
     def _mode(self, ref: str):
         if ref not in self.modes:
-            self.modes[ref] = Reused(self.reader, self.document, self.options)
+            self.modes[ref] = Reused(self.reader, self.document, self.options, scorer="instruction")  # reuse-repeat: .repeat()
         mode = self.modes[ref]
         if self.timing["prompt_tokens"] is None:
             prompt = mode.prompt(self.question) if ref == "query" else mode.prompt
             self.timing["prompt_tokens"], self.timing["dropped_tokens"] = len(prompt), prompt.dropped_tokens
         return mode
 
-    def _capture(self, ref: str, mode):
-        if ref not in self.captures:
-            self.captures.clear()  # settings come grouped by prompt: hold one full cache at a time
-            if ref == "query":
+    def _capture(self, kind: str, mode):
+        """The capture settings of mode `kind` derive from (the reused prefix's repeat for reuse-repeat)."""
+        if kind not in self.captures:
+            self.captures.clear()  # settings come grouped by mode: hold one full cache at a time
+            if kind == "query":
                 captured = mode.capture(self.question, self.window_size, self.accumulated)
+            elif kind == "reuse-repeat":
+                captured = mode.repeat()
+                self.timing["repeat_prefill_s"] += captured.state.seconds
+                self.timing["repeat_s"] += captured.repeat_s
             else:
                 captured = mode.capture(self.window_size, self.accumulated)
-            self.captures[ref] = captured
+            self.captures[kind] = captured
             self.timing["capture_s"] += captured.seconds
-        return self.captures[ref]
+        return self.captures[kind]
 
     def answer(self, setting: Setting, method: Method) -> tuple[str, bool]:
         """The greedy answer in `setting`, and whether its cache was compressed."""
@@ -189,7 +200,7 @@ class _RowReader:
                 if reading.state.compressed:
                     self.timing["capture_s"] += reading.state.seconds
             else:
-                captured = self._capture(ref, mode)
+                captured = self._capture(setting.mode, mode)
                 started = time.perf_counter()
                 if ref == "query":
                     reading = mode.derive(captured, self.question, method, budget)

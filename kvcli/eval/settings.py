@@ -2,8 +2,10 @@
 
 `query` puts the question in the observation window (one capture serves every setting), `reuse`
 compresses the document with a generic instruction in the window and feeds the question after
-it, as `ask --reuse` and saved caches do, and `chunked` reads the prompt in chunks, compressing
-after each, as `ask --chunk-size` does.
+it (`ask --reuse --scorer instruction`), `reuse-repeat` compresses the same prefix ranked by the
+repeat scorer instead (`ask --reuse` and `compress` by default), and `chunked` reads the prompt in chunks,
+compressing after each, as `ask --chunk-size` does. The scorer is a mode, not an option, so that
+`--modes reuse,reuse-repeat` compares both scorers side by side in one run (one log, one table).
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from dataclasses import dataclass
 
 from ..errors import BudgetError, InputError
 from ..methods import Method
+from ..reading.prefix import check_scorer
 
-MODES = ("query", "reuse", "chunked")
+MODES = ("query", "reuse", "reuse-repeat", "chunked")
 # The full cache a mode's scores are compared with: chunking only applies when compressing,
-# so chunked reads share the query-aware prompt's full cache.
-REFERENCE_MODE = {"query": "query", "reuse": "reuse", "chunked": "query"}
+# so chunked reads share the query-aware prompt's full cache, and both scorers of the reused
+# prefix share its full cache.
+REFERENCE_MODE = {"query": "query", "reuse": "reuse", "reuse-repeat": "reuse", "chunked": "query"}
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,7 @@ def settings_for(
 ) -> list[Setting]:
     """Every method at every budget (or ratio) in every mode; `full` once per prompt it is read with."""
     if not modes:
-        raise InputError("--modes is empty; give query, reuse and/or chunked")
+        raise InputError(f"--modes is empty; give {', '.join(MODES)}")
     for mode in modes:
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
@@ -91,6 +95,8 @@ def settings_for(
         for ratio in ratios or []:
             if not 0 < ratio <= 1:
                 raise BudgetError(f"--ratios must lie in (0, 1], got {ratio}")
+        if "reuse-repeat" in modes:
+            check_scorer("repeat", method)
         if "chunked" in modes and (chunk_size is None or chunk_size < 2 * method.window_size):
             raise InputError(f"--chunk-size must be at least twice {method.name}'s window ({2 * method.window_size} tokens) for chunked mode, got {chunk_size}")
     out: list[Setting] = []

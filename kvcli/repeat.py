@@ -1,0 +1,197 @@
+"""The repeat scorer: question-agnostic token scores from the model repeating its document.
+
+After KVzip (Kim et al., 2025, https://arxiv.org/abs/2505.23416): a cache that must serve any
+later question should keep what the model needs to reproduce the document. The prefix is read
+with the full cache; then the model is teacher-forced to repeat the document (a request to
+repeat, then the document's own tokens as the answer) in chunks. Each chunk is fed after a
+fork of the prefix at the positions right after it, so it attends to the whole prefix and to
+itself; each layer's copy is dropped as soon as that layer is scored, so the prefix is never
+written and only one layer is ever held twice. A cached entry's score is the most attention any
+repeat query of a query head pays it: `(num_kv_heads, group, k_len)` per layer, the max over
+the queries of every chunk. `Method.scores` pools these and takes the max over each KV head's
+query heads. Cost: a second pass over the document in which every token attends to the whole
+prefix, plus the scoring (`kvcli eval --modes reuse-repeat` reports `repeat_s` against the prefill).
+
+Differences from the reference code (snu-mllab/KVzip, kvpress's KVzipPress), all deliberate:
+- a chunk's attention is normalised over every key it attends to (the whole prefix and the
+  chunk), as the model computes it; the references renormalise over the sinks, the chunk's own
+  span and the repeat, and score only that span;
+- every chunk scores every entry (the max over chunks), and no first tokens are forced in as
+  attention sinks: a sink already draws the most attention;
+- budgets are split by kvcli's methods (equal per layer, PyramidKV's ramp, DynamicKV's
+  re-division); there is no global top-k over heads, since every KV head of a layer holds the
+  same number of entries in kvcli's cache.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .cache import KVCache, KVLayer
+from .generate import Prefill, forward, prepare_model
+from .methods import Compression, Compressor, LayerObservation
+
+# Largest (query rows x keys) block of logits materialised at once while scoring a chunk. On a CPU,
+# blocks that stay in cache score about three times faster than 16M-element ones (measured on
+# the default model's shapes); an accelerator gains from fewer, larger blocks.
+_CPU_BLOCK_ELEMENTS = 1 << 20
+_BLOCK_ELEMENTS = 1 << 24
+
+REPEAT_CHUNK_SIZE = 2048  # target tokens per repeat chunk (KVzip's)
+
+
+def peak_attention(query: torch.Tensor, keys: torch.Tensor, scaling: float, n_keys: int,
+                   block_elements: int | None = None) -> torch.Tensor:
+    """The most attention each of the first `n_keys` keys receives from any query, per query head.
+
+    query `(1, num_heads, q_len, head_dim)` sits at the last `q_len` of the `k_len` positions of
+    keys `(1, num_kv_heads, k_len, head_dim)` and attends causally. Returns
+    `(num_kv_heads, group, n_keys)` float32, computed in query blocks of at most `block_elements`
+    logits (default: by device), so a chunk's `(q_len, k_len)` matrix is never held whole.
+    """
+    _, num_heads, q_len, head_dim = query.shape
+    num_kv_heads, k_len = keys.shape[1], keys.shape[2]
+    group = num_heads // num_kv_heads
+    if block_elements is None:
+        block_elements = _CPU_BLOCK_ELEMENTS if keys.device.type == "cpu" else _BLOCK_ELEMENTS
+    keys_t = keys[0].float().transpose(1, 2)  # (num_kv_heads, head_dim, k_len)
+    peak = torch.zeros(num_kv_heads, group, n_keys, dtype=torch.float32, device=keys.device)
+    block = max(1, block_elements // max(1, num_heads * k_len))
+    first = k_len - q_len  # the keys before the queries' own, which every query sees
+    for start in range(0, q_len, block):
+        stop = min(q_len, start + block)
+        q = query[0, :, start:stop].float().reshape(num_kv_heads, group * (stop - start), head_dim)
+        logits = torch.bmm(q, keys_t).view(num_kv_heads, group, stop - start, k_len).mul_(scaling)
+        hidden = torch.arange(q_len, device=keys.device)[None, :] > torch.arange(start, stop, device=keys.device)[:, None]
+        logits[..., first:].masked_fill_(hidden, float("-inf"))  # causal among the queries' own keys
+        peak = torch.maximum(peak, logits.softmax(dim=-1)[..., :n_keys].amax(dim=2))
+    return peak
+
+
+class _RepeatRecorder:
+    """Stands in for a compressor while a repeat chunk is fed after a fork of the prefix: keeps
+    each layer's peak attention on the prefix's entries, then drops the layer's copy."""
+
+    def __init__(self, prefix: KVCache) -> None:
+        self.prefix = prefix
+        self.peaks: list[torch.Tensor | None] = [None] * prefix.num_layers
+        self.peak_nbytes = 0  # most bytes the forks held at once (one layer's copy)
+
+    def observe_live(self, cache, layer_idx: int, query, keys, scaling: float, **_) -> None:
+        base = self.prefix.layers[layer_idx]
+        peak = peak_attention(query, keys, scaling, base.get_seq_length())
+        old = self.peaks[layer_idx]
+        self.peaks[layer_idx] = peak if old is None else torch.maximum(old, peak.to(old.device))
+        self.peak_nbytes = max(self.peak_nbytes, cache.nbytes())
+        # This layer's copy (prefix + chunk) is not read again in this pass: drop it now.
+        cache.layers[layer_idx] = KVLayer(base=base)
+
+
+def repeat_scores(
+    model,
+    prefix: Prefill,
+    target_ids: torch.Tensor,
+    prompt_for: Callable[[int], torch.Tensor],
+    chunk_size: int = REPEAT_CHUNK_SIZE,
+    on_layer: Callable[[int], None] | None = None,
+) -> list[torch.Tensor]:
+    """Per layer `(num_kv_heads, group, k_len)`: the most attention each entry of `prefix`'s cache
+    receives from the queries of the model repeating `target_ids` `(1, t)` after it.
+
+    The repeat is fed in chunks of `chunk_size` target tokens, each after `prompt_for(start)`
+    `(1, p)` (the request to repeat `target_ids[:, start:]`, the template's closing included), at
+    the positions right after the prefix: each chunk attends to the prefix and to itself. The
+    prompt's queries count too. The prefix's cache is left as it was.
+    """
+    scores, _ = _repeat(model, prefix, target_ids, prompt_for, chunk_size, on_layer)
+    return scores
+
+
+def _repeat(model, prefix: Prefill, target_ids, prompt_for, chunk_size, on_layer) -> tuple[list[torch.Tensor], int]:
+    """`repeat_scores` and the most bytes the forks held at once."""
+    if chunk_size < 1:
+        raise ValueError(f"internal: the repeat's chunk size must be positive, got {chunk_size}")
+    if target_ids.shape[1] == 0:
+        raise ValueError("internal: nothing to repeat")
+    prepare_model(model)
+    recorder = _RepeatRecorder(prefix.cache)
+    device = target_ids.device
+    with torch.inference_mode():
+        for start in range(0, target_ids.shape[1], chunk_size):
+            ids = torch.cat([prompt_for(start).to(device), target_ids[:, start : start + chunk_size]], dim=1)
+            forward(model, prefix.cache.fork(), ids, prefix.prompt_len, recorder, on_layer=on_layer)
+    return recorder.peaks, recorder.peak_nbytes
+
+
+def key_observation(layer_idx: int, positions: torch.Tensor, scores: torch.Tensor) -> LayerObservation:
+    """A layer's observation ranked by `scores` `(num_kv_heads, group, k_len)` instead of a window.
+
+    The window attention holds the same scores as one row, so a method that reads the window
+    directly (evidencekv's shared evidence) reads the repeat's scores too.
+    """
+    return LayerObservation(layer_idx=layer_idx, positions=positions, window_attn=scores[:, :, None, :], key_scores=scores)
+
+
+def keep_by_scores(cache: KVCache, scores: list[torch.Tensor], compression: Compression) -> Compressor:
+    """Prune `cache` in place to what `compression` keeps when each layer's entries are ranked by
+    `scores`: the method's budget split and its window, exactly as in a prefill."""
+    if not compression.method.takes_key_scores:
+        raise ValueError(f"internal: {compression.method.name} does not rank by per-entry scores")
+    compressor = compression.compressor()
+    for layer_idx, layer_scores in enumerate(scores):
+        obs = key_observation(layer_idx, cache.layers[layer_idx].kept_positions(), layer_scores)
+        for target, positions in compressor.observe(obs).items():
+            cache.layers[target].keep_positions(positions)
+    return compressor
+
+
+@dataclass
+class Repeated:
+    """A prefix read with the full cache and scored by its repeat: any method's cache is derived from it."""
+
+    state: Prefill  # the full prefix; never decoded from directly
+    scores: list[torch.Tensor]  # per layer (num_kv_heads, group, k_len)
+    repeat_s: float  # what the repeat pass cost (the prefix's own read is `state.seconds`)
+
+    @property
+    def seconds(self) -> float:
+        return self.state.seconds + self.repeat_s
+
+    def derive(self, compression: Compression | None, copy: bool = True) -> Prefill:
+        """The cache `compression` keeps by the repeat's scores (of a copy unless `copy` is False)."""
+        started = time.perf_counter()
+        cache = self.state.cache.clone() if copy else self.state.cache
+        compressor = keep_by_scores(cache, self.scores, compression) if compression is not None else None
+        return Prefill(
+            cache=cache, logits=self.state.logits, prompt_len=self.state.prompt_len,
+            seconds=self.seconds + time.perf_counter() - started, compression=compression, compressor=compressor,
+        )
+
+
+def repeat_prefix(
+    model,
+    prefix_ids: torch.Tensor,
+    target_ids: torch.Tensor,
+    prompt_for: Callable[[int], torch.Tensor],
+    chunk_size: int = REPEAT_CHUNK_SIZE,
+    on_layer: Callable[[int], None] | None = None,
+) -> Repeated:
+    """Prefill `prefix_ids` `(1, n)` with the full cache, then score it by repeating `target_ids`
+    (`repeat_scores`). The cache's peak counts the full prefix plus the repeat's one layer copy."""
+    prepare_model(model)
+    cache = KVCache(model.config.num_hidden_layers)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        logits = forward(model, cache, prefix_ids, 0)
+    state = Prefill(cache=cache, logits=logits, prompt_len=prefix_ids.shape[1], seconds=time.perf_counter() - started)
+    started = time.perf_counter()
+    scores, fork_nbytes = _repeat(model, state, target_ids, prompt_for, chunk_size, on_layer)
+    cache.peak_nbytes = cache.nbytes() + fork_nbytes
+    return Repeated(state, scores, time.perf_counter() - started)
+
+
+__all__ = ["REPEAT_CHUNK_SIZE", "Repeated", "keep_by_scores", "key_observation", "peak_attention", "repeat_prefix", "repeat_scores"]
