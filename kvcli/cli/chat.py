@@ -16,8 +16,8 @@ from ..errors import InputError, KvcliError
 from ..methods import Budget, configure, method_names
 from ..prompt import check_question
 from .ask import ExcludeOpt, IncludeOpt
-from .options import COMPRESSION, GENERATION, MODEL, RunOptions, shared
-from .output import Screen, say, user_errors
+from .options import COMPRESSION, GENERATION, MODEL, OUTPUT, RunOptions, shared
+from .output import Screen, print_json, say, user_errors
 from .read import SAVED_WINDOW, check_target, save_full_prefix
 from .session import prepare, start, stdin_is_piped, warn_prompt
 
@@ -93,7 +93,10 @@ class Chat:
             self.screen.end_answer()
             self.answer_ended = True
         self.last = add_answer(stats, self.reader, result)
-        say(summary(stats, self.method, self.budget))
+        if self.screen.json:  # one object per answer, as `kvcli ask --json` prints (scripts drive chat this way)
+            print_json({"question": question, "answer": result.text, "stats": stats.to_dict()})
+        elif not self.screen.quiet:
+            say(summary(stats, self.method, self.budget))
 
     def command(self, line: str) -> bool:
         name, _, arg = line.partition(" ")
@@ -251,7 +254,7 @@ def _saved_full(reader, path: str, options, method, screen: Screen):
 
 
 @user_errors
-@shared(MODEL, COMPRESSION, GENERATION)
+@shared(MODEL, COMPRESSION, GENERATION, OUTPUT)
 def chat(
     files: Annotated[Optional[list[str]], typer.Argument(help="Files or folders.", show_default=False, metavar="PATHS...")] = None,
     cache: Annotated[Optional[str], typer.Option("--cache", metavar="FILE.kvc", help="Start from a full cache saved by `kvcli read` or /save instead of reading documents.", show_default=False)] = None,
@@ -271,7 +274,8 @@ def chat(
     Commands: /method NAME [KEY=VALUE ...] (reads the documents again when the method needs
     it), /ratio R, /budget N, /stats (the last answer's full report), /save FILE.kvc, /help,
     /exit. Ctrl-C stops an answer, Ctrl-D leaves. With piped stdin every line is a question (or
-    a command), answered in turn, and the session ends with the input.
+    a command), answered in turn, and the session ends with the input; with --json each answer
+    is one JSON object on stdout, as `kvcli ask --json` prints.
 
     Examples: kvcli chat report.pdf --ratio 0.05; kvcli chat --cache report.kvc;
     printf 'Q1\\nQ2\\n' | kvcli chat notes.txt
