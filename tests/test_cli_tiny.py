@@ -240,3 +240,20 @@ def test_a_document_past_the_context_is_read_whole_by_default(tiny, home, tmp_pa
     one_line_error(run("ask", long_doc, "w1?", *args[:2], "--method", "snapkv", "--ratio", "0.5", "--max-context", "600"), "lower --ratio")
     cut = json.loads(run("ask", long_doc, "w1?", *args, "--cut-middle", "--json").stdout)["stats"]
     assert cut["read"] == "query" and cut["dropped_tokens"] > 0
+
+
+def test_eval_reads_rows_past_the_context_as_ask_does(tiny, home, tmp_path):
+    """`kvcli eval` reads a row longer than --max-context whole (re-indexed), predicting what `kvcli ask` prints;
+    with --methods full it names the row and --cut-middle in one line."""
+    context = words(2000)
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"_id": "long", "context": context, "input": "w1?", "answers": ["w3"]}) + "\n")
+    (tmp_path / "doc.txt").write_text(context)
+    out = tmp_path / "out.json"
+    common = ["-m", tiny, "--max-new-tokens", "4", "--max-context", "600"]
+    result = run("eval", "--data", data, "--methods", "snapkv", "--budgets", "64", "-o", out, *common)
+    assert result.exit_code == 0, result.stderr
+    prediction = json.loads(out.read_text())["samples"][0]["prediction"]
+    asked = json.loads(run("ask", tmp_path / "doc.txt", "w1?", "--method", "snapkv", "--budget", "64", "--json", *common).stdout)
+    assert asked["stats"]["read"] == "reindexed" and prediction == asked["answer"]
+    one_line_error(run("eval", "--data", data, "--methods", "full", "--budgets", "64", *common), "row long", "--cut-middle")

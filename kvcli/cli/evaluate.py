@@ -56,7 +56,8 @@ def eval_(
     window: Annotated[int, typer.Option("--window", metavar="N", help="Observation window of every compressing method.")] = 8,
     param: Annotated[Optional[list[str]], typer.Option("--param", metavar="KEY=VALUE", help="A method knob, applied to the listed methods that have it; repeatable.", show_default=False)] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", metavar="N", help="Stop each answer after this many tokens (raise it for summaries).")] = 64,
-    max_context: Annotated[Optional[int], typer.Option("--max-context", metavar="N", help="Longest prompt plus answer in tokens; longer contexts are cut in the middle.", show_default=False)] = None,
+    max_context: Annotated[Optional[int], typer.Option("--max-context", metavar="N", help="Positions the model reads (prompt plus answer) [default: the model's own]; a longer row is read whole in chunks with re-indexed positions.", show_default=False)] = None,
+    cut_middle: Annotated[bool, typer.Option("--cut-middle", help="Cut the middle of a row longer than --max-context instead of reading it whole.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-Q", help="No progress or timing on stderr.")] = False,
     *,
     run: RunOptions,
@@ -97,6 +98,7 @@ def eval_(
     config = EvalConfig(
         methods=configure(names, param, window), budgets=budget_values, ratios=ratio_values, metric=metric,
         max_new_tokens=max_new_tokens, template=template, max_context=max_context, modes=tuple(mode_names), chunk_size=chunk_size,
+        fit="cut" if cut_middle else "reindex",
     )
     config.settings()  # bad settings fail before the model loads
     screen = Screen(quiet, json_out)

@@ -29,6 +29,7 @@ def log_header(
     max_new_tokens: int,
     template: str | None,
     max_context: int | None,
+    fit: str = "reindex",
 ) -> dict:
     """What must match for a log's predictions to be reused (each sample's row is checked by its `row_hash`)."""
     return {
@@ -38,6 +39,7 @@ def log_header(
         "max_new_tokens": max_new_tokens,
         "template": template,
         "max_context": max_context,
+        "fit": fit,  # a row past the context is read whole in chunks or cut in the middle: the predictions differ
         "methods": {m.name: m.params() for m in methods},
     }
 
@@ -81,7 +83,7 @@ def read_log(path: Path, header: dict) -> tuple[dict[tuple, dict], dict | None]:
 
 
 def _check_header(path: Path, old: dict, new: dict) -> None:
-    for key in ("model", "config_hash", "max_new_tokens", "template", "max_context"):
+    for key in ("model", "config_hash", "max_new_tokens", "template", "max_context", "fit"):
         if old.get(key) != new.get(key):
             raise InputError(f"{path} was written with {key}={old.get(key)!r}, not {new.get(key)!r}; {_START_OVER}")
     for name, params in new["methods"].items():

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import BudgetError
+from ..errors import BudgetError, InputError
 from ..generate import Sampling
 from ..methods import Budget, Method
 from ..reading import Options, QueryAware, Reused, answer
@@ -39,6 +39,7 @@ class EvalConfig:
     max_context: int | None = None
     modes: Sequence[str] = ("query",)
     chunk_size: int | None = None
+    fit: str = "reindex"  # a row longer than the context: read whole in chunks, or "cut" in the middle
 
     def settings(self) -> list[Setting]:
         """Every setting, checked (bad settings fail before a model loads)."""
@@ -50,7 +51,7 @@ class EvalConfig:
 
     def options(self) -> Options:
         # greedy: scores must not depend on a seed
-        return Options(max_new_tokens=self.max_new_tokens, max_context=self.max_context, sampling=Sampling())
+        return Options(max_new_tokens=self.max_new_tokens, max_context=self.max_context, sampling=Sampling(), fit=self.fit)
 
 
 def run_eval(reader, rows: Sequence[Row], config: EvalConfig, log: Path | None = None,
@@ -66,7 +67,8 @@ def run_eval(reader, rows: Sequence[Row], config: EvalConfig, log: Path | None =
     done: dict[tuple, dict] = {}
     if log is not None:
         log = Path(log)
-        header = log_header(reader.lm.name, reader.lm.config_hash, config.methods, config.max_new_tokens, config.template, config.max_context)
+        header = log_header(reader.lm.name, reader.lm.config_hash, config.methods, config.max_new_tokens, config.template,
+                            config.max_context, fit=config.fit)
         done = resume_log(log, header)
     digests = {row.id: row_hash(row) for row in rows}
     for key, sample in done.items():  # other data under the same ids is refused before any row is read
@@ -195,7 +197,9 @@ class _RowReader:
         mode = self._mode(ref)
         budget = Budget(setting.ratio, setting.budget)
         try:
-            if setting.mode == "chunked":
+            if setting.mode == "chunked" or (ref == "query" and mode.past_window(self.question)):
+                # chunked reads, and reads past the model's positions (one full capture cannot hold
+                # such a prompt), pay a prefill per setting, as `kvcli ask` does
                 reading = mode.read(self.question, method, budget, chunk_size=setting.chunk_size)
                 if reading.state.compressed:
                     self.timing["capture_s"] += reading.state.seconds
@@ -209,8 +213,8 @@ class _RowReader:
                     prefix.charged = True  # the capture's time is counted once, above
                     reading = prefix.ask(self.reader, self.question, self.options)
                 self.timing["derive_s"] += time.perf_counter() - started
-        except BudgetError as exc:
-            raise BudgetError(f"row {self.row.id}: {exc}") from None
+        except (BudgetError, InputError) as exc:
+            raise type(exc)(f"row {self.row.id}: {exc}") from None
         compressed = reading.state.compressed
         if not compressed and ref in self.full_predictions:
             return self.full_predictions[ref], False
