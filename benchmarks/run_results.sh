@@ -32,3 +32,15 @@ kvcli eval --data "$out/questions.jsonl" --metric contains --methods full,snapkv
   --ratios 0.2,0.4 --modes reuse --max-new-tokens 24 -m $m -o "$out/reuse-ratios-$m.json"
 python benchmarks/reuse_check.py time -m $m --length 3000 --ratio 0.1 --json "$out/time-$m.json"
 python benchmarks/reuse_check.py memory -m $m --length 32000 --chunk-size 1024 --json "$out/memory-$m.json"
+
+# Many questions at query-aware accuracy (issue 11): the repeat scorer against the instruction
+# window, and ten questions about a ~7,000-token document every way kvcli answers them.
+kvcli eval --data "$out/questions.jsonl" --metric contains --methods full,snapkv,dynamickv,evidencekv \
+  --ratios 0.1,0.3 --modes reuse,reuse-repeat --max-new-tokens 24 -m $m -o "$out/reuse-repeat-$m.json"
+python benchmarks/reuse_check.py time -m $m --length 7000 --ratio 0.1 --method evidencekv \
+  --ways separate,once,chat,read,read-bf16,compress:instruction,compress:repeat --json "$out/questions10-$m.json"
+
+# Documents longer than the model's context (issue 16): time and memory against length, and a
+# fact at three depths of documents 4x --max-context, re-indexed against the middle cut.
+python benchmarks/past_window.py lengths -m smollm2-135m --lengths 8000,16000,32000,64000,128000 --json "$out/past-lengths-smollm2-135m.json"
+python benchmarks/past_window.py needle -m $m --length 16000 --max-context 4096 --json "$out/past-needle-$m.json"
