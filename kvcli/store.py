@@ -69,6 +69,8 @@ def _tensors(cache: KVCache, dtype: torch.dtype | None = None, extras: dict[str,
         tensors[f"layer.{i}.keys"] = keys.contiguous().cpu()
         tensors[f"layer.{i}.values"] = values.contiguous().cpu()
         tensors[f"layer.{i}.positions"] = layer.kept_positions().to(torch.int32).contiguous().cpu()  # int64 in memory
+        if layer.rope is not None:  # a prefix read past the context: where RoPE now places each entry
+            tensors[f"layer.{i}.rope"] = layer.rope_positions().to(torch.int32).contiguous().cpu()
     for name, per_layer in (extras or {}).items():
         for i, tensor in enumerate(per_layer):
             if dtype is not None and name == "tail_queries":
@@ -172,7 +174,8 @@ def load_cache(
             raise InputError(f"{path} is corrupted (layer {i} is missing); compress the documents again") from None
         if dtype is not None:
             keys, values = keys.to(dtype), values.to(dtype)
-        cache.layers[i].load(keys.to(device), values.to(device), positions.to(torch.long))
+        rope = tensors.get(f"layer.{i}.rope")
+        cache.layers[i].load(keys.to(device), values.to(device), positions.to(torch.long), None if rope is None else rope.to(torch.long))
     extras = {}
     for name in ("tail_queries", "accumulated"):
         if f"layer.0.{name}" in tensors:

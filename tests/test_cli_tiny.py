@@ -257,3 +257,26 @@ def test_eval_reads_rows_past_the_context_as_ask_does(tiny, home, tmp_path):
     asked = json.loads(run("ask", tmp_path / "doc.txt", "w1?", "--method", "snapkv", "--budget", "64", "--json", *common).stdout)
     assert asked["stats"]["read"] == "reindexed" and prediction == asked["answer"]
     one_line_error(run("eval", "--data", data, "--methods", "full", "--budgets", "64", *common), "row long", "--cut-middle")
+
+
+def test_a_saved_compressed_cache_past_the_context(tiny, home, tmp_path):
+    """`compress` reads a document 4x --max-context whole (chunks, the instruction probing each, positions re-indexed),
+    saves where RoPE left off, and `ask --cache` answers with every position inside the context."""
+    long_doc = tmp_path / "long.txt"
+    long_doc.write_text(words(2400))
+    kvc = tmp_path / "long.kvc"
+    common = ["-m", tiny, "--max-context", "600"]
+    made = run("compress", long_doc, "-o", kvc, "--method", "snapkv", "--budget", "64", "--json", *common)
+    assert made.exit_code == 0, made.stderr
+    stats = json.loads(made.stdout)["stats"]
+    assert stats["extra"]["past_window"]["chunks"] >= 4 and stats["extra"]["scorer"] == "instruction"
+    assert stats["retained_per_layer"] == [64, 64]
+    from safetensors import safe_open
+
+    with safe_open(str(kvc), "pt") as handle:
+        meta = json.loads(handle.metadata()["kvcli"])
+        ropes = [handle.get_tensor(f"layer.{i}.rope") for i in range(2)]
+    assert 64 <= meta["next_position"] < 600 and all(int(r.max()) < meta["next_position"] for r in ropes)
+    asked = run("ask", "--cache", kvc, "w1?", "--max-new-tokens", "4", "--json", *common)
+    assert asked.exit_code == 0, asked.stderr
+    assert json.loads(asked.stdout)["stats"]["read"] == "saved"

@@ -66,6 +66,7 @@ def compress(
         "note": prefix.note,
         "window_text": prefix.window,
         "kv_peak_bytes": prefix.state.cache.kv_peak_nbytes,
+        "next_position": prefix.state.next_position,  # re-indexed past the context: where the question goes
         "retained_per_layer": stats.retained_per_layer,
         "sources": [{"name": s.name, "page": s.page, "sha256": s.sha256} for s in doc.sources],
     }

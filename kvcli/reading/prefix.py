@@ -26,6 +26,7 @@ from ..errors import InputError
 from ..generate import Capture, Prefill, capture, extend, prefill
 from ..methods import REGISTRY, Budget, Method
 from ..prompt import REUSE_INSTRUCTION, Prompt, question_suffix
+from ..reindex import Reindexer
 from ..repeat import REPEAT_CHUNK_SIZE, Repeated, repeat_prefix
 from .reader import Options, Reader, Reading
 
@@ -92,6 +93,9 @@ class Prefix:
         return Reading(state, self.method, self.mode, self.note, self.window, self.prompt, self._dropped)
 
 
+QUESTION_ROOM = 128  # tokens kept free, in a prefix past the context, for a question asked after it
+
+
 class Reused:
     """Compresses one document's prefix question-agnostically, ranked by `scorer` (`SCORERS`)."""
 
@@ -103,7 +107,14 @@ class Reused:
         self.reader = reader
         self.options = options
         self.scorer = scorer
-        self.prompt = reader.prompt(document, "?", options, instruction=REUSE_INSTRUCTION)
+        self.prompt = reader.prompt(document, "?", options, instruction=REUSE_INSTRUCTION, whole=options.fit == "reindex")
+        if options.fit == "reindex" and not self.past_window:
+            self.prompt = reader.prompt(document, "?", options, instruction=REUSE_INSTRUCTION)  # fits: as ever
+
+    @property
+    def past_window(self) -> bool:
+        """Whether the prefix, a question and the answer pass the positions the model reads."""
+        return self.prompt.prefix_len + QUESTION_ROOM + self.options.max_new_tokens > self.reader.context_limit(self.options)
 
     @property
     def ids(self):
@@ -115,6 +126,8 @@ class Reused:
         it scores the last one, so no chunk is judged by its own last tokens. The repeat scorer
         reads the prefix whole, repeats it, and prunes that full cache (no chunks)."""
         check_scorer(self.scorer, method)
+        if self.past_window:
+            return self._read_past(method, budget or self.options.budget, chunk_size, on_layer)
         compression, note = self.reader.compression(method, budget or self.options.budget, self.prompt.prefix_len)
         chunk_size = chunk_size if chunk_size is not None else self.options.chunk_size
         if self.scorer == "repeat" and compression is not None:
@@ -124,6 +137,36 @@ class Reused:
         probe = self.prompt.ids[:, self.prompt.doc_end : self.prompt.prefix_len] if chunk_size and compression is not None else None
         state = prefill(self.reader.model, self.ids, compression, chunk_size=chunk_size, probe_ids=probe, on_layer=on_layer)
         return self._prefix(state, method, note)
+
+    def _read_past(self, method: Method, budget: Budget, chunk_size: int | None, on_layer) -> Prefix:
+        """A prefix longer than the context: read in chunks with the instruction probing each, the
+        kept keys re-indexed (the repeat scorer needs the whole prefix within the positions)."""
+        reader = self.reader
+        limit = reader.context_limit(self.options)
+        n = self.prompt.prefix_len
+        compression, note = reader.compression(method, budget, n) if method.compresses else (None, "")
+        if compression is None:
+            raise InputError(
+                f"the documents are {n:,} tokens, more than the {limit:,} positions the model reads; "
+                f"{'--method full' if not method.compresses else budget.label} keeps every token: pass a compressing "
+                "--method at a smaller budget, or --cut-middle"
+            )
+        layout = reader.rotary_layout()
+        probe = self.prompt.ids[:, self.prompt.doc_end : n].to(reader.device)  # the generic instruction
+        room = limit - self.options.max_new_tokens - QUESTION_ROOM - probe.shape[1] - method.most_kept(compression.plan)
+        if room < 2 * method.window_size:
+            raise InputError(
+                f"at {budget.label} a layer keeps up to {method.most_kept(compression.plan):,} tokens, which with room for a "
+                f"question and the answer fills the {limit:,} positions the model reads: lower --ratio or pass a smaller --budget"
+            )
+        chunk = min(chunk_size or self.options.chunk_size or 2048, room)
+        state = prefill(reader.model, self.ids, compression, chunk_size=chunk, probe_ids=probe, on_layer=on_layer,
+                        reindex=Reindexer(layout), tail=probe.shape[1])
+        if self.scorer == "repeat":
+            note = (note + "; " if note else "") + "scored by the instruction: the repeat scorer needs the whole document within the model's positions"
+        prefix = self._prefix(state, method, note)
+        prefix.extra = {**prefix.extra, "scorer": "instruction", "past_window": {"prompt_tokens": n, "positions": limit, "chunks": len(state.chunks), "chunk_size": chunk}}
+        return prefix
 
     def capture(self, window_size: int, accumulated: bool = False, on_layer=None) -> Capture:
         return capture(self.reader.model, self.ids, window_size, accumulated, on_layer)
@@ -168,5 +211,6 @@ def saved_prefix(reader: Reader, saved, method: Method) -> Prefix:
     """A `store.SavedCache` as a prefix to answer after."""
     meta = saved.meta
     compressed = bool(meta.get("compressed", not meta.get("note")))
-    state = Prefill(cache=saved.cache, logits=None, prompt_len=saved.prompt_tokens, seconds=0.0, compressed=compressed)
+    state = Prefill(cache=saved.cache, logits=None, prompt_len=saved.prompt_tokens, seconds=0.0, compressed=compressed,
+                    next_position=meta.get("next_position"))
     return Prefix(state, method, "saved", meta.get("note", ""), meta.get("window_text", ""))
