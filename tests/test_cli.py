@@ -113,7 +113,7 @@ def test_answer_on_stdout_report_on_stderr(smollm, model_home, monkeypatch):
 def test_json_report_has_documented_keys(smollm, model_home, monkeypatch):
     """--json prints one object whose stats carry every documented key, per-layer counts summing to the budget."""
     monkeypatch.setenv("KVCLI_HOME", str(model_home))
-    result = run("ask", SAMPLE, "What does the assert statement do?", "-m", "smollm2-135m", "--max-new-tokens", "8", "--max-context", "1500", "--method", "dynamickv", "--ratio", "0.05", "--json")
+    result = run("ask", SAMPLE, "What does the assert statement do?", "-m", "smollm2-135m", "--max-new-tokens", "8", "--max-context", "1500", "--cut-middle", "--method", "dynamickv", "--ratio", "0.05", "--json")
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     stats = data["stats"]

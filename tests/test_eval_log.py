@@ -40,12 +40,12 @@ def header_for(**changes) -> dict:
 
 
 def test_log_header_records_what_predictions_depend_on():
-    """The header holds the model, its config hash, answer length, template, context limit and each method's knobs, and no data hash."""
+    """The header holds the model, its config hash, answer length, template, context limit, how a row past it is read, and each method's knobs, and no data hash."""
     snapkv = make_method("snapkv")
     header = log_header("qwen", "abc", [make_method("full"), snapkv], 64, "{context} Q: {input}", 4096)
     assert header == {
         "kvcli_eval": 1, "model": "qwen", "config_hash": "abc", "max_new_tokens": 64, "template": "{context} Q: {input}",
-        "max_context": 4096, "methods": {"full": make_method("full").params(), "snapkv": snapkv.params()},
+        "max_context": 4096, "fit": "reindex", "methods": {"full": make_method("full").params(), "snapkv": snapkv.params()},
     }
 
 
