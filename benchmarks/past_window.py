@@ -14,7 +14,6 @@ fact inserted; times are wall-clock seconds of whole processes (model load inclu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
