@@ -193,14 +193,9 @@ def read_prefix(model, input_ids: torch.Tensor, window_size: int, accumulated: b
                 on_layer: Callable[[int], None] | None = None) -> FullPrefix:
     """Prefill a prefix `(1, n)` with the full cache, keeping the last `window_size` queries of
     every layer (and, for H2O, the attention its entries received from all its queries)."""
-    prepare_model(model)
-    cache = KVCache(model.config.num_hidden_layers)
     recorder = _PrefixRecorder(window_size, accumulated)
-    started = time.perf_counter()
-    with torch.inference_mode():
-        logits = forward(model, cache, input_ids, 0, recorder, on_layer=on_layer)
-    cache.peak_nbytes = 0  # nothing was compressed: the full cache is the peak
-    state = Prefill(cache=cache, logits=logits, prompt_len=input_ids.shape[1], seconds=time.perf_counter() - started)
+    cache, logits, seconds = _read_full(model, input_ids, recorder, on_layer)
+    state = Prefill(cache=cache, logits=logits, prompt_len=input_ids.shape[1], seconds=seconds)
     return FullPrefix(state, recorder.tail_queries, recorder.sums if accumulated else None)
 
 
@@ -353,10 +348,17 @@ def capture(
     `window_size` is the largest observation window any method will use; `accumulated`
     records all-query attention too (H2O).
     """
+    recorder = _Recorder(window_size, accumulated)
+    cache, logits, seconds = _read_full(model, input_ids, recorder, on_layer)
+    return Capture(cache, recorder.observations, logits, input_ids.shape[1], seconds)
+
+
+def _read_full(model, input_ids: torch.Tensor, recorder, on_layer) -> tuple[KVCache, torch.Tensor, float]:
+    """One forward over `input_ids` `(1, n)` into a new full cache, `recorder` seeing every layer
+    (it prunes nothing, so the full cache is the read's peak); the cache, logits and seconds."""
     prepare_model(model)
     cache = KVCache(model.config.num_hidden_layers)
-    recorder = _Recorder(window_size, accumulated)
     started = time.perf_counter()
     with torch.inference_mode():
         logits = forward(model, cache, input_ids, 0, recorder, on_layer=on_layer)
-    return Capture(cache, recorder.observations, logits, input_ids.shape[1], time.perf_counter() - started)
+    return cache, logits, time.perf_counter() - started

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import KVCache, KVLayer
-from .generate import Prefill, forward, prepare_model
+from .generate import Prefill, forward, prefill, prepare_model
 from .methods import Compression, Compressor, LayerObservation
 
 # Largest (query rows x keys) block of logits materialised at once while scoring a chunk. On a CPU,
@@ -182,15 +182,10 @@ def repeat_prefix(
 ) -> Repeated:
     """Prefill `prefix_ids` `(1, n)` with the full cache, then score it by repeating `target_ids`
     (`repeat_scores`). The cache's peak counts the full prefix plus the repeat's one layer copy."""
-    prepare_model(model)
-    cache = KVCache(model.config.num_hidden_layers)
-    started = time.perf_counter()
-    with torch.inference_mode():
-        logits = forward(model, cache, prefix_ids, 0)
-    state = Prefill(cache=cache, logits=logits, prompt_len=prefix_ids.shape[1], seconds=time.perf_counter() - started)
+    state = prefill(model, prefix_ids)  # the full cache
     started = time.perf_counter()
     scores, fork_nbytes = _repeat(model, state, target_ids, prompt_for, chunk_size, on_layer)
-    cache.peak_nbytes = cache.nbytes() + fork_nbytes
+    state.cache.peak_nbytes = state.cache.nbytes() + fork_nbytes
     return Repeated(state, scores, time.perf_counter() - started)
 
 
