@@ -144,22 +144,8 @@ class Reused:
         reader = self.reader
         limit = reader.context_limit(self.options)
         n = self.prompt.prefix_len
-        compression, note = reader.compression(method, budget, n) if method.compresses else (None, "")
-        if compression is None:
-            raise InputError(
-                f"the documents are {n:,} tokens, more than the {limit:,} positions the model reads; "
-                f"{'--method full' if not method.compresses else budget.label} keeps every token: pass a compressing "
-                "--method at a smaller budget, or --cut-middle"
-            )
-        layout = reader.rotary_layout()
         probe = self.prompt.ids[:, self.prompt.doc_end : n].to(reader.device)  # the generic instruction
-        room = limit - self.options.max_new_tokens - QUESTION_ROOM - probe.shape[1] - method.most_kept(compression.plan)
-        if room < 2 * method.window_size:
-            raise InputError(
-                f"at {budget.label} a layer keeps up to {method.most_kept(compression.plan):,} tokens, which with room for a "
-                f"question and the answer fills the {limit:,} positions the model reads: lower --ratio or pass a smaller --budget"
-            )
-        chunk = min(chunk_size or self.options.chunk_size or 2048, room)
+        compression, note, chunk, layout = reader.plan_past(self.options, method, budget, n, QUESTION_ROOM + probe.shape[1], chunk_size)
         state = prefill(reader.model, self.ids, compression, chunk_size=chunk, probe_ids=probe, on_layer=on_layer,
                         reindex=Reindexer(layout), tail=probe.shape[1])
         if self.scorer == "repeat":

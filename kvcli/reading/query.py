@@ -9,15 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..errors import InputError
 from ..generate import Capture, capture, prefill
 from ..reindex import Reindexer
 from ..methods import Budget, Method
 from ..prompt import Prompt, window_text
 from .reader import Options, Reader, Reading
-
-
-DEFAULT_PAST_CHUNK = 2048  # tokens per chunk when reading past the context, unless --chunk-size says
 
 
 class QueryAware:
@@ -71,38 +67,14 @@ class QueryAware:
         every token, a RoPE that cannot move, or a budget leaving no room for a chunk."""
         prompt = self.prompt(question)
         if self._past(prompt):
-            self._plan_past(prompt, method, budget or self.options.budget, None)
-
-    def _plan_past(self, prompt: Prompt, method: Method, budget: Budget, chunk_size: int | None):
-        """(compression, chunk size, rotary layout) for reading `prompt` past the context, or an InputError."""
-        reader = self.reader
-        limit = reader.context_limit(self.options)
-        n = len(prompt)
-        if method.compresses:
-            layout = reader.rotary_layout()
-            compression, note = reader.compression(method, budget, n)
-        if not method.compresses or compression is None:
-            raise InputError(
-                f"the prompt is {n:,} tokens, longer than the {limit:,} positions the model reads (with room for the answer); "
-                f"{'--method full' if not method.compresses else budget.label} keeps every token, so it cannot read past them: "
-                "pass a compressing --method at a smaller budget (the default reads it whole in chunks) or --cut-middle"
-            )
-        question = prompt.ids[:, prompt.prefix_len :]
-        room = limit - self.options.max_new_tokens - question.shape[1] - method.most_kept(compression.plan)
-        if room < 2 * method.window_size:
-            raise InputError(
-                f"at {budget.label} a layer keeps up to {method.most_kept(compression.plan):,} of the {n:,} tokens, which with "
-                f"the question and the answer fills the {limit:,} positions the model reads: lower --ratio or pass a smaller --budget"
-            )
-        chunk = min(chunk_size or self.options.chunk_size or DEFAULT_PAST_CHUNK, room)
-        return compression, note, chunk, layout
+            self.reader.plan_past(self.options, method, budget or self.options.budget, len(prompt), len(prompt) - prompt.prefix_len)
 
     def _read_past(self, prompt: Prompt, method: Method, budget: Budget, chunk_size: int | None, on_layer) -> Reading:
         """Read a prompt longer than the context: in chunks, compressing after each, the question
         probing every chunk, kept keys re-indexed so that no position reaches the context's end."""
         reader = self.reader
-        compression, note, chunk, layout = self._plan_past(prompt, method, budget, chunk_size)
         question = prompt.ids[:, prompt.prefix_len :]
+        compression, note, chunk, layout = reader.plan_past(self.options, method, budget, len(prompt), question.shape[1], chunk_size)
         n, limit = len(prompt), reader.context_limit(self.options)
         state = prefill(
             reader.model, prompt.ids.to(reader.device), compression, chunk_size=chunk,

@@ -12,6 +12,9 @@ from ..methods import Budget, Compression, Method
 from ..prompt import Prompt, build_prompt
 
 
+DEFAULT_PAST_CHUNK = 2048  # tokens per chunk when reading past the context, unless --chunk-size says
+
+
 @dataclass
 class Options:
     """How a run reads and answers, besides the method: checked once, here."""
@@ -111,6 +114,30 @@ class Reader:
 
             self._layout = rotary_layout(self.model.config)
         return self._layout
+
+    def plan_past(self, options: Options, method: Method, budget: Budget, n: int, reserved: int, chunk_size: int | None = None):
+        """(compression, note, chunk size, rotary layout) to read `n` tokens past the positions the
+        model reads, `reserved` of them kept free after every chunk (the question, the answer's
+        room is added here); an InputError for what cannot be read so."""
+        limit = self.context_limit(options)
+        compression = None
+        if method.compresses:
+            layout = self.rotary_layout()  # a RoPE that cannot move is refused first
+            compression, note = self.compression(method, budget, n)
+        if compression is None:
+            raise InputError(
+                f"the prompt is {n:,} tokens, longer than the {limit:,} positions the model reads (with room for the answer); "
+                f"{'--method full' if not method.compresses else budget.label} keeps every token, so it cannot read past them: "
+                "pass a compressing --method at a smaller budget (the default reads it whole in chunks) or --cut-middle"
+            )
+        most = method.most_kept(compression.plan)
+        room = limit - options.max_new_tokens - reserved - most
+        if room < 2 * method.window_size:
+            raise InputError(
+                f"at {budget.label} a layer keeps up to {most:,} of the {n:,} tokens, which with the question and the answer "
+                f"fills the {limit:,} positions the model reads: lower --ratio or pass a smaller --budget"
+            )
+        return compression, note, min(chunk_size or options.chunk_size or DEFAULT_PAST_CHUNK, room), layout
 
     def profile(self, progress: Callable[[int, int], None] | None = None):
         """The model's retrieval-head profile, loaded or computed once per reader."""
