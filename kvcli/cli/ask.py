@@ -14,7 +14,7 @@ from ..prompt import check_question, summary_instruction
 from ..reading.prefix import DEFAULT_SCORER, pick_scorer
 from .options import COMPRESSION, GENERATION, MODEL, OUTPUT, RunOptions, shared
 from .output import Screen, print_json, user_errors
-from .session import prepare, start, stdin_is_piped, warn_prompt
+from .session import load_saved, saved_read_once, start, stdin_is_piped, warn_prompt
 
 CacheOpt = Annotated[Optional[str], typer.Option("--cache", metavar="FILE.kvc", help="Answer from a cache saved by `kvcli compress` instead of reading documents.", show_default=False)]
 IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", metavar="GLOB", help="In folders, read only files matching this glob (gitignore style); repeatable.", show_default=False)]
@@ -68,16 +68,18 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
             warn_prompt(reader, options, mode.prompt, screen)
             with screen.layers(reader.num_layers, "compress") as on_layer:
                 prefix = mode.read(method, on_layer=on_layer)
-        elif len(questions) > 1 and options.chunk_size is None and not compare and not _past_window(reader, doc.text, options, questions):
-            # Many questions: read the document once, compress a copy per question (the same cache as one pass).
-            longest = max(questions, key=lambda q: len(reader.tokenizer(q)["input_ids"]))
-            mode = ReadOnce(reader, doc.text, options, window_size=max(32, method.window_size),
-                            accumulated=method.needs_accumulated, longest_question=longest)
-            warn_prompt(reader, options, mode.layout(), screen)
-            with screen.layers(reader.num_layers, "reading once") as on_layer:
-                mode.read_prefix(on_layer)
         else:
             mode = QueryAware(reader, doc.text, options)
+            if len(questions) > 1 and options.chunk_size is None and not compare:
+                # Many questions: read the document once and compress a copy per question (the same
+                # cache as one pass), unless it is read past the context, where each needs its own read.
+                longest = max(questions, key=lambda q: len(reader.tokenizer(q)["input_ids"]))
+                if options.fit != "reindex" or not mode.past_window(longest):
+                    mode = ReadOnce(reader, doc.text, options, window_size=max(32, method.window_size),
+                                    accumulated=method.needs_accumulated, longest_question=longest)
+                    warn_prompt(reader, options, mode.layout(), screen)
+                    with screen.layers(reader.num_layers, "reading once") as on_layer:
+                        mode.read_prefix(on_layer)
     for question in questions:
         began = time.perf_counter()
         if prefix is not None:
@@ -117,14 +119,6 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
                 _say_comparison(screen, stats, full.text, result.text)
 
 
-def _past_window(reader, document: str, options, questions: list[str]) -> bool:
-    """Whether the documents are read past the context: then each question gets its own chunked
-    read (a full prefix past the model's positions cannot be held as one)."""
-    from ..reading import QueryAware
-
-    return options.fit == "reindex" and QueryAware(reader, document, options).past_window(max(questions, key=len))
-
-
 def _say_comparison(screen: Screen, stats, full: str, compressed: str) -> None:
     kept = 100 * stats.kv_bytes_kept / stats.kv_bytes_full if stats.kv_bytes_full else 100.0
     verdict = "same answer" if full == compressed else "a different answer"
@@ -135,16 +129,11 @@ def _say_comparison(screen: Screen, stats, full: str, compressed: str) -> None:
 def _saved(reader, path: str, run: RunOptions, screen: Screen, method, options):
     """(prefix, method, mode) for `--cache path`: a compressed prefix answers with the method it was
     compressed with (prefix set); a full one compresses each question with this run's method (mode set)."""
-    from ..reading import ReadOnce, saved_prefix
-    from ..store import load_cache
+    from ..reading import saved_prefix
 
-    lm = reader.lm
-    saved = load_cache(path, lm.config_hash, lm.name, device=lm.device, dtype=lm.dtype, weights_fingerprint=lm.weights_fingerprint)
+    saved = load_saved(reader, path)
     if saved.kind == "full":
-        if (saved.meta.get("system") or None) != (options.system or None):
-            raise InputError(f"{path} was read with --system {saved.meta.get('system')!r}; ask with the same system prompt or read the documents again")
-        prepare(reader, method, screen)
-        return None, method, ReadOnce.saved(reader, saved, options)
+        return None, method, saved_read_once(reader, saved, path, options, method, screen)
     method = make_method(saved.meta["method"], **saved.meta.get("method_params", {}))
     ignored = [flag for flag, name in (("--method", "method"), ("--ratio", "ratio"), ("--budget", "budget"), ("--chunk-size", "chunk_size"), ("--param", "param")) if name in run.given]
     if ignored:

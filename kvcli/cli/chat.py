@@ -19,7 +19,7 @@ from .ask import ExcludeOpt, IncludeOpt
 from .options import COMPRESSION, GENERATION, MODEL, OUTPUT, RunOptions, shared
 from .output import Screen, print_json, say, user_errors
 from .read import SAVED_WINDOW, check_target, save_full_prefix
-from .session import prepare, start, stdin_is_piped, warn_prompt
+from .session import load_saved, prepare, saved_read_once, start, stdin_is_piped, warn_prompt
 
 PROMPT = "kvcli> "
 # The questions are not known when the documents are read: documents cut to fit the context
@@ -238,19 +238,12 @@ def piped_lines():
 
 def _saved_full(reader, path: str, options, method, screen: Screen):
     """(ReadOnce, sources) for `--cache path`: a .kvc of kind full, as `kvcli read` or /save write it."""
-    from ..reading import ReadOnce
-    from ..store import load_cache
-
-    lm = reader.lm
-    saved = load_cache(path, lm.config_hash, lm.name, device=lm.device, dtype=lm.dtype, weights_fingerprint=lm.weights_fingerprint)
+    saved = load_saved(reader, path)
     if saved.kind != "full":
         raise InputError(f"{path} is compressed, and chat compresses each question itself; save the full cache with `kvcli read FILES -o {path}`")
-    if (saved.meta.get("system") or None) != (options.system or None):
-        raise InputError(f"{path} was read with --system {saved.meta.get('system')!r}; chat with the same system prompt or read the documents again")
-    prepare(reader, method, screen)
     # /save writes the sources it was read from again (name, page, sha256 are what it records)
     sources = SimpleNamespace(sources=[SimpleNamespace(**source) for source in saved.meta.get("sources", [])])
-    return ReadOnce.saved(reader, saved, options), sources
+    return saved_read_once(reader, saved, path, options, method, screen), sources
 
 
 @user_errors

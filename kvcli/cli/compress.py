@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from .. import __version__
-from ..errors import InputError
 from ..reading.prefix import pick_scorer
 from .ask import ExcludeOpt, IncludeOpt, ScorerOpt
 from .options import COMPRESSION, MODEL, OUTPUT, RunOptions, shared
 from .output import err, print_json, user_errors
+from .read import check_target
 from .session import start, warn_prompt
 
 
@@ -37,11 +36,7 @@ def compress(
     from ..reading import Reused, run_stats
     from ..store import save_cache
 
-    target = Path(output)
-    if target.suffix != ".kvc":
-        raise InputError(f"--output {output} should end in .kvc")
-    if not target.parent.exists():
-        raise InputError(f"folder {target.parent} does not exist; create it or choose another --output")
+    target = check_target(output)
     scorer = pick_scorer(scorer, run.make_method(), run.chunk_size)
     started = start(run, files, include or (), exclude or ())
     screen, method, options, doc, reader = started.screen, started.method, started.options, started.doc, started.reader
@@ -57,7 +52,7 @@ def compress(
         "kvcli_version": __version__,
         "model": lm.name,
         "config_hash": lm.config_hash,
-        "weights_fingerprint": getattr(lm, "weights_fingerprint", None),
+        "weights_fingerprint": lm.weights_fingerprint,
         "dtype": str(lm.dtype).removeprefix("torch."),
         "method": method.name,
         "method_params": method.params(),

@@ -45,7 +45,7 @@ def save_full_prefix(target: Path, reader, once, doc, system: str | None, save_d
         "prompt_tokens": prefix.state.prompt_len,
         "window_size": once.window_size,
         "all_query_scores": prefix.accumulated is not None,
-        "tail_ids": list(getattr(once, "tail_ids", [])),
+        "tail_ids": once.tail_ids,
         "sources": [{"name": s.name, "page": s.page, "sha256": s.sha256} for s in doc.sources] if doc is not None else [],
     }
     extras = {"tail_queries": prefix.tail_queries}

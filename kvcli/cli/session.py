@@ -96,6 +96,24 @@ def start(run: RunOptions, files: list[str] | None, include=(), exclude=()) -> S
     return Started(screen, method, options, doc, reader)
 
 
+def load_saved(reader, path: str):
+    """The `.kvc` at `path`, checked against the loaded model (architecture, weights, format, bytes)."""
+    from ..store import load_cache
+
+    lm = reader.lm
+    return load_cache(path, lm.config_hash, lm.name, device=lm.device, dtype=lm.dtype, weights_fingerprint=lm.weights_fingerprint)
+
+
+def saved_read_once(reader, saved, path: str, options, method, screen: Screen):
+    """A `reading.ReadOnce` over a saved full prefix, refused when it was read with another system prompt."""
+    from ..reading import ReadOnce
+
+    if (saved.meta.get("system") or None) != (options.system or None):
+        raise InputError(f"{path} was read with --system {saved.meta.get('system')!r}; use the same system prompt or read the documents again")
+    prepare(reader, method, screen)
+    return ReadOnce.saved(reader, saved, options)
+
+
 def stdin_is_piped() -> bool:
     try:
         return not sys.stdin.isatty()

@@ -35,6 +35,7 @@ class ReadOnce:
         self.accumulated = accumulated  # record the prefix's all-query attention (for H2O)
         self.prefix: FullPrefix | None = None
         self.prompt: Prompt | None = None  # the prompt the prefix was cut from (None for a saved prefix)
+        self.tail_ids: list[int] = []  # the prefix's last token ids, for the report's window text
         self.charged = False
 
     @classmethod
@@ -93,7 +94,7 @@ class ReadOnce:
             )
         compression, note = self.reader.compression(method, budget or self.options.budget, n + suffix.shape[1])
         state = ask_after(self.reader.model, prefix, suffix.to(self.reader.device), compression, on_layer)
-        tail = (getattr(self, "tail_ids", []) + suffix[0].tolist())[-method.window_size :]
+        tail = (self.tail_ids + suffix[0].tolist())[-method.window_size :]
         window = self.reader.tokenizer.decode(tail) if state.compressed else ""
         made = {"tokens": n, "kv_bytes": prefix.state.cache.nbytes(), "seconds": 0.0 if self.charged else prefix.state.seconds, "question_s": state.seconds}
         state.seconds += made["seconds"]  # the first question pays for reading the prefix

@@ -69,6 +69,7 @@ class Reader:
         self.num_layers = self.model.config.num_hidden_layers
         self.shape = KVShape.of(self.model.config, lm.dtype)
         self._profile = None
+        self._layout = None  # rotary_layout(), made when first needed
         prepare_model(self.model)  # every forward goes through kvcli's per-layer attention
 
     @property
@@ -109,7 +110,7 @@ class Reader:
 
     def rotary_layout(self):
         """Each layer's rotary frequencies (`rope.rotary_layout`), for reading past the context; refuses a RoPE that cannot move."""
-        if getattr(self, "_layout", None) is None:
+        if self._layout is None:
             from ..rope import rotary_layout
 
             self._layout = rotary_layout(self.model.config)
