@@ -285,10 +285,6 @@ class Method:
         """The most entries one layer may hold once a prefill step is compressed (window included)."""
         return max(self.layer_budgets(plan))
 
-    def knobs(self) -> list[str]:
-        """The names `--param KEY=VALUE` accepts for this method."""
-        return [f.name for f in fields(self)]
-
     def params(self) -> dict:
         """The method's knobs and their values, for reports."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
