@@ -169,6 +169,8 @@ def test_several_questions_read_the_document_once(tiny, home, doc):
     rows = [json.loads(line) for line in both.stdout.splitlines()]
     assert [r["stats"]["read"] for r in rows] == ["once", "once"]
     assert rows[0]["stats"]["extra"]["prefix"]["seconds"] > 0 and rows[1]["stats"]["extra"]["prefix"]["seconds"] == 0
+    # the first question paid for reading the prefix: its time to the first token counts it
+    assert rows[0]["stats"]["ttft_s"] >= rows[0]["stats"]["prefill_s"] >= rows[0]["stats"]["extra"]["prefix"]["seconds"]
     for row in rows:
         alone = json.loads(run("ask", doc, row["question"], *args).stdout)
         assert row["answer"] == alone["answer"]

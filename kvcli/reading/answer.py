@@ -22,7 +22,7 @@ class Answer:
     text: str
     tokens: list[int]
     stopped: str  # STOP_EOS or STOP_LIMIT: why the answer ended
-    ttft_s: float | None  # from `started` to the first token
+    ttft_s: float | None  # from `started` to the first token, plus the prefill charged to it earlier (`Reading.charged_s`)
     decode_s: float  # from the first token to the last
 
 
@@ -52,7 +52,7 @@ def answer(reader: Reader, reading: Reading, options: Options, on_text: Callable
         on_text(text[len(shown):])
     return Answer(
         text=text.strip(), tokens=tokens, stopped=STOP_LIMIT if len(tokens) >= options.max_new_tokens else STOP_EOS,
-        ttft_s=(first_at - started) if first_at else None, decode_s=(finished - first_at) if first_at else 0.0,
+        ttft_s=(first_at - started + reading.charged_s) if first_at else None, decode_s=(finished - first_at) if first_at else 0.0,
     )
 
 

@@ -100,4 +100,4 @@ class ReadOnce:
         state.seconds += made["seconds"]  # the first question pays for reading the prefix
         self.charged = True
         dropped = self.prompt.dropped_tokens if self.prompt is not None else 0
-        return Reading(state, method, "once", note, window, None, dropped, prefix=made)
+        return Reading(state, method, "once", note, window, None, dropped, prefix=made, charged_s=made["seconds"])

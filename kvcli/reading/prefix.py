@@ -90,7 +90,7 @@ class Prefix:
         self.charged = True
         suffix = question_suffix(reader.tokenizer, question, REUSE_INSTRUCTION, options.system)
         state = extend(reader.model, self.state, suffix.to(reader.device), seconds=made)
-        return Reading(state, self.method, self.mode, self.note, self.window, self.prompt, self._dropped)
+        return Reading(state, self.method, self.mode, self.note, self.window, self.prompt, self._dropped, charged_s=made)
 
 
 QUESTION_ROOM = 128  # tokens kept free, in a prefix past the context, for a question asked after it

@@ -57,6 +57,9 @@ class Reading:
     dropped_tokens: int = 0  # document tokens cut from the middle
     prefix: dict | None = None  # read once: the full prefix's tokens, KV bytes, seconds (first question only), question step seconds
     past: dict | None = None  # read past the context: prompt tokens, the model's positions, chunks, chunk size
+    # seconds of this reading's prefill spent before its question was asked (a prefix read once
+    # and charged to its first question): the time to the first token counts them
+    charged_s: float = 0.0
 
 
 class Reader:
