@@ -39,11 +39,17 @@ A line starting with / is a command; any other line is a question about the docu
 
 class Chat:
     """One session: the documents' full prefix (a `reading.ReadOnce`), the method and budget now
-    chosen, and the report of the last answer. Every question is independent of the others."""
+    chosen, and the report of the last answer. Every question is independent of the others.
 
-    def __init__(self, reader, once, method, options, run: RunOptions, screen: Screen, doc, text: str | None, source: str) -> None:
+    Documents longer than the model's positions have no full prefix: `past` (a
+    `reading.QueryAware`) then reads them again for every question, in chunks with re-indexed
+    positions, as `kvcli ask` does past the context."""
+
+    def __init__(self, reader, once, method, options, run: RunOptions, screen: Screen, doc, text: str | None, source: str,
+                 past=None) -> None:
         self.reader = reader
         self.once = once
+        self.past = past
         self.method = method
         self.options = options  # as checked at the start; the budget changes through /ratio and /budget
         self.budget: Budget = options.budget
@@ -85,7 +91,12 @@ class Chat:
 
         check_question(question)
         began = time.perf_counter()
-        reading = self.once.read(question, self.method, self.budget)
+        if self.past is not None:
+            self.past.check(question, self.method, self.budget)
+            with self.screen.layers(self.reader.num_layers, "reading") as on_layer:
+                reading = self.past.read(question, self.method, self.budget, on_layer=on_layer)
+        else:
+            reading = self.once.read(question, self.method, self.budget)
         stats = run_stats(self.reader, reading)
         try:
             result = answer(self.reader, reading, self.options, on_text=self.screen.stream(), started=began)
@@ -148,6 +159,11 @@ class Chat:
     def fit(self, method) -> None:
         """Make sure the prefix holds what `method` scores by (its window, all-query scores):
         read the documents again if not, or refuse where there are only a .kvc's."""
+        if self.past is not None:
+            if not method.compresses:
+                raise InputError(f"the documents are longer than the {self.reader.context_limit(self.options):,} positions the model reads, "
+                                 "and method full keeps every token: choose a compressing method")
+            return
         if method.compresses and not self.once.can_answer(method):
             self._read_again(method)
 
@@ -180,6 +196,9 @@ class Chat:
     def save(self, arg: str) -> None:
         if not arg:
             raise InputError("give the file: /save FILE.kvc")
+        if self.past is not None:
+            raise InputError("the documents are longer than the model's positions, so there is no full cache to save; "
+                             "`kvcli compress FILES -o FILE.kvc` saves a compressed one")
         target = check_target(str(Path(arg).expanduser()), "/save")
         written = save_full_prefix(target, self.reader, self.once, self.doc, self.options.system)
         say(f"saved {target} ({written / 2**20:.1f} MiB, the full cache); later: kvcli chat --cache {target}")
@@ -258,6 +277,8 @@ def chat(
 ) -> None:
     """Ask questions about documents in a session: they are read once, then each question typed
     is compressed query-aware from that read (keeping what `kvcli ask` keeps) and answered.
+    Documents longer than the model's positions are read again for each question, in chunks
+    with re-indexed positions, as `kvcli ask` reads them (slower: no read is shared).
 
     Answers stream to stdout; after each, one line on stderr says how much of the KV cache was
     kept, the decode speed and why the answer stopped. The prompt (`kvcli> `) is on stdout when
@@ -273,7 +294,7 @@ def chat(
     Examples: kvcli chat report.pdf --ratio 0.05; kvcli chat --cache report.kvc;
     printf 'Q1\\nQ2\\n' | kvcli chat notes.txt
     """
-    from ..reading import ReadOnce
+    from ..reading import QueryAware, ReadOnce
 
     files = list(files or [])
     if cache and files:
@@ -286,8 +307,14 @@ def chat(
         raise InputError("chat reads the documents once in full and compresses each question from that read; leave out --chunk-size")
     started = start(run, None if cache else files, include or (), exclude or ())
     screen, method, options, doc, reader = started.screen, started.method, started.options, started.doc, started.reader
+    past = None
     if cache:
         once, doc = _saved_full(reader, cache, options, method, screen)
+    elif options.fit == "reindex" and (mode := QueryAware(reader, doc.text, options)).past_window(QUESTION_ROOM):
+        # past the context there is no one full prefix to read once: each question reads the documents again
+        past, once = mode, None
+        mode.check(QUESTION_ROOM, method)
+        warn_prompt(reader, options, mode.prompt(QUESTION_ROOM), screen, method)
     else:
         # at least the window `kvcli read` keeps, so that a file from /save serves what one from `kvcli read` does
         once = ReadOnce(reader, doc.text, options, window_size=max(SAVED_WINDOW, method.window_size),
@@ -296,9 +323,13 @@ def chat(
         with screen.layers(reader.num_layers, "reading") as on_layer:
             once.read_prefix(on_layer)
     interactive = not stdin_is_piped()
-    session = Chat(reader, once, method, options, run, screen, doc, None if cache else doc.text, cache or " ".join(files))
+    session = Chat(reader, once, method, options, run, screen, doc, None if cache else doc.text, cache or " ".join(files), past)
     session.fit(method)  # a .kvc may lack what --method scores by
-    if interactive:
+    if interactive and past is not None:
+        tokens = len(past.prompt(QUESTION_ROOM))
+        screen.note(f"the documents are {tokens:,} tokens, past the {reader.context_limit(options):,} positions the model reads: "
+                    "each question reads them again in chunks; ask a question, /help lists the commands, Ctrl-D leaves")
+    elif interactive:
         prefix = once.read_prefix().state
         read = f"read {prefix.prompt_len} tokens in {prefix.seconds:.1f}s" if not cache else f"loaded {cache} ({prefix.prompt_len} tokens)"
         screen.note(f"{read}; ask a question, /help lists the commands, Ctrl-D leaves")
