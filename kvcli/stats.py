@@ -195,6 +195,7 @@ _READS = {
     "chunked": "query-aware, in chunks (the question probes each chunk)",
     "once": "query-aware, the document read once",
     "reindexed": "query-aware, past the model's positions",
+    "sections": "summarized by sections, past the model's positions",
     "reused": "question-agnostic prefix, compressed once and reused for each question",
     "saved": "question-agnostic prefix from a saved cache",
 }
@@ -206,6 +207,13 @@ def _read_line(stats: RunStats) -> str:
     if chunks:
         line += f": {len(chunks)} chunks"
     past = stats.extra.get("past_window")
+    if past and past.get("strategy") == "sections":
+        line += (
+            f": document {past['prompt_tokens']:,} tokens = {past['prompt_tokens'] / past['positions']:.1f}x the model's "
+            f"{past['positions']:,} positions: {past['sections']} sections of up to {past['section_tokens']:,} tokens summarized "
+            f"in {past['sections_s']:.1f}s, then their summaries"
+        )
+        return line
     if past:
         line += (
             f": document {past['prompt_tokens']:,} tokens = {past['prompt_tokens'] / past['positions']:.1f}x the model's "

@@ -248,3 +248,18 @@ def test_a_rope_that_cannot_move_is_refused(reader, monkeypatch):
     mode = QueryAware(reader, words(3000), Options(budget=Budget(tokens=64), max_new_tokens=4))
     with pytest.raises(KvcliError, match="dynamic"):
         mode.read("w1?", make_method("snapkv"))
+
+
+def test_sections_cover_the_text_in_order_and_fit(tokenizer):
+    """split_sections cuts a text at sentence ends into consecutive sections of at most the size asked, losing nothing."""
+    from kvcli.reading.sections import split_sections
+
+    text = " ".join(f"Sentence number {i} says something about topic {i % 7}." for i in range(200)) + "\n\nA last paragraph without an end"
+    for size in (40, 97, 500):
+        sections = split_sections(tokenizer, text, size)
+        assert "".join(sections) == text
+        assert all(len(tokenizer(s, add_special_tokens=False)["input_ids"]) <= size for s in sections)
+        assert all(s.rstrip().endswith(".") for s in sections[:-1])
+    long_sentence = "word " * 300
+    cut = split_sections(tokenizer, long_sentence, 64)
+    assert len(cut) >= 5 and all(len(tokenizer(s, add_special_tokens=False)["input_ids"]) <= 64 for s in cut)

@@ -50,9 +50,11 @@ def split_arguments(args: list[str], questions: list[str] | None, cache: str | N
 
 
 def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache: str | None = None,
-               reuse: bool = False, compare: bool = False, include=(), exclude=(), scorer: str = DEFAULT_SCORER) -> None:
-    """Answer each question: query-aware by default, or after one question-agnostic prefix."""
-    from ..reading import QueryAware, ReadOnce, Reused, add_answer, answer, run_stats
+               reuse: bool = False, compare: bool = False, include=(), exclude=(), scorer: str = DEFAULT_SCORER,
+               past: str = "compressed") -> None:
+    """Answer each question: query-aware by default, or after one question-agnostic prefix.
+    Past the context, `past` "sections" summarizes section by section (`reading.Sections`)."""
+    from ..reading import QueryAware, ReadOnce, Reused, Sections, add_answer, answer, run_stats
 
     if compare and (cache or reuse):
         raise InputError("--compare reads query-aware; drop --cache or --reuse")
@@ -70,7 +72,9 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
                 prefix = mode.read(method, on_layer=on_layer)
         else:
             mode = QueryAware(reader, doc.text, options)
-            if len(questions) > 1 and options.chunk_size is None and not compare:
+            if past == "sections" and options.fit == "reindex" and not compare and mode.past_window(questions[0]):
+                mode = Sections(reader, doc.text, options)
+            elif len(questions) > 1 and options.chunk_size is None and not compare:
                 # Many questions: read the document once and compress a copy per question (the same
                 # cache as one pass), unless it is read past the context, where each needs its own read.
                 longest = max(questions, key=lambda q: len(reader.tokenizer(q)["input_ids"]))
@@ -86,6 +90,11 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
             reading = prefix.ask(reader, question, options)
         elif isinstance(mode, ReadOnce):
             reading = mode.read(question, method)
+        elif isinstance(mode, Sections):
+            screen.note(f"kvcli: the documents are longer than the {reader.context_limit(options):,} positions the model reads: "
+                        "summarizing them section by section, then the summaries")
+            with screen.progress("summarizing", "sections") as update:
+                reading = mode.read(question, method, on_section=lambda done, total: update(done, total))
         else:
             mode.check(question, method)
             warn_prompt(reader, options, mode.prompt(question), screen, method)
@@ -175,6 +184,7 @@ def summarize(
     files: Annotated[Optional[list[str]], typer.Argument(help="Files, folders or - (stdin).", show_default=False, metavar="PATHS...")] = None,
     length: Annotated[str, typer.Option("--length", metavar="short|medium|long", help="How long the summary is.")] = "medium",
     focus: Annotated[Optional[str], typer.Option("--focus", metavar="TEXT", help="What the summary should concentrate on.", show_default=False)] = None,
+    past: Annotated[str, typer.Option("--past", metavar="sections|compressed", help="Documents longer than the model's positions: summarize each section, then the summaries (sections), or read them whole in one compressed, re-indexed read (compressed).")] = "sections",
     cache: CacheOpt = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
@@ -186,6 +196,8 @@ def summarize(
     Examples: kvcli summarize paper.pdf --length short; kvcli summarize --cache paper.kvc
     """
     instruction = summary_instruction(length, focus)
+    if past not in ("sections", "compressed"):
+        raise InputError(f"--past must be sections or compressed, got {past!r}")
     files = list(files or [])
     if cache and files:
         raise InputError("give documents or --cache, not both")
@@ -193,7 +205,7 @@ def summarize(
         if not stdin_is_piped():
             raise InputError("give the documents to summarize, or --cache FILE.kvc")
         files = ["-"]
-    answer_all(files, [instruction], run, cache=cache, include=include or (), exclude=exclude or ())
+    answer_all(files, [instruction], run, cache=cache, include=include or (), exclude=exclude or (), past=past)
 
 
 __all__ = ["answer_all", "ask", "split_arguments", "summarize"]

@@ -8,6 +8,8 @@
   fed after it and compressed exactly as a one-pass query-aware read would be (`ask -q ... -q`).
 - `prefix.py`: a question-agnostic document prefix, compressed once (`--reuse`, `compress`)
   or loaded from a `.kvc` file, that each question follows.
+- `sections.py`: summaries past the context by sections (map-reduce): each section that fits
+  the context summarized on its own, then the summaries (`summarize --past sections`).
 - `answer.py`: decoding a `Reading` into text (streamed through a callback), and its `RunStats`.
 
 Each mode reads live (what `ask` runs) and, where one prefill can serve many settings, by
@@ -20,5 +22,6 @@ from .once import ReadOnce
 from .prefix import Prefix, Reused, saved_prefix
 from .query import QueryAware
 from .reader import Options, Reader, Reading
+from .sections import Sections
 
-__all__ = ["Answer", "add_answer", "Options", "Prefix", "QueryAware", "ReadOnce", "Reader", "Reading", "Reused", "answer", "run_stats", "saved_prefix"]
+__all__ = ["Answer", "add_answer", "Options", "Prefix", "QueryAware", "ReadOnce", "Reader", "Reading", "Reused", "Sections", "answer", "run_stats", "saved_prefix"]

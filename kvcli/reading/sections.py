@@ -1,0 +1,125 @@
+"""Summaries of documents longer than the context by sections (map-reduce): the document is
+split into sections that each fit the model's positions, each section is summarized on its own
+(read query-aware with the run's method and budget), and the section summaries, joined, are
+summarized by the instruction asked. When the joined summaries are still too long, they are
+summarized in groups again, until they fit.
+
+The other way past the context is one compressed reading (`query.QueryAware` re-indexed, the
+instruction probing every chunk); docs/results.md measures both.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from ..methods import Method
+from .answer import answer
+from .query import QueryAware
+from .reader import Options, Reader, Reading
+
+PART_INSTRUCTION = "Summarize the document above, a part of a longer document, in a few sentences: its main points, names and numbers."
+PART_TOKENS = 200  # the longest summary of one section
+_BREAKS = re.compile(r"(?<=\n)\s*\n|(?<=[.!?])\s+")  # paragraph ends, then sentence ends
+
+
+def split_sections(tokenizer, text: str, max_tokens: int) -> list[str]:
+    """`text` cut into consecutive sections of at most `max_tokens` tokens each, at paragraph or
+    sentence ends where there are any (a longer sentence is cut between tokens)."""
+    pieces = [p for p in _pieces(text) if p.strip()]
+    sections: list[str] = []
+    current, current_len = "", 0
+    for piece in pieces:
+        n = len(tokenizer(piece, add_special_tokens=False)["input_ids"])
+        if n > max_tokens:  # one sentence longer than a section: cut it between tokens
+            if current:
+                sections.append(current)
+                current, current_len = "", 0
+            ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+            sections.extend(tokenizer.decode(ids[i : i + max_tokens]) for i in range(0, len(ids), max_tokens))
+            continue
+        if current and current_len + n > max_tokens:
+            sections.append(current)
+            current, current_len = "", 0
+        current += piece
+        current_len += n
+    if current.strip():
+        sections.append(current)
+    return sections
+
+
+def _pieces(text: str) -> list[str]:
+    """`text` split after every paragraph or sentence end, each piece keeping its trailing space."""
+    pieces, start = [], 0
+    for match in _BREAKS.finditer(text):
+        pieces.append(text[start : match.end()])
+        start = match.end()
+    pieces.append(text[start:])
+    return pieces
+
+
+@dataclass
+class SectionSummaries:
+    """What the map steps produced: the section summaries and what they cost."""
+
+    sections: int  # sections of the document
+    rounds: int  # map rounds (more than one when the joined summaries did not fit)
+    seconds: float  # reading and decoding every section summary
+    section_tokens: int  # the most tokens one section holds
+
+
+class Sections:
+    """Summarize a document too long for the context: each section, then the summaries."""
+
+    name = "sections"
+
+    def __init__(self, reader: Reader, document: str, options: Options) -> None:
+        self.reader = reader
+        self.document = document
+        self.options = options
+        # a section and its part instruction, plus the part summary, fit the context
+        self.part_options = replace(options, max_new_tokens=min(PART_TOKENS, options.max_new_tokens), fit="cut")
+
+    def section_tokens(self) -> int:
+        """The most document tokens one section holds: the context less the prompt around it and the summary's room."""
+        around = len(self.reader.prompt("", PART_INSTRUCTION, self.part_options))
+        return self.reader.context_limit(self.options) - self.part_options.max_new_tokens - around - 8
+
+    def read(self, instruction: str, method: Method, on_section: Callable[[int, int], None] | None = None,
+             on_layer: Callable[[int], None] | None = None) -> Reading:
+        """The reading that answers `instruction` from the section summaries (decode it as any other)."""
+        began = time.perf_counter()
+        text, rounds, sections, size = self.document, 0, 0, self.section_tokens()
+        if size < 64:
+            from ..errors import InputError
+
+            raise InputError(f"--max-context {self.reader.context_limit(self.options)} leaves no room for a section and its summary; raise it")
+        while True:
+            whole = QueryAware(self.reader, text, self.options)
+            if not whole.past_window(instruction):
+                break
+            parts = split_sections(self.reader.tokenizer, text, size)
+            sections = sections or len(parts)
+            summaries = []
+            for i, part in enumerate(parts):
+                if on_section is not None:
+                    on_section(i, len(parts))
+                reading = QueryAware(self.reader, part, self.part_options).read(PART_INSTRUCTION, method)
+                summaries.append(answer(self.reader, reading, self.part_options).text)
+            if on_section is not None:
+                on_section(len(parts), len(parts))
+            rounds += 1
+            text = "\n\n".join(f"Part {i + 1} of {len(parts)}: {s}" for i, s in enumerate(summaries))
+        mapped_s = time.perf_counter() - began
+        reading = whole.read(instruction, method, on_layer=on_layer)
+        reading.mode = "sections" if rounds else reading.mode
+        reading.charged_s += mapped_s
+        if rounds:
+            reading.past = {
+                "prompt_tokens": len(QueryAware(self.reader, self.document, self.options).prompt(instruction)),
+                "positions": self.reader.context_limit(self.options), "strategy": "sections",
+                "sections": sections, "rounds": rounds, "section_tokens": size, "sections_s": round(mapped_s, 3),
+            }
+        return reading
