@@ -5,7 +5,8 @@ the original position of each. Layers may hold different numbers of tokens; with
 every KV head holds the same number (each head its own tokens). Keys are stored post-RoPE,
 so kept tokens need no re-rotation and new tokens continue from the full prompt's positions;
 only a document read past the model's positions is re-indexed, and then each entry also
-records where RoPE now places it (`rope`).
+records where RoPE now places it (`rope`). A sliding-window layer (`window`) is never
+compressed: after each step it keeps its latest `window - 1` tokens, all the next token can see.
 
 Storage grows geometrically, so a decode step writes one row instead of concatenating the
 whole layer. This module and `attention.py` are the only places that touch transformers'
@@ -14,25 +15,26 @@ cache internals; the pinned transformers range in pyproject.toml is what they we
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import contextlib
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .errors import KvcliError
-from .step import step_of
 
 
 class KVLayer(CacheLayerMixin):
     """One layer's cache: keys/values `(1, num_kv_heads, capacity, head_dim)` plus positions."""
 
+    # transformers sizes its masks from this; kvcli builds each layer's mask itself, window included
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, base: KVLayer | None = None) -> None:
+    def __init__(self, base: KVLayer | None = None, window: int | None = None) -> None:
         super().__init__()
         self.length = 0
+        # A sliding-window layer's window: it keeps its last window - 1 entries; None: a global layer.
+        self.window = window if base is None else base.window
         self.positions: torch.Tensor | None = None  # (num_kv_heads, capacity) int64
         # Where each entry's RoPE places it, when that is not its original position (a document
         # read past the model's positions is re-indexed: kvcli/reindex.py); None: the same.
@@ -158,6 +160,30 @@ class KVLayer(CacheLayerMixin):
         self.positions = self.kept_positions().gather(1, local_index)
         self.length = local_index.shape[1]
 
+    def keep_recent(self, window: int, drop: int = 0) -> None:
+        """A sliding-window layer after a step: keep the last `window - 1` entries before the last
+        `drop` (a probe's), in place so a decode step allocates nothing; a long prompt's buffer
+        is copied into exactly-sized storage instead, so its memory is freed at once."""
+        self.window = window
+        stop = self.length - drop
+        start = max(0, stop - (window - 1))
+        if start == 0:
+            self.length = stop
+            return
+        if self.capacity > 2 * window:
+            heads = self.kept_positions().shape[0]
+            self.keep(torch.arange(start, stop, device=self.device).expand(heads, -1))
+            return
+        n = stop - start
+        for name in ("keys", "values"):
+            buffer = getattr(self, name)
+            buffer[:, :, :n] = buffer[:, :, start:stop].clone()
+        for name in ("positions", "rope"):
+            buffer = getattr(self, name)
+            if buffer is not None:
+                buffer[:, :n] = buffer[:, start:stop].clone()
+        self.length = n
+
     def keep_positions(self, positions: torch.Tensor) -> None:
         """Keep the entries whose original positions are `positions` `(num_kv_heads, n_kept)`.
 
@@ -185,28 +211,58 @@ class KVLayer(CacheLayerMixin):
         """Bytes held by the live entries (keys and values); a fork's untouched layer holds none of its own."""
         if not self.is_initialized or self.base is not None:
             return 0
-        keys, values = self.view()
-        return keys.numel() * keys.element_size() + values.numel() * values.element_size()
+        return self.length * self.entry_nbytes()
+
+    def entry_nbytes(self) -> int:
+        """Bytes of one token's keys and values over the layer's KV heads, read from the stored tensors."""
+        if self.base is not None:
+            return self.base.entry_nbytes()
+        if not self.is_initialized:
+            return 0
+        return sum(t.shape[1] * t.shape[3] * t.element_size() for t in (self.keys, self.values))
+
+    def full_length(self, prompt_len: int) -> int:
+        """Entries this layer holds after reading `prompt_len` tokens with the full cache."""
+        return prompt_len if self.window is None else min(prompt_len, self.window - 1)
 
 
 class KVCache(Cache):
     """A transformers `Cache` whose layers hold different numbers of tokens.
 
-    Each forward pass carries a `Step` (`kvcli/step.py`): `update` appends the new entries at
-    the step's positions, and the attention function hands each layer to the step's
-    compressor right after that layer's attention.
+    Each forward pass carries a `Step` (`kvcli/step.py`), which the cache holds while the pass
+    runs (`feeding`): `update` appends the new entries at the step's positions, and the
+    attention function hands each layer to the step right after that layer's attention.
+    `windows` names each sliding-window layer's window (None: a global layer); a method
+    compresses the global layers only (`compressed_layers`).
     """
 
-    def __init__(self, num_layers: int) -> None:
-        super().__init__(layers=[KVLayer() for _ in range(num_layers)])
+    def __init__(self, num_layers: int, windows: list[int | None] | None = None) -> None:
+        windows = windows if windows is not None else [None] * num_layers
+        if len(windows) != num_layers:
+            raise KvcliError("internal: one window (or None) per layer")
+        super().__init__(layers=[KVLayer(window=window) for window in windows])
         self.peak_nbytes = 0  # most KV bytes held at once while a compressor ran (after a layer's attention)
+        self._step = None  # the Step of the forward pass running now (`feeding`)
+
+    @contextlib.contextmanager
+    def feeding(self, step):
+        """Hold `step` while one forward pass writes to this cache. Some architectures call
+        `update(keys, values, layer_idx)` without passing kvcli's step on (GPT-NeoX, Falcon,
+        StableLM), so the cache takes the positions from the step it holds, not from keywords."""
+        if self._step is not None:
+            raise KvcliError("internal: a cache is fed by one forward pass at a time")
+        self._step = step
+        try:
+            yield step
+        finally:
+            self._step = None
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if key_states.shape[0] != 1:
             raise KvcliError("internal: kvcli's cache holds one sequence (batch size 1)")
-        step = step_of(kwargs)
+        step = self._step
         if step is None:
-            raise KvcliError("internal: this architecture's attention does not pass kvcli's step to the cache")
+            raise KvcliError("internal: kvcli's cache was written to outside a kvcli forward pass")
         if step.positions.shape[0] != key_states.shape[2]:
             raise KvcliError("internal: the step's positions do not match the tokens fed")
         layer = self.layers[layer_idx]
@@ -224,7 +280,8 @@ class KVCache(Cache):
         tokens then never doubles a layer's storage (which a CUDA allocator would keep)."""
         for layer in self.layers:
             if layer.is_initialized:
-                layer._reserve(layer.length + extra, exact=True)
+                # a sliding-window layer drops an entry for each it takes: one row of room is all it needs
+                layer._reserve(layer.length + (extra if layer.window is None else min(extra, 1)), exact=True)
 
     def fork(self) -> KVCache:
         """A cache that reads as this one and copies each layer only when a step first writes to it.
@@ -234,13 +291,13 @@ class KVCache(Cache):
         compressed right after, so the prefix is never changed and only one layer is ever
         held in full twice.
         """
-        fork = KVCache(self.num_layers)
+        fork = KVCache(self.num_layers, self.windows)
         fork.layers = [KVLayer(base=layer) for layer in self.layers]
         return fork
 
     def clone(self) -> KVCache:
         """An independent copy: several questions can each extend the same compressed prefix."""
-        copy = KVCache(self.num_layers)
+        copy = KVCache(self.num_layers, self.windows)
         copy.peak_nbytes = self.peak_nbytes  # what making the copied cache cost is part of its story
         for source, target in zip(self.layers, copy.layers):
             if source.is_initialized:
@@ -258,6 +315,21 @@ class KVCache(Cache):
         """Most KV bytes held at once so far: the compression peak, or the cache as it is now."""
         return max(self.peak_nbytes, self.nbytes())
 
+    def adopt_windows(self, windows: list[int | None]) -> None:
+        """Take the model's sliding windows, one per layer (a cache loaded from a file does not know them)."""
+        for layer, window in zip(self.layers, windows, strict=True):
+            layer.window = window
+
+    @property
+    def windows(self) -> list[int | None]:
+        """Per layer, the sliding window of a sliding-window layer; None for a global layer."""
+        return [layer.window for layer in self.layers]
+
+    @property
+    def compressed_layers(self) -> list[int]:
+        """The layers a method compresses, in order: the global ones (sliding-window layers keep their window)."""
+        return [i for i, layer in enumerate(self.layers) if layer.window is None]
+
     def retained_per_layer(self) -> list[int]:
         """Tokens held per layer (window and generated tokens included)."""
         return [layer.length for layer in self.layers]
@@ -266,26 +338,7 @@ class KVCache(Cache):
         """Bytes of keys and values held over all layers."""
         return sum(layer.nbytes() for layer in self.layers)
 
-
-@dataclass(frozen=True)
-class KVShape:
-    """What one cached token costs: used to report the memory a full cache would take."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    dtype_bytes: int
-
-    @classmethod
-    def of(cls, config, dtype: torch.dtype) -> KVShape:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(
-            num_layers=config.num_hidden_layers,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-            head_dim=head_dim,
-            dtype_bytes=torch.finfo(dtype).bits // 8,
-        )
-
-    def bytes_for(self, tokens_per_layer: float) -> int:
-        """Bytes of keys and values for `tokens_per_layer` tokens in every layer."""
-        return int(math.ceil(2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes * tokens_per_layer))
+    def full_nbytes(self, prompt_len: int) -> int:
+        """Bytes the full cache of a `prompt_len`-token prompt holds (what `--method full` keeps:
+        every token in a global layer, the window in a sliding-window one), from the stored tensors."""
+        return sum(layer.full_length(prompt_len) * layer.entry_nbytes() for layer in self.layers)

@@ -18,19 +18,66 @@ from dataclasses import dataclass, field
 import torch
 
 from . import attention
-from .attention import accumulated_attention
+from .attention import ModelAttention, UnsupportedAttention, accumulated_attention
 from .cache import KVCache
 from .methods import Compression, Compressor, LayerObservation
 from .step import STEP_KWARG, Step
 
 log = logging.getLogger(__name__)
 
+_PROBED = "_kvcli_attention"  # where prepare_model keeps a model's ModelAttention: (attn implementation, layout)
 
-def prepare_model(model) -> None:
-    """Route the model's attention through kvcli's function (idempotent)."""
+
+def prepare_model(model) -> ModelAttention:
+    """Route the model's attention through kvcli's function and return how each layer attends.
+
+    The first call probes the model with a two-token forward: every layer whose attention
+    reaches kvcli's function says how it attends (scaling, softcapping, sinks, sliding window);
+    anything kvcli cannot do exactly raises `UnsupportedAttention`. A model whose attention
+    bypasses the function (its own attention classes, or a decoder layer that does not pass
+    kvcli's step on) can only be read with the full cache (`ModelAttention.bypassed`).
+    Later calls return the probed layout.
+    """
     attention.register()
-    if model.config._attn_implementation != attention.ATTN_IMPLEMENTATION:
+    if getattr(type(model), "_supports_attention_backend", True) and model.config._attn_implementation != attention.ATTN_IMPLEMENTATION:
         model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
+    probed = getattr(model, _PROBED, None)
+    if probed is not None and probed[0] == model.config._attn_implementation:
+        return probed[1]
+    layout = _probe(model)
+    setattr(model, _PROBED, (model.config._attn_implementation, layout))
+    if layout.bypassed:
+        log.info("%s attends without kvcli's attention function: only the full cache can be read", type(model).__name__)
+    return layout
+
+
+def _num_layers(model) -> int:
+    return model.config.get_text_config().num_hidden_layers
+
+
+def _probe(model) -> ModelAttention:
+    """Feed two tokens into a fresh cache and see which layers attended through kvcli's function."""
+    num_layers = _num_layers(model)
+    cache = KVCache(num_layers)
+    device = model.get_input_embeddings().weight.device
+    ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+    step = Step(cache=cache, positions=torch.arange(2, device=device))
+    with torch.inference_mode(), cache.feeding(step):
+        model(input_ids=ids, position_ids=step.positions[None, :], cache=cache, use_cache=True, logits_to_keep=1, **{STEP_KWARG: step})
+    name = type(model).__name__
+    if any(layer.get_seq_length() != 2 for layer in cache.layers):
+        raise UnsupportedAttention(f"{name} does not keep its keys and values in the cache it is given, so kvcli cannot run it")
+    seen = [step.attended.get(i) for i in range(num_layers)]
+    if any(layer is not None for layer in seen) and any(layer is None for layer in seen):
+        missing = [i for i, layer in enumerate(seen) if layer is None]
+        raise UnsupportedAttention(f"{name}'s layers {missing} attend without kvcli's attention function while the others use it")
+    return ModelAttention.of_layers(seen, name)
+
+
+def new_cache(model) -> KVCache:
+    """An empty cache for `model`: one layer per model layer, each sliding-window layer with its window."""
+    layout = prepare_model(model)
+    return KVCache(layout.num_layers, list(layout.windows))
 
 
 def forward(
@@ -51,19 +98,27 @@ def forward(
     tokens score the rest but are not kept. With `original_start` the tokens are fed at positions
     start.. but recorded as the prompt's tokens original_start.. (a re-indexed read).
     """
+    windows = list(prepare_model(model).windows)  # probed once per model
+    if cache.windows != windows:
+        cache.adopt_windows(windows)  # a saved cache's sliding layers: compressors must know them
     q_len = input_ids.shape[1]
     positions = torch.arange(start, start + q_len, device=input_ids.device)
     original = None if original_start is None else torch.arange(original_start, original_start + q_len, device=input_ids.device)
     step = Step(cache=cache, positions=positions, original=original, compressor=compressor, probe_len=probe_len,
                 on_layer=on_layer, accumulated_before=accumulated_before, queries_before=queries_before)
-    out = model(
-        input_ids=input_ids,
-        position_ids=positions[None, :],
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=1,
-        **{STEP_KWARG: step},
-    )
+    with cache.feeding(step):
+        out = model(
+            input_ids=input_ids,
+            position_ids=positions[None, :],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **{STEP_KWARG: step},
+        )
+    if compressor is not None and len(step.attended) != cache.num_layers:
+        # A compressor that never saw a layer would leave it whole while the run claims compression.
+        raise UnsupportedAttention(
+            f"{type(model).__name__}'s attention does not go through transformers' attention interface, so kvcli cannot compress its cache: use --method full")
     return out.logits[0, -1]
 
 
@@ -113,8 +168,7 @@ def prefill(
     With `reindex` (a `reindex.Reindexer`) the prompt is read in chunks whatever its length and
     the kept entries are packed before each next chunk, so positions stay below budget + chunk + probe.
     """
-    prepare_model(model)
-    cache = KVCache(model.config.num_hidden_layers)
+    cache = new_cache(model)
     prompt_len = input_ids.shape[1]
     bounds = [0, prompt_len]
     body = max(1, prompt_len - tail)
@@ -183,10 +237,11 @@ class _PrefixRecorder:
         self.tail_queries: list[torch.Tensor] = []
         self.sums: list[torch.Tensor] = []
 
-    def observe_live(self, cache, layer_idx: int, query, keys, scaling: float, **_) -> None:
+    def observe_live(self, cache, layer_idx: int, query, keys, attn, **_) -> None:
+        # every layer's, sliding-window ones included (never scored), so the lists go one per layer
         self.tail_queries.append(query[:, :, -self.window_size :].clone())
         if self.accumulated:
-            self.sums.append(accumulated_attention(query, keys, scaling))
+            self.sums.append(accumulated_attention(query, keys, attn))
 
 
 def read_prefix(model, input_ids: torch.Tensor, window_size: int, accumulated: bool = False,
@@ -300,9 +355,11 @@ class _Recorder:
         self.accumulated = accumulated
         self.observations: list[LayerObservation] = []
 
-    def observe_live(self, cache, layer_idx: int, query, keys, scaling: float, **_) -> None:
+    def observe_live(self, cache, layer_idx: int, query, keys, attn, **_) -> None:
+        if attn.sliding_window is not None:
+            return  # a sliding-window layer keeps its window whatever the method
         positions = cache.layers[layer_idx].kept_positions()
-        self.observations.append(LayerObservation.compute(layer_idx, query, keys, positions, scaling, self.window_size, self.accumulated))
+        self.observations.append(LayerObservation.compute(layer_idx, query, keys, positions, attn, self.window_size, self.accumulated))
 
 
 @dataclass
@@ -314,7 +371,7 @@ class Capture:
     """
 
     cache: KVCache  # the full cache; never decoded from directly
-    observations: list[LayerObservation]
+    observations: list[LayerObservation]  # one per global layer, in order (sliding-window layers are not scored)
     logits: torch.Tensor
     prompt_len: int
     seconds: float
@@ -324,12 +381,14 @@ class Capture:
         started = time.perf_counter()
         compressor = compression.compressor() if compression is not None else None
         cache = self.cache.clone()  # keeps the capture's peak: the full cache was held to derive this
+        if compressor is not None and len(self.observations) != len(cache.compressed_layers):
+            raise UnsupportedAttention("this architecture's attention does not go through transformers' attention interface, "
+                                       "so kvcli cannot compress its cache: use --method full")
         if compressor is not None:
             for obs in self.observations:
                 if obs.window_attn.shape[2] < compression.method.window_size:
                     raise ValueError("internal: the capture's window is smaller than the method's")
-                for target_idx, positions in compressor.observe(obs).items():
-                    cache.layers[target_idx].keep_positions(positions)
+                compressor.prune(cache, obs)
         return Prefill(
             cache=cache, logits=self.logits, prompt_len=self.prompt_len,
             seconds=self.seconds + time.perf_counter() - started, compression=compression, compressor=compressor,
@@ -356,8 +415,9 @@ def capture(
 def _read_full(model, input_ids: torch.Tensor, recorder, on_layer) -> tuple[KVCache, torch.Tensor, float]:
     """One forward over `input_ids` `(1, n)` into a new full cache, `recorder` seeing every layer
     (it prunes nothing, so the full cache is the read's peak); the cache, logits and seconds."""
-    prepare_model(model)
-    cache = KVCache(model.config.num_hidden_layers)
+    cache = new_cache(model)
+    if prepare_model(model).bypassed:
+        recorder = None  # its attention never reaches kvcli's function: there is nothing to record (and nothing to derive)
     started = time.perf_counter()
     with torch.inference_mode():
         logits = forward(model, cache, input_ids, 0, recorder, on_layer=on_layer)

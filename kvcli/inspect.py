@@ -27,6 +27,8 @@ class Profile:
     per_layer: list[list[float]]  # [layer][group] kept tokens (mean over KV heads)
     retained_per_layer: list[int]
     by: str  # 'page', 'file' or 'position'
+    # per layer: a sliding-window layer's window (it keeps its latest tokens whatever the method); None: a global layer
+    layer_windows: list[int | None] | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -36,6 +38,7 @@ class Profile:
                 for label, page, n in zip(self.groups, self.pages, self.group_tokens)
             ],
             "retained_per_layer": self.retained_per_layer,
+            "layer_windows": self.layer_windows or [None] * len(self.retained_per_layer),
             "kept_per_layer_per_group": [[round(x, 2) for x in row] for row in self.per_layer],
         }
 
@@ -81,7 +84,7 @@ def retention_profile(cache, prompt, doc, buckets: int = 10) -> Profile:
     group_of = torch.tensor(group_list, dtype=torch.long)
     group_tokens = torch.bincount(group_of, minlength=len(labels)).tolist()
     per_layer = [layer.kept_per_group(group_of, len(labels)).tolist() for layer in cache.layers]
-    return Profile(labels, group_tokens, pages, per_layer, cache.retained_per_layer(), by)
+    return Profile(labels, group_tokens, pages, per_layer, cache.retained_per_layer(), by, cache.windows)
 
 
 def render_profile(profile: Profile, top: int = 3) -> Group:
@@ -91,6 +94,7 @@ def render_profile(profile: Profile, top: int = 3) -> Group:
     table.add_column("layer", justify="right")
     table.add_column(f"kept share by {profile.by} (one cell each, in order)")
     table.add_column("most kept")
+    windows = profile.layer_windows or [None] * len(profile.per_layer)
     for i, row in enumerate(profile.per_layer):
         shares = [row[g] / profile.group_tokens[g] if profile.group_tokens[g] else 0.0 for g in range(doc_groups)]
         peak = max(shares) if shares and max(shares) > 0 else 1.0
@@ -98,7 +102,9 @@ def render_profile(profile: Profile, top: int = 3) -> Group:
         total = sum(row) or 1.0
         ranked = sorted(range(len(row)), key=lambda g: -row[g])[:top]
         best = ", ".join(f"{profile.groups[g]} {100 * row[g] / total:.0f}%" for g in ranked if row[g] > 0)
-        table.add_row(str(i), Text(strip, style="magenta"), best)
+        if windows[i] is not None:
+            best = f"sliding window: its last {windows[i] - 1} tokens" + (f"; {best}" if best else "")
+        table.add_row(str(i), Text(strip, style="yellow" if windows[i] is not None else "magenta"), best)
     legend = Text(f"{doc_groups} {profile.by} groups; a cell is the fraction of that group's tokens the layer kept, scaled per row")
     return Group(legend, table)  # the per-layer bars are already in the run report
 

@@ -104,16 +104,17 @@ def compute_profile(model, tokenizer, name: str, window_size: int = 8, kernel_si
             if (offset_ := prompt.doc_offset(p)) is not None and start <= offset_ < start + len(code)
         ]
         cap = capture(model, prompt.ids.to(device), window_size)
-        for obs in cap.observations:
+        # one observation per layer a method compresses, in order: the profile is indexed as methods see them
+        for rank, obs in enumerate(cap.observations):
             k_len = obs.k_len
             attn = obs.window_attn[:, :, -window_size:, : k_len - window_size].sum(dim=2)  # (num_kv_heads, group, k)
             pooled = pool_scores(attn, kernel_size, "avg").flatten(0, 1)  # (num_heads, k)
             best = pooled[:, fact_positions].max(dim=1).values  # (num_heads,)
-            rank = (pooled > best[:, None]).sum(dim=1).float()
-            totals[obs.layer_idx] += -torch.log2(rank + 1).cpu()
+            place = (pooled > best[:, None]).sum(dim=1).float()
+            totals[rank] += -torch.log2(place + 1).cpu()
         if progress:
             progress(index + 1, len(cases))
-    return RetrievalProfile(scores=(totals / len(cases)).tolist(), model=name)
+    return RetrievalProfile(scores=(totals[: len(cap.observations)] / len(cases)).tolist(), model=name)
 
 
 def profile_path(name: str, config_hash: str) -> Path:

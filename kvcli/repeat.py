@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention import causal_mask, layer_attention
 from .cache import KVCache, KVLayer
 from .generate import Prefill, forward, prefill, prepare_model
 from .methods import Compression, Compressor, LayerObservation
@@ -44,12 +45,13 @@ _BLOCK_ELEMENTS = 1 << 24
 REPEAT_CHUNK_SIZE = 2048  # target tokens per repeat chunk (KVzip's)
 
 
-def peak_attention(query: torch.Tensor, keys: torch.Tensor, scaling: float, n_keys: int,
+def peak_attention(query: torch.Tensor, keys: torch.Tensor, attn, n_keys: int,
                    block_elements: int | None = None) -> torch.Tensor:
     """The most attention each of the first `n_keys` keys receives from any query, per query head.
 
     query `(1, num_heads, q_len, head_dim)` sits at the last `q_len` of the `k_len` positions of
-    keys `(1, num_kv_heads, k_len, head_dim)` and attends causally. Returns
+    keys `(1, num_kv_heads, k_len, head_dim)` and attends causally, as the layer does (`attn`: an
+    `attention.LayerAttention` with its scaling, softcapping and sinks, or a bare scaling). Returns
     `(num_kv_heads, group, n_keys)` float32, computed in query blocks of at most `block_elements`
     logits (default: by device), so a chunk's `(q_len, k_len)` matrix is never held whole.
     """
@@ -58,17 +60,16 @@ def peak_attention(query: torch.Tensor, keys: torch.Tensor, scaling: float, n_ke
     group = num_heads // num_kv_heads
     if block_elements is None:
         block_elements = _CPU_BLOCK_ELEMENTS if keys.device.type == "cpu" else _BLOCK_ELEMENTS
+    attn = layer_attention(attn)
     keys_t = keys[0].float().transpose(1, 2)  # (num_kv_heads, head_dim, k_len)
     peak = torch.zeros(num_kv_heads, group, n_keys, dtype=torch.float32, device=keys.device)
     block = max(1, block_elements // max(1, num_heads * k_len))
-    first = k_len - q_len  # the keys before the queries' own, which every query sees
     for start in range(0, q_len, block):
         stop = min(q_len, start + block)
         q = query[0, :, start:stop].float().reshape(num_kv_heads, group * (stop - start), head_dim)
-        logits = torch.bmm(q, keys_t).view(num_kv_heads, group, stop - start, k_len).mul_(scaling)
-        hidden = torch.arange(q_len, device=keys.device)[None, :] > torch.arange(start, stop, device=keys.device)[:, None]
-        logits[..., first:].masked_fill_(hidden, float("-inf"))  # causal among the queries' own keys
-        peak = torch.maximum(peak, logits.softmax(dim=-1)[..., :n_keys].amax(dim=2))
+        dots = torch.bmm(q, keys_t).view(num_kv_heads, group, stop - start, k_len)
+        probs = attn.probabilities(dots, causal_mask(q_len, k_len, keys.device, attn.sliding_window, start, stop))
+        peak = torch.maximum(peak, probs[..., :n_keys].amax(dim=2))
     return peak
 
 
@@ -81,9 +82,11 @@ class _RepeatRecorder:
         self.peaks: list[torch.Tensor | None] = [None] * prefix.num_layers
         self.peak_nbytes = 0  # most bytes the forks held at once (one layer's copy)
 
-    def observe_live(self, cache, layer_idx: int, query, keys, scaling: float, **_) -> None:
+    def observe_live(self, cache, layer_idx: int, query, keys, attn, **_) -> None:
+        if attn.sliding_window is not None:
+            return  # a sliding-window layer keeps its window: it is not scored (its copy is trimmed by the step)
         base = self.prefix.layers[layer_idx]
-        peak = peak_attention(query, keys, scaling, base.get_seq_length())
+        peak = peak_attention(query, keys, attn, base.get_seq_length())
         old = self.peaks[layer_idx]
         self.peaks[layer_idx] = peak if old is None else torch.maximum(old, peak.to(old.device))
         self.peak_nbytes = max(self.peak_nbytes, cache.nbytes())
@@ -100,7 +103,8 @@ def repeat_scores(
     on_layer: Callable[[int], None] | None = None,
 ) -> list[torch.Tensor]:
     """Per layer `(num_kv_heads, group, k_len)`: the most attention each entry of `prefix`'s cache
-    receives from the queries of the model repeating `target_ids` `(1, t)` after it.
+    receives from the queries of the model repeating `target_ids` `(1, t)` after it (None for a
+    sliding-window layer, which is not scored).
 
     The repeat is fed in chunks of `chunk_size` target tokens, each after `prompt_for(start)`
     `(1, p)` (the request to repeat `target_ids[:, start:]`, the template's closing included), at
@@ -142,10 +146,10 @@ def keep_by_scores(cache: KVCache, scores: list[torch.Tensor], compression: Comp
     if not compression.method.takes_key_scores:
         raise ValueError(f"internal: {compression.method.name} does not rank by per-entry scores")
     compressor = compression.compressor()
-    for layer_idx, layer_scores in enumerate(scores):
-        obs = key_observation(layer_idx, cache.layers[layer_idx].kept_positions(), layer_scores)
-        for target, positions in compressor.observe(obs).items():
-            cache.layers[target].keep_positions(positions)
+    for layer_idx in cache.compressed_layers:
+        if scores[layer_idx] is None:
+            raise ValueError(f"internal: the repeat did not score layer {layer_idx}")
+        compressor.prune(cache, key_observation(layer_idx, cache.layers[layer_idx].kept_positions(), scores[layer_idx]))
     return compressor
 
 
@@ -154,7 +158,7 @@ class Repeated:
     """A prefix read with the full cache and scored by its repeat: any method's cache is derived from it."""
 
     state: Prefill  # the full prefix; never decoded from directly
-    scores: list[torch.Tensor]  # per layer (num_kv_heads, group, k_len)
+    scores: list[torch.Tensor | None]  # per layer (num_kv_heads, group, k_len); None for a sliding-window layer
     repeat_s: float  # what the repeat pass cost (the prefix's own read is `state.seconds`)
 
     @property

@@ -84,6 +84,25 @@ class RunStats:
     read: str = "query"  # how the document was read: query, chunked, reused or saved
     stopped: str | None = None  # why the answer ended: "end of sequence" or "max_new_tokens"
     extra: dict = field(default_factory=dict)
+    # per layer: the window of a sliding-window layer (it keeps at most window - 1 tokens and is
+    # never compressed), None for a global layer (the ones --ratio and --budget apply to)
+    layer_windows: list[int | None] = field(default_factory=list)
+
+    def _global(self) -> list[int]:
+        windows = self.layer_windows or [None] * len(self.retained_per_layer)
+        return [kept for kept, window in zip(self.retained_per_layer, windows) if window is None]
+
+    @property
+    def global_ratio(self) -> float | None:
+        """Fraction of the prompt's KV entries the global layers kept (what --ratio sets); None without global layers."""
+        kept = self._global()
+        return sum(kept) / (len(kept) * self.prompt_tokens) if kept and self.prompt_tokens else None
+
+    @property
+    def global_budget(self) -> float | None:
+        """Mean tokens kept per global layer (what --budget sets); None without global layers."""
+        kept = self._global()
+        return sum(kept) / len(kept) if kept else None
 
     @property
     def decode_tokens_per_s(self) -> float | None:
@@ -95,6 +114,8 @@ class RunStats:
         data = asdict(self)
         data["decode_tokens_per_s"] = self.decode_tokens_per_s
         data["kv_kept_fraction"] = self.kv_bytes_kept / self.kv_bytes_full if self.kv_bytes_full else None
+        data["global_ratio"] = self.global_ratio
+        data["global_budget"] = self.global_budget
         return data
 
 
@@ -108,10 +129,12 @@ class LayerBars:
 
     MAX_BLOCKS = 4
     MIN_BAR = 10
+    GLOBAL, SLIDING = "█", "▒"  # a sliding-window layer's bar is shaded: it keeps its window, whatever the method
 
-    def __init__(self, counts: list[int], width: int = 40) -> None:
+    def __init__(self, counts: list[int], width: int = 40, windows: list[int | None] | None = None) -> None:
         self.counts = counts
         self.width = width
+        self.windows = windows or [None] * len(counts)
 
     def __rich_console__(self, console, options):
         counts = self.counts
@@ -136,17 +159,29 @@ class LayerBars:
             for block in range(blocks):
                 i = block * rows + row
                 if i < n:
-                    bar = "█" * max(1 if counts[i] else 0, round(bar_w * counts[i] / top))
-                    cells += [str(i), str(counts[i]), Text(bar, style="cyan")]
+                    sliding = self.windows[i] is not None
+                    bar = (self.SLIDING if sliding else self.GLOBAL) * max(1 if counts[i] else 0, round(bar_w * counts[i] / top))
+                    cells += [str(i), str(counts[i]), Text(bar, style="yellow" if sliding else "cyan")]
                 else:
                     cells += ["", "", ""]
             table.add_row(*cells)
         yield table
 
 
-def layer_bars(counts: list[int], width: int = 40) -> LayerBars:
-    """Kept tokens per layer as horizontal bars, in blocks of rows that fit the console's width."""
-    return LayerBars(counts, width)
+def layer_bars(counts: list[int], width: int = 40, windows: list[int | None] | None = None) -> LayerBars:
+    """Kept tokens per layer as horizontal bars, in blocks of rows that fit the console's width;
+    `windows` marks sliding-window layers (shaded bars)."""
+    return LayerBars(counts, width, windows)
+
+
+def _sliding_text(windows: list[int | None]) -> str:
+    """"3 sliding-window layers (▒) keep at most 511 tokens", or "" without sliding layers."""
+    sizes = sorted({w for w in windows if w is not None})
+    if not sizes:
+        return ""
+    count = sum(w is not None for w in windows)
+    most = ", ".join(str(w - 1) for w in sizes)
+    return f"{count} sliding-window layer{'s' if count > 1 else ''} ({LayerBars.SLIDING}) keep at most their last {most} tokens, whatever the method"
 
 
 def render(stats: RunStats) -> Group:
@@ -162,8 +197,12 @@ def render(stats: RunStats) -> Group:
         prompt.append(f" ({stats.dropped_tokens} cut from the middle)", style="yellow")
     facts.add_row("prompt", prompt)
     facts.add_row("read", _read_line(stats))
+    sliding = _sliding_text(stats.layer_windows)
     if stats.compressed:
         budget = Text(f"{stats.budget:.1f} tokens/layer = ratio {stats.ratio:.4f}")
+        if sliding and stats.global_ratio is not None:
+            budget = Text(f"global layers {stats.global_budget:.1f} tokens/layer = ratio {stats.global_ratio:.4f}; "
+                          f"all layers {stats.budget:.1f} tokens/layer = ratio {stats.ratio:.4f}")
         if stats.note:
             budget.append(f" ({stats.note})", style="yellow")
         facts.add_row("budget", budget)
@@ -171,6 +210,8 @@ def render(stats: RunStats) -> Group:
             facts.add_row("window", Text(f"covers {stats.window_text!r}"))
     else:
         facts.add_row("budget", f"not compressed: {stats.note}")
+    if sliding:
+        facts.add_row("sliding", sliding)
     kept_pct = 100 * stats.kv_bytes_kept / stats.kv_bytes_full if stats.kv_bytes_full else 100.0
     facts.add_row(
         "KV cache",
@@ -187,7 +228,7 @@ def render(stats: RunStats) -> Group:
     )
     if stats.stopped is not None:
         facts.add_row("answer", f"{stats.decode_tokens} tokens, stopped at {'--max-new-tokens' if stats.stopped == 'max_new_tokens' else 'the end of sequence'}")
-    return Group(facts, Text("retained tokens per layer (window included):"), layer_bars(stats.retained_per_layer))
+    return Group(facts, Text("retained tokens per layer (window included):"), layer_bars(stats.retained_per_layer, windows=stats.layer_windows))
 
 
 _READS = {

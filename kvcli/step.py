@@ -1,16 +1,18 @@
 """The step context: what one forward pass asks of kvcli's cache and attention function.
 
-`generate.forward` builds a `Step` for every forward pass and hands it to the model as the
-keyword argument `kvcli_step`; transformers passes it on to `KVCache.update` (which appends
-the new entries at `positions`) and to kvcli's attention function (which, after a layer's
-attention, lets the running compressor prune that layer). Nothing is stored on the cache
-for the duration of a step, so an exception mid-forward leaves no stale state behind.
+`generate.forward` builds a `Step` for every forward pass. The cache holds it for the length
+of the pass (`KVCache.feeding`, so architectures that call `Cache.update` without passing
+keyword arguments on, such as GPT-NeoX, still append at the step's positions), and the model
+hands it to kvcli's attention function as the keyword argument `kvcli_step`. After a layer's
+attention, the function calls `Step.after_attention`: the running compressor prunes a global
+layer there, and a sliding-window layer drops what no later token can see. The step is released
+when the pass ends, however it ends, so an exception mid-forward leaves no stale state behind.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,27 +37,36 @@ class Step:
     # Per layer, the last queries of the earlier steps (a read-once prefix's tail), so a step
     # shorter than the observation window is scored by a whole window, as in one pass.
     queries_before: list[torch.Tensor] | None = None
+    # Filled in as the pass goes: each layer whose attention went through kvcli's function, and
+    # how it attends (attention.LayerAttention). A layer missing here attended on its own.
+    attended: dict[int, object] = field(default_factory=dict)
 
-    def after_attention(self, layer_idx: int, query: torch.Tensor, scaling: float) -> None:
-        """Called by the attention function once layer `layer_idx` has attended over its keys."""
+    def after_attention(self, layer_idx: int, query: torch.Tensor, attn) -> None:
+        """Called by the attention function once layer `layer_idx` has attended over its keys;
+        `attn` (attention.LayerAttention) is how it attended."""
         cache = self.cache
-        if self.compressor is not None:
+        self.attended[layer_idx] = attn
+        sliding = attn.sliding_window is not None
+        if self.compressor is not None or sliding:
             # The peak is now: this layer holds its full new KV, not yet compressed. Without a
-            # compressor the cache only grows, so its final size is its peak.
+            # compressor or a sliding layer the cache only grows, so its final size is its peak.
             cache.peak_nbytes = max(cache.peak_nbytes, cache.nbytes())
+        if self.compressor is not None:
+            # Every layer is shown; a compressor leaves sliding-window layers (attn.sliding_window) alone.
             keys, _ = cache.layers[layer_idx].view()
             self.compressor.observe_live(
-                cache, layer_idx, query, keys, scaling, probe_len=self.probe_len,
+                cache, layer_idx, query, keys, attn, probe_len=self.probe_len,
                 accumulated_before=self.accumulated_before[layer_idx] if self.accumulated_before is not None else None,
                 queries_before=self.queries_before[layer_idx] if self.queries_before is not None else None,
             )
+        if sliding:
+            # No later token can see further back than the window: keep its last window - 1
+            # entries (the next token is the window's last), never the probe's.
+            cache.layers[layer_idx].keep_recent(attn.sliding_window, drop=self.probe_len)
         if self.on_layer is not None:
             self.on_layer(layer_idx)
 
 
 def step_of(kwargs: dict) -> Step | None:
     """The `Step` among a model's forwarded keyword arguments, or None when kvcli is not driving."""
-    step = kwargs.get(STEP_KWARG)
-    if step is None and isinstance(kwargs.get("kwargs"), dict):  # KVCache.update receives them nested
-        step = kwargs["kwargs"].get(STEP_KWARG)
-    return step
+    return kwargs.get(STEP_KWARG)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvcli.cache import KVCache, KVLayer, KVShape
+from kvcli.cache import KVCache, KVLayer
 from kvcli.errors import KvcliError
-from kvcli.step import STEP_KWARG, Step
+from kvcli.step import Step
 
 NUM_KV_HEADS, HEAD_DIM = 2, 4
 
@@ -93,35 +93,66 @@ def test_keep_positions_refuses_positions_not_held(missing):
 
 
 def test_nbytes_and_retained_per_layer():
-    """nbytes counts the live keys and values of every layer; retained_per_layer their lengths."""
+    """nbytes counts the live keys and values of every layer; retained_per_layer their lengths; full_nbytes a full prompt's, from the tensors."""
     cache = KVCache(3)
     for layer_idx, length in enumerate([10, 4, 7]):
         keys, values = states(length)
-        cache.update(keys.half(), values.half(), layer_idx, kwargs=step(cache, length))
+        feed(cache, keys.half(), values.half(), layer_idx, length)
     cache.layers[0].keep(torch.arange(6).expand(NUM_KV_HEADS, -1))
     assert cache.retained_per_layer() == [6, 4, 7]
     assert cache.nbytes() == 2 * NUM_KV_HEADS * HEAD_DIM * 2 * (6 + 4 + 7)
     assert KVLayer().nbytes() == 0
-    shape = KVShape(num_layers=3, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, dtype_bytes=2)
-    assert shape.bytes_for(17 / 3) == cache.nbytes()
+    assert cache.full_nbytes(10) == 2 * NUM_KV_HEADS * HEAD_DIM * 2 * 30
 
 
-def step(cache, length: int, start: int = 0) -> dict:
-    """The keyword arguments transformers hands `KVCache.update`: the step among them."""
-    return {STEP_KWARG: Step(cache=cache, positions=torch.arange(start, start + length))}
+def test_sliding_layer_keeps_its_window_and_counts_it_as_full():
+    """A sliding-window layer keeps the last window - 1 entries before a dropped probe, in order; its full size is its window."""
+    cache = KVCache(2, windows=[None, 6])
+    for layer_idx in range(2):
+        feed(cache, *states(20), layer_idx, 20)
+    layer = cache.layers[1]
+    layer.keep_recent(6, drop=3)  # entries 12..16 stay: 17..19 were the probe's
+    assert torch.equal(layer.kept_positions(), torch.arange(12, 17).expand(NUM_KV_HEADS, -1))
+    assert torch.equal(layer.view()[0], states(5, offset=12)[0])
+    for position in range(17, 27):  # the next tokens (where the probe was): one in, one out, in place
+        feed(cache, *states(1, offset=position), 1, 1, position)
+        layer.keep_recent(6)
+        assert torch.equal(layer.view()[0], states(5, offset=position - 4)[0])
+    assert cache.retained_per_layer() == [20, 5] and cache.compressed_layers == [0] and cache.windows == [None, 6]
+    entry = 2 * NUM_KV_HEADS * HEAD_DIM * 4
+    assert cache.full_nbytes(100) == entry * (100 + 5) and cache.full_nbytes(3) == entry * 6
+    assert cache.clone().windows == cache.fork().windows == [None, 6]
+
+
+def test_update_outside_a_forward_pass_is_refused():
+    """The cache takes positions from the step it holds while a pass runs; without one, or with two at once, it refuses."""
+    cache = KVCache(1)
+    with pytest.raises(KvcliError, match="outside"):
+        cache.update(*states(1), 0)
+    with cache.feeding(Step(cache=cache, positions=torch.arange(1))):
+        with pytest.raises(KvcliError, match="one forward pass at a time"):
+            with cache.feeding(Step(cache=cache, positions=torch.arange(1))):
+                pass
+    assert cache._step is None
+
+
+def feed(cache, keys, values, layer_idx: int, length: int, start: int = 0):
+    """`KVCache.update` as a forward pass calls it: with the cache holding a step of `length` positions from `start`."""
+    with cache.feeding(Step(cache=cache, positions=torch.arange(start, start + length))):
+        return cache.update(keys, values, layer_idx)
 
 
 def test_update_returns_the_whole_layer_and_needs_positions():
     """KVCache.update appends at the step's positions and returns the layer's full keys and values."""
     cache = KVCache(1)
     keys, values = states(5)
-    cache.update(keys, values, 0, kwargs=step(cache, 5))
-    out_keys, out_values = cache.update(*states(1, offset=5), 0, kwargs=step(cache, 1, 5))
+    feed(cache, keys, values, 0, 5)
+    out_keys, out_values = feed(cache, *states(1, offset=5), 0, 1, 5)
     assert torch.equal(out_keys, states(6)[0]) and torch.equal(out_values, states(6)[1])
     assert torch.equal(cache.layers[0].kept_positions(), torch.arange(6).expand(NUM_KV_HEADS, -1))
     assert cache.get_seq_length(0) == 6
     with pytest.raises(KvcliError):
-        cache.update(*states(2, offset=6), 0, kwargs=step(cache, 1, 6))  # one position for two tokens
+        feed(cache, *states(2, offset=6), 0, 1, 6)  # one position for two tokens
     with pytest.raises(KvcliError):
         cache.update(*states(1, offset=6), 0)  # no step at all
     with pytest.raises(KvcliError):
@@ -131,7 +162,7 @@ def test_update_returns_the_whole_layer_and_needs_positions():
 def test_clone_keeps_the_peak():
     """A cloned cache keeps the KV peak of the one it copies (what --reuse and --cache report)."""
     cache = KVCache(1)
-    cache.update(*states(5), 0, kwargs=step(cache, 5))
+    feed(cache, *states(5), 0, 5)
     cache.peak_nbytes = 10 * cache.nbytes()
     copy = cache.clone()
     assert copy.kv_peak_nbytes == cache.kv_peak_nbytes == 10 * cache.nbytes()
@@ -176,11 +207,11 @@ def test_fork_copies_a_layer_only_when_written_and_never_changes_the_base():
     """A fork reads as its base until a step appends to a layer; then that layer is base + new entries, the base unchanged."""
     base = KVCache(2)
     for layer_idx in range(2):
-        base.update(*states(5), layer_idx, kwargs=step(base, 5))
+        feed(base, *states(5), layer_idx, 5)
     before = [tuple(t.clone() for t in layer.view()) for layer in base.layers]
     fork = base.fork()
     assert fork.nbytes() == 0 and torch.equal(fork.layers[1].view()[0], base.layers[1].view()[0])
-    keys, _ = fork.update(*states(2, offset=5), 0, kwargs=step(fork, 2, 5))
+    keys, _ = feed(fork, *states(2, offset=5), 0, 2, 5)
     assert torch.equal(keys, states(7)[0])
     assert torch.equal(fork.layers[0].kept_positions(), torch.arange(7).expand(NUM_KV_HEADS, -1))
     fork.layers[0].keep(torch.tensor([[0, 6], [1, 6]]))

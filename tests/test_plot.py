@@ -81,6 +81,7 @@ def test_retention_profile_splits_each_layer_over_the_files(two_files):
         layer_keeping([2, 3, 4, 5, 13], [7, 8, 9, 10, 14]),  # 13 and 14 are generated tokens: not counted
     ])
     cache.retained_per_layer = lambda: [3, 5]
+    cache.windows = [None, None]  # no sliding-window layer
     profile = retention_profile(cache, FakePrompt(offsets), doc)
     assert profile.by == "file" and profile.group_tokens == [5, 5, 3]
     assert profile.per_layer == [[0.0, 0.0, 3.0], [2.0, 2.0, 0.0]]

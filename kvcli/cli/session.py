@@ -43,7 +43,7 @@ def load(run: RunOptions, screen: Screen):
 
 def prepare(reader, method, screen: Screen) -> None:
     """Load (or compute, once per model, with a progress bar) what the method needs from the model."""
-    if not method.needs_profile:
+    if not method.needs_profile or reader.attention.cannot_compress():  # nothing will be compressed: no profile to pay for
         return
     with screen.progress("retrieval-head profile", "prefills") as update:
         def progress(done: int, total: int) -> None:

@@ -11,7 +11,7 @@ is why both give the same cache.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar
 
 import torch
@@ -24,7 +24,9 @@ from .allocation import even_split
 
 @dataclass(frozen=True)
 class BudgetPlan:
-    """How many tokens a prefill may keep, summed over layers (windows included)."""
+    """How many tokens a prefill may keep, summed over the layers a method compresses (windows
+    included): every layer, or a model's global layers when it has sliding-window ones, which
+    keep their window outside the plan. Methods number those layers 0..num_layers - 1."""
 
     num_layers: int
     prompt_len: int
@@ -106,6 +108,8 @@ def plan_budget(prompt_len: int, num_layers: int, *, window_size: int, ratio: fl
 class LayerObservation:
     """What one layer's prefill step shows a method. k_len counts every entry the layer holds."""
 
+    # The model's layer index as the engine records it; the method sees the layer's index among
+    # the layers it compresses (`Compressor.prune`), the same unless the model has sliding-window layers.
     layer_idx: int
     positions: torch.Tensor  # (num_kv_heads, k_len) original token positions, sorted per head
     window_attn: torch.Tensor  # (num_kv_heads, group, window, k_len) float32 probabilities
@@ -130,15 +134,16 @@ class LayerObservation:
         )
 
     @classmethod
-    def compute(cls, layer_idx: int, query, keys, positions, scaling: float, window_size: int, accumulated: bool,
+    def compute(cls, layer_idx: int, query, keys, positions, attn, window_size: int, accumulated: bool,
                 window_query=None) -> LayerObservation:
-        """`window_query` (default: `query`) are the last queries of the prompt, this step's and
+        """`attn` is how the layer attends (`attention.LayerAttention`, or a bare scaling);
+        `window_query` (default: `query`) are the last queries of the prompt, this step's and
         any kept from earlier steps; accumulated attention counts this step's queries only."""
         return cls(
             layer_idx=layer_idx,
             positions=positions,
-            window_attn=window_attention(query if window_query is None else window_query, keys, window_size, scaling),
-            accumulated=accumulated_attention(query, keys, scaling) if accumulated else None,
+            window_attn=window_attention(query if window_query is None else window_query, keys, window_size, attn),
+            accumulated=accumulated_attention(query, keys, attn) if accumulated else None,
         )
 
 
@@ -201,21 +206,40 @@ class Compressor:
         n_kept = self.layer_budgets[obs.layer_idx]
         return {obs.layer_idx: keep_window_and_top(scores, n_kept, obs.positions, self.method.window_size)}
 
-    def observe_live(self, cache, layer_idx: int, query, keys, scaling: float, probe_len: int = 0,
+    def prune(self, cache, obs: LayerObservation) -> None:
+        """Observe model layer `obs.layer_idx` of `cache` and prune the layers the method decides.
+
+        The method sees the layer's index among the cache's compressed layers (its global
+        layers): budgets, depth ramps and re-divisions run over those alone.
+        """
+        compressed = cache.compressed_layers
+        try:
+            rank = compressed.index(obs.layer_idx)
+        except ValueError:
+            raise BudgetError(f"internal: layer {obs.layer_idx} is a sliding-window layer, which no method compresses") from None
+        if len(compressed) != self.plan.num_layers:
+            raise BudgetError(f"internal: the plan is for {self.plan.num_layers} layers, the cache compresses {len(compressed)}")
+        for target, positions in self.observe(replace(obs, layer_idx=rank)).items():
+            cache.layers[compressed[target]].keep_positions(positions)
+
+    def observe_live(self, cache, layer_idx: int, query, keys, attn, probe_len: int = 0,
                      accumulated_before=None, queries_before=None) -> None:
         """Observe a layer during prefill and prune the live cache as decided.
 
-        After a read-once prefix, `queries_before` `(1, num_heads, w, head_dim)` are the prefix's
-        last queries (so a short question still has a whole observation window) and
-        `accumulated_before` `(num_kv_heads, group, n)` the attention the prefix's entries
-        received from its own queries: the scores then equal one pass's.
+        `attn` (`attention.LayerAttention`) is how the layer attended: a sliding-window layer is
+        left alone (the step keeps its window). After a read-once prefix, `queries_before`
+        `(1, num_heads, w, head_dim)` are the prefix's last queries (so a short question still
+        has a whole observation window) and `accumulated_before` `(num_kv_heads, group, n)` the
+        attention the prefix's entries received from its own queries: the scores then equal one pass's.
         """
+        if attn.sliding_window is not None:
+            return
         layer = cache.layers[layer_idx]
         window_query = query
         if queries_before is not None and query.shape[2] < self.method.window_size:
             window_query = torch.cat([queries_before.to(query.device, query.dtype), query], dim=2)
         obs = LayerObservation.compute(
-            layer_idx, query, keys, layer.kept_positions(), scaling, self.method.window_size, self.method.needs_accumulated,
+            layer_idx, query, keys, layer.kept_positions(), attn, self.method.window_size, self.method.needs_accumulated,
             window_query=window_query,
         )
         if obs.accumulated is not None and accumulated_before is not None:
@@ -223,8 +247,7 @@ class Compressor:
         if probe_len:
             # The probe (the question fed after a chunk) scored the chunk; it is not kept.
             obs = obs.drop_tail(probe_len)
-        for target, positions in self.observe(obs).items():
-            cache.layers[target].keep_positions(positions)
+        self.prune(cache, obs)
 
 
 @dataclass
