@@ -208,7 +208,7 @@ def test_piped_questions_are_answered_in_turn(folder):
 def test_past_the_context_each_question_reads_the_documents_again(folder):
     """Documents longer than --max-context are read whole per question, re-indexed, and answer as `kvcli ask` does; /save says why it cannot."""
     flags = ("--max-new-tokens", "6", "--max-context", "128", "--ratio", "0.1")
-    lines = [*QUESTIONS[:2], "/save x.kvc", "/method full"]
+    lines = [*QUESTIONS[:2], "/save past.kvc", "/method full"]
     result = subprocess.run([sys.executable, *chat_args(folder, *flags), "--json"], check=False, input="\n".join(lines) + "\n",
                             capture_output=True, text=True, cwd=folder, env=environment(folder), timeout=120)
     assert result.returncode == 0, result.stderr
@@ -216,4 +216,4 @@ def test_past_the_context_each_question_reads_the_documents_again(folder):
     assert [a["answer"].strip() for a in answers] == [ask(folder, q, *flags) for q in QUESTIONS[:2]]
     assert all(a["stats"]["read"] == "reindexed" and a["stats"]["extra"]["past_window"]["chunks"] > 1 for a in answers)
     assert "no full cache to save" in result.stderr and "choose a compressing method" in result.stderr
-    assert not (folder / "x.kvc").exists()
+    assert not (folder / "past.kvc").exists()

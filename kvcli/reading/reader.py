@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..cache import KVShape
 from ..errors import InputError
 from ..generate import Prefill, Sampling, prepare_model
 from ..methods import Budget, Compression, Method
-from ..prompt import Prompt, build_prompt
+from ..prompt import Prompt
+from .layout import DEFAULT_PAST_CHUNK, Layout
 
-
-DEFAULT_PAST_CHUNK = 2048  # tokens per chunk when reading past the context, unless --chunk-size says
+__all__ = ["DEFAULT_PAST_CHUNK", "Options", "Reader", "Reading"]
 
 
 @dataclass
@@ -62,26 +61,24 @@ class Reading:
     charged_s: float = 0.0
 
 
-class Reader:
-    """A loaded model (`models.LoadedModel`) with what every way of reading needs."""
+class Reader(Layout):
+    """A loaded model (`models.LoadedModel`) with what every way of reading needs.
+
+    How a prompt is laid out, budgeted and chunked is its `Layout` (config and tokenizer only),
+    which `kvcli plan` uses without the weights.
+    """
 
     def __init__(self, lm) -> None:
+        super().__init__(lm.model.config, lm.tokenizer)
         self.lm = lm
         self.model = lm.model
-        self.tokenizer = lm.tokenizer
-        self.num_layers = self.model.config.num_hidden_layers
-        self.shape = KVShape.of(self.model.config, lm.dtype)
         self._profile = None
-        self._layout = None  # rotary_layout(), made when first needed
-        prepare_model(self.model)  # every forward goes through kvcli's per-layer attention
+        # every forward goes through kvcli's per-layer attention; the probe's layout replaces the config's guess
+        self.attention = prepare_model(self.model)
 
     @property
     def device(self):
         return self.lm.device
-
-    @property
-    def max_positions(self) -> int:
-        return int(getattr(self.model.config, "max_position_embeddings", 0) or 32768)
 
     @property
     def eos_ids(self) -> set[int]:
@@ -99,49 +96,11 @@ class Reader:
                 ids.add(tid)
         return ids
 
-    def context_limit(self, options: Options) -> int:
-        """The longest prompt plus answer: --max-context if given, else the model's positions."""
-        return options.max_context or self.max_positions
-
-    def prompt(self, document: str, question: str, options: Options, instruction: str | None = None, whole: bool = False) -> Prompt:
-        """The chat prompt, cut in the middle so that it and the answer fit the context (unless `whole`)."""
-        limit = (1 << 40) if whole else self.context_limit(options)
-        return build_prompt(
-            self.tokenizer, document, question, limit, reserve=options.max_new_tokens,
-            instruction=instruction, system=options.system,
-        )
-
-    def rotary_layout(self):
-        """Each layer's rotary frequencies (`rope.rotary_layout`), for reading past the context; refuses a RoPE that cannot move."""
-        if self._layout is None:
-            from ..rope import rotary_layout
-
-            self._layout = rotary_layout(self.model.config)
-        return self._layout
-
     def plan_past(self, options: Options, method: Method, budget: Budget, n: int, reserved: int, chunk_size: int | None = None):
         """(compression, note, chunk size, rotary layout) to read `n` tokens past the positions the
-        model reads, `reserved` of them kept free after every chunk (the question, the answer's
-        room is added here); an InputError for what cannot be read so."""
-        limit = self.context_limit(options)
-        compression = None
-        if method.compresses:
-            layout = self.rotary_layout()  # a RoPE that cannot move is refused first
-            compression, note = self.compression(method, budget, n)
-        if compression is None:
-            raise InputError(
-                f"the prompt is {n:,} tokens, longer than the {limit:,} positions the model reads (with room for the answer); "
-                f"{'--method full' if not method.compresses else budget.label} keeps every token, so it cannot read past them: "
-                "pass a compressing --method at a smaller budget (the default reads it whole in chunks) or --cut-middle"
-            )
-        most = method.most_kept(compression.plan)
-        room = limit - options.max_new_tokens - reserved - most
-        if room < 2 * method.window_size:
-            raise InputError(
-                f"at {budget.label} a layer keeps up to {most:,} of the {n:,} tokens, which with the question and the answer "
-                f"fills the {limit:,} positions the model reads: lower --ratio or pass a smaller --budget"
-            )
-        return compression, note, min(chunk_size or options.chunk_size or DEFAULT_PAST_CHUNK, room), layout
+        model reads (`Layout.past_chunking`); an InputError for what cannot be read so."""
+        plan, note, chunk, layout = self.past_chunking(options, method, budget, n, reserved, chunk_size)
+        return Compression(method, plan, self.profile() if method.needs_profile else None), note, chunk, layout
 
     def profile(self, progress: Callable[[int, int], None] | None = None):
         """The model's retrieval-head profile, loaded or computed once per reader."""
@@ -154,9 +113,7 @@ class Reader:
     def compression(self, method: Method, budget: Budget, prompt_len: int) -> tuple[Compression | None, str]:
         """What a prompt of `prompt_len` tokens keeps under `method` and `budget`, and a note
         when that is not what was asked for (None: the full cache)."""
-        if not method.compresses:
-            return None, "method full keeps every token"
-        plan, note = budget.plan(prompt_len, self.num_layers, method.window_size)
+        plan, note = self.budget_plan(method, budget, prompt_len)
         if plan is None:
             return None, note
         return Compression(method, plan, self.profile() if method.needs_profile else None), note

@@ -1,0 +1,110 @@
+"""`Layout`: what decides how a document is read, from a model's config and tokenizer alone.
+
+The positions the model reads, the room kept for the answer, the prompt (cut in the middle or
+kept whole), the budget a prompt gets, and how a prompt past the positions is read in chunks.
+`Reader` (a loaded model) is a `Layout`, and `kvcli plan` builds one without the weights, so a
+plan and a real read decide by the same code. Nothing here runs the model.
+"""
+
+from __future__ import annotations
+
+from ..attention import ModelAttention
+from ..errors import InputError
+from ..methods import Budget, BudgetPlan, Method
+from ..prompt import Prompt, build_prompt
+
+DEFAULT_PAST_CHUNK = 2048  # tokens per chunk when reading past the context, unless --chunk-size says
+
+
+class Layout:
+    """A model's config and tokenizer, with the arithmetic of reading a prompt through them.
+
+    Methods taking `options` take a `reading.Options` (the budget, --chunk-size, --max-context,
+    --max-new-tokens, --system).
+    """
+
+    def __init__(self, config, tokenizer) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.num_layers = config.num_hidden_layers
+        # which layers are sliding-window layers (and so never compressed), predicted from the
+        # config; `Reader` replaces it with what a probe through the loaded model found
+        self.attention = ModelAttention.from_config(config)
+        self._layout = None  # rotary_layout(), made when first needed
+
+    @property
+    def max_positions(self) -> int:
+        """The positions the model was trained on (32,768 when its config does not say)."""
+        return int(getattr(self.config, "max_position_embeddings", 0) or 32768)
+
+    def context_limit(self, options) -> int:
+        """The longest prompt plus answer: --max-context if given, else the model's positions."""
+        return options.max_context or self.max_positions
+
+    def prompt(self, document: str, question: str, options, instruction: str | None = None, whole: bool = False) -> Prompt:
+        """The chat prompt, cut in the middle so that it and the answer fit the context (unless `whole`)."""
+        limit = (1 << 40) if whole else self.context_limit(options)
+        return build_prompt(
+            self.tokenizer, document, question, limit, reserve=options.max_new_tokens,
+            instruction=instruction, system=options.system,
+        )
+
+    def rotary_layout(self):
+        """Each layer's rotary frequencies (`rope.rotary_layout`), for reading past the context; refuses a RoPE that cannot move."""
+        if self._layout is None:
+            from ..rope import rotary_layout
+
+            self._layout = rotary_layout(self.config)
+        return self._layout
+
+    def budget_plan(self, method: Method, budget: Budget, prompt_len: int) -> tuple[BudgetPlan | None, str]:
+        """What a prompt of `prompt_len` tokens keeps under `method` and `budget` (None: the full
+        cache), and a note when that is not what was asked for."""
+        if not method.compresses:
+            return None, "method full keeps every token"
+        if self.attention.cannot_compress():
+            return None, self.attention.cannot_compress()
+        # --ratio and --budget are of the global layers: sliding-window layers keep their window (docs/models.md)
+        return budget.plan(prompt_len, len(self.attention.compressed_layers), method.window_size)
+
+    def past_chunking(self, options, method: Method, budget: Budget, n: int, reserved: int, chunk_size: int | None = None):
+        """(budget plan, note, chunk size, rotary layout) to read `n` tokens past the positions the
+        model reads, `reserved` of them kept free after every chunk (the question; the answer's
+        room is added here); an InputError for what cannot be read so."""
+        limit = self.context_limit(options)
+        plan = layout = None
+        note = ""
+        if method.compresses and self.attention.cannot_compress():
+            raise InputError(
+                f"the prompt is {n:,} tokens, longer than the {limit:,} positions the model reads (with room for the answer), "
+                f"and reading past them needs compression, but {self.attention.cannot_compress().split(':')[0]}: pass --cut-middle")
+        if method.compresses:
+            layout = self.rotary_layout()  # a RoPE that cannot move is refused first
+            plan, note = self.budget_plan(method, budget, n)
+        if plan is None:
+            raise InputError(
+                f"the prompt is {n:,} tokens, longer than the {limit:,} positions the model reads (with room for the answer); "
+                f"{'--method full' if not method.compresses else budget.label} keeps every token, so it cannot read past them: "
+                "pass a compressing --method at a smaller budget (the default reads it whole in chunks) or --cut-middle"
+            )
+        most = max(method.most_kept(plan), self.attention.most_in_window)  # every layer is packed below P
+        room = limit - options.max_new_tokens - reserved - most
+        if room < 2 * method.window_size:
+            raise InputError(
+                f"at {budget.label} a layer keeps up to {most:,} of the {n:,} tokens, which with the question and the answer "
+                f"fills the {limit:,} positions the model reads: lower --ratio or pass a smaller --budget"
+            )
+        return plan, note, min(chunk_size or options.chunk_size or DEFAULT_PAST_CHUNK, room), layout
+
+
+def prefill_steps(prompt_len: int, chunk_size: int | None, compressed: bool, tail: int = 0, reindexed: bool = False) -> int:
+    """How many forward passes `generate.prefill` reads a prompt in, given what it is passed
+    (its split restated for a plan made without the model; tests/test_plan.py checks that the
+    two agree): one, unless a compressing read has a chunk size shorter than the prompt or is
+    re-indexed; the last `tail` tokens stay in the last chunk."""
+    if not (chunk_size and compressed and (chunk_size < prompt_len or reindexed)):
+        return 1
+    return len(range(0, max(1, prompt_len - tail), chunk_size))
+
+
+__all__ = ["DEFAULT_PAST_CHUNK", "Layout", "prefill_steps"]
