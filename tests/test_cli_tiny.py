@@ -285,19 +285,19 @@ def test_a_saved_compressed_cache_past_the_context(tiny, home, tmp_path):
 
 
 def test_summarize_past_the_context_by_sections_or_compressed(tiny, home, tmp_path):
-    """summarize on a document 4x --max-context summarizes every section, then their summaries (the report says how
-    many); --past compressed reads it whole re-indexed; a document that fits is read in one pass either way."""
+    """summarize on a document 4x --max-context reads it whole re-indexed by default; --past sections summarizes every
+    section, then their summaries (the report says how many); a document that fits is read in one pass either way."""
     long_doc = tmp_path / "long.txt"
     long_doc.write_text(words(2400))
     args = ["-m", tiny, "--method", "snapkv", "--budget", "64", "--max-new-tokens", "8", "--max-context", "600"]
-    stats = json.loads(run("summarize", long_doc, *args, "--json").stdout)["stats"]
+    stats = json.loads(run("summarize", long_doc, *args, "--past", "sections", "--json").stdout)["stats"]
     past = stats["extra"]["past_window"]
     assert stats["read"] == "sections" and past["strategy"] == "sections" and past["positions"] == 600
     assert past["sections"] == -(-2400 // past["section_tokens"]) and past["rounds"] == 1
     assert stats["prompt_tokens"] < 600  # the final read holds the summaries, not the document
-    text = run("summarize", long_doc, *args)
+    text = run("summarize", long_doc, *args, "--past", "sections")
     assert text.exit_code == 0 and f"{past['sections']} sections of up to" in text.stderr
-    compressed = json.loads(run("summarize", long_doc, *args, "--past", "compressed", "--json").stdout)["stats"]
+    compressed = json.loads(run("summarize", long_doc, *args, "--json").stdout)["stats"]  # the default
     assert compressed["read"] == "reindexed" and compressed["extra"]["past_window"]["chunks"] >= 4
     short = json.loads(run("summarize", tmp_path / "short.txt" if (tmp_path / "short.txt").write_text(words(100)) else None, *args, "--json").stdout)["stats"]
     assert short["read"] == "query"
