@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "kvcli"
 LAYERS = {
     "cli": "face",
     "eval": "eval",
+    "batch": "batch",
     "reading": "reading",
     "profile": "reading",
     "generate": "engine",
@@ -20,6 +21,8 @@ LAYERS = {
     "repeat": "engine",
     "rope": "engine",
     "reindex": "engine",
+    "flash": "engine",
+    "threads": "engine",
     "methods": "methods",
     "ingest": "text",
     "prompt": "text",
@@ -36,8 +39,9 @@ LAYERS = {
 
 # layer -> the layers it may import (itself and `base` always)
 ALLOWED = {
-    "face": {"eval", "reading", "engine", "methods", "text", "models", "reports", "store"},
+    "face": {"eval", "batch", "reading", "engine", "methods", "text", "models", "reports", "store"},
     "eval": {"reading", "engine", "methods", "text", "reports", "store"},
+    "batch": {"reading", "methods", "text", "models", "store"},
     "reading": {"engine", "methods", "text", "reports", "models", "store"},
     "engine": {"methods"},
     "methods": {"engine"},  # only the attention helpers: checked below

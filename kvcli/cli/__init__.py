@@ -15,11 +15,13 @@ import typer
 
 from .. import __version__
 from .ask import ask, summarize
+from .batch import batch
 from .chat import chat
 from .compress import compress
 from .evaluate import eval_
 from .info import methods, models
 from .inspect import inspect
+from .plan import plan
 from .read import read
 from .output import EXIT_INTERRUPTED, EXIT_OUT_OF_MEMORY, EXIT_USER_ERROR
 
@@ -37,9 +39,10 @@ Exit codes: 0 done, 1 a bug, 2 a user error, 3 out of memory, 130 interrupted.
 """
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, help=HELP)
-for command in (ask, summarize, chat, read, compress, inspect, methods, models):
+for command in (ask, summarize, chat, read, compress, inspect, batch, methods, models):
     app.command()(command)
 app.command("eval")(eval_)
+app.command()(plan)
 
 
 def _version(value: bool) -> None:

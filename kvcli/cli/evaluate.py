@@ -12,6 +12,7 @@ from ..errors import BudgetError, InputError
 from ..methods import REGISTRY, configure
 from .options import MODEL, RunOptions, shared
 from .output import Screen, err, print_json, user_errors
+from .batch import RayAddressOpt, RayOpt, WorkersOpt, check_ray_options, ray_pool
 from .session import load, prepare, read_documents
 
 NIAH_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
@@ -59,6 +60,9 @@ def eval_(
     max_context: Annotated[Optional[int], typer.Option("--max-context", metavar="N", help="Positions the model reads (prompt plus answer) [default: the model's own]; a longer row is read whole in chunks with re-indexed positions.", show_default=False)] = None,
     cut_middle: Annotated[bool, typer.Option("--cut-middle", help="Cut the middle of a row longer than --max-context instead of reading it whole.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-Q", help="No progress or timing on stderr.")] = False,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    workers: WorkersOpt = None,
     *,
     run: RunOptions,
 ) -> None:
@@ -101,22 +105,40 @@ def eval_(
         fit="cut" if cut_middle else "reindex",
     )
     config.settings()  # bad settings fail before the model loads
+    use_ray = check_ray_options(ray, ray_address, workers)
+    if use_ray:
+        from ..batch.ray_pool import import_ray
+
+        import_ray()  # says how to install it before anything slow
     screen = Screen(quiet, json_out)
+    reader = None
     if niah:
         if not haystack:
             raise InputError("--niah needs --haystack PATH (a text file or a folder of text files)")
         length_values = split_list("--lengths", lengths, int)
         depth_values = split_list("--depths", depths, float)
         hay = read_documents([haystack], screen)
-        reader = load(run, screen)
+        reader = load(run, screen)  # with --ray too: the grid is sized in the model's tokens
         rows = niah_rows(hay.text, needle, niah_question, answer, length_values, depth_values, reader.tokenizer)[:limit]
     else:
         rows = read_rows(data, limit=limit)
-        reader = load(run, screen)
-    for method in config.methods:
-        prepare(reader, method, screen)
-    with screen.progress("eval", "samples") as update:
-        result = run_eval(reader, rows, config, log_path(out) if out else None, progress=update)
+    pool = None
+    if use_ray:
+        from ..eval.runner import ScoreRows
+
+        reader = None  # the workers load their own
+        pool = ray_pool(run, ScoreRows(config), screen, workers, ray_address)
+    else:
+        if reader is None:
+            reader = load(run, screen)
+        for method in config.methods:
+            prepare(reader, method, screen)
+    try:
+        with screen.progress("eval", "samples") as update:
+            result = run_eval(reader, rows, config, log_path(out) if out else None, progress=update, pool=pool)
+    finally:
+        if pool is not None:
+            pool.close()
     if out is not None:
         write_json(out, result)
     if json_out:

@@ -5,7 +5,9 @@ captured once and each setting's cache is derived from the capture (the same cac
 path keeps, tested). Rows are read through the same modes `kvcli ask` uses
 (`kvcli/reading/`): query-aware and reused settings derive from one capture per prompt (the
 repeat scorer's settings from one repeat of the reused prefix); chunked settings prefill on their own, since compressing a chunk changes what later chunks
-attend to. Finished samples are appended to the log as they come. Nothing here prints.
+attend to. Finished samples are appended to the log as they come. With a pool (`kvcli eval
+--ray`) each row's settings run on one of its workers, and the samples are logged in the rows'
+order, as a run here logs them. Nothing here prints.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import BudgetError, InputError
+from ..errors import BudgetError, InputError, KvcliError
 from ..generate import Sampling
 from ..methods import Budget, Method
 from ..reading import Options, QueryAware, Reused, answer
@@ -55,19 +57,22 @@ class EvalConfig:
 
 
 def run_eval(reader, rows: Sequence[Row], config: EvalConfig, log: Path | None = None,
-             progress: Callable[[int, int], None] | None = None) -> EvalResult:
+             progress: Callable[[int, int], None] | None = None, pool=None) -> EvalResult:
     """Score every setting of `config` on every row; `log` is the JSONL progress log (resumed).
 
     Samples already in the log are skipped (their predictions rescored with the metric);
-    `progress(done, total)` is called after each sample.
+    `progress(done, total)` is called after each sample. With a `pool` (`kvcli.batch`'s, whose
+    workers run `ScoreRows(config)`) the rows are scored on its workers, one row per task, and
+    `reader` is not used: the samples, the log and the result are those of a run here.
     """
     score = get_metric(config.metric)
     settings = config.settings()
     by_name = {m.name: m for m in config.methods}
+    model = pool.identity if pool is not None else {"model": reader.lm.name, "config_hash": reader.lm.config_hash}
     done: dict[tuple, dict] = {}
     if log is not None:
         log = Path(log)
-        header = log_header(reader.lm.name, reader.lm.config_hash, config.methods, config.max_new_tokens, config.template,
+        header = log_header(model["model"], model["config_hash"], config.methods, config.max_new_tokens, config.template,
                             config.max_context, fit=config.fit)
         done = resume_log(log, header)
     digests = {row.id: row_hash(row) for row in rows}
@@ -78,7 +83,18 @@ def run_eval(reader, rows: Sequence[Row], config: EvalConfig, log: Path | None =
     finished = resumed = 0
     samples: dict[tuple, dict] = {}
     timing_rows = []
-    row_reader = _RowReader(reader, config)
+    row_reader = _RowReader(reader, config) if pool is None else None
+    distributed = []  # (row, settings to run, full predictions logged earlier), with a pool
+
+    def record(sample: dict) -> None:
+        nonlocal finished
+        samples[(sample["id"], *Setting.of(sample).key)] = sample
+        if log is not None:
+            append_record(log, sample)
+        finished += 1
+        if progress is not None:
+            progress(finished, total)
+
     for row in rows:
         digest = digests[row.id]
         todo = []
@@ -94,30 +110,21 @@ def run_eval(reader, rows: Sequence[Row], config: EvalConfig, log: Path | None =
             progress(finished, total)
         if not todo:
             continue
-        row_reader.start(row)
+        earlier = {}
         for ref in set(REFERENCE_MODE.values()):
-            earlier = done.get((row.id, *Setting("full", mode=ref).key))
-            if earlier is not None:
-                row_reader.full_predictions[ref] = earlier["prediction"]
-        for setting in todo:
-            prediction, compressed = row_reader.answer(setting, by_name[setting.method])
-            sample = {
-                "id": row.id, "method": setting.method, "budget": setting.budget, "ratio": setting.ratio,
-                "mode": setting.mode, "chunk_size": setting.chunk_size,
-                "prediction": prediction, "score": score(prediction, row.answers), "compressed": compressed,
-                "row_hash": digest,
-            }
-            samples[(row.id, *setting.key)] = sample
-            if log is not None:
-                append_record(log, sample)
-            finished += 1
-            if progress is not None:
-                progress(finished, total)
-        timing_rows.append({"id": row.id, **row_reader.finish(), "runs": len(todo)})
+            logged = done.get((row.id, *Setting("full", mode=ref).key))
+            if logged is not None:
+                earlier[ref] = logged["prediction"]
+        if pool is not None:
+            distributed.append((row, todo, earlier))
+            continue
+        timing_rows.append(score_row(row_reader, row, todo, earlier, digest, by_name, score, on_sample=record))
+    if distributed:
+        timing_rows.extend(_score_on(pool, distributed, digests, record))
 
     ordered = [samples[(row.id, *s.key)] for row in rows for s in settings]
     result = EvalResult(
-        model=reader.lm.name, metric=config.metric, samples=ordered, summary=summarize(ordered, settings),
+        model=model["model"], metric=config.metric, samples=ordered, summary=summarize(ordered, settings),
         timing={
             "capture_s": round(sum(t["capture_s"] for t in timing_rows), 3),
             "derive_s": round(sum(t["derive_s"] for t in timing_rows), 3),
@@ -134,6 +141,67 @@ def run_eval(reader, rows: Sequence[Row], config: EvalConfig, log: Path | None =
     if any(row.niah is not None for row in rows):
         result.niah = niah_grids(ordered, rows, settings)
     return result
+
+
+def score_row(row_reader: _RowReader, row: Row, todo: Sequence[Setting], earlier: dict[str, str], digest: str,
+              by_name: dict[str, Method], score, on_sample: Callable[[dict], None]) -> dict:
+    """Answer `row` in each setting of `todo`, passing each sample to `on_sample` as it is done;
+    `earlier` holds full-cache predictions logged by an earlier run. Returns the row's timing."""
+    row_reader.start(row)
+    row_reader.full_predictions.update(earlier)
+    for setting in todo:
+        prediction, compressed = row_reader.answer(setting, by_name[setting.method])
+        on_sample({
+            "id": row.id, "method": setting.method, "budget": setting.budget, "ratio": setting.ratio,
+            "mode": setting.mode, "chunk_size": setting.chunk_size,
+            "prediction": prediction, "score": score(prediction, row.answers), "compressed": compressed,
+            "row_hash": digest,
+        })
+    return {"id": row.id, **row_reader.finish(), "runs": len(todo)}
+
+
+class ScoreRows:
+    """The work of a pool's worker in `run_eval`: one row's settings per task, one capture per prompt."""
+
+    def __init__(self, config: EvalConfig) -> None:
+        self.config = config
+
+    def start(self, reader) -> None:
+        self.row_reader = _RowReader(reader, self.config)
+        self.score = get_metric(self.config.metric)
+        self.by_name = {m.name: m for m in self.config.methods}
+
+    def __call__(self, task) -> tuple[list[dict], dict]:
+        row, todo, earlier, digest = task
+        new: list[dict] = []
+        timing = score_row(self.row_reader, row, todo, earlier, digest, self.by_name, self.score, on_sample=new.append)
+        return new, timing
+
+
+def _score_on(pool, distributed, digests: dict[str, str], record: Callable[[dict], None]) -> list[dict]:
+    """Score the rows on `pool`'s workers; their samples are recorded in the rows' order (a row
+    done early waits for those before it), so the log is the one a run here writes. On an error
+    or Ctrl-C the rows that finished are recorded first."""
+    waiting: dict[int, tuple[list[dict], dict]] = {}
+    timing_rows: list[dict] = []
+    next_index = 0
+    tasks = ((index, (row, todo, earlier, digests[row.id])) for index, (row, todo, earlier) in enumerate(distributed))
+    try:
+        for index, outcome in pool.map(tasks):
+            if outcome.lost is not None:
+                raise KvcliError(f"row {distributed[index][0].id}: {outcome.lost}; the samples finished so far are in the log, run again to resume")
+            waiting[index] = outcome.result
+            while next_index in waiting:
+                new, timing = waiting.pop(next_index)
+                for sample in new:
+                    record(sample)
+                timing_rows.append(timing)
+                next_index += 1
+    finally:
+        for index in sorted(waiting):
+            for sample in waiting.pop(index)[0]:
+                record(sample)
+    return timing_rows
 
 
 class _RowReader:
@@ -226,4 +294,4 @@ class _RowReader:
         return prediction, compressed
 
 
-__all__ = ["EvalConfig", "run_eval"]
+__all__ = ["EvalConfig", "ScoreRows", "run_eval", "score_row"]

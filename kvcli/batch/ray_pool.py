@@ -1,0 +1,190 @@
+"""`RayPool`: workers as Ray actors, each loading the model once, on a local Ray or a cluster.
+
+One actor per GPU (`num_gpus=1`: Ray gives each its own device), or `workers` actors sharing the
+CPUs. The driver hands each idle actor one task at a time, so a slow document holds up one worker,
+not a queue. Actors are created with no automatic restarts or task retries (Ray's at-most-once
+default): when one dies (its process killed, out of memory, its machine gone), the driver starts a
+replacement in its place and runs the task again, at most `attempts` times in all; then the task
+is given up (`Outcome.lost`) and the rest go on. An exception inside a task is not a death: a
+`KvcliError` comes back as itself (one line for the user), anything else as Ray's error with the
+worker's traceback. Ray is imported only here, only when a pool is made.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import replace
+
+from ..errors import KvcliError
+from .runner import Outcome
+from .work import ModelSpec, Worker
+
+INSTALL = "--ray needs Ray, which is not installed: pip install 'kvcli[ray]'"
+ATTEMPTS = 2  # a task whose worker died this many times is given up
+
+
+def import_ray():
+    """The `ray` module, or a one-line error saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise KvcliError(INSTALL) from None
+    return ray
+
+
+class RayPool:
+    """Actors running `work` (see `work.Worker`); `map` distributes tasks over them with retries.
+
+    `address` joins a running cluster ("auto" finds the local one); without it a local Ray is
+    started, unless this process already runs one. A Ray this pool started is shut down by `close`.
+    """
+
+    def __init__(self, spec: ModelSpec, work, workers: int | None = None, address: str | None = None,
+                 attempts: int = ATTEMPTS, worker_class: type = Worker) -> None:
+        ray = self.ray = import_ray()
+        if workers is not None and workers < 1:
+            raise KvcliError(f"--workers must be at least 1, got {workers}")
+        self.started_ray = False
+        if not ray.is_initialized():
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+            except (ConnectionError, ValueError, RuntimeError) as exc:
+                raise KvcliError(f"could not {'join the Ray cluster at ' + address if address else 'start a local Ray'}: {str(exc).splitlines()[0]}") from None
+            self.started_ray = True
+        self.spec, self.work, self.attempts = spec, work, attempts
+        self.actor_class = ray.remote(max_restarts=0, max_task_retries=0)(worker_class)
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        if gpus and spec.device != "cpu":
+            self.workers = workers or gpus
+            self.resources = {"num_gpus": 1, "num_cpus": 1}
+        else:
+            self.workers = workers or 1
+            cpus = max(1, int(resources.get("CPU", 1)) // self.workers)
+            self.resources = {"num_cpus": cpus}
+            self.spec = replace(spec, threads=cpus)  # torch would otherwise start a thread per core in every worker
+        self.actors: dict[int, object] = {}
+        self.starting: dict[object, int] = {}  # ready() ref -> slot
+        self.idle: list[int] = []
+        self.startup_deaths: dict[int, int] = {}  # slot -> its actors' deaths while loading, in a row
+        self.identity: dict | None = None
+        self.deaths = 0  # actors that died, at load or on a task
+        self.in_flight: dict[object, tuple[int, object, object, int]] = {}  # ref -> (slot, tag, task, attempt)
+        for slot in range(self.workers):
+            self._spawn(slot)
+        try:
+            while self.identity is None:  # the first worker up names the model; a model that cannot load fails here
+                self._wait_ready()
+        except BaseException:
+            self.close()
+            raise
+
+    def _spawn(self, slot: int) -> None:
+        actor = self.actor_class.options(**self.resources).remote(self.spec, self.work)
+        self.actors[slot] = actor
+        self.starting[actor.ready.remote()] = slot
+
+    def _wait_ready(self) -> None:
+        ready, _ = self.ray.wait(list(self.starting), num_returns=1)
+        self._started(ready[0])
+
+    def _started(self, ref) -> None:
+        ray = self.ray
+        slot = self.starting.pop(ref)
+        try:
+            info = ray.get(ref)
+        except ray.exceptions.RayError as exc:  # died while loading the model
+            self.deaths += 1
+            self.startup_deaths[slot] = self.startup_deaths.get(slot, 0) + 1
+            if self.startup_deaths[slot] < self.attempts:
+                self._spawn(slot)
+            else:  # this slot's workers keep dying on load: the others go on without it
+                self.actors.pop(slot)
+                if not self.actors:
+                    raise KvcliError(f"every Ray worker died while loading the model ({_first_line(exc)}); is there memory for it on each worker?") from None
+            return
+        if "error" in info:
+            raise KvcliError(info["error"])
+        if self.identity is None:
+            self.identity = info["identity"]
+        elif info["identity"] != self.identity:
+            raise KvcliError(f"the Ray workers loaded different models ({self.identity} and {info['identity']}); give every machine the same model")
+        self.startup_deaths.pop(slot, None)
+        self.idle.append(slot)
+
+    def map(self, tasks):
+        """Yield `(tag, Outcome)` for each `(tag, task)`, in the order they finish; a task is taken
+        from `tasks` only when a worker is free for it."""
+        ray = self.ray
+        source = iter(tasks)
+        exhausted = False
+        retry: deque = deque()
+        self.in_flight.clear()
+        while True:
+            while self.idle and (retry or not exhausted):
+                if retry:
+                    tag, task, attempt = retry.popleft()
+                else:
+                    try:
+                        tag, task = next(source)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    attempt = 1
+                slot = self.idle.pop()
+                self.in_flight[self.actors[slot].run.remote(task)] = (slot, tag, task, attempt)
+            if not self.in_flight and not retry and exhausted:
+                return
+            if not self.in_flight and not self.starting:
+                raise KvcliError("no Ray worker is left to run the remaining tasks")
+            ready, _ = ray.wait(list(self.in_flight) + list(self.starting), num_returns=1)
+            ref = ready[0]
+            if ref in self.starting:
+                self._started(ref)
+                continue
+            slot, tag, task, attempt = self.in_flight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, KvcliError):
+                    raise cause from None
+                raise
+            except ray.exceptions.RayError as exc:  # the actor died (killed, out of memory, node lost)
+                self.deaths += 1
+                self._replace(slot)
+                if attempt >= self.attempts:
+                    yield tag, Outcome(lost=f"the worker died {attempt} times while on this job ({_first_line(exc)}); not tried again", attempts=attempt)
+                else:
+                    retry.append((tag, task, attempt + 1))
+                continue
+            self.idle.append(slot)
+            yield tag, Outcome(result, attempts=attempt)
+
+    def _replace(self, slot: int) -> None:
+        try:
+            self.ray.kill(self.actors[slot], no_restart=True)
+        except Exception:  # already gone
+            pass
+        self._spawn(slot)
+
+    def close(self) -> None:
+        """Stop the actors (and the local Ray this pool started); safe to call twice."""
+        ray = self.ray
+        for actor in self.actors.values():
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:
+                pass
+        self.actors.clear()
+        self.starting.clear()
+        self.idle.clear()
+        if self.started_ray and ray.is_initialized():
+            ray.shutdown()
+        self.started_ray = False
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
