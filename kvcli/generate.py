@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import attention
+from . import attention, threads
 from .attention import ModelAttention, UnsupportedAttention, accumulated_attention
 from .cache import KVCache
 from .methods import Compression, Compressor, LayerObservation
@@ -331,7 +331,7 @@ def decode(
     position = state.prompt_len
     fed_at = state.next_position  # re-indexed: RoPE places the answer here, its tokens still counted from prompt_len
     state.cache.reserve(max_new_tokens - 1)
-    with torch.inference_mode():
+    with torch.inference_mode(), threads.decoding():  # --threads: fewer threads for decoding's small operations
         for step in range(max_new_tokens):
             token = sampling.pick(logits, gen)
             if token in eos_token_ids:

@@ -1,4 +1,5 @@
-"""kvcli on CUDA and on models split over devices: the same cache as the replayed capture, compression on each layer's device."""
+"""kvcli on CUDA and on models split over devices: the same cache as the replayed capture, compression on each layer's device,
+flash-attn against SDPA, device maps through load_model, GGUFs converted in bf16."""
 
 from __future__ import annotations
 
@@ -160,3 +161,75 @@ def test_cpu_cuda_split_compresses_on_each_layers_device(name):
     assert sum(state.cache.retained_per_layer()) == plan.total
     assert len(list(decode(split, state, 6, set()))) == 6
     assert_cache_on_layer_devices(state.cache, devices)
+
+
+def flash_ready() -> bool:
+    from kvcli import flash
+
+    return torch.cuda.is_available() and flash.installed() is None
+
+
+needs_flash = pytest.mark.skipif(not flash_ready(), reason="needs a CUDA device and flash-attn 2.6+")
+
+
+@pytest.mark.cuda
+@needs_flash
+@pytest.mark.parametrize("q_len, k_len, window, softcap", [
+    (2048, 2048, None, None), (512, 4096, None, None), (1, 4096, None, None), (1024, 1024, 256, None), (1, 2048, 512, None), (256, 2048, None, 30.0),
+], ids=["prefill", "chunk", "decode", "sliding-prefill", "sliding-decode", "softcap"])
+def test_flash_attn_matches_sdpa_on_cuda(q_len, k_len, window, softcap):
+    """kvcli.flash.attend (flash-attn) returns what kvcli's SDPA attention returns, in bf16, for prefill, a chunk after a cache, decoding, sliding windows and softcapping."""
+    from kvcli import flash
+    from kvcli.attention import LayerAttention
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    num_heads, num_kv_heads, head_dim = 32, 8, 128
+    query = torch.randn(1, num_heads, q_len, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    key = torch.randn(1, num_kv_heads, k_len, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    value = torch.randn(1, num_kv_heads, k_len, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    attn = LayerAttention(scaling=head_dim**-0.5, sliding_window=window, softcap=softcap)
+    assert flash.why_not(query, key, value, attn) is None
+    got = flash.attend(query, key, value, attn)
+    with flash.use_flash(False):
+        want = attend(query, key, value, attn)
+    assert got.shape == want.shape == (1, q_len, num_heads, head_dim)
+    assert torch.allclose(got.float(), want.float(), atol=2e-2), (got.float() - want.float()).abs().max()
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_load_model_with_a_device_map_splits_over_cuda_and_the_cpu(tmp_path, monkeypatch):
+    """load_model with a device map (half the layers on CUDA, half on the CPU) reports the split, reads and decodes, and keeps each layer's cache on its layer's device."""
+    from test_models import save_tiny_llama
+
+    from kvcli.models import load_model
+
+    monkeypatch.setenv("KVCLI_HOME", str(tmp_path / "home"))
+    folder = save_tiny_llama(tmp_path / "tiny")
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    lm = load_model(str(folder), device_map=device_map)
+    assert lm.placement == {"cuda:0": 1, "cpu": 1} and lm.device.type == "cuda"
+    ids = torch.randint(3, 60, (1, 64), generator=torch.Generator().manual_seed(0)).to(lm.device)
+    method = build("snapkv", 2, 4)
+    plan = plan_budget(64, 2, window_size=method.window_size, ratio=0.25)
+    state = prefill(lm.model, ids, squeeze(method, plan))
+    assert_cache_on_layer_devices(state.cache, layer_devices(lm.model))
+    assert len(list(decode(lm.model, state, 4, set()))) == 4
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_a_gguf_loaded_on_cuda_is_converted_in_bfloat16(tmp_path, monkeypatch):
+    """On CUDA the embedded SmolLM2 GGUF is converted into a bfloat16 checkpoint (half the disk of float32) and runs in bfloat16."""
+    from kvcli.errors import ModelError
+    from kvcli.models import EMBEDDED, load_model
+
+    try:
+        EMBEDDED["smollm2-135m"].part_paths()
+    except ModelError as err:
+        pytest.skip(str(err))
+    monkeypatch.setenv("KVCLI_HOME", str(tmp_path / "home"))
+    lm = load_model("smollm2-135m", device="cuda")
+    assert lm.dtype is torch.bfloat16 and lm.converted
+    folders = [p.name for p in (tmp_path / "home" / "models").iterdir() if p.is_dir()]
+    assert len(folders) == 1 and folders[0].endswith("-bfloat16")

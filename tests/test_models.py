@@ -174,12 +174,23 @@ def test_folder_without_config_and_non_gguf_file_are_model_errors(tmp_path, home
 
 
 def test_broken_local_folder_is_not_blamed_on_the_hub(tmp_path, home):
-    """A local folder with config.json but no weights reports a load error, not a hub lookup failure."""
+    """A local folder with config.json but no weights says the weights are missing, in one line, not a hub lookup failure."""
     folder = save_tiny_llama(tmp_path / "tiny_llama")
     (folder / "model.safetensors").unlink()
-    with pytest.raises(ModelError, match="cannot load model") as info:
+    with pytest.raises(ModelError, match="has no weights") as info:
         load_model(str(folder))
     assert "Hugging Face cache" not in str(info.value) and "\n" not in str(info.value)
+    assert "tokenizer" not in str(info.value)  # the tokenizer is there: only what is missing is named
+
+
+def test_folder_with_only_a_config_names_every_missing_file(tmp_path, home):
+    """A folder holding only config.json names both the missing weights and the missing tokenizer, in one whole sentence."""
+    folder = tmp_path / "only_config"
+    LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2).save_pretrained(folder)
+    with pytest.raises(ModelError) as info:
+        load_model(str(folder))
+    message = str(info.value)
+    assert "no weights" in message and "no tokenizer" in message and message.endswith("a .gguf file") and "\n" not in message
 
 
 def test_missing_embedded_packages_give_the_pip_command(home, monkeypatch):

@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from .. import threads
 from ..generate import Sampling
 from ..methods import DEFAULT_METHOD, Budget, configure
 from ..reading import Options
@@ -28,8 +29,10 @@ _MODEL_HELP = "Embedded model name, local folder, .gguf file or hub id (`kvcli m
 GROUPS: dict[str, list[tuple[str, object, object]]] = {
     MODEL: [
         ("model", Annotated[Optional[str], typer.Option("--model", "-m", envvar="KVCLI_MODEL", metavar="NAME|PATH", help=_MODEL_HELP, show_default=False)], None),
-        ("device", Annotated[str, typer.Option("--device", envvar="KVCLI_DEVICE", metavar="auto|cpu|cuda[:N]", help="Where the model runs.")], "auto"),
-        ("dtype", Annotated[str, typer.Option("--dtype", metavar="auto|float32|bfloat16|float16", help="Compute dtype: auto is float32 on CPU, bfloat16 on CUDA.")], "auto"),
+        ("device", Annotated[str, typer.Option("--device", envvar="KVCLI_DEVICE", metavar="auto|cpu|cuda[:N]|mps", help="Where the model runs: auto is CUDA, else an Apple GPU (mps), else the CPU.")], "auto"),
+        ("device_map", Annotated[Optional[str], typer.Option("--device-map", envvar="KVCLI_DEVICE_MAP", metavar="auto|balanced|sequential", help="Split a model too large for one GPU over the GPUs, then the CPU's memory, then disk (accelerate); each layer's cache stays on its layer's device.", show_default=False)], None),
+        ("dtype", Annotated[str, typer.Option("--dtype", metavar="auto|float32|bfloat16|float16", help="Compute dtype: auto is float32 on CPU, bfloat16 on CUDA, float16 on mps; a .gguf is converted to it.")], "auto"),
+        ("threads", Annotated[str, typer.Option("--threads", envvar="KVCLI_THREADS", metavar="auto|N", help="CPU threads: auto prefills on the cores other processes leave free and decodes on at most half the cores, so a busy machine slows decoding instead of stalling it.")], "auto"),
         ("trust_remote_code", Annotated[bool, typer.Option("--trust-remote-code", help="Allow a hub model's own code to run.")], False),
     ],
     COMPRESSION: [
@@ -62,7 +65,9 @@ class RunOptions:
 
     model: str | None = None
     device: str = "auto"
+    device_map: str | None = None
     dtype: str = "auto"
+    threads: str = "auto"
     trust_remote_code: bool = False
     method: str = DEFAULT_METHOD
     ratio: float | None = None
@@ -121,7 +126,8 @@ def shared(*groups: str, **defaults):
         def wrapper(*args, **kwargs):
             values = {name: kwargs.pop(name) for name in names if name in kwargs}
             given = {name for name, value in values.items() if value != defaults.get(name, _default(name))}
-            return fn(*args, **kwargs, run=RunOptions(**fixed, **values, given=given))
+            with threads.kept():  # --threads holds for this command only (tests run many in one process)
+                return fn(*args, **kwargs, run=RunOptions(**fixed, **values, given=given))
 
         wrapper.__signature__ = signature.replace(parameters=own + added)
         return wrapper

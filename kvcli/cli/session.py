@@ -31,11 +31,14 @@ def read_documents(paths: list[str], screen: Screen, include=(), exclude=()):
 
 def load(run: RunOptions, screen: Screen):
     """The model as a `reading.Reader`; the reported peak memory starts after the load."""
+    from .. import threads
     from ..models import load_model
     from ..reading import Reader
 
+    threads.use(threads.plan_threads(run.threads))  # --threads, for this command (`options.shared` scopes it)
     with screen.status("loading model") as update:
-        lm = load_model(run.model, device=run.device, dtype=run.dtype, trust_remote_code=run.trust_remote_code, progress=update)
+        lm = load_model(run.model, device=run.device, dtype=run.dtype, trust_remote_code=run.trust_remote_code, progress=update,
+                        device_map=run.device_map)
     reader = Reader(lm)
     reset_peak_memory(lm.device)
     return reader

@@ -308,6 +308,13 @@ class Method:
         """The most entries one layer may hold once a prefill step is compressed (window included)."""
         return max(self.layer_budgets(plan))
 
+    def prefill_chunk(self, plan: BudgetPlan, profile=None, probe_len: int = 0) -> int | None:
+        """The chunk size a live read of `plan.prompt_len` tokens uses when none is asked for, so
+        that the prefill's KV peak stays within the kept cache plus a few layers' full KV (a
+        method that holds layers in full until it can decide them: evidencekv); None: one pass.
+        `probe_len` is the question fed after each chunk."""
+        return None
+
     def params(self) -> dict:
         """The method's knobs and their values, for reports."""
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -20,8 +20,14 @@ with 0.5 / 0.75, 4 / 16 heads and heads from all layers in needle sweeps on the 
 (`benchmarks/needle_sweep.py`); the resulting comparison with the published methods is in
 docs/results.md.
 
-Layers before the last evidence head are held in full until that head has been seen, so the
-prefill's peak KV is about `max_depth` of the full cache (the final cache meets the budget).
+Layers before the last evidence head are held in full until that head has been seen. Read in
+one pass, the prefill's KV peak would be those layers' full KV (about `max_depth` of the full
+cache: ~12 GB for an 8B model at 128K tokens). So a live read of a prompt of CHUNK_FROM_TOKENS or
+more, when no `--chunk-size` is given, goes in chunks (the question probing each, as
+`--chunk-size` reads) sized so that the held layers never hold more than PEAK_LAYERS layers'
+full KV: the peak stays within the kept cache plus PEAK_LAYERS layers' full KV of the prompt
+(`prefill_chunk`; `benchmarks/peak_vs_length.py` measures it). Shorter prompts are read in one
+pass, as the accuracy results were measured; the final cache meets the budget either way.
 """
 
 from __future__ import annotations
@@ -33,6 +39,11 @@ import torch
 
 from ..errors import BudgetError
 from .base import BudgetPlan, Compressor, LayerObservation, Method, pool_scores
+
+# Live reads of prompts this long or longer are chunked so that the layers held in full until the
+# last evidence head never hold more than PEAK_LAYERS layers' full KV of the prompt.
+CHUNK_FROM_TOKENS = 8192
+PEAK_LAYERS = 2
 
 
 @dataclass
@@ -63,6 +74,27 @@ class EvidenceKV(Method):
             raise BudgetError("internal: evidencekv needs the model's retrieval-head profile (kvcli.profile)")
         return EvidenceCompressor(self, plan, profile)
 
+    def evidence_heads(self, plan: BudgetPlan, profile) -> list[tuple[int, int]]:
+        """The (layer, query head) pairs whose window attention is the evidence, among the first `max_depth` of the layers."""
+        max_layer = max(0, math.floor(self.max_depth * (plan.num_layers - 1)))
+        return profile.top_heads(self.num_heads, max_layer=max_layer)
+
+    def held_layers(self, plan: BudgetPlan, profile) -> int:
+        """How many layers hold this step's KV in full when the last evidence head attends."""
+        return max(layer for layer, _ in self.evidence_heads(plan, profile)) + 1
+
+    def prefill_chunk(self, plan: BudgetPlan, profile=None, probe_len: int = 0) -> int | None:
+        """Chunks of at most PEAK_LAYERS x prompt / held layers tokens (the probe included) for
+        prompts of CHUNK_FROM_TOKENS or more: while a chunk is read, the held layers then add at
+        most PEAK_LAYERS layers' full KV to the kept cache. None: one pass (a shorter prompt, or
+        evidence heads among the first PEAK_LAYERS layers)."""
+        if profile is None or plan.prompt_len < CHUNK_FROM_TOKENS:
+            return None
+        held = self.held_layers(plan, profile)
+        if held <= PEAK_LAYERS:
+            return None
+        return max(2 * self.window_size, PEAK_LAYERS * plan.prompt_len // held - probe_len)
+
 
 class EvidenceCompressor(Compressor):
     """Defers layers until the last evidence head has been seen, then decides them all."""
@@ -71,10 +103,8 @@ class EvidenceCompressor(Compressor):
 
     def __init__(self, method: EvidenceKV, plan: BudgetPlan, profile) -> None:
         super().__init__(method, plan, profile)
-        max_layer = max(0, math.floor(method.max_depth * (plan.num_layers - 1)))
-        heads = profile.top_heads(method.num_heads, max_layer=max_layer)
         self.heads_by_layer: dict[int, list[int]] = {}
-        for layer, head in heads:
+        for layer, head in method.evidence_heads(plan, profile):
             self.heads_by_layer.setdefault(layer, []).append(head)
         self.last_evidence_layer = max(self.heads_by_layer)
         self.evidence: torch.Tensor | None = None  # (max position + 1,) summed normalised scores

@@ -1,8 +1,9 @@
 """Load a model from an embedded name, a local checkpoint folder, a `.gguf` file or a hub id.
 
-GGUF files are dequantized once into a float32 safetensors checkpoint under
-`$KVCLI_HOME/models/` (default `~/.cache/kvcli`); later loads read that checkpoint in about a
-second instead of re-parsing the GGUF (~50 s for the default model on two CPU cores).
+GGUF files are dequantized once into a safetensors checkpoint under `$KVCLI_HOME/models/`
+(default `~/.cache/kvcli`), in the dtype they run in (float32 on a CPU, bfloat16 on CUDA); later
+loads read that checkpoint in about a second instead of re-parsing the GGUF (~50 s for the
+default model on two CPU cores).
 
 One idea per module:
 
@@ -10,7 +11,8 @@ One idea per module:
 - `embedded`: `EmbeddedModel`, the `EMBEDDED` models (GGUFs in pip packages) and `DEFAULT_MODEL`.
 - `checkpoints`: the converted-checkpoint cache under `kvcli_home()`, one conversion per GGUF.
 - `convert`: a GGUF dequantized into a safetensors checkpoint.
-- `device`: the device, compute dtype and attention kernel a model runs with.
+- `device`: the device, compute dtype and attention kernel a model runs with; device maps.
+- `hub`: a hub model fetched into the Hugging Face cache, with progress and one-line refusals.
 - `identity`: `config_hash` and `weights_fingerprint`, which saved caches are checked against.
 - `catalog`: `list_models` and its `ModelEntry`s, what `kvcli models` shows.
 """

@@ -1,4 +1,5 @@
-"""The converted-checkpoint cache under `$KVCLI_HOME/models/`: each GGUF is converted only once.
+"""The converted-checkpoint cache under `$KVCLI_HOME/models/`: each GGUF is converted only once
+per dtype it runs in (float32 on a CPU, bfloat16 on CUDA: half the disk of a float32 copy).
 
 A conversion is written in a temp folder and renamed into place under a file lock, so concurrent
 or interrupted runs never see a half-written checkpoint.
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from filelock import FileLock, Timeout
 
 from ..errors import ModelError
@@ -37,9 +39,19 @@ def kvcli_home() -> Path:
     return Path(os.environ.get("KVCLI_HOME") or Path.home() / ".cache" / "kvcli").expanduser()
 
 
-def embedded_checkpoint(embedded: EmbeddedModel, report: Callable[[str], None]) -> tuple[Path, bool]:
-    """Converted checkpoint of an embedded model; joins and verifies its parts on first use only."""
-    target = embedded_target(embedded, kvcli_home())
+def dtype_name(dtype: torch.dtype) -> str:
+    """'float32', 'bfloat16', 'float16': how a converted checkpoint's dtype is written."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _suffix(dtype: torch.dtype) -> str:
+    # float32 conversions keep the folder names they always had, so existing ones are reused
+    return "" if dtype == torch.float32 else f"-{dtype_name(dtype)}"
+
+
+def embedded_checkpoint(embedded: EmbeddedModel, report: Callable[[str], None], dtype: torch.dtype = torch.float32) -> tuple[Path, bool]:
+    """Converted checkpoint of an embedded model in `dtype`; joins and verifies its parts on first use only."""
+    target = embedded_target(embedded, kvcli_home(), dtype)
     if is_complete(target):
         return target, False
     part_paths = embedded.part_paths()
@@ -66,22 +78,23 @@ def embedded_checkpoint(embedded: EmbeddedModel, report: Callable[[str], None]) 
             )
         return gguf, embedded.sha256
 
-    converted = _ensure_converted(target, make_gguf, {"source": embedded.name}, report)
+    converted = _ensure_converted(target, make_gguf, {"source": embedded.name}, report, dtype)
     return target, converted
 
 
-def embedded_target(embedded: EmbeddedModel, home: Path) -> Path:
-    """Where the converted checkpoint of `embedded` lives: keyed by the pinned sha256, so a new pin converts anew."""
-    return home / "models" / f"{embedded.name}-{embedded.sha256[:12]}"
+def embedded_target(embedded: EmbeddedModel, home: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Where the converted checkpoint of `embedded` in `dtype` lives: keyed by the pinned sha256,
+    so a new pin converts anew."""
+    return home / "models" / f"{embedded.name}-{embedded.sha256[:12]}{_suffix(dtype)}"
 
 
-def gguf_checkpoint(path: Path, report: Callable[[str], None]) -> tuple[Path, bool]:
-    """Converted checkpoint of a user's .gguf file, keyed by path, size and mtime so it is not rehashed."""
+def gguf_checkpoint(path: Path, report: Callable[[str], None], dtype: torch.dtype = torch.float32) -> tuple[Path, bool]:
+    """Converted checkpoint of a user's .gguf file in `dtype`, keyed by path, size and mtime so it is not rehashed."""
     path = path.resolve()
     stat = path.stat()
     key = hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem)[:80]
-    target = kvcli_home() / "models" / f"{stem}-{key[:12]}"
+    target = kvcli_home() / "models" / f"{stem}-{key[:12]}{_suffix(dtype)}"
     if is_complete(target):
         return target, False
 
@@ -97,7 +110,7 @@ def gguf_checkpoint(path: Path, report: Callable[[str], None]) -> tuple[Path, bo
             return path, sha256
         return link, sha256
 
-    converted = _ensure_converted(target, make_gguf, {"source": str(path)}, report)
+    converted = _ensure_converted(target, make_gguf, {"source": str(path)}, report, dtype)
     return target, converted
 
 
@@ -115,8 +128,9 @@ def _ensure_converted(
     make_gguf: Callable[[Path], tuple[Path, str]],
     meta: dict,
     report: Callable[[str], None],
+    dtype: torch.dtype = torch.float32,
 ) -> bool:
-    """Build `target` from a GGUF unless it exists; returns True if this call did the conversion.
+    """Build `target` (`dtype` weights) from a GGUF unless it exists; returns True if this call did the conversion.
 
     Everything is written in a temp folder under `$KVCLI_HOME/tmp` and renamed into place, so an
     interrupted run never leaves a half-written checkpoint; a file lock makes concurrent runs
@@ -143,14 +157,15 @@ def _ensure_converted(
             gguf, sha256 = make_gguf(workdir)
             checkpoint = workdir / "checkpoint"
             start = time.perf_counter()
-            report("converting GGUF to safetensors (one time, ~1 min)")
-            convert_gguf(gguf, checkpoint)
+            report(f"converting GGUF to {dtype_name(dtype)} safetensors (one time, ~1 min)")
+            # a float32 conversion is called as it always was
+            convert_gguf(gguf, checkpoint, **({} if dtype == torch.float32 else {"dtype": dtype}))
             meta = {
                 **meta,
                 "format": CONVERSION_FORMAT,
                 "source_sha256": sha256,
                 "source_file": gguf.name,
-                "dtype": "float32",
+                "dtype": dtype_name(dtype),
                 "convert_s": round(time.perf_counter() - start, 1),
             }
             (checkpoint / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")

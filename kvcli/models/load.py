@@ -6,23 +6,34 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from ..errors import ModelError
 from .checkpoints import embedded_checkpoint, gguf_checkpoint
 from .convert import first_line
-from .device import default_attn_implementation, resolve_device, resolve_dtype
+from .device import (
+    default_attn_implementation,
+    execution_device,
+    fingerprint,
+    placement,
+    placement_kwargs,
+    resolve_device,
+    resolve_device_map,
+    resolve_dtype,
+)
 from .embedded import DEFAULT_MODEL, EMBEDDED
-from .identity import config_hash, weights_fingerprint
+from .identity import config_hash
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +52,8 @@ class LoadedModel:
     config_hash: str  # identifies the model architecture; saved KV caches are checked against it
     # identifies the weights (a fine-tune of the same architecture differs); see weights_fingerprint()
     weights_fingerprint: str = ""
+    # decoder layers per device when a device map split the model ({'cuda:0': 20, 'cpu': 12}); empty otherwise
+    placement: dict[str, int] = field(default_factory=dict)
 
 
 def load_model(
@@ -51,18 +64,22 @@ def load_model(
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
     progress: Callable[[str], None] | None = None,
+    device_map: str | dict | None = None,
 ) -> LoadedModel:
-    """Load `spec` (embedded name, checkpoint folder, .gguf file or hub id), converting GGUF once."""
+    """Load `spec` (embedded name, checkpoint folder, .gguf file or hub id), converting GGUF once
+    (in the dtype it runs in). `device_map` ('auto', ...: accelerate's; or a dict of module names
+    to devices) splits the model over the GPUs, the CPU and disk instead of moving it to `device`."""
     start = time.perf_counter()
     spec = spec or os.environ.get("KVCLI_MODEL") or DEFAULT_MODEL
     report = progress or (lambda message: None)
+    device_map = resolve_device_map(device_map, device)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
 
     converted = False
     from_hub = False
     if spec in EMBEDDED:
-        folder, converted = embedded_checkpoint(EMBEDDED[spec], report)
+        folder, converted = embedded_checkpoint(EMBEDDED[spec], report, torch_dtype)
         source = str(folder)
     else:
         path = Path(spec).expanduser()
@@ -75,7 +92,7 @@ def load_model(
                     )
                 source = str(path)
             elif path.suffix.lower() == ".gguf":
-                folder, converted = gguf_checkpoint(path, report)
+                folder, converted = gguf_checkpoint(path, report, torch_dtype)
                 source = str(folder)
             else:
                 raise ModelError(f"model path {spec} is not a folder or a .gguf file")
@@ -90,16 +107,24 @@ def load_model(
         else:
             source = spec  # a hub id, perhaps already in the Hugging Face cache
             from_hub = True
+            from .hub import fetch
+
+            fetch(spec, report, trust_remote_code)  # with progress; a gated model says how to log in
 
     report("loading")
     extra = {"trust_remote_code": True} if trust_remote_code else {}
+    if not from_hub:
+        _check_folder(Path(source), spec, trust_remote_code)
     try:
+        # the config first: a model kvcli cannot run is refused before its weights are read
+        attn_implementation = attn_implementation or _attention_for(
+            AutoConfig.from_pretrained(source, **extra), spec, default_attn_implementation(torch_device, torch_dtype), trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         model = AutoModelForCausalLM.from_pretrained(
             source,
             dtype=torch_dtype,
-            attn_implementation=attn_implementation
-            or default_attn_implementation(torch_device, torch_dtype),
+            attn_implementation=attn_implementation,
+            **placement_kwargs(device_map),
             **extra,
         )
     except OSError as err:
@@ -112,7 +137,10 @@ def load_model(
         ) from err
     except (ValueError, ImportError) as err:
         raise ModelError(f"cannot load model {spec}: {first_line(err)}") from err
-    model.to(torch_device)
+    if device_map is None:
+        model.to(torch_device)
+    else:
+        torch_device = execution_device(model)  # where the input ids go: the embedding's device
     model.eval()
 
     load_s = time.perf_counter() - start
@@ -126,8 +154,39 @@ def load_model(
         load_s=load_s,
         converted=converted,
         config_hash=config_hash(model.config),
-        weights_fingerprint=weights_fingerprint(model),
+        weights_fingerprint=fingerprint(model),
+        placement=placement(model),
     )
+
+
+# What a Hugging Face checkpoint folder needs besides config.json: weights, and a tokenizer.
+_WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+_TOKENIZER = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tekken.json", "*.tiktoken")
+
+
+def _check_folder(folder: Path, spec: str, trust_remote_code: bool) -> None:
+    """Refuse a checkpoint folder that lacks its weights or its tokenizer, naming what is missing."""
+    missing = []
+    if not any(any(folder.glob(pattern)) for pattern in _WEIGHTS):
+        missing.append("weights (model.safetensors, model-*.safetensors with their index, or pytorch_model.bin)")
+    if not trust_remote_code and not any(any(folder.glob(pattern)) for pattern in _TOKENIZER):
+        missing.append("tokenizer (tokenizer.json, tokenizer.model, or vocab.json and merges.txt)")
+    if missing:
+        raise ModelError(f"model folder {spec} has no {' and no '.join(missing)}: pass a complete Hugging Face checkpoint folder or a .gguf file")
+
+
+def _attention_for(config, spec: str, preferred: str, trust_remote_code: bool) -> str:
+    """The attention kernel to load `config`'s model with: `preferred`, unless its class cannot run
+    it (Gemma 2 and gpt-oss have no SDPA path), then eager. kvcli swaps in its own function once
+    loaded; this only decides what the model could be loaded with. Refuses a config that is not
+    a causal language model, before any weights are read."""
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if model_class is None:
+        if trust_remote_code:
+            return preferred  # a remote-code class is not in transformers' table
+        raise ModelError(f"model {spec} is a '{config.model_type}' model, not a causal language model kvcli can generate with")
+    supported = {"sdpa": model_class._supports_sdpa, "flash_attention_2": model_class._supports_flash_attn}
+    return preferred if supported.get(preferred, True) else "eager"
 
 
 def _looks_like_path(spec: str) -> bool:

@@ -54,6 +54,8 @@ class QueryAware:
             return self._read_past(prompt, method, budget or self.options.budget, chunk_size, on_layer)
         compression, note = reader.compression(method, budget or self.options.budget, len(prompt))
         chunk_size = chunk_size if chunk_size is not None else self.options.chunk_size
+        if chunk_size is None and compression is not None:  # a long prompt in chunks where the method needs them for its peak (evidencekv)
+            chunk_size = compression.method.prefill_chunk(compression.plan, compression.profile, len(prompt) - prompt.prefix_len)
         probe = prompt.ids[:, prompt.prefix_len :] if chunk_size and compression is not None else None
         state = prefill(
             reader.model, prompt.ids.to(reader.device), compression,
