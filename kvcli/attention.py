@@ -24,6 +24,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
+from . import flash
 from .errors import KvcliError
 from .step import STEP_KWARG, step_of
 
@@ -97,6 +98,9 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn: La
     is the layer's `LayerAttention` (or a bare scaling).
     """
     attn = layer_attention(attn)
+    out = flash.attend(query, key, value, attn)  # flash-attn where it computes this call exactly (kvcli/flash.py)
+    if out is not None:
+        return out
     _, num_heads, q_len, head_dim = query.shape
     num_kv_heads, k_len = key.shape[1], key.shape[2]
     group = num_heads // num_kv_heads
