@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from ..errors import InputError
 from ..methods import Method
 from .answer import answer
 from .query import QueryAware
@@ -93,13 +94,13 @@ class Sections:
         began = time.perf_counter()
         text, rounds, sections, size = self.document, 0, 0, self.section_tokens()
         if size < 64:
-            from ..errors import InputError
-
             raise InputError(f"--max-context {self.reader.context_limit(self.options)} leaves no room for a section and its summary; raise it")
+        prompt_tokens = None  # the whole document's prompt, for the report: made by the first round's check
         while True:
             whole = QueryAware(self.reader, text, self.options)
             if not whole.past_window(instruction):
                 break
+            prompt_tokens = prompt_tokens or len(whole.prompt(instruction))
             parts = split_sections(self.reader.tokenizer, text, size)
             sections = sections or len(parts)
             summaries = []
@@ -118,7 +119,7 @@ class Sections:
         reading.charged_s += mapped_s
         if rounds:
             reading.past = {
-                "prompt_tokens": len(QueryAware(self.reader, self.document, self.options).prompt(instruction)),
+                "prompt_tokens": prompt_tokens,
                 "positions": self.reader.context_limit(self.options), "strategy": "sections",
                 "sections": sections, "rounds": rounds, "section_tokens": size, "sections_s": round(mapped_s, 3),
             }
