@@ -26,6 +26,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """An empty KVCLI_HOME for one test, and none of the user's KVCLI_* choices (a module may define its own)."""
+    monkeypatch.setenv("KVCLI_HOME", str(tmp_path / "home"))
+    for name in ("KVCLI_METHOD", "KVCLI_MODEL", "KVCLI_DEVICE", "KVCLI_DEVICE_MAP", "KVCLI_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path / "home"
+
+
 @pytest.fixture(scope="session")
 def model_home() -> Path:
     """The KVCLI_HOME that the real-model tests share."""

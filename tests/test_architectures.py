@@ -322,13 +322,6 @@ def save_folder(name: str, folder: Path) -> Path:
     return folder
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("KVCLI_HOME", str(tmp_path / "home"))
-    for variable in ("KVCLI_METHOD", "KVCLI_MODEL", "KVCLI_DEVICE"):
-        monkeypatch.delenv(variable, raising=False)
-    return tmp_path / "home"
-
 
 def ask_json(folder: Path, tmp_path: Path, *flags: str) -> dict:
     doc = tmp_path / "doc.txt"

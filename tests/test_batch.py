@@ -34,13 +34,6 @@ def tiny(tmp_path_factory) -> str:
     return str(save_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny", max_positions=1024))
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("KVCLI_HOME", str(tmp_path / "home"))
-    for name in ("KVCLI_METHOD", "KVCLI_MODEL", "KVCLI_DEVICE"):
-        monkeypatch.delenv(name, raising=False)
-    return tmp_path / "home"
-
 
 @pytest.fixture
 def docs(tmp_path) -> dict[str, Path]:

@@ -25,13 +25,6 @@ def tiny(tmp_path_factory) -> str:
     return str(save_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny", max_positions=1024))
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("KVCLI_HOME", str(tmp_path / "home"))
-    for name in ("KVCLI_METHOD", "KVCLI_MODEL", "KVCLI_DEVICE"):
-        monkeypatch.delenv(name, raising=False)
-    return tmp_path / "home"
-
 
 @pytest.fixture
 def doc(tmp_path) -> Path:
@@ -45,7 +38,8 @@ def run(*args, input=None):
 
 
 def one_line_error(result, *words: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.stderr)
+    """The one `kvcli: error:` line on stderr (exit 2), holding each of `words`."""
+    assert result.exit_code == 2, (result.exit_code, result.stderr, result.exception)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("kvcli: error:"), result.stderr
     for word in words:

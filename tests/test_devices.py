@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from test_cli_tiny import one_line_error
 from test_models import save_tiny_llama
 from typer.testing import CliRunner
 
@@ -29,26 +30,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("KVCLI_HOME", str(tmp_path / "home"))
-    for name in ("KVCLI_METHOD", "KVCLI_MODEL", "KVCLI_DEVICE", "KVCLI_DEVICE_MAP", "KVCLI_THREADS"):
-        monkeypatch.delenv(name, raising=False)
-    return tmp_path / "home"
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny", max_positions=1024)
-
-
-def one_line_error(result, *words: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("kvcli: error:"), result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
 
 
 # --- Apple GPUs ------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_cli_tiny import one_line_error
 from test_models import save_tiny_llama
 from typer.testing import CliRunner
 
@@ -35,23 +36,6 @@ def words(n: int, offset: int = 0) -> str:
 
 def run(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, *fragments: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.stderr, result.exception)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("kvcli: error:"), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("KVCLI_HOME", str(tmp_path / "home"))
-    for name in ("KVCLI_METHOD", "KVCLI_MODEL", "KVCLI_DEVICE"):
-        monkeypatch.delenv(name, raising=False)
-    return tmp_path / "home"
 
 
 @pytest.fixture(scope="module")
