@@ -289,8 +289,12 @@ def test_summarize_past_the_context_by_sections_or_compressed(tiny, home, tmp_pa
     assert stats["read"] == "sections" and past["strategy"] == "sections" and past["positions"] == 600
     assert past["sections"] == -(-2400 // past["section_tokens"]) and past["rounds"] == 1
     assert stats["prompt_tokens"] < 600  # the final read holds the summaries, not the document
+    # the sections were compressed with snapkv; the summaries, already a digest, are read whole
+    assert past["section_method"] == "snapkv" and past["summaries_read"] == "whole"
+    assert stats["method"] == "full" and stats["ratio"] == 1.0
     text = run("summarize", long_doc, *args, "--past", "sections")
     assert text.exit_code == 0 and f"{past['sections']} sections of up to" in text.stderr
+    assert "summarized with snapkv" in text.stderr and "then their summaries read whole" in text.stderr
     compressed = json.loads(run("summarize", long_doc, *args, "--json").stdout)["stats"]  # the default
     assert compressed["read"] == "reindexed" and compressed["extra"]["past_window"]["chunks"] >= 4
     short = json.loads(run("summarize", tmp_path / "short.txt" if (tmp_path / "short.txt").write_text(words(100)) else None, *args, "--json").stdout)["stats"]

@@ -2,7 +2,9 @@
 split into sections that each fit the model's positions, each section is summarized on its own
 (read query-aware with the run's method and budget), and the section summaries, joined, are
 summarized by the instruction asked. When the joined summaries are still too long, they are
-summarized in groups again, until they fit.
+summarized in groups again, until they fit. The joined summaries are already the compressed
+document: they are read whole (a full cache of at most `WHOLE_TOKENS`), not compressed again at
+the run's ratio (which kept 25 of 250 summary tokens at ratio 0.1); longer ones use the run's method.
 
 The other way past the context is one compressed reading (`query.QueryAware` re-indexed, the
 instruction probing every chunk); docs/results.md measures both.
@@ -16,13 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ..errors import InputError
-from ..methods import Method
+from ..methods import Full, Method
 from .answer import answer
 from .query import QueryAware
 from .reader import Options, Reader, Reading
 
 PART_INSTRUCTION = "Summarize the document above, a part of a longer document, in a few sentences: its main points, names and numbers."
 PART_TOKENS = 200  # the longest summary of one section
+WHOLE_TOKENS = 4096  # joined summaries up to this long are read with the full cache
 _BREAKS = re.compile(r"(?<=\n)\s*\n|(?<=[.!?])\s+")  # paragraph ends, then sentence ends
 
 
@@ -114,7 +117,10 @@ class Sections:
             rounds += 1
             text = "\n\n".join(f"Part {i + 1} of {len(parts)}: {s}" for i, s in enumerate(summaries))
         mapped_s = time.perf_counter() - began
-        reading = whole.read(instruction, method, on_layer=on_layer)
+        reduce = method
+        if rounds and len(whole.prompt(instruction)) <= WHOLE_TOKENS:
+            reduce = Full()
+        reading = whole.read(instruction, reduce, on_layer=on_layer)
         reading.mode = "sections" if rounds else reading.mode
         reading.charged_s += mapped_s
         if rounds:
@@ -122,5 +128,6 @@ class Sections:
                 "prompt_tokens": prompt_tokens,
                 "positions": self.reader.context_limit(self.options), "strategy": "sections",
                 "sections": sections, "rounds": rounds, "section_tokens": size, "sections_s": round(mapped_s, 3),
+                "section_method": method.name, "summaries_read": "whole" if reduce is not method else method.name,
             }
         return reading
