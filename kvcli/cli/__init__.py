@@ -33,8 +33,9 @@ The default method is evidencekv, kvcli's own: DynamicKV's idea (arXiv 2412.1483
 evidence across layers, taken one step further; dynamickv (the paper's method) and four others are
 one --method away (`kvcli methods`).
 
-Environment: KVCLI_MODEL (--model), KVCLI_METHOD (--method), KVCLI_DEVICE (--device), and
-KVCLI_HOME (where converted models and profiles are kept, default ~/.cache/kvcli).
+Environment: KVCLI_MODEL (--model), KVCLI_METHOD (--method), KVCLI_DEVICE (--device),
+KVCLI_DEVICE_MAP (--device-map), KVCLI_THREADS (--threads), and KVCLI_HOME (where converted
+models and profiles are kept, default ~/.cache/kvcli).
 Exit codes: 0 done, 1 a bug, 2 a user error, 3 out of memory, 130 interrupted.
 """
 
