@@ -41,8 +41,8 @@ def home(tmp_path, monkeypatch):
     return path
 
 
-def save_tiny_llama(folder: Path, max_positions: int = 128) -> Path:
-    """Save a two-layer grouped-query Llama with a word-level tokenizer; loads in milliseconds."""
+def save_tiny_llama(folder: Path, max_positions: int = 128, layers: int = 2) -> Path:
+    """Save a (two-layer) grouped-query Llama with a word-level tokenizer; loads in milliseconds."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
@@ -57,7 +57,7 @@ def save_tiny_llama(folder: Path, max_positions: int = 128) -> Path:
         vocab_size=len(words),
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=max_positions,

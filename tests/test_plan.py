@@ -115,6 +115,34 @@ def test_reading_within_the_window_matches_the_reader(tmp_path, short_reader, ch
             assert plan.kv_full == plan.kv_kept
 
 
+def test_evidencekv_chunks_long_prompts_as_the_reader_does(tmp_path):
+    """A prompt past CHUNK_FROM_TOKENS within the window: with the model's profile, the plan reads
+    evidencekv in the chunks QueryAware.read picks; without one it plans one pass, says the real read
+    may chunk, and its peak still bounds what the engine held."""
+    from kvcli.methods.evidencekv import CHUNK_FROM_TOKENS
+    from kvcli.profile import RetrievalProfile
+
+    folder = save_tiny_llama(tmp_path / "deep", max_positions=CHUNK_FROM_TOKENS + 1024, layers=6)
+    reader = Reader(load_model(str(folder)))
+    # the best heads in layer 3 of 6 (its deepest choice): evidencekv holds 4 layers whole until then, so it chunks
+    reader._profile = RetrievalProfile(scores=[[float(layer == 3)] * 4 for layer in range(6)], model="deep")
+    doc = tmp_path / "doc.txt"
+    doc.write_text(words(CHUNK_FROM_TOKENS + 200))
+    options = Options(budget=Budget(ratio=0.1), max_new_tokens=2)
+    described = describe_model(str(folder))
+    document = read_documents([str(doc)])
+    layout = Layout(described.config, described.tokenizer)
+    method = make_method("evidencekv")
+    reading = QueryAware(reader, document.text, options).read("w1?", method)
+    planned = make_plan(layout, document, "w1?", options, method, torch.float32, profile=reader.profile())
+    assert reading.mode == planned.mode == "chunked" and planned.chunks == len(reading.state.chunks) > 2
+    assert planned.chunk_size == reading.state.chunks[0][1] - reading.state.chunks[0][0]
+    unprofiled = make_plan(layout, document, "w1?", options, method, torch.float32)
+    assert unprofiled.chunks == 1 and "may read this prompt in chunks" in unprofiled.budget_note
+    answer(reader, reading, options)
+    assert reading.state.cache.kv_peak_nbytes <= planned.kv_peak <= unprofiled.kv_peak
+
+
 def test_a_read_the_reader_refuses_is_refused_with_its_message(short, short_reader, docs):
     """--method full past the window: the plan carries the Reader's own error message, and the CLI prints the plan, then that one line, exit 2."""
     options = Options(budget=Budget(tokens=24), max_new_tokens=4)

@@ -62,7 +62,14 @@ def plan(
     doc = read_documents(list(paths), screen, include or (), exclude or ())
     with screen.status("reading the model's config and tokenizer") as update:
         described = describe_model(run.model, run.trust_remote_code, progress=update)
-    read_plan = make_plan(Layout(described.config, described.tokenizer), doc, question or PLACEHOLDER_QUESTION, options, method, dtype)
+    profile = None
+    if method.needs_profile:  # shipped for the embedded models, cached after a model's first read
+        from ..models import config_hash
+        from ..profile import stored_profile
+
+        profile = stored_profile(described.name, config_hash(described.config))
+    read_plan = make_plan(Layout(described.config, described.tokenizer), doc, question or PLACEHOLDER_QUESTION, options, method, dtype,
+                          profile=profile)
     weights = None if described.params is None else described.params * (torch.finfo(dtype).bits // 8)
     peak = None if weights is None or read_plan.kv_peak is None else weights + read_plan.kv_peak
     available, total = device_memory(device)

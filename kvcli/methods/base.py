@@ -261,6 +261,7 @@ class Method:
     needs_accumulated: ClassVar[bool] = False
     needs_profile: ClassVar[bool] = False  # its compressor needs the model's retrieval-head profile (kvcli/profile.py)
     selects_by_scores: ClassVar[bool] = True  # kept tokens outside the window are the top of `scores`
+    chunks_from_tokens: ClassVar[int | None] = None  # prompts this long may be read in chunks by `prefill_chunk`
 
     window_size: int = 8
     kernel_size: int = 7

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -55,6 +56,7 @@ class EvidenceKV(Method):
     paper = "docs/methods.md#evidencekv"
     needs_profile = True
     selects_by_scores = False
+    chunks_from_tokens: ClassVar[int | None] = CHUNK_FROM_TOKENS
 
     shared_fraction: float = 1.0
     num_heads: int = 8

@@ -109,9 +109,12 @@ class ReadPlan:
         return data
 
 
-def make_plan(layout: Layout, doc, question: str, options, method: Method, dtype) -> ReadPlan:
+def make_plan(layout: Layout, doc, question: str, options, method: Method, dtype, profile=None) -> ReadPlan:
     """Plan a query-aware read of `doc` (an `ingest.Document`) for `question`, as `QueryAware.read`
-    would do it under `options` (a checked `reading.Options`) and `method`; `dtype` is the KV's."""
+    would do it under `options` (a checked `reading.Options`) and `method`; `dtype` is the KV's.
+    `profile` is the model's retrieval-head profile where one is stored: a method that reads long
+    prompts in chunks by it (evidencekv) is planned so; without it such a read is planned in one pass
+    and the note says the real read may chunk (its peak is then lower than planned)."""
     sources, document_tokens = source_tokens(layout.tokenizer, doc)
     query = QueryAware(layout, doc.text, options)
     prompt = query.prompt(question)
@@ -126,9 +129,17 @@ def make_plan(layout: Layout, doc, question: str, options, method: Method, dtype
             refused, chunks = str(err), 0
     else:
         budget, note = layout.budget_plan(method, options.budget, n)
-        chunks = prefill_steps(n, options.chunk_size, budget is not None)
+        chunk = options.chunk_size
+        if chunk is None and budget is not None and method.needs_profile:  # what QueryAware.read picks
+            if profile is not None:
+                chunk = method.prefill_chunk(budget, profile, tail)
+            elif method.chunks_from_tokens is not None and n >= method.chunks_from_tokens:
+                note = (note + "; " if note else "") + (
+                    f"{method.name} may read this prompt in chunks (by the model's retrieval-head profile, computed on the "
+                    "first read): the prefill peak below assumes one pass, an upper bound")
+        chunks = prefill_steps(n, chunk, budget is not None)
         mode = "chunked" if chunks > 1 else "query"
-        chunk = options.chunk_size if chunks > 1 else None
+        chunk = chunk if chunks > 1 else None
 
     kv = KVBytes.of(layout.config, dtype)
     attention = layout.attention  # which layers slide, predicted from the config
