@@ -356,6 +356,23 @@ def test_a_job_given_up_by_the_pool_is_an_error_row(tmp_path, docs):
     assert [r.get("attempts") for r in rows] == [2, 2, None]
 
 
+def test_a_worker_loads_the_model_with_the_command_lines_threads_and_device_map(tiny, monkeypatch):
+    """Ray workers load through ModelSpec: --threads and --device-map reach load_model and torch, not only the in-process run."""
+    import kvcli.models
+
+    seen = {}
+    monkeypatch.setattr(kvcli.models, "load_model", lambda model, **kwargs: seen.update(model=model, **kwargs) or (_ for _ in ()).throw(RuntimeError("stop")))
+    spec = ModelSpec.of(tiny, device="cpu", threads=1, device_map="sequential")
+    before = torch.get_num_threads()
+    try:
+        with pytest.raises(RuntimeError, match="stop"):
+            spec.load()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert seen["model"] == tiny and seen["device"] == "cpu" and seen["device_map"] == "sequential"
+
+
 def test_batch_refuses_bad_options_in_one_line(tiny, home, docs, tmp_path, monkeypatch):
     """--workers without --ray, a malformed jobs file and --ray without Ray installed are one-line errors."""
     jobs = write_jobs(tmp_path / "jobs.jsonl", [{"documents": str(docs["a"]), "question": "w1?"}])

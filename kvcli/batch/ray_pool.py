@@ -63,7 +63,8 @@ class RayPool:
             self.workers = workers or 1
             cpus = max(1, int(resources.get("CPU", 1)) // self.workers)
             self.resources = {"num_cpus": cpus}
-            self.spec = replace(spec, threads=cpus)  # torch would otherwise start a thread per core in every worker
+            # torch would otherwise start a thread per core in every worker; --threads N is taken as asked
+            self.spec = replace(spec, threads=spec.threads or cpus)
         self.actors: dict[int, object] = {}
         self.starting: dict[object, int] = {}  # ready() ref -> slot
         self.idle: list[int] = []

@@ -27,13 +27,15 @@ class ModelSpec:
     dtype: str = "auto"
     trust_remote_code: bool = False
     threads: int | None = None  # torch's CPU threads in this worker (None: torch's default)
+    device_map: str | None = None  # --device-map, within what the worker is given (Ray: its one GPU, then the CPU)
 
     @classmethod
-    def of(cls, model: str | None, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False) -> ModelSpec:
+    def of(cls, model: str | None, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
+           threads: int | None = None, device_map: str | None = None) -> ModelSpec:
         from ..models import DEFAULT_MODEL
 
         # resolved here, on the driver: a worker's environment may name another model
-        return cls(model or os.environ.get("KVCLI_MODEL") or DEFAULT_MODEL, device, dtype, trust_remote_code)
+        return cls(model or os.environ.get("KVCLI_MODEL") or DEFAULT_MODEL, device, dtype, trust_remote_code, threads, device_map)
 
     def load(self) -> Reader:
         from ..models import load_model
@@ -42,7 +44,8 @@ class ModelSpec:
             import torch
 
             torch.set_num_threads(self.threads)
-        return Reader(load_model(self.model, device=self.device, dtype=self.dtype, trust_remote_code=self.trust_remote_code))
+        return Reader(load_model(self.model, device=self.device, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
+                                 device_map=self.device_map))
 
 
 def identity(reader: Reader) -> dict:

@@ -44,7 +44,10 @@ def ray_pool(run: RunOptions, work, screen: Screen, workers: int | None, address
     from ..batch import ModelSpec
     from ..batch.ray_pool import RayPool
 
-    spec = ModelSpec.of(run.model, run.device, run.dtype, run.trust_remote_code)
+    from ..threads import parse_threads
+
+    spec = ModelSpec.of(run.model, run.device, run.dtype, run.trust_remote_code, threads=parse_threads(run.threads),
+                        device_map=run.device_map)
     with screen.status("starting Ray workers (each loads the model)"):
         pool = RayPool(spec, work, workers=workers, address=address)
     screen.note(f"kvcli: {pool.workers} Ray worker{'s' if pool.workers != 1 else ''} running {spec.model}"
