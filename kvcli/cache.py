@@ -160,6 +160,13 @@ class KVLayer(CacheLayerMixin):
         self.positions = self.kept_positions().gather(1, local_index)
         self.length = local_index.shape[1]
 
+    def place(self, rope_positions: torch.Tensor) -> None:
+        """Record where RoPE now places each entry, `rope_positions` `(num_kv_heads, length)` (a
+        re-indexed read), in a buffer as wide as the others so later appends land in it."""
+        if self.rope is None or self.rope.shape[1] != self.positions.shape[1]:
+            self.rope = self.positions.new_empty(self.positions.shape)
+        self.rope[:, : self.length] = rope_positions.to(self.rope.device)
+
     def keep_recent(self, window: int, drop: int = 0) -> None:
         """A sliding-window layer after a step: keep the last `window - 1` entries before the last
         `drop` (a probe's), in place so a decode step allocates nothing; a long prompt's buffer

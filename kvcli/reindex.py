@@ -35,6 +35,6 @@ class Reindexer:
             if rotary is not None and not torch.equal(current, target):
                 keys, _ = layer.view()
                 keys.copy_(rerotate(keys, current, target, rotary))
-            layer.rope = target.clone()
+            layer.place(target)
         self.packs += 1
         return top

@@ -217,3 +217,23 @@ def test_fork_copies_a_layer_only_when_written_and_never_changes_the_base():
     fork.layers[0].keep(torch.tensor([[0, 6], [1, 6]]))
     for layer, (k, v) in zip(base.layers, before):
         assert torch.equal(layer.view()[0], k) and torch.equal(layer.view()[1], v) and layer.length == 5
+
+
+def test_a_packed_sliding_layer_records_where_rope_places_every_later_entry():
+    """Re-indexing a sliding layer that keeps its window in place (a buffer wider than its entries)
+    records the packed RoPE positions in a buffer as wide as the others: the tokens appended and
+    slid after it keep theirs too (a narrower record lost them and then failed to slide)."""
+    from kvcli.reindex import Reindexer
+
+    layer = filled_layer(20)
+    layer.keep_recent(12)  # entries 9..19 kept in place in the 32-wide buffer
+    assert layer.capacity > layer.length == 11
+    cache = KVCache(1)
+    cache.layers[0] = layer
+    top = Reindexer([None]).pack(cache)  # a NoPE layer: keys stay, positions are packed
+    assert top == 11 and torch.equal(layer.rope_positions(), torch.arange(0, 11).expand(NUM_KV_HEADS, -1))
+    for step in range(12):  # the next tokens, placed at 11, 12, ... while their original positions go on from 20
+        layer.append(*states(1, offset=20 + step), torch.tensor([20 + step]), rope_positions=torch.tensor([11 + step]))
+        layer.keep_recent(12)
+        assert torch.equal(layer.rope_positions(), torch.arange(1 + step, 12 + step).expand(NUM_KV_HEADS, -1))
+        assert torch.equal(layer.kept_positions(), torch.arange(10 + step, 21 + step).expand(NUM_KV_HEADS, -1))
