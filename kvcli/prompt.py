@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,10 @@ def build_prompt(
             f"and the answer ({reserve} tokens); raise --max-context or lower --max-new-tokens"
         )
     doc_ids = tokenizer(document, add_special_tokens=False)["input_ids"]
+    if not doc_ids and document.strip():
+        raise ModelError(
+            f"the model's tokenizer ({type(tokenizer).__name__}) makes no tokens of the document's {len(document):,} characters: "
+            "its tokenizer files do not fit the tokenizer class transformers picked for this model; check the checkpoint's tokenizer")
     keep = len(doc_ids) if overhead + len(doc_ids) <= limit else limit - overhead - 16  # 16: room for the marker
     while True:
         prompt = _layout(tokenizer, document, doc_ids, keep, question, instruction, system)
