@@ -100,6 +100,7 @@ _ARCHITECTURES: dict[str, _Architecture] = {
     "granite": _Architecture("granite.GraniteRotaryEmbedding"),
     "granitemoe": _Architecture("granitemoe.GraniteMoeRotaryEmbedding"),
     "starcoder2": _Architecture("starcoder2.Starcoder2RotaryEmbedding"),
+    "gpt_oss": _Architecture("gpt_oss.GptOssRotaryEmbedding"),  # halves as `rotate_half`, YaRN by default
     "seed_oss": _Architecture("seed_oss.SeedOssRotaryEmbedding"),
     "smollm3": _Architecture("smollm3.SmolLM3RotaryEmbedding", has_rope=_no_rope_layers),
     "exaone4": _Architecture("exaone4.Exaone4RotaryEmbedding", has_rope=_exaone4_layers),

@@ -215,7 +215,7 @@ def test_tokens_fed_after_a_cache_see_what_one_pass_sees(name):
     assert split.cache.retained_per_layer() == whole.cache.retained_per_layer()
 
 
-@pytest.mark.parametrize("name", ["gemma2", "gemma3", "cohere2"])
+@pytest.mark.parametrize("name", ["gemma2", "gemma3", "cohere2", "gpt-oss"])
 def test_a_sliding_layers_window_reindexes_like_any_keys(name):
     """Read past the context, a sliding layer's kept window is re-rotated to its packed positions: layer 0 holds the keys the model computes there."""
     _, model = models(name)
@@ -343,6 +343,32 @@ def test_ask_reports_what_sliding_layers_and_global_layers_keep(tmp_path, home):
     assert stats["kv_bytes_full"] == entry * (n + 3 * (WINDOW - 1)) and stats["kv_bytes_kept"] == entry * sum(retained)
 
 
+# qwen2: transformers picks Qwen2Tokenizer by the model type, which makes no tokens of the word-level
+# tokenizer these tests save (the next test); its RoPE is checked in test_rope.py
+@pytest.mark.parametrize("name", [name for name in COMPRESSIBLE if name != "qwen2"])
+def test_past_the_context_every_compressible_architecture_reads_the_whole_document(tmp_path, home, name):
+    """A document past --max-context is read whole, re-indexed, on every architecture that compresses, gpt-oss's YaRN included."""
+    folder = save_folder(name, tmp_path / name)
+    doc = tmp_path / "doc.txt"
+    doc.write_text(" ".join(f"w{(7 * i) % 60}" for i in range(300)))
+    result = runner.invoke(app, ["ask", str(doc), "w3?", "-m", str(folder), "--method", "snapkv", "--max-context", "96",
+                                 "--max-new-tokens", "3", "--json"])
+    assert result.exit_code == 0, result.stderr
+    stats = json.loads(result.stdout)["stats"]
+    assert stats["read"] == "reindexed" and stats["dropped_tokens"] == 0 and stats["extra"]["past_window"]["chunks"] >= 3
+
+
+def test_a_tokenizer_that_makes_no_tokens_is_refused_in_one_line(tmp_path, home):
+    """A checkpoint whose tokenizer files do not fit the class transformers picks (here Qwen2Tokenizer over a word-level
+    tokenizer.json) makes no tokens: refused in one line, not a traceback from the first layer."""
+    folder = save_folder("qwen2", tmp_path / "qwen2")
+    doc = tmp_path / "doc.txt"
+    doc.write_text(" ".join(f"w{i % 60}" for i in range(50)))
+    result = runner.invoke(app, ["ask", str(doc), "w3?", "-m", str(folder), "--method", "snapkv", "--max-new-tokens", "3"])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "makes no tokens of the document's 189 characters" in lines[0], result.stderr
+
+
 @pytest.mark.parametrize("name, words", [("stablelm", "does not go through transformers' attention interface"),
                                          ("mistral-sliding", "no global layer to compress")])
 def test_ask_says_when_nothing_could_be_compressed(tmp_path, home, name, words):
@@ -390,8 +416,7 @@ def test_every_way_of_reading_keeps_the_sliding_windows(tmp_path, home):
 
 
 @pytest.mark.parametrize("name, words", [("stablelm", "does not go through transformers' attention interface"),
-                                         ("mistral-sliding", "attends over a sliding window"),
-                                         ("gpt-oss", "model type 'gpt_oss' has a rotary embedding kvcli has not verified")])
+                                         ("mistral-sliding", "attends over a sliding window")])
 def test_past_the_context_a_model_that_cannot_be_reindexed_says_why(tmp_path, home, name, words):
     """A document past the context on a model kvcli cannot compress or re-index is refused in one line that says why."""
     folder = save_folder(name, tmp_path / name)

@@ -68,6 +68,8 @@ CASES = {
     "granite": lambda: _config("GraniteConfig"),
     "granitemoe": lambda: _config("GraniteMoeConfig", num_local_experts=2, num_experts_per_tok=1),
     "starcoder2": lambda: _config("Starcoder2Config"),
+    "gpt_oss-yarn": lambda: _config("GptOssConfig", head_dim=16, num_local_experts=2, num_experts_per_tok=1,
+                                    layer_types=["sliding_attention", "full_attention"], sliding_window=8),
     "seed_oss": lambda: _config("SeedOssConfig", head_dim=16),
     "smollm3-nope": lambda: _config("SmolLM3Config", num_hidden_layers=3, no_rope_layers=[1, 0, 1]),
     "exaone4-nope": lambda: _config("Exaone4Config", head_dim=16, sliding_window=8,
