@@ -47,8 +47,16 @@ def _model_name(name: str) -> str:
     return Path(name).name if os.sep in name or name.endswith(".gguf") else name
 
 
+SLIDING_COLOR, GLOBAL_COLOR = "#9aa0a6", "#3b7dd8"
+
+
 def save_retention_plot(target: Path, positions: PositionMap, stats: RunStats) -> None:
     """Draw kept tokens per layer (bars) beside a layer x document-position heat map, and save it."""
+    retention_figure(positions, stats).savefig(target, format=target.suffix.lower().lstrip("."))
+
+
+def retention_figure(positions: PositionMap, stats: RunStats):
+    """The figure `save_retention_plot` saves: sliding-window layers' bars in grey (they keep their window, uncompressed)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -61,7 +69,14 @@ def save_retention_plot(target: Path, positions: PositionMap, stats: RunStats) -
     colorbar_ax = fig.add_subplot(grid[0, 2])
 
     layers = list(range(num_layers))
-    bars.barh(layers, stats.retained_per_layer, height=0.8, color="#3b7dd8")
+    windows = stats.layer_windows or [None] * num_layers
+    colors = [GLOBAL_COLOR if window is None else SLIDING_COLOR for window in windows]
+    bars.barh(layers, stats.retained_per_layer, height=0.8, color=colors)
+    if any(window is not None for window in windows):
+        from matplotlib.patches import Patch
+
+        bars.legend(handles=[Patch(color=GLOBAL_COLOR, label="compressed"), Patch(color=SLIDING_COLOR, label="sliding window")],
+                    fontsize=7, loc="lower left")
     bars.set_ylim(num_layers - 0.5, -0.5)  # layer 0 on top, as in the terminal view
     bars.invert_xaxis()  # bars grow towards the heat map, so each row reads across
     bars.set_ylabel("layer")
@@ -112,7 +127,7 @@ def save_retention_plot(target: Path, positions: PositionMap, stats: RunStats) -
     if positions.cut is not None:
         title += f" (red line: {stats.dropped_tokens} tokens cut from the middle)"
     fig.suptitle(title, fontsize=11)
-    fig.savefig(target, format=target.suffix.lower().lstrip("."))
+    return fig
 
 
 def _spread(middles: list[float], widths: list[float]) -> list[int]:

@@ -124,6 +124,24 @@ def test_plot_file_is_written(two_files, tmp_path, suffix, magic):
     assert target.read_bytes().startswith(magic)
 
 
+def test_sliding_window_layers_are_drawn_apart_from_compressed_ones():
+    """Sliding-window layers' bars are grey, with a legend; without sliding layers there is no legend."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.colors import to_hex
+
+    from kvcli.inspect import PositionMap
+    from kvcli.plot import GLOBAL_COLOR, SLIDING_COLOR, retention_figure
+
+    positions = PositionMap(kept_fraction=[[0.5] * 4 for _ in range(4)], bucket_edges=[0, 25, 50, 75, 100],
+                            boundaries=[(0, "a.txt")], cut=None, doc_tokens=100, by="file")
+    stats = fake_stats(4)
+    stats.layer_windows = [12, 12, None, 12]
+    bars = retention_figure(positions, stats).axes[0]
+    assert [to_hex(p.get_facecolor()) for p in bars.patches[:4]] == [SLIDING_COLOR, SLIDING_COLOR, GLOBAL_COLOR, SLIDING_COLOR]
+    assert [t.get_text() for t in bars.get_legend().get_texts()] == ["compressed", "sliding window"]
+    assert retention_figure(positions, fake_stats(4)).axes[0].get_legend() is None
+
+
 def test_inspect_plot_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
     """`inspect --plot` on a tiny random Llama writes the PNG and still prints the terminal profile."""
     pytest.importorskip("matplotlib")

@@ -37,8 +37,8 @@ GROUPS: dict[str, list[tuple[str, object, object]]] = {
     ],
     COMPRESSION: [
         ("method", Annotated[str, typer.Option("--method", envvar="KVCLI_METHOD", metavar="NAME", help="Compression method (`kvcli methods` lists them and their knobs).")], DEFAULT_METHOD),
-        ("ratio", Annotated[Optional[float], typer.Option("--ratio", metavar="R", help="Fraction of the prompt's KV entries kept, summed over layers, in (0, 1] [default: 0.1].", show_default=False)], None),
-        ("budget", Annotated[Optional[int], typer.Option("--budget", metavar="N", help="Mean tokens kept per layer, window included (instead of --ratio).", show_default=False)], None),
+        ("ratio", Annotated[Optional[float], typer.Option("--ratio", metavar="R", help="Fraction of the prompt's KV entries kept, summed over the layers that compress (sliding-window layers keep their window), in (0, 1] [default: 0.1].", show_default=False)], None),
+        ("budget", Annotated[Optional[int], typer.Option("--budget", metavar="N", help="Mean tokens kept per layer that compresses, window included (instead of --ratio).", show_default=False)], None),
         ("window", Annotated[int, typer.Option("--window", metavar="N", help="Observation window: the prompt's last N tokens score the rest.")], 8),
         ("param", Annotated[Optional[list[str]], typer.Option("--param", metavar="KEY=VALUE", help="A knob of the method, e.g. --param max_multiple=5 for dynamickv (`kvcli methods` lists them); repeatable.", show_default=False)], None),
         ("chunk_size", Annotated[Optional[int], typer.Option("--chunk-size", metavar="N", help="Read the prompt in chunks of N tokens, compressing after each (less memory for long documents).", show_default=False)], None),
