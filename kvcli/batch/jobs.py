@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError, KvcliError
+from ..ingest.jsonl import jsonl_records
 from ..methods import Budget, Method, configure, make_method
 from ..prompt import check_question
 from ..reading import Options
@@ -104,25 +104,14 @@ def read_jobs(path: str | Path, method: str, params: list[str] | None, window: i
 
     A `--param` applies to the jobs whose method has the knob; it is an error only when no job's has.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"jobs file {path} does not exist" if not path.exists() else f"jobs file {path} is not a file")
     parsed: list[tuple[dict, str, int]] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as handle:
-        for line, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            where = f"{path}:{line}"
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{where}: invalid JSON ({exc.msg})") from None
-            fields = _parse(record, line, where)
-            if fields["id"] in seen:
-                raise InputError(f"{where}: id {fields['id']!r} repeats line {seen[fields['id']]}; job ids must be unique")
-            seen[fields["id"]] = line
-            parsed.append((fields, where, line))
+    for record, line, where in jsonl_records(path, "jobs file"):
+        fields = _parse(record, line, where)
+        if fields["id"] in seen:
+            raise InputError(f"{where}: id {fields['id']!r} repeats line {seen[fields['id']]}; job ids must be unique")
+        seen[fields["id"]] = line
+        parsed.append((fields, where, line))
     if not parsed:
         raise InputError(f"jobs file {path} has no jobs")
     for fields, where, _ in parsed:

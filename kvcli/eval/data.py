@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from ..ingest.jsonl import jsonl_records
 from ..prompt import build_prompt, summary_instruction
 
 
@@ -53,29 +54,18 @@ def parse_row(record, index: int, where: str) -> Row:
 
 def read_rows(path: str | Path, limit: int | None = None) -> list[Row]:
     """Rows from a LongBench-style JSONL file; blank lines are skipped, ids must be unique."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"data file {path} does not exist" if not path.exists() else f"data file {path} is not a file")
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be at least 1, got {limit}")
     rows: list[Row] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as handle:
-        for index, line in enumerate(handle):
-            if limit is not None and len(rows) >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"{path}:{index + 1}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{where}: invalid JSON ({exc.msg})") from None
-            row = parse_row(record, index, where)
-            if row.id in seen:
-                raise InputError(f"{where}: _id {row.id!r} repeats line {seen[row.id]}; ids must be unique")
-            seen[row.id] = index + 1
-            rows.append(row)
+    for record, line, where in jsonl_records(path, "data file"):
+        row = parse_row(record, line - 1, where)
+        if row.id in seen:
+            raise InputError(f"{where}: _id {row.id!r} repeats line {seen[row.id]}; ids must be unique")
+        seen[row.id] = line
+        rows.append(row)
+        if limit is not None and len(rows) >= limit:
+            break  # the lines after it are not read
     if not rows:
         raise InputError(f"data file {path} has no rows")
     return rows
