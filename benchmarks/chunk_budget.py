@@ -40,10 +40,10 @@ def main() -> None:
             seconds, (line,) = kvcli("ask", str(doc), question, "--max-new-tokens", "24", *model, *shlex.split(flags))
             stats = line["stats"]
             row = {"flags": flags, "found": expected in line["answer"].lower(), "read": stats["read"],
-                   "prompt_tokens": stats["prompt_tokens"], "chunks": (stats["extra"].get("past_window") or {}).get("chunks"),
+                   "prompt_tokens": stats["prompt_tokens"], "chunks": (stats["extra"].get("past_window") or {}).get("chunks") or len(stats["extra"].get("chunks", [])) or 1,
                    "seconds": round(seconds, 1), "answer": line["answer"]}
             rows.append(row)
-            print(f"{flags}: found={row['found']} ({row['read']}, {row['seconds']} s)", file=sys.stderr, flush=True)
+            print(f"{flags}: found={row['found']} ({row['read']}, {row['chunks']} chunks, {row['seconds']} s)", file=sys.stderr, flush=True)
     write_result({"model": args.model or "default", "length": args.length, "depth": args.depth, "rows": rows}, args.json)
 
 

@@ -96,6 +96,21 @@ def test_chunks_past_the_window_are_what_the_reader_reads(short, short_reader, d
     assert reading.state.cache.kv_peak_nbytes <= plan.kv_peak  # the plan's peak bounds what the engine held
 
 
+def test_dynamickv_past_a_small_window_holds_less_in_one_layer_instead_of_being_refused(short, short_reader, docs):
+    """At 24 tokens per layer dynamickv may let one layer keep 10x the mean, more than the 128 positions: past the
+    window it reads with max_multiple lowered (said in the note and the method's params), as the plan says."""
+    options = Options(budget=Budget(tokens=24), max_new_tokens=4)
+    plan, doc = plan_of(short, docs, "w1 w2?", options, "dynamickv")
+    reading = QueryAware(short_reader, doc.text, options).read("w1 w2?", make_method("dynamickv"))
+    assert reading.mode == plan.mode == "reindexed" and plan.chunks == len(reading.state.chunks) > 3
+    assert "max_multiple lowered from 10 to" in reading.note and reading.note == plan.budget_note
+    multiple = reading.method.params()["max_multiple"]
+    assert 1 <= multiple < 10 and reading.state.compression.method.max_multiple == multiple
+    assert plan.most_kept == reading.method.most_kept(reading.state.compression.plan) <= 128 - plan.chunk_size
+    answer(short_reader, reading, options)
+    assert max(reading.state.cache.retained_per_layer()) <= 128 and reading.state.cache.kv_peak_nbytes <= plan.kv_peak
+
+
 @pytest.mark.parametrize("chunk_size", [None, 64, 100])
 def test_reading_within_the_window_matches_the_reader(tmp_path, short_reader, chunk_size):
     """Within the window, one pass or --chunk-size chunks: the plan's chunk count and its full and kept KV bytes equal the real cache's, and its peak bounds the KV the engine held."""

@@ -309,6 +309,11 @@ class Method:
         """The most entries one layer may hold once a prefill step is compressed (window included)."""
         return max(self.layer_budgets(plan))
 
+    def within(self, plan: BudgetPlan, most: int) -> tuple[Method, str] | None:
+        """A variant of this method whose layers hold at most `most` entries under `plan`, and a
+        note saying what changed; None when it has no such knob (its `most_kept` is its budget)."""
+        return None
+
     def prefill_chunk(self, plan: BudgetPlan, profile=None, probe_len: int = 0) -> int | None:
         """The chunk size a live read of `plan.prompt_len` tokens uses when none is asked for, so
         that the prefill's KV peak stays within the kept cache plus a few layers' full KV (a

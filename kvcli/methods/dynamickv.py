@@ -25,7 +25,7 @@ Differences from the reference code (DreamMr/DynamicKV), all deliberate:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -62,6 +62,18 @@ class DynamicKV(Method):
         """A re-division may give one layer up to `max_multiple` times the mean (outside the window)."""
         average = plan.total / plan.num_layers - self.window_size
         return min(plan.prompt_len, math.ceil(self.max_multiple * average) + self.window_size)
+
+    def within(self, plan: BudgetPlan, most: int) -> tuple[DynamicKV, str] | None:
+        """The largest `max_multiple` (at least 1) under which no layer holds more than `most`."""
+        average = plan.total / plan.num_layers - self.window_size
+        if average <= 0:
+            return None
+        multiple = math.floor((most - self.window_size) / average * 100) / 100
+        if multiple < 1 or multiple >= self.max_multiple:
+            return None
+        return replace(self, max_multiple=multiple), (
+            f"max_multiple lowered from {self.max_multiple:g} to {multiple:g}, so that what one layer may keep leaves room "
+            "for chunks within the model's positions")
 
 
 class DynamicKVCompressor(Compressor):

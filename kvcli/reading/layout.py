@@ -68,9 +68,11 @@ class Layout:
         return budget.plan(prompt_len, len(self.attention.compressed_layers), method.window_size)
 
     def past_chunking(self, options, method: Method, budget: Budget, n: int, reserved: int, chunk_size: int | None = None):
-        """(budget plan, note, chunk size, rotary layout) to read `n` tokens past the positions the
-        model reads, `reserved` of them kept free after every chunk (the question; the answer's
-        room is added here); an InputError for what cannot be read so."""
+        """(budget plan, note, chunk size, rotary layout, method) to read `n` tokens past the positions
+        the model reads, `reserved` of them kept free after every chunk (the question; the answer's
+        room is added here); an InputError for what cannot be read so. The method is `method`, or
+        a variant that holds less in one layer (`Method.within`) where its reserve would leave
+        chunks of under a quarter of the free positions; the note then says so."""
         limit = self.context_limit(options)
         plan = layout = None
         note = ""
@@ -88,13 +90,22 @@ class Layout:
                 "pass a compressing --method at a smaller budget (the default reads it whole in chunks) or --cut-middle"
             )
         most = max(method.most_kept(plan), self.attention.most_in_window)  # every layer is packed below P
-        room = limit - options.max_new_tokens - reserved - most
+        free = limit - options.max_new_tokens - reserved  # positions for the kept tokens and one chunk
+        room = free - most
+        wanted = min(chunk_size or options.chunk_size or DEFAULT_PAST_CHUNK, free // 4)
+        if room < wanted:  # a method whose reserve leaves small chunks may hold less (dynamickv's max_multiple)
+            capped = method.within(plan, free - wanted)
+            if capped is not None:
+                method, capped_note = capped
+                note = (note + "; " if note else "") + capped_note
+                most = max(method.most_kept(plan), self.attention.most_in_window)
+                room = free - most
         if room < 2 * method.window_size:
             raise InputError(
                 f"at {budget.label} a layer keeps up to {most:,} of the {n:,} tokens, which with the question and the answer "
                 f"fills the {limit:,} positions the model reads: lower --ratio or pass a smaller --budget"
             )
-        return plan, note, min(chunk_size or options.chunk_size or DEFAULT_PAST_CHUNK, room), layout
+        return plan, note, min(chunk_size or options.chunk_size or DEFAULT_PAST_CHUNK, room), layout, method
 
 
 def prefill_steps(prompt_len: int, chunk_size: int | None, compressed: bool, tail: int = 0, reindexed: bool = False) -> int:

@@ -123,7 +123,7 @@ def make_plan(layout: Layout, doc, question: str, options, method: Method, dtype
     if query.past_window(question):
         mode = "reindexed"
         try:
-            budget, note, chunk, _ = layout.past_chunking(options, method, options.budget, n, tail)
+            budget, note, chunk, _, method = layout.past_chunking(options, method, options.budget, n, tail)
             chunks = prefill_steps(n, chunk, True, tail=tail, reindexed=True)
         except KvcliError as err:
             refused, chunks = str(err), 0

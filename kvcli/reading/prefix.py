@@ -150,7 +150,7 @@ class Reused:
                         reindex=Reindexer(layout), tail=probe.shape[1])
         if self.scorer == "repeat":
             note = (note + "; " if note else "") + "scored by the instruction: the repeat scorer needs the whole document within the model's positions"
-        prefix = self._prefix(state, method, note)
+        prefix = self._prefix(state, compression.method if compression else method, note)
         prefix.extra = {**prefix.extra, "scorer": "instruction", "past_window": {"prompt_tokens": n, "positions": limit, "chunks": len(state.chunks), "chunk_size": chunk}}
         return prefix
 

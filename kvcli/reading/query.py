@@ -82,7 +82,7 @@ class QueryAware:
             reader.model, prompt.ids.to(reader.device), compression, chunk_size=chunk,
             probe_ids=question.to(reader.device), on_layer=on_layer, reindex=Reindexer(layout), tail=question.shape[1],
         )
-        reading = self._reading(prompt, state, method, "reindexed", note)
+        reading = self._reading(prompt, state, compression.method if compression else method, "reindexed", note)
         reading.past = {"prompt_tokens": n, "positions": limit, "chunks": len(state.chunks), "chunk_size": chunk}
         return reading
 

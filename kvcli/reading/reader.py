@@ -99,7 +99,7 @@ class Reader(Layout):
     def plan_past(self, options: Options, method: Method, budget: Budget, n: int, reserved: int, chunk_size: int | None = None):
         """(compression, note, chunk size, rotary layout) to read `n` tokens past the positions the
         model reads (`Layout.past_chunking`); an InputError for what cannot be read so."""
-        plan, note, chunk, layout = self.past_chunking(options, method, budget, n, reserved, chunk_size)
+        plan, note, chunk, layout, method = self.past_chunking(options, method, budget, n, reserved, chunk_size)
         return Compression(method, plan, self.profile() if method.needs_profile else None), note, chunk, layout
 
     def profile(self, progress: Callable[[int, int], None] | None = None):
