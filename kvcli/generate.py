@@ -147,6 +147,14 @@ class Prefill:
         return sum(layer.kept_per_group(chunk_of, len(self.chunks)) for layer in self.cache.layers).tolist()
 
 
+def chunk_bounds(prompt_len: int, chunk_size: int | None, compressed: bool, tail: int = 0, reindexed: bool = False) -> list[int]:
+    """Where `prefill` splits a prompt: [0, prompt_len] (one pass), unless a compressing read has a
+    chunk size shorter than the prompt or is re-indexed; the last `tail` tokens stay in the last chunk."""
+    if not (chunk_size and compressed and (chunk_size < prompt_len or reindexed)):
+        return [0, prompt_len]
+    return list(range(0, max(1, prompt_len - tail), chunk_size)) + [prompt_len]
+
+
 def prefill(
     model,
     input_ids: torch.Tensor,
@@ -170,10 +178,7 @@ def prefill(
     """
     cache = new_cache(model)
     prompt_len = input_ids.shape[1]
-    bounds = [0, prompt_len]
-    body = max(1, prompt_len - tail)
-    if chunk_size and compression is not None and (chunk_size < prompt_len or reindex is not None):
-        bounds = list(range(0, body, chunk_size)) + [prompt_len]
+    bounds = chunk_bounds(prompt_len, chunk_size, compression is not None, tail, reindex is not None)
     compressor = None
     chunks: list[tuple[int, int]] = []
     position = 0  # where the next chunk is fed (its start, unless re-indexed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ..attention import ModelAttention
 from ..errors import InputError
+from ..generate import chunk_bounds
 from ..methods import Budget, BudgetPlan, Method
 from ..prompt import Prompt, build_prompt
 
@@ -109,13 +110,9 @@ class Layout:
 
 
 def prefill_steps(prompt_len: int, chunk_size: int | None, compressed: bool, tail: int = 0, reindexed: bool = False) -> int:
-    """How many forward passes `generate.prefill` reads a prompt in, given what it is passed
-    (its split restated for a plan made without the model; tests/test_plan.py checks that the
-    two agree): one, unless a compressing read has a chunk size shorter than the prompt or is
-    re-indexed; the last `tail` tokens stay in the last chunk."""
-    if not (chunk_size and compressed and (chunk_size < prompt_len or reindexed)):
-        return 1
-    return len(range(0, max(1, prompt_len - tail), chunk_size))
+    """How many forward passes `generate.prefill` reads a prompt in, given what it is passed (for a
+    plan made without the model: the engine's own split, `generate.chunk_bounds`)."""
+    return len(chunk_bounds(prompt_len, chunk_size, compressed, tail, reindexed)) - 1
 
 
 __all__ = ["DEFAULT_PAST_CHUNK", "Layout", "prefill_steps"]
