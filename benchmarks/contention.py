@@ -9,7 +9,7 @@ each round, and stops the busy processes before the next level. Settings:
 
 - `torch`: torch's default, one thread per core (what kvcli did before `--threads`);
 - `one`: `OMP_NUM_THREADS=1`;
-- `kvcli`: kvcli's `--threads auto` (`kvcli.threads`): prefill on the free cores counted at start,
+- `kvcli`: kvcli's `--threads auto` (`kvcli.threads`): prefill on the free cores counted as each prefill starts,
   decode on at most half the cores, counted again before each decode;
 - `kvcli-passive`: the same with `OMP_WAIT_POLICY=PASSIVE` (idle OpenMP threads sleep at once
   instead of spinning; it has to be set before torch loads, so kvcli does not set it itself).
@@ -97,7 +97,7 @@ def worker(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         state = prefill(lm.model, ids)
         prefill_s = time.perf_counter() - started
-        prefill_threads = torch.get_num_threads()
+        prefill_threads = threads.last_prefill_threads() or torch.get_num_threads()  # kvcli: counted as it started
         with threads.decoding():  # a no-op for torch and one: no plan was set
             decode_threads = torch.get_num_threads()
             times = [time.perf_counter() for _ in decode(lm.model, state, args.new_tokens, set())]

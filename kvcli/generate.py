@@ -183,7 +183,7 @@ def prefill(
     chunks: list[tuple[int, int]] = []
     position = 0  # where the next chunk is fed (its start, unless re-indexed)
     started = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), threads.prefilling():  # --threads auto: on the cores free now
         for start, stop in zip(bounds[:-1], bounds[1:]):
             step_ids = input_ids[:, start:stop]
             probe_len = 0
@@ -424,6 +424,6 @@ def _read_full(model, input_ids: torch.Tensor, recorder, on_layer) -> tuple[KVCa
     if prepare_model(model).bypassed:
         recorder = None  # its attention never reaches kvcli's function: there is nothing to record (and nothing to derive)
     started = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), threads.prefilling():
         logits = forward(model, cache, input_ids, 0, recorder, on_layer=on_layer)
     return cache, logits, time.perf_counter() - started

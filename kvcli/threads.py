@@ -8,9 +8,11 @@ SmolLM2 decoded 5.6 tokens/s with torch's default of one thread per core beside 
 2-thread process and 10.1 with one thread, and 0.3 tokens/s beside two busy jobs where it ran
 ~16 alone. Prefill's operations are large matrix products that keep more of their speed.
 
-`auto` (the default) therefore counts the cores other processes leave free when a run starts
-and prefills on those, and decodes on at most half of the machine's cores (one on a 2-core
-machine), counting again each time an answer starts. `--threads N` uses N for both.
+`auto` (the default) therefore prefills on the cores other processes leave free, counted again
+at the start of each prefill, and decodes on at most half of the machine's cores (one on a 2-core
+machine), counting again each time an answer starts. `--threads N` uses N for both. Measured in
+docs/results.md ("CPU threads beside busy processes"): a prefill that kept the 2 threads it was
+started with ran at 103 tokens/s beside one busy process where one thread ran 243.
 `benchmarks/contention.py` measures these settings against torch's default.
 """
 
@@ -143,6 +145,45 @@ def kept():
 def current() -> ThreadPlan | None:
     """The plan `use` set, or None when kvcli's command line did not set one."""
     return _plan
+
+
+def _free_now(plan: ThreadPlan) -> int:
+    """The free cores now (for `auto`), else the plan's prefill threads."""
+    if plan.auto:
+        busy = busy_elsewhere()
+        if busy is not None:
+            cores = usable_cores()
+            return max(1, min(cores, cores - round(busy)))
+    return plan.prefill
+
+
+_last_prefill: int | None = None
+
+
+def last_prefill_threads() -> int | None:
+    """The threads the last `prefilling()` block ran on (benchmarks/contention.py reports it)."""
+    return _last_prefill
+
+
+@contextlib.contextmanager
+def prefilling():
+    """Prefill on the plan's threads, the free cores counted again under `auto` (another process
+    may have started since the command did), then go back; nothing changes without a plan."""
+    global _last_prefill
+    plan = _plan
+    if plan is None:
+        yield
+        return
+    threads = _free_now(plan)
+    before = torch.get_num_threads()
+    if threads != before:
+        torch.set_num_threads(threads)
+    _last_prefill = threads
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 @contextlib.contextmanager

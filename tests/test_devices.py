@@ -360,6 +360,37 @@ def test_decode_runs_inside_the_decode_threads(tiny, home):
     assert seen and set(seen) == {1}
 
 
+def test_auto_prefill_counts_the_free_cores_again_as_it_starts(tiny, home, monkeypatch):
+    """Under auto, a prefill runs on the cores free when it starts (a neighbour that started after the command
+    costs it a thread), and torch's count is put back after; a fixed --threads plan keeps its count."""
+    from kvcli.generate import prepare_model
+
+    lm = load_model(str(tiny))
+    prepare_model(lm.model)  # its one-time probe runs before any prefill
+    seen = []
+    original = lm.model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    with threads.kept():
+        threads.use(threads.plan_threads("auto", cores=2, busy=0))  # the machine was free when the command started
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(threads, "busy_elsewhere", lambda *a, **k: 1.0)  # then a neighbour took a core
+        lm.model.forward = spy
+        try:
+            prefill(lm.model, torch.randint(3, 60, (1, 12)))
+            assert seen == [1] and threads.last_prefill_threads() == 1 and torch.get_num_threads() == 2
+            seen.clear()
+            threads.use(threads.plan_threads("2"))
+            prefill(lm.model, torch.randint(3, 60, (1, 12)))
+            assert seen == [2]
+        finally:
+            lm.model.forward = original
+
+
 def test_cli_threads_are_checked_and_scoped_to_the_command(tiny, home, tmp_path):
     """`--threads 0` is a one-line error; `--threads 1` answers and leaves the process's thread count as it was."""
     doc = tmp_path / "doc.txt"
