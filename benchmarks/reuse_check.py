@@ -56,8 +56,9 @@ def prose(tokenizer, n_tokens: int) -> str:
 
         text = "\n\n".join(topics[name] for name in sorted(topics))
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) < n_tokens:
-        raise SystemExit(f"only {len(ids)} tokens of prose available; ask for --length up to that")
+    if len(ids) < n_tokens:  # longer than all the prose there is: the prose again, from its start (said on stderr)
+        print(f"only {len(ids):,} tokens of prose: repeating it to make {n_tokens:,}", file=sys.stderr)
+        ids = ids * -(-n_tokens // len(ids))
     cut = tokenizer.decode(ids[:n_tokens])
     end = cut.rfind("\n\n")
     return cut[:end] if end > len(cut) // 2 else cut
