@@ -253,7 +253,7 @@ def _read_line(stats: RunStats) -> str:
             f": document {past['prompt_tokens']:,} tokens = {past['prompt_tokens'] / past['positions']:.1f}x the model's "
             f"{past['positions']:,} positions: {past['sections']} sections of up to {past['section_tokens']:,} tokens summarized "
             f"with {past['section_method']} in {past['sections_s']:.1f}s, then their summaries"
-            + (" read whole" if past.get("summaries_read") == "whole" else "")
+            + (" read whole" if past.get("summaries_read") == "whole" else f" compressed with {past.get('summaries_read')}")
         )
         return line
     if past:

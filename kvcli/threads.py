@@ -35,7 +35,7 @@ class ThreadPlan:
     prefill: int
     decode: int
     why: str
-    auto: bool = False  # count the free cores again before each decode
+    auto: bool = False  # count the free cores again before each prefill and each decode
 
 
 def usable_cores() -> int:

@@ -226,7 +226,7 @@ def test_a_packed_sliding_layer_records_where_rope_places_every_later_entry():
     from kvcli.reindex import Reindexer
 
     layer = filled_layer(20)
-    layer.keep_recent(12)  # entries 9..19 kept in place in the 32-wide buffer
+    layer.keep_recent(12)  # entries 9..19 kept in place in the 20-wide buffer
     assert layer.capacity > layer.length == 11
     cache = KVCache(1)
     cache.layers[0] = layer

@@ -54,8 +54,8 @@ def compress(
         "config_hash": lm.config_hash,
         "weights_fingerprint": lm.weights_fingerprint,
         "dtype": str(lm.dtype).removeprefix("torch."),
-        "method": method.name,
-        "method_params": method.params(),
+        "method": prefix.method.name,  # past the context it may hold less in one layer than asked (Method.within)
+        "method_params": prefix.method.params(),
         "prompt_tokens": prefix.state.prompt_len,
         "compressed": prefix.state.compressed,
         "note": prefix.note,

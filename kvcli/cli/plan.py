@@ -84,7 +84,7 @@ def plan(
         "notes": described.notes,
         "question": question,
         "method": method.name,
-        "method_params": method.params(),
+        "method_params": read_plan.method_params,
         "budget_label": options.budget.label,
         "plan": read_plan.to_dict(),
         "weights": {

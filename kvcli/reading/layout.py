@@ -94,8 +94,9 @@ class Layout:
         free = limit - options.max_new_tokens - reserved  # positions for the kept tokens and one chunk
         room = free - most
         wanted = min(chunk_size or options.chunk_size or DEFAULT_PAST_CHUNK, free // 4)
-        if room < wanted:  # a method whose reserve leaves small chunks may hold less (dynamickv's max_multiple)
-            capped = method.within(plan, free - wanted)
+        if room < wanted and method.most_kept(plan) > max(free - wanted, self.attention.most_in_window):
+            # a method whose reserve leaves small chunks may hold less (dynamickv's max_multiple), unless a window binds
+            capped = method.within(plan, max(free - wanted, self.attention.most_in_window))
             if capped is not None:
                 method, capped_note = capped
                 note = (note + "; " if note else "") + capped_note

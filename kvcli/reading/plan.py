@@ -87,6 +87,7 @@ class ReadPlan:
     budget: BudgetPlan | None  # None: the full cache is kept
     budget_note: str  # why the cache is not compressed as asked, or ""
     most_kept: int | None  # the most tokens one layer may keep
+    method_params: dict  # the knobs the read runs with (past the context a method may hold less than asked)
     refused: str  # the one-line error a read would stop with, or ""
     dtype: str
     bytes_per_token: int  # keys and values of one token in every layer
@@ -160,7 +161,7 @@ def make_plan(layout: Layout, doc, question: str, options, method: Method, dtype
         sources=sources, document_tokens=document_tokens, prompt_tokens=n, question_tokens=tail,
         answer_tokens=options.max_new_tokens, positions=layout.context_limit(options), trained_positions=layout.max_positions,
         mode=mode, chunks=chunks, chunk_size=chunk, dropped_tokens=prompt.dropped_tokens, budget=budget, budget_note=note,
-        most_kept=None if budget is None else method.most_kept(budget), refused=refused,
+        most_kept=None if budget is None else method.most_kept(budget), method_params=method.params(), refused=refused,
         dtype=str(dtype).removeprefix("torch."), bytes_per_token=kv.every_layer(1), kv_full=full, kv_kept=kept,
         kv_peak=peak, kv_prefill=prefill, compressed_layers=num_global,
         sliding=Sliding(len(windows), sorted(set(windows)), kv.entry * held) if windows else None,

@@ -121,6 +121,8 @@ class Sections:
         if rounds and len(whole.prompt(instruction)) <= WHOLE_TOKENS:
             reduce = Full()
         reading = whole.read(instruction, reduce, on_layer=on_layer)
+        if reduce is not method:  # the note says what compressed the sections, not "method full keeps every token"
+            reading.note = f"the sections were read with {method.name} at {self.options.budget.label}; their summaries whole"
         reading.mode = "sections" if rounds else reading.mode
         reading.charged_s += mapped_s
         if rounds:
@@ -128,6 +130,7 @@ class Sections:
                 "prompt_tokens": prompt_tokens,
                 "positions": self.reader.context_limit(self.options), "strategy": "sections",
                 "sections": sections, "rounds": rounds, "section_tokens": size, "sections_s": round(mapped_s, 3),
-                "section_method": method.name, "summaries_read": "whole" if reduce is not method else method.name,
+                "section_method": method.name, "section_method_params": method.params(), "section_budget": self.options.budget.label,
+                "summaries_read": "whole" if reduce is not method else method.name,
             }
         return reading
