@@ -211,7 +211,7 @@ def extend(model, state: Prefill, suffix_ids: torch.Tensor, copy: bool = True, s
     """
     cache = state.cache.clone() if copy else state.cache
     started = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), threads.prefilling():
         if state.next_position is None:
             logits = forward(model, cache, suffix_ids, state.prompt_len)
         else:  # a re-indexed prefix: the suffix goes where RoPE left off
@@ -281,7 +281,7 @@ def ask_after(
         raise ValueError("internal: the prefix was read without the all-query attention this method scores by")
     if compression is not None and compression.method.window_size > prefix.tail_queries[0].shape[2] + suffix_ids.shape[1]:
         raise ValueError("internal: the prefix kept fewer queries than the method's window needs")
-    with torch.inference_mode():
+    with torch.inference_mode(), threads.prefilling():
         logits = forward(model, cache, suffix_ids, prefix.state.prompt_len, compressor, on_layer=on_layer,
                          accumulated_before=accumulated, queries_before=prefix.tail_queries)
     return Prefill(
