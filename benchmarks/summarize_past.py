@@ -55,7 +55,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--max-context", type=int, default=1024)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--hows", default=",".join(HOW), help=f"which ways to summarize, comma-separated (default {','.join(HOW)})")
     args = parser.parse_args()
+    hows = [how for how in HOW if how in args.hows.split(",")]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     rows = [json.loads(line) for line in Path(args.data).read_text(encoding="utf-8").splitlines() if line.strip()]
     rows = [r for r in rows if args.min_words <= r.get("length", 0) <= args.max_words][: args.rows]
@@ -64,13 +66,13 @@ def main() -> None:
         for i, row in enumerate(rows):
             doc = Path(tmp) / f"row-{i}.txt"
             doc.write_text(row["context"].replace("NEWLINE_CHAR", "\n"), encoding="utf-8")
-            for how in HOW:
+            for how in hows:
                 result = {"row": row.get("_id", i), "words": row.get("length"), **summarize(doc, args, how)}
                 result["rouge_l"] = round(rouge_l(result["summary"], row["answers"]), 4)
                 results.append(result)
                 print(f"row {i} {how}: rouge-l {result['rouge_l']} ({result['seconds']} s)", file=sys.stderr, flush=True)
-    mean = {how: round(sum(r["rouge_l"] for r in results if r["how"] == how) / max(1, len(rows)), 4) for how in HOW}
-    seconds = {how: round(sum(r["seconds"] for r in results if r["how"] == how) / max(1, len(rows)), 1) for how in HOW}
+    mean = {how: round(sum(r["rouge_l"] for r in results if r["how"] == how) / max(1, len(rows)), 4) for how in hows}
+    seconds = {how: round(sum(r["seconds"] for r in results if r["how"] == how) / max(1, len(rows)), 1) for how in hows}
     write_result({"model": args.model or "default", "method": args.method, "ratio": args.ratio, "max_context": args.max_context,
                   "rows": len(rows), "mean_rouge_l": mean, "mean_seconds": seconds, "results": results}, args.json)
 

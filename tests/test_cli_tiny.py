@@ -295,6 +295,11 @@ def test_summarize_past_the_context_by_sections_or_compressed(tiny, home, tmp_pa
     text = run("summarize", long_doc, *args, "--past", "sections")
     assert text.exit_code == 0 and f"{past['sections']} sections of up to" in text.stderr
     assert "summarized with snapkv" in text.stderr and "then their summaries read whole" in text.stderr
+    # at a ratio, each section keeps what one compressed read of the whole document would: the ratio of the document
+    by_ratio = json.loads(run("summarize", long_doc, *args[:4], "--ratio", "0.1", *args[6:], "--past", "sections", "--json").stdout)
+    kept = by_ratio["stats"]["extra"]["past_window"]
+    per_layer = int(kept["section_budget"].split()[1])
+    assert abs(per_layer - 0.1 * kept["prompt_tokens"]) <= 1 and kept["section_budget"].endswith("a section (ratio 0.1 of the whole document)")
     compressed = json.loads(run("summarize", long_doc, *args, "--json").stdout)["stats"]  # the default
     assert compressed["read"] == "reindexed" and compressed["extra"]["past_window"]["chunks"] >= 4
     short = json.loads(run("summarize", tmp_path / "short.txt" if (tmp_path / "short.txt").write_text(words(100)) else None, *args, "--json").stdout)["stats"]

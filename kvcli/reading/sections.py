@@ -1,6 +1,7 @@
 """Summaries of documents longer than the context by sections (map-reduce): the document is
 split into sections that each fit the model's positions, each section is summarized on its own
-(read query-aware with the run's method and budget), and the section summaries, joined, are
+(read query-aware with the run's method, keeping as many tokens per layer as one compressed read
+of the whole document would), and the section summaries, joined, are
 summarized by the instruction asked. When the joined summaries are still too long, they are
 summarized in groups again, until they fit. The joined summaries are already the compressed
 document: they are read whole (a full cache of at most `WHOLE_TOKENS`), not compressed again at
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ..errors import InputError
-from ..methods import Full, Method
+from ..methods import Budget, Full, Method
 from .answer import answer
 from .query import QueryAware
 from .reader import Options, Reader, Reading
@@ -86,6 +87,15 @@ class Sections:
         # a section and its part instruction, plus the part summary, fit the context
         self.part_options = replace(options, max_new_tokens=min(PART_TOKENS, options.max_new_tokens), fit="cut")
 
+    def _part_options(self, method: Method, prompt_tokens: int) -> Options:
+        """Each section keeps the tokens per layer that one compressed read of the whole document
+        would (--ratio of the document, not of the section: a section at the document's ratio kept
+        70 of 700 tokens a layer and its summaries lost the facts), so the memory is that read's."""
+        plan, _ = self.reader.budget_plan(method, self.options.budget, prompt_tokens)
+        if plan is None or self.options.budget.tokens is not None:
+            return self.part_options
+        return replace(self.part_options, budget=Budget(tokens=max(1, round(plan.average))))
+
     def section_tokens(self) -> int:
         """The most document tokens one section holds: the context less the prompt around it and the summary's room."""
         around = len(self.reader.prompt("", PART_INSTRUCTION, self.part_options))
@@ -103,15 +113,17 @@ class Sections:
             whole = QueryAware(self.reader, text, self.options)
             if not whole.past_window(instruction):
                 break
-            prompt_tokens = prompt_tokens or len(whole.prompt(instruction))
+            if prompt_tokens is None:
+                prompt_tokens = len(whole.prompt(instruction))
+                part_options = self._part_options(method, prompt_tokens)
             parts = split_sections(self.reader.tokenizer, text, size)
             sections = sections or len(parts)
             summaries = []
             for i, part in enumerate(parts):
                 if on_section is not None:
                     on_section(i, len(parts))
-                reading = QueryAware(self.reader, part, self.part_options).read(PART_INSTRUCTION, method)
-                summaries.append(answer(self.reader, reading, self.part_options).text)
+                reading = QueryAware(self.reader, part, part_options).read(PART_INSTRUCTION, method)
+                summaries.append(answer(self.reader, reading, part_options).text)
             if on_section is not None:
                 on_section(len(parts), len(parts))
             rounds += 1
@@ -121,8 +133,12 @@ class Sections:
         if rounds and len(whole.prompt(instruction)) <= WHOLE_TOKENS:
             reduce = Full()
         reading = whole.read(instruction, reduce, on_layer=on_layer)
+        if rounds:
+            kept = part_options.budget.label
+            if part_options.budget != self.options.budget:
+                kept += f" a section ({self.options.budget.label} of the whole document)"
         if reduce is not method:  # the note says what compressed the sections, not "method full keeps every token"
-            reading.note = f"the sections were read with {method.name} at {self.options.budget.label}; their summaries whole"
+            reading.note = f"the sections were read with {method.name} at {kept}; their summaries whole"
         reading.mode = "sections" if rounds else reading.mode
         reading.charged_s += mapped_s
         if rounds:
@@ -130,7 +146,7 @@ class Sections:
                 "prompt_tokens": prompt_tokens,
                 "positions": self.reader.context_limit(self.options), "strategy": "sections",
                 "sections": sections, "rounds": rounds, "section_tokens": size, "sections_s": round(mapped_s, 3),
-                "section_method": method.name, "section_method_params": method.params(), "section_budget": self.options.budget.label,
+                "section_method": method.name, "section_method_params": method.params(), "section_budget": kept,
                 "summaries_read": "whole" if reduce is not method else method.name,
             }
         return reading
