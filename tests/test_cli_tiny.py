@@ -279,8 +279,8 @@ def test_a_saved_compressed_cache_past_the_context(tiny, home, tmp_path):
 
 
 def test_summarize_past_the_context_by_sections_or_compressed(tiny, home, tmp_path):
-    """summarize on a document 4x --max-context reads it whole re-indexed by default; --past sections summarizes every
-    section, then their summaries (the report says how many); a document that fits is read in one pass either way."""
+    """summarize on a document 4x --max-context summarizes every section, then their summaries, by default (the report
+    says how many); --past compressed reads it whole re-indexed; a document that fits is read in one pass either way."""
     long_doc = tmp_path / "long.txt"
     long_doc.write_text(words(2400))
     args = ["-m", tiny, "--method", "snapkv", "--budget", "64", "--max-new-tokens", "8", "--max-context", "600"]
@@ -300,7 +300,8 @@ def test_summarize_past_the_context_by_sections_or_compressed(tiny, home, tmp_pa
     kept = by_ratio["stats"]["extra"]["past_window"]
     per_layer = int(kept["section_budget"].split()[1])
     assert abs(per_layer - 0.1 * kept["prompt_tokens"]) <= 1 and kept["section_budget"].endswith("a section (ratio 0.1 of the whole document)")
-    compressed = json.loads(run("summarize", long_doc, *args, "--json").stdout)["stats"]  # the default
+    assert json.loads(run("summarize", long_doc, *args, "--json").stdout)["stats"]["read"] == "sections"  # the default
+    compressed = json.loads(run("summarize", long_doc, *args, "--past", "compressed", "--json").stdout)["stats"]
     assert compressed["read"] == "reindexed" and compressed["extra"]["past_window"]["chunks"] >= 4
     short = json.loads(run("summarize", tmp_path / "short.txt" if (tmp_path / "short.txt").write_text(words(100)) else None, *args, "--json").stdout)["stats"]
     assert short["read"] == "query"
