@@ -209,7 +209,8 @@ class KVLayer(CacheLayerMixin):
         return self.base.length if self.base is not None else self.length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
+        # a fork's layer is asked before its first step copies the base in: count the base's entries
+        return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
         return -1

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from kvcli.attention import LayerAttention, ModelAttention, UnsupportedAttention, read_layer_attention
 from kvcli.cli import app
-from kvcli.generate import capture, decode, extend, forward, new_cache, prefill, prepare_model
+from kvcli.generate import ask_after, capture, decode, extend, forward, new_cache, prefill, prepare_model, read_prefix
 from kvcli.methods import REGISTRY, Budget, make_method
 from kvcli.reindex import Reindexer
 from kvcli.repeat import repeat_prefix
@@ -213,6 +213,22 @@ def test_tokens_fed_after_a_cache_see_what_one_pass_sees(name):
     split = extend(model, prefill(model, ids[:, :-10]), ids[:, -10:])
     torch.testing.assert_close(split.logits, whole.logits, atol=1e-5, rtol=0)
     assert split.cache.retained_per_layer() == whole.cache.retained_per_layer()
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_read_once_answers_as_one_pass(name):
+    """A question fed after a fork of a full prefix (read once) gives one pass's logits, tokens and kept positions, models that build their own mask included."""
+    _, model = models(name)
+    ids = prompt()
+    squeezed = compression(model, "snapkv")[0] if name in COMPRESSIBLE else None
+    for question in (None, squeezed):
+        whole = prefill(model, ids, question)
+        prefix = read_prefix(model, ids[:, :-10], window_size=8)
+        once = ask_after(model, prefix, ids[:, -10:], question)
+        torch.testing.assert_close(once.logits, whole.logits, atol=1e-5, rtol=0)
+        for a, b in zip(once.cache.layers, whole.cache.layers, strict=True):
+            assert torch.equal(a.kept_positions(), b.kept_positions())
+        assert list(decode(model, once, NEW_TOKENS, set())) == list(decode(model, whole, NEW_TOKENS, set()))
 
 
 @pytest.mark.parametrize("name", ["gemma2", "gemma3", "cohere2", "gpt-oss"])
