@@ -277,3 +277,36 @@ def test_longrope_refuses_to_move_keys_past_its_short_factors():
     assert not torch.allclose(rerotate(at_zero, start, to, unchecked), past, atol=1e-3)  # the long factors
     with pytest.raises(UnsupportedRope, match="--max-context 512"):
         rerotate(at_zero, start, to, layer_rotary)
+
+
+def test_many_packs_in_bfloat16_round_once():
+    """64 packs of a bfloat16 layer leave its keys as far from the exact rotation as one pack does: each pack
+    rotates from the keys as the model computed them, so bfloat16 rounding does not pile up chunk after chunk."""
+    from kvcli.cache import KVCache
+    from kvcli.reindex import Reindexer
+
+    layout = rotary_layout(_config("Qwen2Config", rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}))
+    raw = _random((1, 2, 300, 16), seed=3).double()  # the key of original position p before RoPE, for p < 300
+
+    def model_keys(original, placed):  # keys of `original` positions as the model computes them at `placed`
+        return rerotate(raw[:, :, original], torch.zeros(2, len(original), dtype=torch.long), _heads(placed, 2), _exact(layout[0]))
+
+    cache = KVCache(1)
+    n = 200
+    cache.layers[0].append(model_keys(torch.arange(n), torch.arange(n)).bfloat16(), torch.zeros(1, 2, n, 16, dtype=torch.bfloat16),
+                           torch.arange(n), rope_positions=torch.arange(n))
+    reindex, layer, errors = Reindexer(layout[:1]), cache.layers[0], []
+    for step in range(64):
+        top = reindex.pack(cache)
+        truth = model_keys(layer.kept_positions()[0], layer.rope_positions()[0])
+        errors.append(float((layer.view()[0].double() - truth).norm() / truth.norm()))
+        # a chunk of one token at `top`, then the oldest entry dropped: every kept entry moves down by one
+        layer.append(model_keys(torch.tensor([n + step]), torch.tensor([top])).bfloat16(), torch.zeros(1, 2, 1, 16, dtype=torch.bfloat16),
+                     torch.tensor([n + step]), rope_positions=torch.tensor([top]))
+        layer.keep(torch.arange(1, n + 1).expand(2, -1))
+    assert errors[-1] < 1.2 * errors[1], errors  # errors[0]: nothing moved yet; errors[1]: one move
+
+
+def _exact(layer_rotary):
+    """The same rotary in float64: a reference with no rounding of its own."""
+    return dataclasses.replace(layer_rotary, inv_freq=layer_rotary.inv_freq.double())
