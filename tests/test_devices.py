@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import embedded_parts
 from safetensors import safe_open
 from test_cli_tiny import one_line_error
 from test_models import save_tiny_llama
@@ -184,10 +185,7 @@ def test_converting_a_real_gguf_to_bfloat16_halves_its_weights(tmp_path):
     """The embedded SmolLM2 GGUF converted for a bfloat16 run holds bfloat16 weights, about half the bytes of its float32 conversion."""
     from kvcli.models.convert import convert_gguf
 
-    try:
-        parts = EMBEDDED["smollm2-135m"].part_paths()
-    except ModelError as err:
-        pytest.skip(str(err))
+    parts = embedded_parts("smollm2-135m")
     gguf = tmp_path / "smollm2.gguf"
     gguf.write_bytes(b"".join(part.read_bytes() for part in parts))
     sizes = {}

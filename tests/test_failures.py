@@ -18,14 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import embedded_parts
 from pdfutil import pdf_bytes
 from test_ingest import encrypted
 from test_models import save_tiny_llama
 from typer.testing import CliRunner
 
 from kvcli.cli import EXIT_INTERRUPTED, app
-from kvcli.errors import ModelError
-from kvcli.models import EMBEDDED
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = str(ROOT / "samples" / "python_exceptions.txt")
@@ -256,10 +255,7 @@ def read_until_text(proc: subprocess.Popen, timeout: float) -> bytes:
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child needs POSIX signals")
 def test_ctrl_c_keeps_the_answer_so_far(model_home):
     """Ctrl-C while the answer streams leaves the text so far on stdout, exits 130, and prints no traceback."""
-    try:
-        EMBEDDED["smollm2-135m"].part_paths()
-    except ModelError as err:
-        pytest.skip(str(err))
+    embedded_parts("smollm2-135m")
     question = "List every built-in exception the document describes and explain each one in detail."
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvcli", "ask", SAMPLE, question, "-m", "smollm2-135m", "--max-context", "1200", "--max-new-tokens", "400"],

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import embedded_parts
 from filelock import FileLock
 from methodutil import tiny_llama
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -461,11 +462,8 @@ def smollm2_home(tmp_path_factory):
 
 
 def needs(name: str) -> EmbeddedModel:
-    """The embedded model, or skip the test when its packages are not installed."""
-    try:
-        EMBEDDED[name].part_paths()
-    except ModelError as err:
-        pytest.skip(str(err))
+    """The embedded model, or skip the test when its packages are not installed (fail it in CI)."""
+    embedded_parts(name)
     return EMBEDDED[name]
 
 
