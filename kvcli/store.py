@@ -7,18 +7,24 @@ layer's last queries, so each later question is compressed query-aware, exactly 
 would). Metadata says which model made it, with which method, from which sources. Loading refuses a file made with another model (another
 architecture, or other weights of the same one such as a fine-tune) or format version, and one
 whose bytes do not match the checksum written with it.
+
+The checksum (`sha256` in the metadata) covers everything the loader reads: the metadata itself
+(every field but the checksum, as canonical JSON), and each tensor's name, dtype, shape and
+bytes, so a file whose metadata was edited by one digit is refused as damaged. Loading reads
+the tensors one at a time straight into their own storage (no copy of the whole file), so the
+peak is about the file's size (benchmarks/kvc_load_peak.py; docs/results.md).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .atomic import write_atomic
@@ -26,8 +32,15 @@ from .cache import KVCache
 from .errors import InputError
 
 # 2: the metadata must hold `weights_fingerprint` (format 1 files only had the config hash).
-FORMAT_VERSION = 2
+# 3: the checksum covers the metadata and each tensor's dtype and shape (format 2's covered the tensors' bytes only).
+FORMAT_VERSION = 3
 _MAGIC = "kvcli-kv-cache"
+_OLDER = {
+    1: "which does not record the model's weights",
+    2: "whose checksum does not cover its metadata",
+}
+# safetensors' dtype names, for the tensors kvcli writes
+_FILE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "I64": torch.int64}
 
 
 KINDS = ("compressed", "full")
@@ -79,12 +92,21 @@ def _tensors(cache: KVCache, dtype: torch.dtype | None = None, extras: dict[str,
     return tensors
 
 
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        digest.update(name.encode())
-        digest.update(tensors[name].view(torch.uint8).numpy().tobytes() if tensors[name].numel() else b"")
-    return digest.hexdigest()
+class _Checksum:
+    """sha256 of a .kvc's metadata (as canonical JSON, the checksum left out), then of each tensor,
+    in name order: its name, safetensors dtype and shape, then its bytes."""
+
+    def __init__(self, meta: dict) -> None:
+        unchecked = {key: value for key, value in meta.items() if key != "sha256"}
+        self.digest = hashlib.sha256(json.dumps(unchecked, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+
+    def add(self, name: str, file_dtype: str, tensor: torch.Tensor) -> None:
+        self.digest.update(json.dumps([name, file_dtype, list(tensor.shape)]).encode() + b"\n")
+        if tensor.numel():
+            self.digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # hashed in place, not copied
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()
 
 
 def save_cache(path: str | Path, cache: KVCache, meta: dict, dtype: torch.dtype | None = None,
@@ -107,26 +129,53 @@ def save_cache(path: str | Path, cache: KVCache, meta: dict, dtype: torch.dtype 
     tensors = _tensors(cache, dtype, extras)
     if dtype is not None:
         meta = dict(meta, storage_dtype=str(dtype).removeprefix("torch."))
-    header = dict(meta, format=_MAGIC, format_version=FORMAT_VERSION, num_layers=cache.num_layers, payload_sha256=_checksum(tensors))
+    header = dict(meta, format=_MAGIC, format_version=FORMAT_VERSION, num_layers=cache.num_layers)
+    header = json.loads(json.dumps(header, ensure_ascii=False))  # as the loader will read it back (tuples are lists)
+    checksum = _Checksum(header)
+    names = {dtype: name for name, dtype in _FILE_DTYPES.items()}
+    for name in sorted(tensors):
+        checksum.add(name, names[tensors[name].dtype], tensors[name])
+    header["sha256"] = checksum.hexdigest()
     data = st_save(tensors, metadata={"kvcli": json.dumps(header, ensure_ascii=False)})
     return write_atomic(path, data, durable=True)
 
 
-def _read_header(raw: bytes, path: Path) -> dict:
-    """The metadata of a .kvc file, without loading its tensors."""
-    if len(raw) < 8:
+def _read_header(handle, path: Path) -> tuple[dict, dict, int]:
+    """(the kvcli metadata, the tensors' safetensors entries, where their data starts) of an open .kvc."""
+    file_size = os.fstat(handle.fileno()).st_size
+    first = handle.read(8)
+    if len(first) < 8:
         raise InputError(f"{path} is not a kvcli cache (too short); make one with `kvcli read` or `kvcli compress`")
-    size = int.from_bytes(raw[:8], "little")
-    if size <= 0 or 8 + size > len(raw):
+    size = int.from_bytes(first, "little")
+    if size <= 0 or 8 + size > file_size:
         raise InputError(f"{path} is truncated or not a kvcli cache; make it again with `kvcli read` or `kvcli compress`")
     try:
-        header = json.loads(raw[8 : 8 + size])
-        meta = json.loads(header["__metadata__"]["kvcli"])
-    except (ValueError, KeyError, TypeError):
+        header = json.loads(handle.read(size))
+        meta = json.loads(header.pop("__metadata__")["kvcli"])
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise InputError(f"{path} is not a kvcli cache (no kvcli metadata); make one with `kvcli read` or `kvcli compress`") from None
-    if meta.get("format") != _MAGIC:
+    if not isinstance(meta, dict) or meta.get("format") != _MAGIC:
         raise InputError(f"{path} is not a kvcli cache; make one with `kvcli read` or `kvcli compress`")
-    return meta
+    return meta, header, 8 + size
+
+
+def _read_tensor(handle, path: Path, name: str, entry, data_start: int) -> tuple[str, torch.Tensor]:
+    """One tensor read from the open file straight into its own storage: (its safetensors dtype, the tensor)."""
+    try:
+        file_dtype, shape, (start, stop) = entry["dtype"], [int(n) for n in entry["shape"]], entry["data_offsets"]
+        dtype = _FILE_DTYPES[file_dtype]
+        nbytes = int(stop) - int(start)
+        if min(shape, default=0) < 0 or nbytes != math.prod(shape) * dtype.itemsize or int(start) < 0:
+            raise ValueError
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f"{path} is corrupted (tensor {name} is not one kvcli writes); compress the documents again") from None
+    if data_start + int(stop) > os.fstat(handle.fileno()).st_size:  # checked before memory is set aside for it
+        raise InputError(f"{path} is truncated (tensor {name} is cut short); compress the documents again")
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    handle.seek(data_start + int(start))
+    if nbytes and handle.readinto(buffer.numpy()) != nbytes:
+        raise InputError(f"{path} is truncated (tensor {name} is cut short); compress the documents again")
+    return file_dtype, buffer.view(dtype).view(shape)
 
 
 def load_cache(
@@ -140,16 +189,53 @@ def load_cache(
     """Read a `.kvc` file, refusing one made with another model or format, or damaged.
 
     With `weights_fingerprint` (`LoadedModel.weights_fingerprint`), a file made with other weights
-    of the same architecture is refused too; `dtype` is the dtype the model was loaded in.
+    of the same architecture is refused too; `dtype` is the dtype the model was loaded in. Each
+    tensor is read into its own storage and moved to `device` and `dtype` before the next is
+    read, so loading holds about the file's size at its peak, not a copy of the file besides.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"cache file {path} does not exist; make one with `kvcli read FILES -o {path}` (answers query-aware) or `kvcli compress`")
-    raw = path.read_bytes()
-    meta = _read_header(raw, path)
+    with open(path, "rb") as handle:
+        meta, entries, data_start = _read_header(handle, path)
+        _check_made_with(meta, path, config_hash, model_name, dtype, weights_fingerprint)
+        checksum = _Checksum(meta)
+        tensors = {}
+        for name in sorted(entries):
+            file_dtype, tensor = _read_tensor(handle, path, name, entries[name], data_start)
+            checksum.add(name, file_dtype, tensor)
+            if dtype is not None and tensor.is_floating_point() and not name.endswith(".accumulated"):
+                tensor = tensor.to(dtype)
+            tensors[name] = tensor.to(device) if tensor.is_floating_point() else tensor
+    if checksum.hexdigest() != meta.get("sha256"):
+        raise InputError(f"{path} is corrupted (its checksum does not match); compress the documents again")
+    num_layers = int(meta["num_layers"])
+    cache = KVCache(num_layers)
+    for i in range(num_layers):
+        try:
+            keys, values, positions = (tensors.pop(f"layer.{i}.{n}") for n in ("keys", "values", "positions"))
+        except KeyError:
+            raise InputError(f"{path} is corrupted (layer {i} is missing); compress the documents again") from None
+        rope = tensors.pop(f"layer.{i}.rope", None)
+        cache.layers[i].load(keys, values, positions.to(torch.long), None if rope is None else rope.to(torch.long))
+    extras = {}
+    for name in ("tail_queries", "accumulated"):
+        if f"layer.0.{name}" in tensors:
+            try:
+                extras[name] = [tensors[f"layer.{i}.{name}"] for i in range(num_layers)]
+            except KeyError:
+                raise InputError(f"{path} is corrupted (a layer's {name} is missing); compress the documents again") from None
+    if meta.get("kind", "compressed") == "full" and "tail_queries" not in extras:
+        raise InputError(f"{path} is corrupted (a full prefix without its queries); read the documents again")
+    return SavedCache(cache=cache, meta=meta, extras=extras or None)
+
+
+def _check_made_with(meta: dict, path: Path, config_hash: str, model_name: str, dtype: torch.dtype | None,
+                     weights_fingerprint: str | None) -> None:
+    """Refuse a file of another format version or made with another model, before its tensors are read."""
     version = meta.get("format_version")
-    if version == 1:
-        raise InputError(f"{path} was written by an older kvcli in cache format 1, which does not record the model's weights; compress the documents again")
+    if version in _OLDER:
+        raise InputError(f"{path} was written by an older kvcli in cache format {version}, {_OLDER[version]}; compress the documents again")
     if version != FORMAT_VERSION:
         raise InputError(f"{path} was written in cache format {version}, this kvcli reads format {FORMAT_VERSION}; compress the documents again")
     if meta.get("config_hash") != config_hash:
@@ -159,32 +245,6 @@ def load_cache(
         raise InputError(f"{path} does not record which weights made it; compress the documents again")
     if weights_fingerprint is not None and stored != weights_fingerprint:
         raise InputError(_weights_mismatch(path, model_name, meta.get("dtype"), dtype))
-    try:
-        tensors = st_load(raw)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise InputError(f"{path} is corrupted ({str(exc).splitlines()[0]}); compress the documents again") from None
-    if _checksum(tensors) != meta.get("payload_sha256"):
-        raise InputError(f"{path} is corrupted (its checksum does not match); compress the documents again")
-    num_layers = int(meta["num_layers"])
-    cache = KVCache(num_layers)
-    for i in range(num_layers):
-        try:
-            keys, values, positions = (tensors[f"layer.{i}.{n}"] for n in ("keys", "values", "positions"))
-        except KeyError:
-            raise InputError(f"{path} is corrupted (layer {i} is missing); compress the documents again") from None
-        if dtype is not None:
-            keys, values = keys.to(dtype), values.to(dtype)
-        rope = tensors.get(f"layer.{i}.rope")
-        cache.layers[i].load(keys.to(device), values.to(device), positions.to(torch.long), None if rope is None else rope.to(torch.long))
-    extras = {}
-    for name in ("tail_queries", "accumulated"):
-        if f"layer.0.{name}" in tensors:
-            extras[name] = [tensors[f"layer.{i}.{name}"].to(device) for i in range(num_layers)]
-    if meta.get("kind", "compressed") == "full" and "tail_queries" not in extras:
-        raise InputError(f"{path} is corrupted (a full prefix without its queries); read the documents again")
-    if dtype is not None and "tail_queries" in extras:
-        extras["tail_queries"] = [t.to(dtype) for t in extras["tail_queries"]]
-    return SavedCache(cache=cache, meta=meta, extras=extras or None)
 
 
 def _weights_mismatch(path: Path, model_name: str, saved_dtype: str | None, dtype: torch.dtype | None) -> str:

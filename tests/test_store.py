@@ -31,17 +31,26 @@ META = {
 }
 
 
-def rewrite_header(path, change) -> None:
-    """Edit the JSON metadata of a .kvc file in place (keeping its tensors)."""
+def rewrite_file_header(path, change) -> None:
+    """Edit the safetensors JSON header of a .kvc file in place (keeping its tensors' bytes)."""
     raw = path.read_bytes()
     size = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + size])
-    meta = json.loads(header["__metadata__"]["kvcli"])
-    change(meta)
-    header["__metadata__"]["kvcli"] = json.dumps(meta)
+    change(header)
     new = json.dumps(header).encode()
     new += b" " * (-len(new) % 8)
     path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + size :])
+
+
+def rewrite_header(path, change) -> None:
+    """Edit the JSON metadata of a .kvc file in place (keeping its tensors)."""
+
+    def edit(header):
+        meta = json.loads(header["__metadata__"]["kvcli"])
+        change(meta)
+        header["__metadata__"]["kvcli"] = json.dumps(meta)
+
+    rewrite_file_header(path, edit)
 
 
 def test_round_trip_keeps_every_layer(tmp_path):
@@ -50,7 +59,7 @@ def test_round_trip_keeps_every_layer(tmp_path):
     path = tmp_path / "doc.kvc"
     save_cache(path, cache, META)
     loaded = load_cache(path, "abc", "m", weights_fingerprint="w1")
-    assert loaded.meta["format_version"] == FORMAT_VERSION == 2 and loaded.meta["weights_fingerprint"] == "w1"
+    assert loaded.meta["format_version"] == FORMAT_VERSION == 3 and loaded.meta["weights_fingerprint"] == "w1"
     assert loaded.prompt_tokens == 40 and loaded.meta["method"] == "dynamickv"
     for a, b in zip(cache.layers, loaded.cache.layers):
         assert torch.equal(a.kept_positions(), b.kept_positions())
@@ -172,3 +181,72 @@ def test_clone_is_independent():
     layer.append(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 4), torch.tensor([99]))
     assert cache.retained_per_layer() == [5, 8, 11]
     assert copy.retained_per_layer() == [6, 8, 11]
+
+
+FULL_META = dict(META, kind="compressed", next_position=1234, method_params={"window_size": 32, "kernel_size": 7},
+                 sources=[{"path": "notes/a.txt", "start": 0, "end": 120}, {"path": "notes/b.txt", "start": 120, "end": 400}])
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: m.update(prompt_tokens=41),
+        lambda m: m.update(next_position=1235),
+        lambda m: m["method_params"].update(window_size=33),
+        lambda m: m["sources"][1].update(end=401),
+        lambda m: m["sources"][0].update(path="notes/c.txt"),
+        lambda m: m.update(num_layers=2),
+        lambda m: m.update(kind="full"),
+        lambda m: m.update(extra_field=1),
+    ],
+    ids=["prompt_tokens", "next_position", "method_knob", "source_end", "source_name", "num_layers", "kind", "added_field"],
+)
+def test_a_one_digit_metadata_edit_is_refused(tmp_path, change):
+    """A .kvc whose metadata was changed in one field (one digit of a number, a source, a knob) is refused as damaged, in one line."""
+    path = tmp_path / "doc.kvc"
+    save_cache(path, small_cache(), FULL_META)
+    assert load_cache(path, "abc", "m").meta["next_position"] == 1234  # the file loads as written
+    rewrite_header(path, change)
+    with pytest.raises(InputError, match="corrupted .its checksum does not match.; compress the documents again") as info:
+        load_cache(path, "abc", "m", weights_fingerprint="w1")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda h: h["layer.0.keys"].update(shape=[1, 2, 4, 5]),  # the same bytes read as another shape
+        lambda h: h["layer.1.values"].update(dtype="I32"),  # the same bytes read as another dtype
+        lambda h: h.update({"layer.0.keys": h["layer.0.values"], "layer.0.values": h["layer.0.keys"]}),  # names swapped
+    ],
+    ids=["shape", "dtype", "names"],
+)
+def test_an_edited_tensor_header_is_refused(tmp_path, change):
+    """A .kvc whose safetensors header reads the same bytes as other shapes, dtypes or tensors is refused as damaged."""
+    path = tmp_path / "doc.kvc"
+    save_cache(path, small_cache(), META)
+    rewrite_file_header(path, change)
+    with pytest.raises(InputError, match="corrupted"):
+        load_cache(path, "abc", "m")
+
+
+def test_a_format_2_file_is_refused_in_one_line(tmp_path):
+    """A file of cache format 2, whose checksum covered its tensors only, is refused with a line saying so and what to do."""
+    path = tmp_path / "doc.kvc"
+    save_cache(path, small_cache(), META)
+    rewrite_header(path, lambda m: m.update(format_version=2))
+    with pytest.raises(InputError, match="older kvcli in cache format 2, whose checksum does not cover its metadata; compress the documents again"):
+        load_cache(path, "abc", "m", weights_fingerprint="w1")
+
+
+def test_a_bfloat16_file_loads_into_the_models_dtype(tmp_path):
+    """A cache saved in bfloat16 loads into the model's float32, equal to the bfloat16 values, positions exact."""
+    cache = small_cache()
+    path = tmp_path / "doc.kvc"
+    save_cache(path, cache, META, dtype=torch.bfloat16)
+    loaded = load_cache(path, "abc", "m", dtype=torch.float32)
+    assert loaded.meta["storage_dtype"] == "bfloat16"
+    for a, b in zip(cache.layers, loaded.cache.layers):
+        assert torch.equal(a.kept_positions(), b.kept_positions())
+        for x, y in zip(a.view(), b.view()):
+            assert y.dtype == torch.float32 and torch.equal(x.bfloat16().float(), y)
