@@ -159,8 +159,26 @@ def _read_header(handle, path: Path) -> tuple[dict, dict, int]:
     return meta, header, 8 + size
 
 
-def _read_tensor(handle, path: Path, name: str, entry, data_start: int) -> tuple[str, torch.Tensor]:
-    """One tensor read from the open file straight into its own storage: (its safetensors dtype, the tensor)."""
+class _Scratch:
+    """One uint8 buffer, replaced by a larger one when a tensor needs more, reused tensor after tensor."""
+
+    def __init__(self) -> None:
+        self.buffer = torch.empty(0, dtype=torch.uint8)
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        if self.buffer.numel() < nbytes:
+            self.buffer = torch.empty(nbytes, dtype=torch.uint8)
+        return self.buffer[:nbytes]
+
+
+def _read_tensor(handle, path: Path, name: str, entry, data_start: int,
+                 scratch: _Scratch | None = None) -> tuple[str, torch.Tensor]:
+    """One tensor read from the open file straight into its own storage: (its safetensors dtype, the tensor).
+
+    With `scratch` the tensor is read into its reused buffer instead, for a
+    tensor that is converted or moved right after: one buffer reused, where a fresh one per
+    tensor left the allocator holding about the whole file (measured: 1.5x the loaded cache).
+    """
     try:
         file_dtype, shape, (start, stop) = entry["dtype"], [int(n) for n in entry["shape"]], entry["data_offsets"]
         dtype = _FILE_DTYPES[file_dtype]
@@ -171,7 +189,7 @@ def _read_tensor(handle, path: Path, name: str, entry, data_start: int) -> tuple
         raise InputError(f"{path} is corrupted (tensor {name} is not one kvcli writes); compress the documents again") from None
     if data_start + int(stop) > os.fstat(handle.fileno()).st_size:  # checked before memory is set aside for it
         raise InputError(f"{path} is truncated (tensor {name} is cut short); compress the documents again")
-    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    buffer = torch.empty(nbytes, dtype=torch.uint8) if scratch is None else scratch.take(nbytes)
     handle.seek(data_start + int(start))
     if nbytes and handle.readinto(buffer.numpy()) != nbytes:
         raise InputError(f"{path} is truncated (tensor {name} is cut short); compress the documents again")
@@ -201,12 +219,18 @@ def load_cache(
         _check_made_with(meta, path, config_hash, model_name, dtype, weights_fingerprint)
         checksum = _Checksum(meta)
         tensors = {}
+        scratch = _Scratch()  # what is read only to be converted or moved
+        on_cpu = torch.device(device).type == "cpu"
         for name in sorted(entries):
-            file_dtype, tensor = _read_tensor(handle, path, name, entries[name], data_start)
+            entry = entries[name]
+            stored = _FILE_DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) else None
+            floating = stored is not None and stored.is_floating_point
+            # keys, values and queries take the model's dtype; `accumulated` stays as saved (float32)
+            wanted = dtype if floating and dtype is not None and not name.endswith(".accumulated") else stored
+            copied = floating and (wanted != stored or not on_cpu)
+            file_dtype, tensor = _read_tensor(handle, path, name, entry, data_start, scratch if copied else None)
             checksum.add(name, file_dtype, tensor)
-            if dtype is not None and tensor.is_floating_point() and not name.endswith(".accumulated"):
-                tensor = tensor.to(dtype)
-            tensors[name] = tensor.to(device) if tensor.is_floating_point() else tensor
+            tensors[name] = tensor.to(device=device, dtype=wanted, copy=True) if copied else tensor
     if checksum.hexdigest() != meta.get("sha256"):
         raise InputError(f"{path} is corrupted (its checksum does not match); compress the documents again")
     num_layers = int(meta["num_layers"])
