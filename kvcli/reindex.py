@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import KvcliError
 from .rope import LayerRotary, rerotate
 
 
@@ -73,6 +74,8 @@ class Reindexer:
         else:
             old = at < self.top  # (num_kv_heads, n): entries placed by an earlier pack, not fed since
             found = torch.searchsorted(previous.positions, positions).clamp(max=previous.positions.shape[1] - 1)
+            if not torch.equal(previous.positions.gather(1, found)[old], positions[old]):
+                raise KvcliError("internal: a packed entry is missing from the keys the re-indexing rotates from")
             gather = found[None, :, :, None].expand(-1, -1, -1, keys.shape[3])  # (1, num_kv_heads, n, head_dim)
             keys = torch.where(old[None, :, :, None], previous.keys.gather(2, gather), keys)
             at = torch.where(old, previous.at.gather(1, found), at)
