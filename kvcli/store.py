@@ -175,9 +175,9 @@ def _read_tensor(handle, path: Path, name: str, entry, data_start: int,
                  scratch: _Scratch | None = None) -> tuple[str, torch.Tensor]:
     """One tensor read from the open file straight into its own storage: (its safetensors dtype, the tensor).
 
-    With `scratch` the tensor is read into its reused buffer instead, for a
-    tensor that is converted or moved right after: one buffer reused, where a fresh one per
-    tensor left the allocator holding about the whole file (measured: 1.5x the loaded cache).
+    With `scratch` it is read into that reused buffer instead, for a tensor converted or moved
+    right after: a fresh buffer per such tensor left the allocator holding about the whole file
+    (1.5x the loaded cache, docs/results.md).
     """
     try:
         file_dtype, shape, (start, stop) = entry["dtype"], [int(n) for n in entry["shape"]], entry["data_offsets"]
@@ -258,7 +258,7 @@ def _check_made_with(meta: dict, path: Path, config_hash: str, model_name: str, 
                      weights_fingerprint: str | None) -> None:
     """Refuse a file of another format version or made with another model, before its tensors are read."""
     version = meta.get("format_version")
-    if version in _OLDER:
+    if isinstance(version, int) and version in _OLDER:
         raise InputError(f"{path} was written by an older kvcli in cache format {version}, {_OLDER[version]}; compress the documents again")
     if version != FORMAT_VERSION:
         raise InputError(f"{path} was written in cache format {version}, this kvcli reads format {FORMAT_VERSION}; compress the documents again")
