@@ -17,3 +17,8 @@ class ModelError(KvcliError):
 
 class BudgetError(KvcliError):
     """The compression budget or method parameters are invalid."""
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """`text` for a one-line message, cut in the middle when long (a pasted paragraph, not a path)."""
+    return text if len(text) <= limit else f"{text[: limit // 2]}...{text[-(limit // 2):]}"
