@@ -103,3 +103,9 @@ def test_forgotten_question_with_empty_stdin_says_the_question_is_missing(tiny, 
     """`kvcli ask doc.txt < /dev/null` says the question is missing, not that stdin is empty."""
     line = one_line_error(run("ask", doc, "-m", tiny, input=""), "the question is missing")
     assert "stdin is empty" not in line
+
+
+@pytest.mark.parametrize("command, says", [("summarize", "--focus"), ("chat", "kvcli> prompt")])
+def test_question_typed_where_documents_go_is_refused(command, says, doc):
+    """`summarize doc "focus on costs"` and `chat doc "Who?"` say the command takes no question, not that a file is missing."""
+    one_line_error(run(command, doc, "what are the costs?", "-m", "no-such-model"), "reads as a question", says)

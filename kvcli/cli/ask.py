@@ -73,6 +73,14 @@ def check_question_argument(text: str, fix: str) -> None:
                          'or give the question with -q "question"')
 
 
+def refuse_questions_as_documents(files: list[str], fix: str) -> None:
+    """For commands that take no question (`summarize`, `chat`): a document argument that names
+    nothing and holds a space is a question typed where the documents go; `fix` says what to do."""
+    for arg in files:
+        if arg != "-" and path_kind(arg) is None and any(space in arg for space in " \t\n"):
+            raise InputError(f"{shorten(arg)!r} is not a file or folder, and reads as a question; {fix}")
+
+
 def path_kind(text: str) -> str | None:
     """'file' or 'folder' when `text` names one, else None: text that cannot be a path at all
     (too long a name, a NUL, a folder that cannot be searched) names nothing, and never raises."""
@@ -232,6 +240,7 @@ def summarize(
     if past not in ("sections", "compressed"):
         raise InputError(f"--past must be sections or compressed, got {past!r}")
     files = list(files or [])
+    refuse_questions_as_documents(files, 'summarize takes no question: steer it with --focus "TEXT", or use kvcli ask')
     if cache and files:
         raise InputError("give documents or --cache, not both")
     if not files and not cache:
@@ -241,4 +250,4 @@ def summarize(
     answer_all(files, [instruction], run, cache=cache, include=include or (), exclude=exclude or (), past=past)
 
 
-__all__ = ["answer_all", "ask", "split_arguments", "summarize"]
+__all__ = ["answer_all", "ask", "refuse_questions_as_documents", "split_arguments", "summarize"]
