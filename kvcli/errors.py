@@ -11,6 +11,10 @@ class InputError(KvcliError):
     """A document, path or option the user gave cannot be used."""
 
 
+class OutputError(InputError):
+    """A file kvcli was asked to write, or keeps under KVCLI_HOME, cannot be written there."""
+
+
 class ModelError(KvcliError):
     """The model cannot be found, verified or loaded."""
 

@@ -3,15 +3,20 @@ that cannot be paths, outputs that cannot be written, text that is not UTF-8."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 from pathlib import Path
 
 import pytest
+from test_chat import Terminal
+from test_chat import folder as chat_folder  # noqa: F401  (a fixture: a tiny model, doc.txt and KVCLI_HOME)
 from test_cli_tiny import one_line_error, run, words
 from test_models import save_tiny_llama
 
 from kvcli.cli.ask import split_arguments
-from kvcli.errors import InputError
+from kvcli.errors import InputError, OutputError
 from kvcli.ingest import read_documents
 
 LONG_QUESTION = "What is the code word mentioned in the note, and please explain carefully? " * 5  # 375 characters
@@ -109,3 +114,93 @@ def test_forgotten_question_with_empty_stdin_says_the_question_is_missing(tiny, 
 def test_question_typed_where_documents_go_is_refused(command, says, doc):
     """`summarize doc "focus on costs"` and `chat doc "Who?"` say the command takes no question, not that a file is missing."""
     one_line_error(run(command, doc, "what are the costs?", "-m", "no-such-model"), "reads as a question", says)
+
+
+# item 2: a place kvcli cannot write is one line, found before the model loads where it can be
+
+
+def read_only_folder(monkeypatch, folder: Path) -> None:
+    """`folder` refuses new files as a read-only mount does (as root, chmod alone would not stop a write)."""
+    import tempfile
+
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == folder:
+            raise OSError(errno.EROFS, "Read-only file system", str(folder))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+def bad_targets(tmp_path: Path, suffix: str) -> dict[str, Path]:
+    """Places no output can go: under a file, in a missing folder, a folder itself, a read-only folder."""
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / f"adir{suffix}").mkdir()
+    (tmp_path / "ro").mkdir()
+    return {"Not a directory|is not a folder": tmp_path / "afile" / f"out{suffix}",
+            "does not exist": tmp_path / "missing" / f"out{suffix}",
+            "is a folder": tmp_path / f"adir{suffix}",
+            "Read-only file system": tmp_path / "ro" / f"out{suffix}"}
+
+
+@pytest.mark.parametrize("command, flag, suffix", [
+    (["read", "DOC"], "-o", ".kvc"), (["compress", "DOC"], "-o", ".kvc"), (["inspect", "DOC"], "--plot", ".png"),
+    (["eval", "--niah", "--haystack", "DOC"], "-o", ".json"), (["batch", "JOBS"], "-o", ".jsonl"),
+])
+def test_unwritable_output_is_refused_before_the_model_loads(command, flag, suffix, doc, tmp_path, monkeypatch, home):
+    """Every output option refuses a place it cannot write, in one line naming it, before the model loads (no model exists)."""
+    pytest.importorskip("matplotlib")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"documents": str(doc), "question": "w1?"}) + "\n")
+    read_only_folder(monkeypatch, tmp_path / "ro")
+    args = [str(doc) if a == "DOC" else str(jobs) if a == "JOBS" else a for a in command]
+    for says, target in bad_targets(tmp_path, suffix).items():
+        line = one_line_error(run(*args, flag, target, "-m", tmp_path / "no-model"))
+        assert re.search(says, line) and target.name in line, line
+
+
+def test_write_failing_part_way_is_one_line(tiny, home, doc, tmp_path, monkeypatch):
+    """A disk that fills while the .kvc is written gives one line naming the file, and leaves no partial file."""
+    target = tmp_path / "out" / "doc.kvc"
+    target.parent.mkdir()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    one_line_error(run("read", doc, "-o", target, "-m", tiny), "cannot write", "doc.kvc", "No space left on device")
+    assert list(target.parent.iterdir()) == []
+
+
+def test_unwritable_kvcli_home_is_one_line(tiny, doc, tmp_path, monkeypatch):
+    """A KVCLI_HOME kvcli cannot write (here under a file) is one line naming it and KVCLI_HOME, when the profile is first needed."""
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("KVCLI_HOME", str(tmp_path / "afile" / "home"))
+    monkeypatch.delenv("KVCLI_METHOD", raising=False)
+    one_line_error(run("ask", doc, "w1?", "-m", tiny, "--method", "evidencekv"), "cannot write", "set KVCLI_HOME")
+
+
+def test_read_only_kvcli_home_refuses_before_locking(tmp_path, monkeypatch):
+    """A read-only KVCLI_HOME folder is found by making a file there, not by waiting on a lock that cannot be taken."""
+    from kvcli.models.checkpoints import home_folder
+
+    monkeypatch.setenv("KVCLI_HOME", str(tmp_path))
+    (tmp_path / "profiles").mkdir()
+    read_only_folder(monkeypatch, tmp_path / "profiles")
+    with pytest.raises(OutputError, match=r"Read-only file system.*set KVCLI_HOME"):
+        home_folder("profiles")
+    assert home_folder("models") == tmp_path / "models"
+
+
+def test_failed_save_in_chat_keeps_the_session(chat_folder):
+    """In a real terminal, /save to a place that cannot be written is one error line; the session answers and saves after it."""
+    (chat_folder / "afile").write_text("x")
+    term = Terminal(chat_folder, "--max-new-tokens", "4")
+    said = term.command("/save afile/x.kvc")
+    lines = [line for line in said.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("kvcli: error:") and "afile" in lines[0], said
+    assert term.ask("w1?")[0]
+    assert "saved" in term.command("/save good.kvc")
+    assert term.leave("/exit") == 0
+    assert (chat_folder / "good.kvc").is_file()
