@@ -7,9 +7,12 @@ import errno
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_chat import Terminal
 from test_chat import folder as chat_folder  # noqa: F401  (a fixture: a tiny model, doc.txt and KVCLI_HOME)
 from test_cli_tiny import one_line_error, run, words
@@ -204,3 +207,57 @@ def test_failed_save_in_chat_keeps_the_session(chat_folder):
     assert "saved" in term.command("/save good.kvc")
     assert term.leave("/exit") == 0
     assert (chat_folder / "good.kvc").is_file()
+
+
+# item 8: text that is not UTF-8 is read in the encoding it was written in, and says so
+
+WESTERN_WORDS = "Zürich café Straße naïve Genève façade schön très Müller Köln größer déjà élève señor año München Bücher über".split()
+PLAIN_WORDS = "the meeting is on Tuesday and we will talk about the plan".split()
+
+
+@pytest.mark.parametrize("text, encoding", [
+    ("Zürich", "latin-1"),
+    ("Die Sitzung in Zürich ist am Dienstag. Das Codewort ist PELIKAN.", "latin-1"),
+    ("Le café est très apprécié à Genève, où l'été est doux.", "cp1252"),
+    ("Привет, как дела? Встреча в Москве во вторник.", "cp1251"),
+    ("これは日本語のテキストです。会議は火曜日です。", "shift_jis"),
+])
+def test_legacy_encodings_are_read_exactly_and_named(text, encoding, tmp_path):
+    """A file in a legacy encoding reads as the text written, with one warning naming the file and the encoding assumed."""
+    path = tmp_path / "old.txt"
+    path.write_bytes(text.encode(encoding))
+    doc = read_documents([str(path)])
+    assert doc.text == text
+    assert len(doc.warnings) == 1 and "old.txt is not UTF-8: read as" in doc.warnings[0]
+    source = doc.sources[0]
+    assert doc.encodings == {source.name: source.encoding} and f"read as {source.encoding}," in doc.warnings[0]
+
+
+def test_utf8_names_no_encoding(tmp_path):
+    """UTF-8 text (with or without a BOM) is read as it is, with no warning and no encoding recorded."""
+    path = tmp_path / "new.txt"
+    path.write_bytes("\ufeffZürich".encode("utf-8"))
+    doc = read_documents([str(path)])
+    assert doc.text == "Zürich" and doc.warnings == () and doc.encodings == {}
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.lists(st.sampled_from(WESTERN_WORDS + PLAIN_WORDS), min_size=1, max_size=30).filter(lambda words: not " ".join(words).isascii()))
+def test_western_text_in_cp1252_reads_back_exactly(words):
+    """Western European text saved in cp1252 (or latin-1) is read back exactly: the code pages that tie with it lose."""
+    text = " ".join(words)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "note.txt"
+        path.write_bytes(text.encode("cp1252"))
+        assert read_documents([str(path)]).text == text
+
+
+def test_json_and_report_say_the_encoding_assumed(tiny, home, tmp_path, monkeypatch):
+    """`ask --json` carries the encoding a non-UTF-8 document was read in, and the report on stderr names it."""
+    monkeypatch.chdir(tmp_path)
+    Path("old.txt").write_bytes(("Zürich " + words(50)).encode("latin-1"))
+    data = run("ask", "old.txt", "w1?", "-m", tiny, "--method", "snapkv", "--max-new-tokens", "2", "--json")
+    assert data.exit_code == 0, data.stderr
+    assert json.loads(data.stdout)["stats"]["extra"]["encodings"] == {"old.txt": "cp1252"}
+    text = run("ask", "old.txt", "w1?", "-m", tiny, "--method", "snapkv", "--max-new-tokens", "2")
+    assert re.search(r"encoding\s+old\.txt: cp1252", text.stderr), text.stderr

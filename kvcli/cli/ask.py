@@ -149,6 +149,8 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
                     reading = mode.read(question, method, on_layer=on_layer)
         stats = run_stats(reader, reading)
         stats.extra.update(prefix.extra if prefix is not None else {})
+        if doc is not None and doc.encodings:
+            stats.extra["encodings"] = doc.encodings
         if "prefix" in stats.extra:
             stats.extra["prefix"]["questions"] = len(questions)
         try:
