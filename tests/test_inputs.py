@@ -15,27 +15,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_chat import Terminal
 from test_chat import folder as chat_folder  # noqa: F401  (a fixture: a tiny model, doc.txt and KVCLI_HOME)
+from test_cli_tiny import doc, tiny  # noqa: F401  (fixtures: a 300-word doc.txt, a two-layer random Llama)
 from test_cli_tiny import one_line_error, run, words
-from test_models import save_tiny_llama
 
 from kvcli.cli.ask import split_arguments
 from kvcli.errors import InputError, OutputError
 from kvcli.ingest import read_documents
 
 LONG_QUESTION = "What is the code word mentioned in the note, and please explain carefully? " * 5  # 375 characters
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    """A two-layer random Llama folder with 1,024 positions."""
-    return str(save_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny", max_positions=1024))
-
-
-@pytest.fixture
-def doc(tmp_path) -> Path:
-    path = tmp_path / "doc.txt"
-    path.write_text(words(300))
-    return path
 
 
 # item 1: a question longer than a file name may be
