@@ -248,3 +248,4 @@ def test_json_and_report_say_the_encoding_assumed(tiny, home, tmp_path, monkeypa
     assert json.loads(data.stdout)["stats"]["extra"]["encodings"] == {"old.txt": "cp1252"}
     text = run("ask", "old.txt", "w1?", "-m", tiny, "--method", "snapkv", "--max-new-tokens", "2")
     assert re.search(r"encoding\s+old\.txt: cp1252", text.stderr), text.stderr
+
