@@ -11,9 +11,18 @@ class InputError(KvcliError):
     """A document, path or option the user gave cannot be used."""
 
 
+class OutputError(InputError):
+    """A file kvcli was asked to write, or keeps under KVCLI_HOME, cannot be written there."""
+
+
 class ModelError(KvcliError):
     """The model cannot be found, verified or loaded."""
 
 
 class BudgetError(KvcliError):
     """The compression budget or method parameters are invalid."""
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """`text` for a one-line message, cut in the middle when long (a pasted paragraph, not a path)."""
+    return text if len(text) <= limit else f"{text[: limit // 2]}...{text[-(limit // 2):]}"

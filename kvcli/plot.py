@@ -10,6 +10,7 @@ import os
 from importlib.util import find_spec
 from pathlib import Path
 
+from .atomic import check_output, writing
 from .errors import InputError
 from .inspect import PositionMap
 from .stats import RunStats
@@ -21,14 +22,11 @@ LABEL_PT = 8  # font size of the page and file labels
 
 def check_target(path: str) -> Path:
     """The plot file, checked before any model work: known format, existing folder, matplotlib installed."""
-    target = Path(path)
-    if target.suffix.lower() not in FORMATS:
+    if Path(path).suffix.lower() not in FORMATS:
         raise InputError(f"--plot {path}: use a .png or .svg file name")
-    if not target.parent.exists():
-        raise InputError(f"--plot {path}: folder {target.parent} does not exist")
     if find_spec("matplotlib") is None:
         raise InputError("--plot needs matplotlib: pip install 'kvcli[plot]'")
-    return target
+    return check_output(path, "--plot")
 
 
 def _short_labels(labels: list[str], by: str) -> list[str]:
@@ -52,7 +50,9 @@ SLIDING_COLOR, GLOBAL_COLOR = "#9aa0a6", "#3b7dd8"
 
 def save_retention_plot(target: Path, positions: PositionMap, stats: RunStats) -> None:
     """Draw kept tokens per layer (bars) beside a layer x document-position heat map, and save it."""
-    retention_figure(positions, stats).savefig(target, format=target.suffix.lower().lstrip("."))
+    figure = retention_figure(positions, stats)
+    with writing(f"--plot {target}", "check the folder is writable and the disk has room"):
+        figure.savefig(target, format=target.suffix.lower().lstrip("."))
 
 
 def retention_figure(positions: PositionMap, stats: RunStats):

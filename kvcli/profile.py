@@ -147,8 +147,10 @@ def load_or_compute_profile(lm, progress=None) -> RetrievalProfile:
     found = stored_profile(lm.name, lm.config_hash)
     if found is not None:
         return found
+    from .models.checkpoints import home_folder
+
     path = profile_path(lm.name, lm.config_hash)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    home_folder(path.parent.name)  # checked before the minute of prefills, as the profile is saved after them
     with FileLock(str(path) + ".lock"):
         if path.is_file():  # another process made it while we waited
             return RetrievalProfile.from_json(path.read_text())

@@ -196,6 +196,8 @@ def render(stats: RunStats) -> Group:
     if stats.dropped_tokens:
         prompt.append(f" ({stats.dropped_tokens} cut from the middle)", style="yellow")
     facts.add_row("prompt", prompt)
+    if stats.extra.get("encodings"):  # documents that were not UTF-8, read in the encoding detected
+        facts.add_row("encoding", ", ".join(f"{name}: {encoding}" for name, encoding in stats.extra["encodings"].items()))
     facts.add_row("read", _read_line(stats))
     sliding = _sliding_text(stats.layer_windows)
     if stats.compressed:

@@ -8,6 +8,7 @@ import stat
 import pytest
 
 from kvcli.atomic import write_atomic
+from kvcli.errors import OutputError
 
 
 def test_write_atomic_replaces_whole_file_with_umask_permissions(tmp_path):
@@ -29,6 +30,6 @@ def test_write_atomic_leaves_no_temp_file_when_the_rename_fails(tmp_path):
     target = tmp_path / "folder"
     target.mkdir()
     (target / "keep").write_text("x")
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match="cannot write"):
         write_atomic(target, b"data", durable=True)  # a non-empty folder cannot be replaced by a file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]

@@ -105,7 +105,7 @@ def test_binary_file(tmp_path):
 
 
 def test_non_utf8_text_is_read_with_a_warning(tmp_path, tiny_model, home):
-    """Text that is not UTF-8 is not an error: bad bytes are replaced and one warning names the file."""
+    """Text that is not UTF-8 is not an error: it is read in the encoding detected and one warning names the file."""
     path = tmp_path / "latin.txt"
     path.write_bytes(f"caf\xe9 {tiny_words()}".encode("latin-1"))
     result = run("ask", str(path), "w1 w2?", "-m", tiny_model, "--method", "full", "--max-new-tokens", "2", "--quiet")
@@ -114,7 +114,7 @@ def test_non_utf8_text_is_read_with_a_warning(tmp_path, tiny_model, home):
     result = run("ask", str(path), "w1 w2?", "-m", tiny_model, "--method", "full", "--max-new-tokens", "2")
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.stderr.splitlines() if line.startswith("kvcli: warning:")]
-    assert len(warnings) == 1 and "latin.txt is not valid UTF-8" in warnings[0]
+    assert len(warnings) == 1 and "latin.txt is not UTF-8: read as cp1252" in warnings[0]
     assert "Traceback" not in result.output
 
 

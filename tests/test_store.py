@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvcli.cache import KVCache
-from kvcli.errors import InputError
+from kvcli.errors import InputError, OutputError
 from kvcli.store import FORMAT_VERSION, load_cache, save_cache
 
 
@@ -76,7 +76,7 @@ def test_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr("os.replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match="disk full"):  # the OS's refusal, as one line for the user
         save_cache(path, small_cache(), META)
     assert list(tmp_path.iterdir()) == []
 

@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from ..atomic import write_atomic
+from ..atomic import check_output, write_atomic, writing
 from ..errors import InputError
 
 KEY_VERSION = 1
@@ -37,9 +37,7 @@ class AnswersFile:
     """The JSONL file the driver alone writes: rows appended whole, read back to resume."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if not self.path.parent.is_dir():
-            raise InputError(f"folder {self.path.parent} does not exist; create it or choose another --output")
+        self.path = check_output(path, "--output", append=True)
         if self.path.exists() and not self.path.is_file():
             raise InputError(f"{self.path} is not a file; choose another --output")
         self.answered: set[str] = set()
@@ -85,14 +83,15 @@ class AnswersFile:
         """Append `rows`, each as one line in one write: a reader (or a crash) never sees half a row."""
         if not rows:
             return
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-        try:
-            for row in rows:
-                data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
-                while data:
-                    data = data[os.write(fd, data):]
-        finally:
-            os.close(fd)
+        with writing(str(self.path), "check the folder is writable and the disk has room; the rows written so far resume the batch"):
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                for row in rows:
+                    data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+                    while data:
+                        data = data[os.write(fd, data):]
+            finally:
+                os.close(fd)
 
 
 class InOrder:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import re
 import time
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ..errors import InputError
+from ..errors import InputError, shorten
 from ..methods import make_method
 from ..prompt import check_question, summary_instruction
 from ..reading.prefix import DEFAULT_SCORER, pick_scorer
@@ -24,29 +25,69 @@ ScorerOpt = Annotated[Optional[str], typer.Option("--scorer", metavar="instructi
 
 def split_arguments(args: list[str], questions: list[str] | None, cache: str | None) -> tuple[list[str], list[str]]:
     """(documents, questions) from `ask`'s arguments: `FILES... QUESTION`, or every argument a
-    document when -q is given; with piped stdin and one argument, stdin is the document."""
+    document when -q is given; with piped stdin and one argument, stdin is the document.
+
+    A last argument that names a file, or looks like a file name that is not there (a typo), is
+    refused rather than asked as the question: -q is the form that cannot be misread."""
     if cache:
         if questions and args:
             raise InputError("with --cache, give no documents: the cache already holds them")
         if not questions and not args:
             raise InputError(f'give the question in quotes: kvcli ask --cache {cache} "question"')
+        if len(args) > 1:
+            raise InputError(f"with --cache, give no documents ({', '.join(args[:-1])}): the cache already holds them; "
+                             f'give the question alone in quotes, or with -q: kvcli ask --cache {cache} -q "question"')
+        if args:
+            check_question_argument(args[0], 'with --cache give no documents, only the question, in quotes or with -q "question"')
         files, questions = [], list(questions or args)
     elif questions:
         files, questions = args, list(questions)
     elif len(args) == 1 and stdin_is_piped():
+        check_question_argument(args[0], f'the question is missing (stdin is not a terminal, so a lone argument is the question): kvcli ask {args[0]} "question", or -q "question"')
         files, questions = ["-"], args
     elif len(args) < 2:
         raise InputError('give the documents, then the question in quotes: kvcli ask FILE "question"')
     else:
         files, questions = args[:-1], [args[-1]]
         check_question(questions[0])
-        if Path(questions[0]).exists():
-            raise InputError(f"the last argument {questions[0]!r} is a file, not a question; put the question in quotes after the documents, or use -q")
+        check_question_argument(questions[0], 'put the question in quotes after the documents, or give it with -q "question"')
     for question in questions:
         check_question(question)
     if not files and not cache:
         raise InputError('no documents given; pass files, folders or - for stdin, then the question')
     return files, questions
+
+
+# a file name's extension: a letter, then up to 7 letters or digits ('nots.txt', not 'v1.2' or 'e.g.')
+EXTENSION = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,7}$")
+
+
+def check_question_argument(text: str, fix: str) -> None:
+    """Refuse a positional question that is a file or folder, or reads as a mistyped file name;
+    `fix` says how to give the question instead."""
+    kind = path_kind(text)
+    if kind is not None:
+        raise InputError(f"the last argument {shorten(text)!r} is a {kind}, not a question; {fix}")
+    if not any(space in text for space in " \t\n") and ("/" in text or os.sep in text or EXTENSION.search(text)):
+        raise InputError(f"{shorten(text)!r} does not exist, and reads as a file name rather than a question; check the path, "
+                         'or give the question with -q "question"')
+
+
+def refuse_questions_as_documents(files: list[str], fix: str) -> None:
+    """For commands that take no question (`summarize`, `chat`): a document argument that names
+    nothing and holds a space is a question typed where the documents go; `fix` says what to do."""
+    for arg in files:
+        if arg != "-" and path_kind(arg) is None and any(space in arg for space in " \t\n"):
+            raise InputError(f"{shorten(arg)!r} is not a file or folder, and reads as a question; {fix}")
+
+
+def path_kind(text: str) -> str | None:
+    """'file' or 'folder' when `text` names one, else None: text that cannot be a path at all
+    (too long a name, a NUL, a folder that cannot be searched) names nothing, and never raises."""
+    # os.path's checks answer False where pathlib's raise (ENAMETOOLONG on Python 3.11)
+    if os.path.isdir(text):
+        return "folder"
+    return "file" if os.path.lexists(text) else None
 
 
 def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache: str | None = None,
@@ -108,6 +149,8 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
                     reading = mode.read(question, method, on_layer=on_layer)
         stats = run_stats(reader, reading)
         stats.extra.update(prefix.extra if prefix is not None else {})
+        if doc is not None and doc.encodings:
+            stats.extra["encodings"] = doc.encodings
         if "prefix" in stats.extra:
             stats.extra["prefix"]["questions"] = len(questions)
         try:
@@ -199,6 +242,7 @@ def summarize(
     if past not in ("sections", "compressed"):
         raise InputError(f"--past must be sections or compressed, got {past!r}")
     files = list(files or [])
+    refuse_questions_as_documents(files, 'summarize takes no question: steer it with --focus "TEXT", or use kvcli ask')
     if cache and files:
         raise InputError("give documents or --cache, not both")
     if not files and not cache:
@@ -208,4 +252,4 @@ def summarize(
     answer_all(files, [instruction], run, cache=cache, include=include or (), exclude=exclude or (), past=past)
 
 
-__all__ = ["answer_all", "ask", "split_arguments", "summarize"]
+__all__ = ["answer_all", "ask", "refuse_questions_as_documents", "split_arguments", "summarize"]

@@ -15,7 +15,7 @@ import typer
 from ..errors import InputError, KvcliError
 from ..methods import Budget, configure, method_names
 from ..prompt import check_question
-from .ask import ExcludeOpt, IncludeOpt
+from .ask import ExcludeOpt, IncludeOpt, refuse_questions_as_documents
 from .options import COMPRESSION, GENERATION, MODEL, OUTPUT, RunOptions, shared
 from .output import Screen, print_json, say, user_errors
 from .read import SAVED_WINDOW, check_target, save_full_prefix
@@ -297,6 +297,7 @@ def chat(
     from ..reading import QueryAware, ReadOnce
 
     files = list(files or [])
+    refuse_questions_as_documents(files, "chat asks its questions at the kvcli> prompt (or one a line on piped stdin); give only the documents")
     if cache and files:
         raise InputError("give documents or --cache, not both")
     if not files and not cache:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -91,9 +90,12 @@ def eval_(
         names = list(REGISTRY)
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be at least 1, got {limit}")
-    out = Path(output) if output else None
-    if out is not None and not out.parent.exists():
-        raise InputError(f"folder {out.parent} does not exist; create it or choose another --output")
+    out = None
+    if output:
+        from ..atomic import check_output
+
+        out = check_output(output, "--output")
+        check_output(log_path(out), "--output", append=True)  # the progress log beside it, appended to as samples finish
     mode_names = split_list("--modes", modes, str)
     if chunk_size is not None and "chunked" not in mode_names:
         raise InputError("--chunk-size is for --modes chunked; add chunked to --modes or drop --chunk-size")

@@ -55,6 +55,8 @@ def inspect(
     with screen.layers(reader.num_layers) as on_layer:
         reading = mode.read(question, method, on_layer=on_layer)
     stats = run_stats(reader, reading)
+    if doc.encodings:
+        stats.extra["encodings"] = doc.encodings
     profile = retention_profile(reading.state.cache, prompt, doc, buckets=buckets)
     if plot_target is not None:
         from ..inspect import position_map

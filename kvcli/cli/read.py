@@ -19,13 +19,13 @@ SAVED_WINDOW = 64  # the widest --window a question about a saved full prefix ma
 
 
 def check_target(output: str, flag: str = "--output") -> Path:
-    """The .kvc path to write, checked before anything slow; `flag` names where it came from."""
-    target = Path(output)
-    if target.suffix != ".kvc":
+    """The .kvc path to write, checked before anything slow (it can be written there); `flag`
+    names where it came from."""
+    from ..atomic import check_output
+
+    if Path(output).suffix != ".kvc":
         raise InputError(f"{flag} {output} should end in .kvc")
-    if not target.parent.exists():
-        raise InputError(f"folder {target.parent} does not exist; create it or choose another {flag}")
-    return target
+    return check_output(output, flag)
 
 
 def save_full_prefix(target: Path, reader, once, doc, system: str | None, save_dtype: str | None = None) -> int:

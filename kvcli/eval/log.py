@@ -13,6 +13,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..atomic import writing
 from ..errors import InputError
 from ..methods import Method
 from .settings import Setting
@@ -109,9 +110,10 @@ def drop_half_line(path: Path) -> None:
 
 def append_record(path: Path, record: dict) -> None:
     """Append one header or sample as a line, flushed at once so a kill loses at most that line."""
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        handle.flush()
+    with writing(str(path), "check the folder is writable and the disk has room; the samples logged so far resume the run"):
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.flush()
 
 
 def resume_log(path: Path, header: dict) -> dict[tuple, dict]:

@@ -25,6 +25,7 @@ One idea per module:
 - `walk`: the arguments expanded into files to read (folder walks, .gitignore, the globs).
 - `globs`: the include and exclude globs, checked and compiled.
 - `entry`: one file or stdin read into parts (binary sniffing, default skips, decoding).
+- `encoding`: the encoding of text that is not UTF-8, detected (charset-normalizer).
 - `pdf`: a PDF read into one part per page.
 - `document`: `Document` and `Source`, and the parts joined into a Document with source spans.
 - `log`: the warnings and skipped files gathered while reading, and the messages about them.

@@ -18,6 +18,7 @@ class Source:
     end: int  # exclusive
     page: int | None  # 1-based PDF page number, else None
     sha256: str  # of the raw bytes of the file (for PDF pages: of the whole PDF)
+    encoding: str | None = None  # the encoding the file was read in when it was not UTF-8 (detected)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,11 @@ class Document:
             return self.sources[i]
         return None
 
+    @property
+    def encodings(self) -> dict[str, str]:
+        """{source name: encoding} for the sources that were not UTF-8, read in a detected encoding."""
+        return {source.name: source.encoding for source in self.sources if source.encoding}
+
     def label(self, source: Source) -> str:
         """A short human name for a source: 'report.pdf p.3' or 'src/app.py'."""
         return f"{source.name} p.{source.page}" if source.page is not None else source.name
@@ -49,6 +55,7 @@ class Part:
     body: str
     sha256: str
     page: int | None = None
+    encoding: str | None = None
 
 
 def assemble(parts: list[Part], with_headers: bool, warnings: list[str]) -> Document:
@@ -69,7 +76,7 @@ def assemble(parts: list[Part], with_headers: bool, warnings: list[str]) -> Docu
         chunk = header + part.body.rstrip()
         chunks.append(chunk)
         end = offset + len(chunk)
-        sources.append(Source(part.name, part.kind, offset, end, part.page, part.sha256))
+        sources.append(Source(part.name, part.kind, offset, end, part.page, part.sha256, part.encoding))
         offset = end
     text = "".join(chunks)
     if not text.strip():

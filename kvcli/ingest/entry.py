@@ -10,6 +10,7 @@ from typing import TextIO
 
 from ..errors import InputError
 from .document import Part
+from .encoding import detect
 from .log import Log
 from .pdf import read_pdf
 
@@ -84,7 +85,7 @@ def read_entry(entry: Entry, stdin: TextIO, log: Log) -> list[Part]:
 
     if isinstance(data, str):  # a text stream without a byte buffer (e.g. io.StringIO)
         raw = data.encode("utf-8", errors="surrogatepass")
-        text = data
+        text, encoding = data, None
     else:
         raw = data
         named_pdf = entry.path is not None and entry.path.suffix.lower() == ".pdf"
@@ -98,7 +99,7 @@ def read_entry(entry: Entry, stdin: TextIO, log: Log) -> list[Part]:
                 return []
         if b"\0" in raw[:BINARY_SNIFF_BYTES]:  # stdin is not sniffed by _read_file
             return _binary(entry, log)
-        text = _decode(raw, entry.name, log)
+        text, encoding = _decode(raw, entry.name, log)
 
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     if not text.strip():
@@ -108,7 +109,7 @@ def read_entry(entry: Entry, stdin: TextIO, log: Log) -> list[Part]:
         logger.debug("skipped empty file %s", entry.name)
         return []
     kind = "stdin" if entry.path is None else _kind(entry.path)
-    return [Part(entry.name, kind, text, hashlib.sha256(raw).hexdigest())]
+    return [Part(entry.name, kind, text, hashlib.sha256(raw).hexdigest(), encoding=encoding)]
 
 
 def _read_stdin(stdin: TextIO) -> bytes | str:
@@ -168,16 +169,26 @@ def _generated(entry: Entry, log: Log) -> list[Part]:
     return []
 
 
-def _decode(raw: bytes, name: str, log: Log) -> str:
-    """UTF-8 (a leading BOM dropped); invalid bytes become U+FFFD with a warning naming the file."""
+def _decode(raw: bytes, name: str, log: Log) -> tuple[str, str | None]:
+    """(text, encoding): UTF-8 (a leading BOM dropped; encoding None), else the encoding detected,
+    named in a warning; else UTF-8 with invalid bytes as U+FFFD, with a warning naming the file."""
     try:
-        return raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig"), None
     except UnicodeDecodeError:
+        pass
+    found = detect(raw)
+    if found is not None:
+        text, encoding = found
         log.warnings.append(
-            f"{name} is not valid UTF-8; undecodable bytes were replaced with '\ufffd' "
-            "(convert it to UTF-8 for exact text)"
+            f"{name} is not UTF-8: read as {encoding}, the encoding it most likely is; if characters look wrong, "
+            f"convert it to UTF-8 (iconv -f {encoding.upper().replace('_', '-')} -t UTF-8)"
         )
-        return raw.decode("utf-8-sig", errors="replace")
+        return text, encoding
+    log.warnings.append(
+        f"{name} is not valid UTF-8; undecodable bytes were replaced with '\ufffd' "
+        "(convert it to UTF-8 for exact text)"
+    )
+    return raw.decode("utf-8-sig", errors="replace"), None
 
 
 def _kind(path: Path) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pathspec
 
-from ..errors import InputError
+from ..errors import InputError, shorten
 from .entry import STDIN_NAME, Entry
 from .globs import Filters
 from .log import Log
@@ -41,8 +41,7 @@ def collect(
             entries.append(Entry(None, STDIN_NAME))
             continue
         path = Path(arg)
-        if not path.exists():
-            raise InputError(f"{arg} does not exist; check the path")
+        _check_exists(path, arg)
         if path.is_dir():
             walked = _walk(path, arg, log, filters)
             candidates = [Entry(file, name, arg, wanted) for file, name, wanted in walked]
@@ -57,6 +56,19 @@ def collect(
             elif entry.folder is None:
                 seen[key].wanted = True  # named directly after a folder walk found it: always read
     return entries, folders
+
+
+def _check_exists(path: Path, arg: str) -> None:
+    """An InputError naming `arg` when there is nothing there to read, or it cannot be looked at
+    (a name too long, a folder on the way that cannot be searched)."""
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise InputError(f"{shorten(arg)} does not exist; check the path") from None
+    except OSError as exc:
+        raise InputError(f"{shorten(arg)} cannot be read: {exc.strerror or exc}; check the path") from None
+    except ValueError:  # a NUL in the name
+        raise InputError(f"{arg!r} is not a path; check it") from None
 
 
 def _walk(

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 
+from ..atomic import take_new_file, writing
 from ..errors import ModelError
 from .convert import convert_gguf
 from .embedded import EmbeddedModel
@@ -37,6 +38,22 @@ _HASH_CHUNK = 8 << 20
 def kvcli_home() -> Path:
     """Root of kvcli's on-disk cache: `$KVCLI_HOME`, else `~/.cache/kvcli`."""
     return Path(os.environ.get("KVCLI_HOME") or Path.home() / ".cache" / "kvcli").expanduser()
+
+
+def home_writing():
+    """A block that writes under KVCLI_HOME: the OS's refusal (a read-only or full disk) is one line saying how to move it."""
+    home = kvcli_home()
+    return writing(str(home), f"kvcli keeps converted models and profiles in KVCLI_HOME ({home}): set KVCLI_HOME to a writable folder with room")
+
+
+def home_folder(name: str) -> Path:
+    """KVCLI_HOME/`name`, made if missing and checked to take new files before anything is
+    written or locked there (a lock in a folder kvcli cannot write would wait forever)."""
+    folder = kvcli_home() / name
+    with home_writing():
+        folder.mkdir(parents=True, exist_ok=True)
+        take_new_file(folder)
+    return folder
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -78,7 +95,8 @@ def embedded_checkpoint(embedded: EmbeddedModel, report: Callable[[str], None], 
             )
         return gguf, embedded.sha256
 
-    converted = _ensure_converted(target, make_gguf, {"source": embedded.name}, report, dtype)
+    with home_writing():
+        converted = _ensure_converted(target, make_gguf, {"source": embedded.name}, report, dtype)
     return target, converted
 
 
@@ -110,7 +128,8 @@ def gguf_checkpoint(path: Path, report: Callable[[str], None], dtype: torch.dtyp
             return path, sha256
         return link, sha256
 
-    converted = _ensure_converted(target, make_gguf, {"source": str(path)}, report, dtype)
+    with home_writing():
+        converted = _ensure_converted(target, make_gguf, {"source": str(path)}, report, dtype)
     return target, converted
 
 
@@ -136,10 +155,8 @@ def _ensure_converted(
     interrupted run never leaves a half-written checkpoint; a file lock makes concurrent runs
     convert once (the others wait, then reuse the result).
     """
-    home = kvcli_home()
-    tmp_root = home / "tmp"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp_root.mkdir(parents=True, exist_ok=True)
+    home_folder(target.parent.relative_to(kvcli_home()).as_posix())
+    tmp_root = home_folder("tmp")
     lock = FileLock(f"{target}.lock")
     try:
         lock.acquire(timeout=0)

@@ -132,11 +132,9 @@ def placement_kwargs(device_map: str | dict | None) -> dict:
     import shutil
     import tempfile
 
-    from .checkpoints import kvcli_home
+    from .checkpoints import home_folder
 
-    root = kvcli_home() / "offload"
-    root.mkdir(parents=True, exist_ok=True)
-    folder = tempfile.mkdtemp(prefix="weights.", dir=root)
+    folder = tempfile.mkdtemp(prefix="weights.", dir=home_folder("offload"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     kwargs: dict = {"device_map": device_map, "offload_folder": folder}
     if isinstance(device_map, str) and torch.cuda.is_available():
