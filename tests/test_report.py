@@ -197,6 +197,43 @@ def test_plan_estimates_the_read_from_recorded_reads(tiny, doc, home):
     assert max(len(line) for line in before.stdout.splitlines() + after.stdout.splitlines()) <= WIDTH, after.stdout
 
 
+# --- progress from the engine's prefill -----------------------------------------------------------
+
+
+class Heard:
+    """An `on_layer` callback with a `chunk` method: records what the prefill told it, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def chunk(self, index: int, count: int, start: int, stop: int, prompt_len: int) -> None:
+        self.events.append(("chunk", index, count, start, stop, prompt_len))
+
+    def __call__(self, layer_idx: int) -> None:
+        self.events.append(("layer", layer_idx))
+
+
+def test_prefill_names_each_chunk_before_its_layers():
+    """A chunked prefill tells a progress callback each chunk (index, count, token range) before that chunk's layers, in order; a plain function still hears every layer."""
+    import torch
+
+    from kvcli.generate import prefill
+    from kvcli.methods import make_method, plan_budget
+    from methodutil import squeeze, tiny_llama
+
+    model, method = tiny_llama(3), make_method("snapkv")
+    prompt = torch.randint(0, 128, (1, 80), generator=torch.Generator().manual_seed(1))
+    compression = squeeze(method, plan_budget(80, 3, window_size=method.window_size, ratio=0.25))
+    heard = Heard()
+    prefill(model, prompt, compression, chunk_size=24, probe_ids=prompt[:, -4:], on_layer=heard)
+    bounds = [0, 24, 48, 72, 80]
+    expected = [event for k in range(4) for event in [("chunk", k, 4, bounds[k], bounds[k + 1], 80)] + [("layer", i) for i in range(3)]]
+    assert heard.events == expected
+    layers: list[int] = []
+    prefill(model, prompt, compression, chunk_size=24, on_layer=layers.append)
+    assert layers == [0, 1, 2] * 4
+
+
 # --- progress over a chunked read, in a real terminal -------------------------------------------
 
 
