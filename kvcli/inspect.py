@@ -105,7 +105,7 @@ class _ProfileRows:
     def __rich_console__(self, console, options):
         profile = self.profile
         doc_groups = len(profile.groups) - 1
-        header = f"share by {profile.by}"
+        header = f"kept share by {profile.by}"
         layer_w = max(len("layer"), len(str(len(profile.per_layer) - 1)))
         strip_w = max(1, min(max(doc_groups, len(header)), (options.max_width - layer_w) // 2))
         best_w = max(1, options.max_width - layer_w - strip_w - 4)  # two gaps of two spaces

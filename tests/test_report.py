@@ -197,6 +197,18 @@ def test_plan_estimates_the_read_from_recorded_reads(tiny, doc, home):
     assert max(len(line) for line in before.stdout.splitlines() + after.stdout.splitlines()) <= WIDTH, after.stdout
 
 
+def test_plan_verbose_lists_every_source(tiny, tmp_path, home):
+    """plan lists the first 20 sources and counts the rest; --verbose lists every one."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(25):
+        (folder / f"f{i:02d}.txt").write_text(f"w{i} w{i + 1}")
+    plan = ["plan", str(folder), "-m", str(tiny), "--method", "snapkv", "--ratio", "0.5", "--max-new-tokens", "2"]
+    brief, every = runner.invoke(app, plan).stdout, runner.invoke(app, plan + ["--verbose"]).stdout
+    assert "f19.txt" in brief and "f20.txt" not in brief and "5 more" in brief
+    assert all(f"f{i:02d}.txt" in every for i in range(25)) and "5 more" not in every
+
+
 # --- progress from the engine's prefill -----------------------------------------------------------
 
 
