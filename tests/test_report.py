@@ -270,3 +270,19 @@ def test_chunked_read_shows_one_bar_with_its_chunks(tiny, doc, home):
     assert "ETA" in screen
     bar_lines = [line for part in screen.split("\r") for line in part.split("\n") if "tokens, chunk" in line]
     assert max(len(line.rstrip()) for line in bar_lines) <= WIDTH
+
+
+def test_plan_estimate_benchmark_runs_on_a_tiny_model(tiny, tmp_path, home, capsys):
+    """benchmarks/plan_estimate.py reads at each length, estimates every read after the first from the ones before, and writes its rows."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_estimate", Path(__file__).resolve().parent.parent / "benchmarks" / "plan_estimate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    document = tmp_path / "doc.txt"
+    document.write_text(" ".join(f"w{i % 60}" for i in range(200)))
+    out = tmp_path / "rows.json"
+    script.main(["--model", str(tiny), "--document", str(document), "--lengths", "70,90,80", "--max-new-tokens", "4", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["based_on"] for row in rows] == [0, 1, 2] and rows[0]["estimate_s"] is None
+    assert all(row["estimate_s"] > 0 for row in rows[1:]) and all(row["read_s"] > 0 for row in rows)
