@@ -55,7 +55,7 @@ def record_read(model: str, device: str, dtype: str, tokens: int, seconds: float
     path = speed_file(home)
     data = _load(path)
     key = _key(model, device, dtype)
-    reads = [r for r in data.pop(key, []) if _valid(r)]
+    reads = _reads(data.pop(key, None))
     data[key] = (reads + [[int(tokens), round(float(seconds), 4)]])[-KEPT_READS:]  # last: the most recent
     data = dict(list(data.items())[-KEPT_MODELS:])
     try:
@@ -65,9 +65,12 @@ def record_read(model: str, device: str, dtype: str, tokens: int, seconds: float
         log.debug("could not record the read's speed in %s: %s", path, exc)
 
 
-def _valid(read) -> bool:
-    return (isinstance(read, list) and len(read) == 2 and all(isinstance(x, (int, float)) for x in read)
-            and read[0] > 0 and read[1] > 0)
+def _reads(recorded) -> list[list]:
+    """The well-formed [tokens, seconds] pairs of one model's record (a damaged file has others)."""
+    if not isinstance(recorded, list):
+        return []
+    return [r for r in recorded if isinstance(r, list) and len(r) == 2
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in r)]
 
 
 @dataclass
@@ -91,7 +94,7 @@ class Speed:
 def measured_speed(model: str, device: str, dtype: str, home: Path | None = None) -> Speed | None:
     """The model's recorded speed on `device` and `dtype` (all tokens over all seconds of its
     recent reads), or None before any read was recorded."""
-    reads = [r for r in _load(speed_file(home)).get(_key(model, device, dtype), []) if _valid(r)]
+    reads = _reads(_load(speed_file(home)).get(_key(model, device, dtype)))
     if not reads:
         return None
     return Speed(len(reads), sum(r[0] for r in reads) / sum(r[1] for r in reads), device, dtype)

@@ -154,6 +154,8 @@ def test_unwritable_or_damaged_home_never_fails_a_read(tmp_path):
     record_read("m", "cpu", "float32", 1000, 1.0, blocker)
     speed_file(tmp_path).write_text("{damaged")
     assert measured_speed("m", "cpu", "float32", tmp_path) is None
+    speed_file(tmp_path).write_text(json.dumps({"m | cpu | float32": 5, "n | cpu | float32": [[1, 2, 3], "x", [100, 0]]}))
+    assert measured_speed("m", "cpu", "float32", tmp_path) is None and measured_speed("n", "cpu", "float32", tmp_path) is None
     record_read("m", "cpu", "float32", 1000, 1.0, tmp_path)
     assert measured_speed("m", "cpu", "float32", tmp_path).reads == 1
 
