@@ -253,7 +253,7 @@ def test_prefill_names_each_chunk_before_its_layers():
 
 def test_chunked_read_shows_one_bar_with_its_chunks(tiny, doc, home):
     """In a terminal, a read in chunks shows one bar over the prompt's tokens that says chunk k of N
-    for every chunk in order, never goes back, and has an ETA, on lines of at most 80 columns."""
+    for every chunk in order, never goes back, and has an ETA, on lines of at most 80 columns; no bar shows a total of None."""
     env = dict(os.environ, KVCLI_HOME=str(home), PYTHONPATH=os.pathsep.join(sys.path))
     child = pexpect.spawn(sys.executable, ["-m", "kvcli", "ask", str(doc), "w1?", "-m", str(tiny), "--method", "snapkv", "--ratio", "0.5",
                                            "--chunk-size", "16", "--max-new-tokens", "2"],
@@ -270,6 +270,7 @@ def test_chunked_read_shows_one_bar_with_its_chunks(tiny, doc, home):
     assert sorted(set(chunks)) == list(range(1, 8)) and list(chunks) == sorted(chunks)
     assert list(done) == sorted(done) and done[-1] == 104  # one bar: it never restarts
     assert "ETA" in screen
+    assert "/None" not in screen  # the files bar before it knows how many: "0/?"
     bar_lines = [line for part in screen.split("\r") for line in part.split("\n") if "tokens, chunk" in line]
     assert max(len(line.rstrip()) for line in bar_lines) <= WIDTH
 

@@ -16,7 +16,7 @@ import sys
 import torch
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..errors import KvcliError
 from ..stats import render
@@ -60,7 +60,8 @@ class Screen:
         if not self.show_progress:
             yield lambda done, total=None: None
             return
-        bar = Progress(TextColumn(label), BarColumn(), TextColumn("{task.completed}/{task.total} " + unit), TimeElapsedColumn(), console=err, transient=True)
+        # MofN: "3/10", or "0/?" before the total is known
+        bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(), console=err, transient=True)
         task = bar.add_task(label, total=total)
         bar.start()
         try:
