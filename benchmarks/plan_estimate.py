@@ -45,11 +45,11 @@ def main(argv: list[str] | None = None) -> None:
         text = reader.tokenizer.decode(ids[:length])
         mode = QueryAware(reader, text, options)
         tokens = len(mode.prompt(QUESTION))
-        speed = measured_speed(lm.name, device, dtype, home)
+        speed = measured_speed(home, lm.name, device, dtype)
         estimate = speed.seconds(tokens) if speed else None
         reading = mode.read(QUESTION, method)
         seconds = reading.state.seconds
-        record_read(lm.name, device, dtype, reading.state.prompt_len, seconds, home)
+        record_read(home, lm.name, device, dtype, reading.state.prompt_len, seconds)
         rows.append({"tokens": tokens, "estimate_s": estimate, "read_s": seconds, "based_on": speed.reads if speed else 0})
         ratio = f"{estimate / seconds:.2f}" if estimate else "-"
         shown = f"{estimate:.2f}" if estimate else "-"

@@ -21,11 +21,8 @@ MIN_TOKENS = 64  # shorter reads time the overhead more than the model
 TIMED_READS = ("query", "chunked", "reindexed")
 
 
-def speed_file(home: Path | None = None) -> Path:
-    if home is None:
-        from .models.checkpoints import kvcli_home
-
-        home = kvcli_home()
+def speed_file(home: Path) -> Path:
+    """The record under kvcli's home (`models.kvcli_home()`)."""
     return Path(home) / FILE
 
 
@@ -46,7 +43,7 @@ def _load(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def record_read(model: str, device: str, dtype: str, tokens: int, seconds: float, home: Path | None = None) -> None:
+def record_read(home: Path, model: str, device: str, dtype: str, tokens: int, seconds: float) -> None:
     """Add one read of `tokens` prompt tokens in `seconds` to the model's recent reads (best effort)."""
     if tokens < MIN_TOKENS or seconds <= 0:
         return
@@ -91,7 +88,7 @@ class Speed:
                 f"at ~{self.tokens_per_s:,.0f} tokens/s")
 
 
-def measured_speed(model: str, device: str, dtype: str, home: Path | None = None) -> Speed | None:
+def measured_speed(home: Path, model: str, device: str, dtype: str) -> Speed | None:
     """The model's recorded speed on `device` and `dtype` (all tokens over all seconds of its
     recent reads), or None before any read was recorded."""
     reads = _reads(_load(speed_file(home)).get(_key(model, device, dtype)))

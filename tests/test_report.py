@@ -123,26 +123,26 @@ def test_inspect_profile_is_one_line_per_layer_in_80_columns(groups):
 
 def test_speed_is_recorded_per_model_device_and_dtype(tmp_path):
     """Recorded reads give all tokens over all seconds, for their model, device and dtype only."""
-    assert measured_speed("m", "cpu", "float32", tmp_path) is None
-    record_read("m", "cpu", "float32", 1000, 4.0, tmp_path)
-    record_read("m", "cpu", "float32", 3000, 6.0, tmp_path)
-    record_read("m", "cuda", "bfloat16", 5000, 1.0, tmp_path)
-    speed = measured_speed("m", "cpu", "float32", tmp_path)
+    assert measured_speed(tmp_path, "m", "cpu", "float32") is None
+    record_read(tmp_path, "m", "cpu", "float32", 1000, 4.0)
+    record_read(tmp_path, "m", "cpu", "float32", 3000, 6.0)
+    record_read(tmp_path, "m", "cuda", "bfloat16", 5000, 1.0)
+    speed = measured_speed(tmp_path, "m", "cpu", "float32")
     assert speed.reads == 2 and speed.tokens_per_s == pytest.approx(400.0)
     assert speed.seconds(2000) == pytest.approx(5.0)
     assert "2 reads of this model on this machine (cpu, float32) at ~400 tokens/s" == speed.basis()
-    assert measured_speed("other", "cpu", "float32", tmp_path) is None
+    assert measured_speed(tmp_path, "other", "cpu", "float32") is None
 
 
 def test_speed_file_stays_tiny(tmp_path):
     """Only the last reads of each model and the most recent models are kept; short reads are not timed."""
     for i in range(KEPT_READS + 5):
-        record_read("m", "cpu", "float32", 1000, 1.0 + i, tmp_path)
-    assert measured_speed("m", "cpu", "float32", tmp_path).reads == KEPT_READS
-    record_read("m", "cpu", "float32", 10, 0.001, tmp_path)  # a few tokens time the overhead, not the model
-    assert measured_speed("m", "cpu", "float32", tmp_path).reads == KEPT_READS
+        record_read(tmp_path, "m", "cpu", "float32", 1000, 1.0 + i)
+    assert measured_speed(tmp_path, "m", "cpu", "float32").reads == KEPT_READS
+    record_read(tmp_path, "m", "cpu", "float32", 10, 0.001)  # a few tokens time the overhead, not the model
+    assert measured_speed(tmp_path, "m", "cpu", "float32").reads == KEPT_READS
     for i in range(KEPT_MODELS + 3):
-        record_read(f"model{i}", "cpu", "float32", 1000, 1.0, tmp_path)
+        record_read(tmp_path, f"model{i}", "cpu", "float32", 1000, 1.0)
     data = json.loads(speed_file(tmp_path).read_text())
     assert len(data) == KEPT_MODELS and "model0" not in " ".join(data)
 
@@ -151,13 +151,13 @@ def test_unwritable_or_damaged_home_never_fails_a_read(tmp_path):
     """Recording into a home that is a file, or over a damaged record, raises nothing; a damaged record reads as none."""
     blocker = tmp_path / "home"
     blocker.write_text("not a folder")
-    record_read("m", "cpu", "float32", 1000, 1.0, blocker)
+    record_read(blocker, "m", "cpu", "float32", 1000, 1.0)
     speed_file(tmp_path).write_text("{damaged")
-    assert measured_speed("m", "cpu", "float32", tmp_path) is None
+    assert measured_speed(tmp_path, "m", "cpu", "float32") is None
     speed_file(tmp_path).write_text(json.dumps({"m | cpu | float32": 5, "n | cpu | float32": [[1, 2, 3], "x", [100, 0]]}))
-    assert measured_speed("m", "cpu", "float32", tmp_path) is None and measured_speed("n", "cpu", "float32", tmp_path) is None
-    record_read("m", "cpu", "float32", 1000, 1.0, tmp_path)
-    assert measured_speed("m", "cpu", "float32", tmp_path).reads == 1
+    assert measured_speed(tmp_path, "m", "cpu", "float32") is None and measured_speed(tmp_path, "n", "cpu", "float32") is None
+    record_read(tmp_path, "m", "cpu", "float32", 1000, 1.0)
+    assert measured_speed(tmp_path, "m", "cpu", "float32").reads == 1
 
 
 def test_clock():

@@ -47,7 +47,7 @@ def plan(
     """
     import torch
 
-    from ..models import resolve_device, resolve_dtype
+    from ..models import kvcli_home, resolve_device, resolve_dtype
     from ..models.describe import describe_model
     from ..reading.layout import Layout
     from ..reading.plan import PLACEHOLDER_QUESTION, KVBytes, make_plan
@@ -79,7 +79,7 @@ def plan(
     peak = None if weights is None or read_plan.kv_peak is None else weights + read_plan.kv_peak
     available, total = device_memory(device)
     kv = KVBytes.of(described.config, dtype)
-    speed = measured_speed(described.name, *names(device, dtype))
+    speed = measured_speed(kvcli_home(), described.name, *names(device, dtype))
     data = {
         "model": described.name,
         "source": described.source,
