@@ -155,6 +155,15 @@ def chunk_bounds(prompt_len: int, chunk_size: int | None, compressed: bool, tail
     return list(range(0, max(1, prompt_len - tail), chunk_size)) + [prompt_len]
 
 
+def announce_chunk(on_layer, index: int, count: int, start: int, stop: int, prompt_len: int) -> None:
+    """Tell a progress callback that tokens start..stop of `prompt_len` (chunk `index` of `count`,
+    from 0) are next, so it can show one bar over the whole read; a plain `on_layer(layer_idx)`
+    function, which has no `chunk` method, hears only of layers."""
+    chunk = getattr(on_layer, "chunk", None)
+    if chunk is not None:
+        chunk(index, count, start, stop, prompt_len)
+
+
 def prefill(
     model,
     input_ids: torch.Tensor,
@@ -175,6 +184,7 @@ def prefill(
     is the prompt's end) stay together in the last chunk, so its observation window is whole.
     With `reindex` (a `reindex.Reindexer`) the prompt is read in chunks whatever its length and
     the kept entries are packed before each next chunk, so positions stay below budget + chunk + probe.
+    An `on_layer` with a `chunk` method hears of each chunk before it is fed (`announce_chunk`).
     """
     cache = new_cache(model)
     prompt_len = input_ids.shape[1]
@@ -184,7 +194,8 @@ def prefill(
     position = 0  # where the next chunk is fed (its start, unless re-indexed)
     started = time.perf_counter()
     with torch.inference_mode(), threads.prefilling():  # --threads auto: on the cores free now
-        for start, stop in zip(bounds[:-1], bounds[1:]):
+        for index, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+            announce_chunk(on_layer, index, len(bounds) - 1, start, stop, prompt_len)
             step_ids = input_ids[:, start:stop]
             probe_len = 0
             if stop < prompt_len and probe_ids is not None:
@@ -423,6 +434,7 @@ def _read_full(model, input_ids: torch.Tensor, recorder, on_layer) -> tuple[KVCa
     cache = new_cache(model)
     if prepare_model(model).bypassed:
         recorder = None  # its attention never reaches kvcli's function: there is nothing to record (and nothing to derive)
+    announce_chunk(on_layer, 0, 1, 0, input_ids.shape[1], input_ids.shape[1])
     started = time.perf_counter()
     with torch.inference_mode(), threads.prefilling():
         logits = forward(model, cache, input_ids, 0, recorder, on_layer=on_layer)

@@ -88,25 +88,49 @@ def retention_profile(cache, prompt, doc, buckets: int = 10) -> Profile:
 
 
 def render_profile(profile: Profile, top: int = 3) -> Group:
-    """Per layer: a strip with one cell per group (darker = a larger share kept), and the top groups."""
+    """Per layer, one line: a strip with one cell per group (darker = a larger share kept), and the
+    top groups, cut with an ellipsis where the console is too narrow for them."""
     doc_groups = len(profile.groups) - 1
-    table = Table(box=None, show_header=True, pad_edge=False)
-    table.add_column("layer", justify="right")
-    table.add_column(f"kept share by {profile.by} (one cell each, in order)")
-    table.add_column("most kept")
-    windows = profile.layer_windows or [None] * len(profile.per_layer)
-    for i, row in enumerate(profile.per_layer):
-        shares = [row[g] / profile.group_tokens[g] if profile.group_tokens[g] else 0.0 for g in range(doc_groups)]
-        peak = max(shares) if shares and max(shares) > 0 else 1.0
-        strip = "".join(_SPARK[round((len(_SPARK) - 1) * s / peak)] for s in shares)
-        total = sum(row) or 1.0
-        ranked = sorted(range(len(row)), key=lambda g: -row[g])[:top]
-        best = ", ".join(f"{profile.groups[g]} {100 * row[g] / total:.0f}%" for g in ranked if row[g] > 0)
-        if windows[i] is not None:
-            best = f"sliding window: its last {windows[i] - 1} tokens" + (f"; {best}" if best else "")
-        table.add_row(str(i), Text(strip, style="yellow" if windows[i] is not None else "magenta"), best)
-    legend = Text(f"{doc_groups} {profile.by} groups; a cell is the fraction of that group's tokens the layer kept, scaled per row")
-    return Group(legend, table)  # the per-layer bars are already in the run report
+    legend = Text(f"{doc_groups} {profile.by} groups, one cell each, in order; a cell is the fraction of that group's tokens "
+                  "the layer kept, scaled per row")
+    return Group(legend, _ProfileRows(profile, top))  # the per-layer bars are already in the run report
+
+
+class _ProfileRows:
+    """The profile's table, one line per layer at any width: the strip and the top groups are cut to fit."""
+
+    def __init__(self, profile: Profile, top: int) -> None:
+        self.profile, self.top = profile, top
+
+    def __rich_console__(self, console, options):
+        profile = self.profile
+        doc_groups = len(profile.groups) - 1
+        header = f"kept share by {profile.by}"
+        layer_w = max(len("layer"), len(str(len(profile.per_layer) - 1)))
+        strip_w = max(1, min(max(doc_groups, len(header)), (options.max_width - layer_w) // 2))
+        best_w = max(1, options.max_width - layer_w - strip_w - 4)  # two gaps of two spaces
+        rows = []
+        windows = profile.layer_windows or [None] * len(profile.per_layer)
+        for i, row in enumerate(profile.per_layer):
+            shares = [row[g] / profile.group_tokens[g] if profile.group_tokens[g] else 0.0 for g in range(doc_groups)]
+            peak = max(shares) if shares and max(shares) > 0 else 1.0
+            strip = Text("".join(_SPARK[round((len(_SPARK) - 1) * s / peak)] for s in shares),
+                         style="yellow" if windows[i] is not None else "magenta")
+            total = sum(row) or 1.0
+            ranked = sorted(range(len(row)), key=lambda g: -row[g])[: self.top]
+            best = Text(", ".join(f"{profile.groups[g]} {100 * row[g] / total:.0f}%" for g in ranked if row[g] > 0))
+            if windows[i] is not None:
+                best = Text(f"sliding window: its last {windows[i] - 1} tokens" + (f"; {best}" if best else ""))
+            strip.truncate(strip_w, overflow="ellipsis")
+            best.truncate(best_w, overflow="ellipsis")
+            rows.append((str(i), strip, best))
+        table = Table(box=None, show_header=True, pad_edge=False, padding=(0, 2), collapse_padding=True)
+        table.add_column("layer", justify="right", width=layer_w, no_wrap=True)
+        table.add_column(header[:strip_w], width=strip_w, no_wrap=True)
+        table.add_column("most kept", width=max([len("most kept")] + [len(best) for _, _, best in rows]), no_wrap=True)
+        for row in rows:
+            table.add_row(*row)
+        yield table
 
 
 @dataclass

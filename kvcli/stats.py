@@ -123,55 +123,101 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
+@dataclass
+class LayerRun:
+    """Consecutive layers that kept (nearly) the same number of tokens: one row of the report."""
+
+    first: int
+    last: int
+    low: int  # fewest tokens one of them kept
+    high: int  # most
+    sliding: bool  # sliding-window layers (they keep their window whatever the method)
+
+    @property
+    def layers(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+    @property
+    def kept(self) -> str:
+        return str(self.low) if self.low == self.high else f"{self.low}-{self.high}"
+
+
+def nearly_equal(low: int, high: int) -> bool:
+    """Counts close enough to show as one range: within 2% of the larger, or one token."""
+    return high - low <= max(1, high // 50)
+
+
+def layer_runs(counts: list[int], windows: list[int | None] | None = None, every_layer: bool = False) -> list[LayerRun]:
+    """Kept tokens per layer as runs of consecutive, nearly equal layers of one kind (global or
+    sliding); `every_layer` gives each layer a run of its own."""
+    windows = windows or [None] * len(counts)
+    runs: list[LayerRun] = []
+    for i, (kept, window) in enumerate(zip(counts, windows)):
+        last = runs[-1] if runs else None
+        if (not every_layer and last is not None and last.sliding == (window is not None)
+                and nearly_equal(min(last.low, kept), max(last.high, kept))):
+            last.last, last.low, last.high = i, min(last.low, kept), max(last.high, kept)
+        else:
+            runs.append(LayerRun(i, i, kept, kept, window is not None))
+    return runs
+
+
 class LayerBars:
-    """Kept tokens per layer as horizontal bars; many layers are laid out in side-by-side blocks
-    (layers 0-9 | 10-19 | ...) as the width allows, so 30 layers take 10 lines at 80 columns."""
+    """Kept tokens per run of layers as horizontal bars; many rows are laid out in side-by-side
+    blocks (layers 0-9 | 10-19 | ...) as the width allows, so 30 layers take 10 lines at 80 columns."""
 
     MAX_BLOCKS = 4
     MIN_BAR = 10
     GLOBAL, SLIDING = "█", "▒"  # a sliding-window layer's bar is shaded: it keeps its window, whatever the method
 
-    def __init__(self, counts: list[int], width: int = 40, windows: list[int | None] | None = None) -> None:
-        self.counts = counts
+    def __init__(self, runs: list[LayerRun], width: int = 40) -> None:
+        self.runs = runs
         self.width = width
-        self.windows = windows or [None] * len(counts)
 
     def __rich_console__(self, console, options):
-        counts = self.counts
-        n = len(counts)
-        layer_w, kept_w = len(str(max(n - 1, 0))), max(4, len(str(max(counts, default=0))))
-        overhead = max(layer_w, 5) + kept_w + 6  # two column gaps and the gap before the next block
+        runs = self.runs
+        n = len(runs)
+        single = all(run.first == run.last for run in runs)
+        label_w = max([len("layer" if single else "layers")] + [len(run.layers) for run in runs])
+        kept_w = max([len("kept")] + [len(run.kept) for run in runs])
+        overhead = label_w + kept_w + 3  # two column gaps and the gap before the next block
         blocks = 1
         if n > 12:
-            fitting = options.max_width // (overhead + self.MIN_BAR)
+            fitting = (options.max_width + 1) // (overhead + self.MIN_BAR)
             blocks = max(1, min(self.MAX_BLOCKS, fitting, n // 6))
         rows = -(-n // blocks) if n else 0
         blocks = -(-n // rows) if rows else 1
-        bar_w = max(1, min(self.width, options.max_width // blocks - overhead))
-        top = max(counts, default=0) or 1
+        bar_w = max(1, min(self.width, (options.max_width + 1) // blocks - overhead))
+        top = max((run.high for run in runs), default=0) or 1
         table = Table(box=None, show_header=True, pad_edge=False, padding=(0, 1), collapse_padding=True)
         for block in range(blocks):
-            table.add_column("layer", justify="right")
-            table.add_column("kept", justify="right")
+            table.add_column("layer" if single else "layers", justify="right", no_wrap=True)
+            table.add_column("kept", justify="right", no_wrap=True)
             table.add_column("", width=bar_w, no_wrap=True)
         for row in range(rows):
             cells: list = []
             for block in range(blocks):
                 i = block * rows + row
                 if i < n:
-                    sliding = self.windows[i] is not None
-                    bar = (self.SLIDING if sliding else self.GLOBAL) * max(1 if counts[i] else 0, round(bar_w * counts[i] / top))
-                    cells += [str(i), str(counts[i]), Text(bar, style="yellow" if sliding else "cyan")]
+                    run = runs[i]
+                    bar = (self.SLIDING if run.sliding else self.GLOBAL) * max(1 if run.high else 0, round(bar_w * run.high / top))
+                    cells += [run.layers, run.kept, Text(bar, style="yellow" if run.sliding else "cyan")]
                 else:
                     cells += ["", "", ""]
             table.add_row(*cells)
         yield table
 
 
-def layer_bars(counts: list[int], width: int = 40, windows: list[int | None] | None = None) -> LayerBars:
-    """Kept tokens per layer as horizontal bars, in blocks of rows that fit the console's width;
-    `windows` marks sliding-window layers (shaded bars)."""
-    return LayerBars(counts, width, windows)
+def layers_summary(counts: list[int], windows: list[int | None] | None = None, every_layer: bool = False):
+    """The report's layer part: one line when every layer kept nearly the same ("layers 0-23:
+    230-231 tokens each"), else a bar per run of nearly equal layers (per layer with `every_layer`)."""
+    runs = layer_runs(counts, windows, every_layer)
+    head = "retained tokens per layer (window included)"
+    if len(runs) == 1 and not every_layer:
+        run = runs[0]
+        each = "tokens each" if run.low == run.high else "tokens"
+        return Text(f"{head}: layers {run.layers}: {run.kept} {each}")
+    return Group(Text(f"{head}:"), LayerBars(runs))
 
 
 def _sliding_text(windows: list[int | None]) -> str:
@@ -184,8 +230,9 @@ def _sliding_text(windows: list[int | None]) -> str:
     return f"{count} sliding-window layer{'s' if count > 1 else ''} ({LayerBars.SLIDING}) keep at most their last {most} tokens, whatever the method"
 
 
-def render(stats: RunStats) -> Group:
-    """The compact report printed on stderr after an answer: one labelled fact per line, then the layers."""
+def render(stats: RunStats, every_layer: bool = False) -> Group:
+    """The compact report printed on stderr after an answer: one labelled fact per line, then the
+    layers (runs of nearly equal layers as one row, each layer its own with `every_layer`)."""
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="bold", no_wrap=True)
     facts.add_column()
@@ -230,7 +277,7 @@ def render(stats: RunStats) -> Group:
     )
     if stats.stopped is not None:
         facts.add_row("answer", f"{stats.decode_tokens} tokens, stopped at {'--max-new-tokens' if stats.stopped == 'max_new_tokens' else 'the end of sequence'}")
-    return Group(facts, Text("retained tokens per layer (window included):"), layer_bars(stats.retained_per_layer, windows=stats.layer_windows))
+    return Group(facts, layers_summary(stats.retained_per_layer, stats.layer_windows, every_layer))
 
 
 _READS = {

@@ -32,6 +32,7 @@ LAYERS = {
     "plot": "reports",
     "store": "store",
     "atomic": "store",
+    "speed": "store",
     "errors": "base",
     "__init__": "base",
     "__main__": "face",

@@ -68,6 +68,6 @@ def inspect(
         print_json({"stats": stats.to_dict(), **({"profile": profile.to_dict()} if layers else {})})
         return
     console = Console(highlight=False)
-    console.print(render(stats))
+    console.print(render(stats, every_layer=run.verbose))
     if layers:
         console.print(render_profile(profile))

@@ -55,6 +55,7 @@ GROUPS: dict[str, list[tuple[str, object, object]]] = {
     OUTPUT: [
         ("json", Annotated[bool, typer.Option("--json", help="Print one JSON object per result on stdout instead of text and a report.")], False),
         ("quiet", Annotated[bool, typer.Option("--quiet", "-Q", help="No progress, warnings or report on stderr.")], False),
+        ("verbose", Annotated[bool, typer.Option("--verbose", help="Show every layer in the report instead of ranges of nearly equal layers (`plan`: every source).")], False),
     ],
 }
 
@@ -84,6 +85,7 @@ class RunOptions:
     system: str | None = None
     json: bool = False
     quiet: bool = False
+    verbose: bool = False
     given: set[str] = field(default_factory=set)  # the options the user set (not left at their defaults)
 
     def make_method(self):

@@ -16,7 +16,7 @@ import sys
 import torch
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..errors import KvcliError
 from ..stats import render
@@ -36,9 +36,10 @@ def say(line: str) -> None:
 class Screen:
     """What one command run may show on stderr, given --quiet and whether stderr is a terminal."""
 
-    def __init__(self, quiet: bool = False, json_out: bool = False) -> None:
+    def __init__(self, quiet: bool = False, json_out: bool = False, verbose: bool = False) -> None:
         self.quiet = quiet
         self.json = json_out
+        self.verbose = verbose  # the report shows every layer, not ranges of nearly equal ones
 
     @property
     def show_progress(self) -> bool:
@@ -59,7 +60,8 @@ class Screen:
         if not self.show_progress:
             yield lambda done, total=None: None
             return
-        bar = Progress(TextColumn(label), BarColumn(), TextColumn("{task.completed}/{task.total} " + unit), TimeElapsedColumn(), console=err, transient=True)
+        # MofN: "3/10", or "0/?" before the total is known
+        bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(), console=err, transient=True)
         task = bar.add_task(label, total=total)
         bar.start()
         try:
@@ -69,12 +71,22 @@ class Screen:
 
     @contextlib.contextmanager
     def layers(self, num_layers: int, label: str = "prefill"):
-        """A bar over the model's layers; yields the `on_layer(layer_idx)` callback (or None)."""
+        """One bar over a read; yields the `on_layer(layer_idx)` callback (or None).
+
+        The engine's prefill tells the callback where each chunk starts (`ReadBar.chunk`), so a
+        chunked read shows one bar over all its tokens with the chunk and an ETA; a read that
+        says nothing of chunks shows its layers."""
         if not self.show_progress:
             yield None
             return
-        with self.progress(label, "layers", total=num_layers) as update:
-            yield lambda layer: update(layer + 1)
+        bar = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), TimeElapsedColumn(), TextColumn("ETA"),
+                       TimeRemainingColumn(), console=err, transient=True)
+        read = ReadBar(bar, num_layers, label)
+        bar.start()
+        try:
+            yield read
+        finally:
+            bar.stop()
 
     @contextlib.contextmanager
     def status(self, message: str):
@@ -91,7 +103,7 @@ class Screen:
 
     def report(self, stats) -> None:
         if not self.quiet and not self.json:
-            err.print(render(stats))
+            err.print(render(stats, every_layer=self.verbose))
 
     def stream(self):
         """The callback that writes the answer to stdout as it comes (None with --json)."""
@@ -108,6 +120,34 @@ class Screen:
         if not self.json:
             sys.stdout.write("\n")
             sys.stdout.flush()
+
+
+class ReadBar:
+    """The `on_layer` callback behind `Screen.layers`: layers done in a read of one pass, or,
+    once the prefill names its chunks, tokens done over the whole prompt."""
+
+    def __init__(self, bar: Progress, num_layers: int, label: str) -> None:
+        self.bar, self.num_layers, self.label = bar, num_layers, label
+        self.task = bar.add_task(f"{label} 0/{num_layers} layers", total=num_layers)
+        self.where: tuple[int, int, int, int, int] | None = None  # (index, count, start, stop, prompt_len) of the chunk being fed
+
+    def chunk(self, index: int, count: int, start: int, stop: int, prompt_len: int) -> None:
+        """The prefill is about to feed tokens start..stop of `prompt_len`, chunk `index` of `count` (from 0)."""
+        self.where = (index, count, start, stop, prompt_len)
+        self._show(start)
+        self.bar.refresh()  # every chunk is seen, however fast the read
+
+    def __call__(self, layer_idx: int) -> None:
+        if self.where is None:
+            self.bar.update(self.task, completed=layer_idx + 1, description=f"{self.label} {layer_idx + 1}/{self.num_layers} layers")
+            return
+        _, _, start, stop, _ = self.where
+        self._show(start + (stop - start) * (layer_idx + 1) // self.num_layers)
+
+    def _show(self, done: int) -> None:
+        index, count, _, _, prompt_len = self.where
+        text = f"{self.label} {done:,}/{prompt_len:,} tokens" + (f", chunk {index + 1} of {count}" if count > 1 else "")
+        self.bar.update(self.task, completed=done, total=prompt_len, description=text)
 
 
 def print_json(data: dict) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import textwrap
 from typing import Annotated, Optional
 
 import typer
 
 from ..errors import InputError
 from ..prompt import check_question
+from ..speed import clock
 from .ask import ExcludeOpt, IncludeOpt
 from .options import COMPRESSION, MODEL, OUTPUT, RunOptions, shared
 from .output import EXIT_USER_ERROR, Screen, print_json, say, user_errors
@@ -17,7 +19,9 @@ from .session import read_documents
 
 MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", metavar="N", help="The answer's room, as `ask --max-new-tokens` keeps it: the prompt and the answer fit the positions.")]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", metavar="TEXT", help="The system prompt `ask` would be given (it is part of the prompt).", show_default=False)]
-_SOURCES_SHOWN = 20  # files or pages listed in the text output; --json lists them all
+_SOURCES_SHOWN = 20  # files or pages listed in the text output; --verbose and --json list them all
+_WIDTH = 80  # the text output's lines, wrapped under their label
+_LABEL = 9  # the labels' column, then two spaces
 
 
 @user_errors
@@ -43,10 +47,11 @@ def plan(
     """
     import torch
 
-    from ..models import resolve_device, resolve_dtype
+    from ..models import kvcli_home, resolve_device, resolve_dtype
     from ..models.describe import describe_model
     from ..reading.layout import Layout
     from ..reading.plan import PLACEHOLDER_QUESTION, KVBytes, make_plan
+    from ..speed import measured_speed, names
 
     if not paths:
         raise InputError("no documents given; pass files, folders or - for stdin: kvcli plan FILE [-m MODEL]")
@@ -74,6 +79,7 @@ def plan(
     peak = None if weights is None or read_plan.kv_peak is None else weights + read_plan.kv_peak
     available, total = device_memory(device)
     kv = KVBytes.of(described.config, dtype)
+    speed = measured_speed(kvcli_home(), described.name, *names(device, dtype))
     data = {
         "model": described.name,
         "source": described.source,
@@ -93,20 +99,24 @@ def plan(
             "quantized": _quantization(described.config),
         },
         "peak_bytes": peak,
+        "read_estimate": None if speed is None else {
+            "seconds": round(speed.seconds(read_plan.prompt_tokens), 1), "reads": speed.reads, "tokens_per_s": round(speed.tokens_per_s, 1),
+        },
         "device": {"name": str(device), "available_bytes": available, "total_bytes": total},
     }
     if run.json:
         print_json(data)
     else:
-        for line in render(data, read_plan, method, options):
+        for line in render(data, read_plan, method, options, speed, every_source=run.verbose):
             print(line)
     if read_plan.refused:
         say(f"kvcli: error: {read_plan.refused}")
         raise typer.Exit(EXIT_USER_ERROR)
 
 
-def render(data: dict, read_plan, method, options) -> list[str]:
-    """The plan as aligned lines for people."""
+def render(data: dict, read_plan, method, options, speed=None, every_source: bool = False) -> list[str]:
+    """The plan as aligned lines for people, wrapped to 80 columns under their labels; `speed`
+    (`speed.Speed`, this machine's recorded reads) estimates the read's time."""
     p = read_plan
     lines: list[tuple[str, str]] = []
 
@@ -118,16 +128,21 @@ def render(data: dict, read_plan, method, options) -> list[str]:
     counted = "the model's tokenizer" if data["tokens_exact"] else "ESTIMATED at 4 bytes per token: no tokenizer"
     files = len(p.sources)
     add("tokens", f"{p.document_tokens:,} in {files} {'source' if files == 1 else 'sources'} ({counted})")
-    width = max((len(s.label) for s in p.sources[:_SOURCES_SHOWN]), default=0)
-    for source in p.sources[:_SOURCES_SHOWN]:
-        add("", f"{source.label:<{width}}  {source.tokens:>9,}")
-    if files > _SOURCES_SHOWN:
+    shown = p.sources if every_source else p.sources[:_SOURCES_SHOWN]
+    room = _WIDTH - _LABEL - 2 - 11  # the label column, then two spaces and the tokens
+    width = min(room, max((len(s.label) for s in shown), default=0))
+    for source in shown:
+        label = source.label if len(source.label) <= room else "..." + source.label[-(room - 3):]  # a path's end names it
+        add("", f"{label:<{width}}  {source.tokens:>9,}")
+    if files > len(shown):
         rest = sum(s.tokens for s in p.sources[_SOURCES_SHOWN:])
         add("", f"... {files - _SOURCES_SHOWN} more: {rest:,} tokens (--json lists every one)")
     question = "" if data["question"] else " (no -q: planned with a placeholder question)"
     add("prompt", f"{p.prompt_tokens:,} tokens, {p.question_tokens} of them the question and the template's end{question}; "
                   f"{p.answer_tokens} more kept for the answer")
     add("read", _read_line(p))
+    if not p.refused:
+        add("time", _time_line(p, speed))
     if p.trained_positions < p.positions:
         add("warning", f"--max-context {p.positions:,} passes the model's trained context ({p.trained_positions:,}); answers may degrade")
     if p.refused:
@@ -146,7 +161,16 @@ def render(data: dict, read_plan, method, options) -> list[str]:
     add("device", _device_line(data["device"], data["peak_bytes"]))
     for note in data["notes"]:
         add("note", note)
-    return [f"{label:<9}  {text}" if label or text else "" for label, text in lines]
+    indent = " " * (_LABEL + 2)
+    return [wrapped for label, text in lines
+            for wrapped in (textwrap.wrap(text, _WIDTH, initial_indent=f"{label:<{_LABEL}}  ", subsequent_indent=indent,
+                                          break_long_words=False, break_on_hyphens=False) or [""])]
+
+
+def _time_line(p, speed) -> str:
+    if speed is None:
+        return "no reads of this model recorded on this machine yet, so no estimate (every read records its speed)"
+    return f"~{clock(speed.seconds(p.prompt_tokens))} to read the prompt, an estimate based on {speed.basis()}"
 
 
 def _read_line(p) -> str:

@@ -88,7 +88,7 @@ class Started:
 
 def start(run: RunOptions, files: list[str] | None, include=(), exclude=()) -> Started:
     """Check the options (before anything slow), read the documents, load the model, prepare the method."""
-    screen = Screen(run.quiet, run.json)
+    screen = Screen(run.quiet, run.json, run.verbose)
     method = run.make_method()
     options = run.options()
     options.check(method)

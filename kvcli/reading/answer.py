@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..generate import decode
+from ..models.checkpoints import kvcli_home
+from ..speed import TIMED_READS, names, record_read
 from ..stats import RunStats, peak_memory_bytes
 from .reader import Options, Reader, Reading
 
@@ -87,6 +89,8 @@ def run_stats(reader: Reader, reading: Reading) -> RunStats:
         stats.extra["prefix"] = reading.prefix
     if reading.past is not None:
         stats.extra["past_window"] = reading.past
+    if reading.mode in TIMED_READS:  # for `kvcli plan`'s estimate of a read's time
+        record_read(kvcli_home(), reader.lm.name, *names(reader.device, reader.lm.dtype), prompt_len, state.seconds)
     if len(state.chunks) > 1:
         stats.extra["chunks"] = [
             {"start": start, "stop": stop, "kept_tokens_over_layers": round(kept, 1)}
