@@ -68,7 +68,7 @@ class DynamicKV(Method):
         if self.period < 1:
             raise BudgetError(f"--period must be at least 1, got {self.period}")
         if self.interim_budget not in ("model", "seen"):
-            raise BudgetError(f"interim_budget must be model or seen, got {self.interim_budget!r}")
+            raise BudgetError(f"--param interim_budget={self.interim_budget}: use model or seen")
 
     def compressor(self, plan: BudgetPlan, profile=None) -> Compressor:
         return DynamicKVCompressor(self, plan)
