@@ -201,7 +201,8 @@ def prefill(
             if stop < prompt_len and probe_ids is not None:
                 step_ids = torch.cat([step_ids, probe_ids.to(step_ids.device)], dim=1)
                 probe_len = probe_ids.shape[1]
-            compressor = compression.compressor() if compression is not None else None
+            if compression is not None:
+                compressor = compression.compressor() if compressor is None else compressor.next_step()
             if reindex is None:
                 logits = forward(model, cache, step_ids, start, compressor, probe_len, on_layer)
             else:

@@ -200,6 +200,11 @@ class Compressor:
         self.profile = profile  # the model's RetrievalProfile, for methods that need one
         self.layer_budgets = method.layer_budgets(plan)
 
+    def next_step(self) -> Compressor:
+        """The compressor for the next prefill step of the same read (a chunked read's next chunk):
+        a fresh one, unless the method carries something from step to step (H2O's scores)."""
+        return self.method.compressor(self.plan, self.profile)
+
     def observe(self, obs: LayerObservation) -> dict[int, torch.Tensor]:
         """Positions to keep `{layer_idx: (num_kv_heads, n_kept)}` after seeing layer `obs.layer_idx`."""
         scores = self.method.scores(obs)

@@ -9,6 +9,15 @@ entries is taken, and the whole model's budget is re-divided among the seen laye
 proportion to where the winners fall; each layer is trimmed to its share, keeping its
 best-scored candidates. Layers that matter for this prompt keep more.
 
+Knobs: `max_multiple` (a layer's candidates, times the mean), `min_multiple` (the least a layer
+keeps, times the mean), `period` (layers between re-divisions) and `interim_budget`: what a
+re-division before the last layer divides among the layers seen so far. "model" (the default)
+gives them the whole model's budget, as the reference code does; it starves no later layer,
+since the last re-division divides the budget among all layers again and a layer trimmed
+earlier can only pass budget on (tested; on a real prompt interim trims bound no layer's final
+share, docs/methods.md). "seen" gives them their own part (mean x layers seen): early layers
+are trimmed for good before later ones are scored, for a lower KV peak during prefill.
+
 Differences from the reference code (DreamMr/DynamicKV), all deliberate:
 - keys and values are stored once per KV head (the reference stores repeated heads, 4-7x
   the memory on grouped-query models); scores are averaged over each KV head's query heads;
@@ -45,6 +54,10 @@ class DynamicKV(Method):
     max_multiple: float = 10.0
     min_multiple: float = 0.1
     period: int = 4
+    # What an interim re-division (before the last layer) divides among the layers seen so far:
+    # "model", the whole model's budget (the reference code's rule), or "seen", their own part
+    # of it (mean x layers seen), which trims early layers for good before later ones are seen.
+    interim_budget: str = "model"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -54,6 +67,8 @@ class DynamicKV(Method):
             raise BudgetError(f"--min-multiple must be in [0, 1], got {self.min_multiple}")
         if self.period < 1:
             raise BudgetError(f"--period must be at least 1, got {self.period}")
+        if self.interim_budget not in ("model", "seen"):
+            raise BudgetError(f"--param interim_budget={self.interim_budget}: use model or seen")
 
     def compressor(self, plan: BudgetPlan, profile=None) -> Compressor:
         return DynamicKVCompressor(self, plan)
@@ -91,6 +106,7 @@ class DynamicKVCompressor(Compressor):
         self.candidates: dict[int, torch.Tensor] = {}  # layer -> local indices, best first
         self.positions: dict[int, torch.Tensor] = {}  # layer -> (num_kv_heads, k_len)
         self.allocations: list[list[int]] = []  # each re-division's shares, for reports
+        self.counts: list[list[int]] = []  # each re-division's global top-k winners per layer
 
     def observe(self, obs: LayerObservation) -> dict[int, torch.Tensor]:
         layer = obs.layer_idx
@@ -127,9 +143,13 @@ class DynamicKVCompressor(Compressor):
         # Which layer each winner falls in, from the cumulative sizes of the flattened layers.
         layer_of = torch.searchsorted(sizes.cumsum(0), winners, right=True)
         counts = torch.bincount(layer_of, minlength=len(layers)).tolist()
+        self.counts.append(counts)
         caps = [self.candidates[j].shape[1] for j in layers]
         floor = math.ceil(self.method.min_multiple * self.average)
-        shares = allocate(self.shared_total, counts, caps, [floor] * len(layers))
+        total = self.shared_total
+        if self.method.interim_budget == "seen":
+            total = round(self.average * len(layers))  # the whole budget at the last layer
+        shares = allocate(total, counts, caps, [floor] * len(layers))
         self.allocations.append(shares)
         decisions = {}
         for j, share in zip(layers, shares):

@@ -16,6 +16,13 @@ Differences from the reference code (FMInference/H2O), all deliberate:
   part is the observation window (or `recent_size`), and the rest goes to heavy hitters;
 - the reference evicts greedily while generating; here the prompt is read in one pass and
   the accumulated scores come from all its queries, computed in blocks (never q_len x k_len);
+- a prompt read in chunks (`--chunk-size`, past the context) is H2O's greedy eviction one
+  chunk at a time: each kept entry carries the attention it has received so far into the next
+  chunk's selection (`H2OCompressor`), so a token heavy early stays heavy. While nothing has been
+  evicted before the last chunk, the scores and the kept tokens are one pass's; once tokens
+  were evicted, later queries attend over the kept ones only (as in the paper's own eviction).
+  The question fed after each chunk (the probe) scores that chunk's choice but is not carried:
+  it is not a prompt query;
 - keys and values are stored once per KV head, scores averaged over its query heads.
 Accumulated attention favours early tokens, which more queries can see; that is H2O's
 score as published, not corrected here.
@@ -27,8 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..attention import accumulated_attention
 from ..errors import BudgetError
-from .base import LayerObservation, Method
+from .base import BudgetPlan, Compressor, LayerObservation, Method
 
 
 @dataclass
@@ -61,5 +69,45 @@ class H2O(Method):
                 scores[:, scores.shape[1] - extra :] = float("inf")
         return scores
 
+    def compressor(self, plan: BudgetPlan, profile=None) -> Compressor:
+        return H2OCompressor(self, plan)
+
     def params(self) -> dict:
         return {"window_size": self.window_size, "recent_size": self.recent_size}
+
+
+class H2OCompressor(Compressor):
+    """One prefill step of H2O; what it keeps carries its accumulated attention into the next step."""
+
+    method: H2O
+
+    def __init__(self, method: H2O, plan: BudgetPlan, carried: dict[int, torch.Tensor] | None = None) -> None:
+        super().__init__(method, plan)
+        # compressed-layer rank -> (num_kv_heads, group, n_kept): the attention the entries kept by
+        # the previous step received from the prompt's queries so far (they lead the layer's entries).
+        self.carried = carried if carried is not None else {}
+        self.kept_scores: dict[int, torch.Tensor] = {}
+        self._probe_scores: torch.Tensor | None = None  # set by observe_live for the observe it calls
+
+    def next_step(self) -> H2OCompressor:
+        return H2OCompressor(self.method, self.plan, self.kept_scores)
+
+    def observe_live(self, cache, layer_idx: int, query, keys, attn, probe_len: int = 0,
+                     accumulated_before=None, queries_before=None) -> None:
+        if attn.sliding_window is not None:
+            return
+        if accumulated_before is None:
+            accumulated_before = self.carried.get(cache.compressed_layers.index(layer_idx))
+        self._probe_scores = None
+        if probe_len:
+            # The probe's own attention, to leave out of what the kept entries carry on.
+            self._probe_scores = accumulated_attention(query[:, :, -probe_len:], keys, attn)[..., :-probe_len]
+        super().observe_live(cache, layer_idx, query, keys, attn, probe_len, accumulated_before, queries_before)
+
+    def observe(self, obs: LayerObservation) -> dict[int, torch.Tensor]:
+        decisions = super().observe(obs)
+        kept = decisions[obs.layer_idx]  # (num_kv_heads, n_kept) original positions
+        local = torch.searchsorted(obs.positions.contiguous(), kept.contiguous())
+        scores = obs.accumulated if self._probe_scores is None else obs.accumulated - self._probe_scores
+        self.kept_scores[obs.layer_idx] = scores.gather(2, local[:, None, :].expand(-1, scores.shape[1], -1))
+        return decisions
