@@ -176,7 +176,7 @@ def closed_port() -> int:
 def test_unreachable_hub_is_one_line(tmp_path):
     """A hub id when the hub cannot be reached is one line that says so and how to pass a local model."""
     proc = run_with_hub(f"http://127.0.0.1:{closed_port()}", tmp_path)
-    assert_one_line(proc, "cannot reach the Hugging Face hub", "org/missing-model", "local checkpoint folder or .gguf")
+    assert_one_line(proc, "the Hugging Face hub cannot be reached", "org/missing-model", "local folder or .gguf")
 
 
 class MissingModelHub(http.server.BaseHTTPRequestHandler):

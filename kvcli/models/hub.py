@@ -82,7 +82,7 @@ def hub_error(spec: str, err: BaseException) -> str:
     if isinstance(err, HfHubHTTPError):
         return f"the Hugging Face hub refused to send '{spec}' (HTTP {status}): try again later, or pass a local folder or .gguf file"
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return (f"cannot reach the Hugging Face hub to download '{spec}' ({text}): pass -m a local checkpoint folder or "
+    return (f"cannot download '{spec}': the Hugging Face hub cannot be reached ({text}); pass -m a local folder or "
             f".gguf file, or download the model beforehand (`hf download {spec}`) on a machine that reaches the hub")
 
 

@@ -132,8 +132,8 @@ def load_model(
             raise ModelError(f"cannot load model {spec} from {source}: {first_line(err)}") from err
         if hub_offline():
             raise ModelError(
-                f"model '{spec}' is not in the Hugging Face cache and HF_HUB_OFFLINE is set: unset it to download "
-                f"the model, or pass -m a local folder or .gguf file, or an embedded model ({', '.join(EMBEDDED)})"
+                f"model '{spec}' could not be found in the Hugging Face cache, and HF_HUB_OFFLINE is set: unset it to "
+                f"download the model, or pass -m a local folder or .gguf file, or an embedded model ({', '.join(EMBEDDED)})"
             ) from err
         raise ModelError(
             f"model '{spec}' is not a local path and could not be found in the Hugging Face cache "
