@@ -120,13 +120,19 @@ def test_shell_completion_completes_commands_and_options():
     assert "_KVCLI_COMPLETE=complete_bash" in script.stdout and "complete " in script.stdout
 
 
+ASK = ["ask", "-q", "What?", "-"]  # stdin is empty: a command that got past its imports ends soon after
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child needs POSIX signals")
-@pytest.mark.parametrize("while_importing", ["rich", "torch"])
-def test_ctrl_c_while_starting_is_one_line(while_importing):
-    """Ctrl-C while kvcli imports (its own modules, or torch) exits 130 with `kvcli: interrupted` and no traceback."""
+@pytest.mark.parametrize("command, while_importing", [
+    (ASK, "rich"), (ASK, "torch"), (ASK, "transformers"),
+    (["models"], "transformers"),  # a command without a model; its imports go through transformers' lazy modules
+], ids=["ask-rich", "ask-torch", "ask-transformers", "models-transformers"])
+def test_ctrl_c_while_starting_is_one_line(command, while_importing):
+    """Ctrl-C while kvcli imports (its own modules, torch or transformers) exits 130 with `kvcli: interrupted` and no traceback."""
     # -X importtime writes a line as each module finishes importing (`import time: 12 | 34 |   torch._C`):
     # the first line of a torch submodule means torch's import is under way (it goes on for seconds).
-    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "kvcli", "ask", "-q", "What?", "-"],
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "kvcli", *command],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:

@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .output import user_errors
+
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of text.")]
 
 # `kvcli methods` reads the methods from here rather than from their classes, whose modules import
@@ -23,6 +25,7 @@ def method_rows(registry: dict, default: str) -> list[dict]:
             for name, cls in registry.items()]
 
 
+@user_errors
 def methods(json_out: JsonFlag = False) -> None:
     """List the compression methods, their knobs (for --param) with defaults, and their papers."""
     rows = json.loads(METHODS_FILE.read_text(encoding="utf-8"))
@@ -39,6 +42,7 @@ def methods(json_out: JsonFlag = False) -> None:
             console.print(f"  paper: {row['paper']}")
 
 
+@user_errors  # Ctrl-C while it imports torch (seconds): one line, exit 130
 def models(json_out: JsonFlag = False) -> None:
     """List the embedded models and the checkpoints converted under KVCLI_HOME, with their sizes."""
     from ..models import kvcli_home, list_models
