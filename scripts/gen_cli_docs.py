@@ -46,6 +46,10 @@ Conventions, the same in every command:
   `--json` (`stopped`) say whether the answer ended at the end of sequence or at `--max-new-tokens`.
 - Environment defaults: `KVCLI_MODEL`, `KVCLI_METHOD`, `KVCLI_DEVICE`; `KVCLI_HOME` is where
   converted models and retrieval-head profiles are kept (default `~/.cache/kvcli`).
+- `-h` is `--help` and `-V` is `--version`, as in grep. Shell completion of commands and options:
+  `kvcli --install-completion` (bash, zsh, fish, PowerShell), or `kvcli --show-completion` to see
+  the script. `--help`, completion and argument errors never import torch or transformers, so they
+  answer in well under a second (docs/results.md).
 
 | exit code | meaning |
 | --- | --- |

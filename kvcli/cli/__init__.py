@@ -39,7 +39,7 @@ models and profiles are kept, default ~/.cache/kvcli).
 Exit codes: 0 done, 1 a bug, 2 a user error, 3 out of memory, 130 interrupted.
 """
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, help=HELP)
+app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
 for command in (ask, summarize, chat, read, compress, inspect, batch, methods, models):
     app.command()(command)
 app.command("eval")(eval_)
@@ -53,19 +53,17 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False) -> None:
+def _root(version: Annotated[bool, typer.Option("--version", "-V", callback=_version, is_eager=True, help="Show the version and exit.")] = False) -> None:
     logging.basicConfig(level=logging.ERROR, format="kvcli: %(message)s")
     readable_arguments()
-    # transformers' own progress bars and advice would interleave with the answer's report.
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 def readable_arguments() -> None:
     """Typer prints an argument's Python type after its metavar (`PATHS... <list[str]>`); kvcli's
-    metavars already say what goes there, so the type is left out where a metavar is set."""
+    metavars already say what goes there, so the type is left out where a metavar is set.
+
+    A patch, for want of a hook: typer.main builds every TyperArgument itself (no `cls=` for
+    arguments, as commands have), and both help formatters call `display_type_rich`."""
     from typer.core import TyperArgument
 
     if getattr(TyperArgument, "_kvcli_readable", False):

@@ -9,10 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..defaults import DEFAULT_SCORER
 from ..errors import InputError, shorten
-from ..methods import make_method
-from ..prompt import check_question, summary_instruction
-from ..reading.prefix import DEFAULT_SCORER, pick_scorer
 from .options import COMPRESSION, GENERATION, MODEL, OUTPUT, RunOptions, shared
 from .output import Screen, print_json, user_errors
 from .session import load_saved, saved_read_once, start, stdin_is_piped, warn_prompt
@@ -29,6 +27,8 @@ def split_arguments(args: list[str], questions: list[str] | None, cache: str | N
 
     A last argument that names a file, or looks like a file name that is not there (a typo), is
     refused rather than asked as the question: -q is the form that cannot be misread."""
+    from ..prompt import check_question
+
     if cache:
         if questions and args:
             raise InputError("with --cache, give no documents: the cache already holds them")
@@ -181,6 +181,7 @@ def _say_comparison(screen: Screen, stats, full: str, compressed: str) -> None:
 def _saved(reader, path: str, run: RunOptions, screen: Screen, method, options):
     """(prefix, method, mode) for `--cache path`: a compressed prefix answers with the method it was
     compressed with (prefix set); a full one compresses each question with this run's method (mode set)."""
+    from ..methods import make_method
     from ..reading import saved_prefix
 
     saved = load_saved(reader, path)
@@ -214,6 +215,8 @@ def ask(
     kvcli ask src/ -q "Where is the retry logic?" -q "What are its limits?";
     cat notes.txt | kvcli ask "Who objected?"
     """
+    from ..reading.prefix import pick_scorer
+
     files, questions = split_arguments(list(args or []), question, cache)
     if scorer is not None and not reuse:
         raise InputError("--scorer ranks a question-agnostic cache's tokens; add --reuse or drop --scorer")
@@ -238,6 +241,8 @@ def summarize(
 
     Examples: kvcli summarize paper.pdf --length short; kvcli summarize --cache paper.kvc
     """
+    from ..prompt import summary_instruction
+
     instruction = summary_instruction(length, focus)
     if past not in ("sections", "compressed"):
         raise InputError(f"--past must be sections or compressed, got {past!r}")

@@ -6,13 +6,12 @@ import contextlib
 from pathlib import Path
 from typing import Annotated, Optional
 
-import torch
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import InputError, KvcliError
 from .options import COMPRESSION, GENERATION, MODEL, RunOptions, shared
-from .output import EXIT_INTERRUPTED, Screen, err, out_of_memory, say, user_errors
+from .output import EXIT_INTERRUPTED, Screen, err, is_out_of_memory, out_of_memory, say, user_errors
 from .session import load, prepare
 
 RayOpt = Annotated[bool, typer.Option("--ray", help="Run on Ray workers, each loading the model once: one per GPU, or --workers on CPU (a local Ray is started unless --ray-address is given). Needs pip install 'kvcli[ray]'.")]
@@ -24,7 +23,7 @@ def describe_error(exc: BaseException) -> str | None:
     """The one line `ask` prints for a job's failure (a user error, out of memory); None for a bug."""
     if isinstance(exc, KvcliError):
         return str(exc)
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)):
+    if is_out_of_memory(exc):
         return out_of_memory(exc)
     return None
 

@@ -8,18 +8,19 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from ..errors import InputError, KvcliError
-from ..methods import Budget, configure, method_names
-from ..prompt import check_question
 from .ask import ExcludeOpt, IncludeOpt, refuse_questions_as_documents
 from .options import COMPRESSION, GENERATION, MODEL, OUTPUT, RunOptions, shared
 from .output import Screen, print_json, say, user_errors
 from .read import SAVED_WINDOW, check_target, save_full_prefix
 from .session import load_saved, prepare, saved_read_once, start, stdin_is_piped, warn_prompt
+
+if TYPE_CHECKING:  # torch, imported only when a command runs
+    from ..methods import Budget
 
 PROMPT = "kvcli> "
 # The questions are not known when the documents are read: documents cut to fit the context
@@ -87,6 +88,7 @@ class Chat:
 
     def ask(self, question: str) -> None:
         """Stream the answer to stdout, then one line on stderr: what was kept, speed, why it stopped."""
+        from ..prompt import check_question
         from ..reading import add_answer, answer, run_stats
 
         check_question(question)
@@ -122,6 +124,8 @@ class Chat:
         return True
 
     def set_method(self, arg: str) -> None:
+        from ..methods import configure, method_names
+
         words = arg.split()
         if not words:
             say(f"method {_method_label(self.method)}; choose one of: {', '.join(method_names())}")
@@ -134,9 +138,13 @@ class Chat:
         say(f"method {_method_label(method)}")
 
     def set_ratio(self, arg: str) -> None:
+        from ..methods import Budget
+
         self._set_budget(arg, "/ratio R, a fraction in (0, 1], e.g. /ratio 0.2", float, lambda value: Budget(ratio=value))
 
     def set_budget(self, arg: str) -> None:
+        from ..methods import Budget
+
         self._set_budget(arg, "/budget N, tokens kept per layer, e.g. /budget 256", int, lambda value: Budget(tokens=value))
 
     def _set_budget(self, arg: str, usage: str, kind: type, make) -> None:

@@ -7,7 +7,6 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from ..reading.prefix import pick_scorer
 from .ask import ExcludeOpt, IncludeOpt, ScorerOpt
 from .options import COMPRESSION, MODEL, OUTPUT, RunOptions, shared
 from .output import err, print_json, user_errors
@@ -34,6 +33,7 @@ def compress(
     instruction's attention. Example: kvcli compress report.pdf -o report.kvc --ratio 0.3
     """
     from ..reading import Reused, run_stats
+    from ..reading.prefix import pick_scorer
     from ..store import save_cache
 
     target = check_target(output)

@@ -8,7 +8,6 @@ import typer
 from rich.console import Console
 
 from ..errors import BudgetError, InputError
-from ..methods import REGISTRY, configure
 from .options import MODEL, RunOptions, shared
 from .output import Screen, err, print_json, user_errors
 from .batch import RayAddressOpt, RayOpt, WorkersOpt, check_ray_options, ray_pool
@@ -72,6 +71,7 @@ def eval_(
     kvcli eval --niah --haystack samples/haystack.txt --methods full,snapkv,dynamickv --budgets 64,128 --lengths 2000
     """
     from ..eval import EvalConfig, get_metric, log_path, niah_rows, read_rows, render, run_eval, write_json
+    from ..methods import REGISTRY, configure
 
     if haystack and not niah:
         raise InputError("--haystack is for --niah runs; add --niah or drop --haystack")

@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..methods import DEFAULT_METHOD, REGISTRY
+from .output import user_errors
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of text.")]
 
+# `kvcli methods` reads the methods from here rather than from their classes, whose modules import
+# torch (seconds); scripts/gen_methods_json.py writes it and tests/test_startup.py checks it is current.
+METHODS_FILE = Path(__file__).resolve().parent.parent / "data" / "methods.json"
 
+
+def method_rows(registry: dict, default: str) -> list[dict]:
+    """Each method of `registry` as `kvcli methods --json` lists it: name, summary, paper, knobs, default."""
+    return [{"name": name, "summary": cls.summary, "paper": cls.paper, "params": cls().params(), "default": name == default}
+            for name, cls in registry.items()]
+
+
+@user_errors
 def methods(json_out: JsonFlag = False) -> None:
     """List the compression methods, their knobs (for --param) with defaults, and their papers."""
-    rows = []
-    for name, cls in REGISTRY.items():
-        rows.append({"name": name, "summary": cls.summary, "paper": cls.paper, "params": cls().params(), "default": name == DEFAULT_METHOD})
+    rows = json.loads(METHODS_FILE.read_text(encoding="utf-8"))
     if json_out:
         print(json.dumps(rows, indent=2))
         return
@@ -32,6 +42,7 @@ def methods(json_out: JsonFlag = False) -> None:
             console.print(f"  paper: {row['paper']}")
 
 
+@user_errors  # Ctrl-C while it imports torch (seconds): one line, exit 130
 def models(json_out: JsonFlag = False) -> None:
     """List the embedded models and the checkpoints converted under KVCLI_HOME, with their sizes."""
     from ..models import kvcli_home, list_models

@@ -8,8 +8,6 @@ import typer
 from rich.console import Console
 
 from ..errors import InputError
-from ..prompt import check_question, summary_instruction
-from ..stats import render
 from .ask import ExcludeOpt, IncludeOpt
 from .options import COMPRESSION, MODEL, OUTPUT, RunOptions, shared
 from .output import print_json, user_errors
@@ -34,7 +32,9 @@ def inspect(
     Example: kvcli inspect --layers paper.pdf --question "What dataset did they use?"
     """
     from ..inspect import render_profile, retention_profile
+    from ..prompt import check_question, summary_instruction
     from ..reading import QueryAware, run_stats
+    from ..stats import render
 
     if question is not None:
         check_question(question)

@@ -10,14 +10,14 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass, field
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from .. import threads
-from ..generate import Sampling
-from ..methods import DEFAULT_METHOD, Budget, configure
-from ..reading import Options
+from ..defaults import DEFAULT_METHOD
+
+if TYPE_CHECKING:  # torch, imported only when a command runs
+    from ..reading import Options
 
 MODEL = "model"
 COMPRESSION = "compression"
@@ -90,10 +90,16 @@ class RunOptions:
 
     def make_method(self):
         """The method with --window and --param applied; a knob it lacks is an error."""
+        from ..methods import configure
+
         return configure([self.method], self.param, self.window)[0]
 
     def options(self) -> Options:
         """How to read and answer, checked (the budget, the chunk size and --max-new-tokens)."""
+        from ..generate import Sampling
+        from ..methods import Budget
+        from ..reading import Options
+
         if self.chunk_size is not None and self.chunk_size < 1:
             from ..errors import InputError
 
@@ -128,6 +134,8 @@ def shared(*groups: str, **defaults):
         def wrapper(*args, **kwargs):
             values = {name: kwargs.pop(name) for name in names if name in kwargs}
             given = {name for name, value in values.items() if value != defaults.get(name, _default(name))}
+            from .. import threads
+
             with threads.kept():  # --threads holds for this command only (tests run many in one process)
                 return fn(*args, **kwargs, run=RunOptions(**fixed, **values, given=given))
 

@@ -12,14 +12,15 @@ import functools
 import json
 import re
 import sys
+from typing import TYPE_CHECKING
 
-import torch
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..errors import KvcliError
-from ..stats import render
+
+if TYPE_CHECKING:  # rich.progress is imported when a bar is shown
+    from rich.progress import Progress
 
 err = Console(stderr=True, highlight=False)
 
@@ -60,6 +61,8 @@ class Screen:
         if not self.show_progress:
             yield lambda done, total=None: None
             return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
         # MofN: "3/10", or "0/?" before the total is known
         bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(), console=err, transient=True)
         task = bar.add_task(label, total=total)
@@ -79,6 +82,8 @@ class Screen:
         if not self.show_progress:
             yield None
             return
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
         bar = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), TimeElapsedColumn(), TextColumn("ETA"),
                        TimeRemainingColumn(), console=err, transient=True)
         read = ReadBar(bar, num_layers, label)
@@ -103,6 +108,8 @@ class Screen:
 
     def report(self, stats) -> None:
         if not self.quiet and not self.json:
+            from ..stats import render
+
             err.print(render(stats, every_layer=self.verbose))
 
     def stream(self):
@@ -164,20 +171,31 @@ def user_errors(fn):
         except KvcliError as exc:
             say(f"kvcli: error: {exc}")
             raise typer.Exit(exc.exit_code) from None
-        except (torch.OutOfMemoryError, MemoryError) as exc:
-            say(f"kvcli: error: {out_of_memory(exc)}")
-            raise typer.Exit(EXIT_OUT_OF_MEMORY) from None
-        except RuntimeError as exc:
-            if "can't allocate memory" not in str(exc):  # torch's CPU allocator fails with a plain RuntimeError
+        except (RuntimeError, MemoryError) as exc:
+            if not is_out_of_memory(exc):
                 raise
             say(f"kvcli: error: {out_of_memory(exc)}")
             raise typer.Exit(EXIT_OUT_OF_MEMORY) from None
         except KeyboardInterrupt:
-            sys.stdout.flush()
-            err.print("\nkvcli: interrupted", markup=False)
+            interrupted()
             raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper
+
+
+def interrupted() -> None:
+    """Say that Ctrl-C stopped kvcli, after what stdout already holds (the answer so far)."""
+    sys.stdout.flush()
+    err.print("\nkvcli: interrupted", markup=False)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is a failed allocation: Python's, torch's on a GPU, or torch's CPU allocator's
+    (a plain RuntimeError). torch is not imported for this: where it is not loaded, it allocated nothing."""
+    torch = sys.modules.get("torch")
+    if isinstance(exc, MemoryError) or (torch is not None and isinstance(exc, torch.OutOfMemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
 
 
 def out_of_memory(exc: BaseException) -> str:

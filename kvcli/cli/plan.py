@@ -10,12 +10,11 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import InputError
-from ..prompt import check_question
 from ..speed import clock
 from .ask import ExcludeOpt, IncludeOpt
 from .options import COMPRESSION, MODEL, OUTPUT, RunOptions, shared
 from .output import EXIT_USER_ERROR, Screen, print_json, say, user_errors
-from .session import read_documents
+from .session import quiet_transformers, read_documents
 
 MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", metavar="N", help="The answer's room, as `ask --max-new-tokens` keeps it: the prompt and the answer fit the positions.")]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", metavar="TEXT", help="The system prompt `ask` would be given (it is part of the prompt).", show_default=False)]
@@ -49,6 +48,7 @@ def plan(
 
     from ..models import kvcli_home, resolve_device, resolve_dtype
     from ..models.describe import describe_model
+    from ..prompt import check_question
     from ..reading.layout import Layout
     from ..reading.plan import PLACEHOLDER_QUESTION, KVBytes, make_plan
     from ..speed import measured_speed, names
@@ -65,6 +65,7 @@ def plan(
     device = resolve_device(run.device)
     dtype = resolve_dtype(run.dtype, device)
     doc = read_documents(list(paths), screen, include or (), exclude or ())
+    quiet_transformers()
     with screen.status("reading the model's config and tokenizer") as update:
         described = describe_model(run.model, run.trust_remote_code, progress=update)
     profile = None

@@ -7,7 +7,6 @@ import sys
 from dataclasses import dataclass
 
 from ..errors import InputError
-from ..stats import reset_peak_memory
 from .options import RunOptions
 from .output import Screen
 
@@ -34,7 +33,9 @@ def load(run: RunOptions, screen: Screen):
     from .. import threads
     from ..models import load_model
     from ..reading import Reader
+    from ..stats import reset_peak_memory
 
+    quiet_transformers()
     threads.use(threads.plan_threads(run.threads))  # --threads, for this command (`options.shared` scopes it)
     with screen.status("loading model") as update:
         lm = load_model(run.model, device=run.device, dtype=run.dtype, trust_remote_code=run.trust_remote_code, progress=update,
@@ -42,6 +43,15 @@ def load(run: RunOptions, screen: Screen):
     reader = Reader(lm)
     reset_peak_memory(lm.device)
     return reader
+
+
+def quiet_transformers() -> None:
+    """Turn off transformers' progress bars and advice: they would interleave with kvcli's status
+    line and report (kvcli says what it is loading itself)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def prepare(reader, method, screen: Screen) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..defaults import DEFAULT_METHOD
 from ..errors import BudgetError
 from .base import DEFAULT_RATIO, Budget, BudgetPlan, Compression, Compressor, LayerObservation, Method, plan_budget
 from .dynamickv import DynamicKV
@@ -15,7 +16,6 @@ from .snapkv import SnapKV
 from .streamingllm import StreamingLLM
 
 REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, DynamicKV, EvidenceKV)}
-DEFAULT_METHOD = "evidencekv"  # measured best on both embedded models (docs/results.md)
 
 
 def method_names() -> list[str]:

@@ -41,10 +41,10 @@ def fetch(spec: str, report: Callable[[str], None], trust_remote_code: bool = Fa
     """Download what loading hub id `spec` reads into the Hugging Face cache, reporting
     `downloading org/name: 3.2 of 16.1 GiB`; nothing when it is cached or the hub is off
     (HF_HUB_OFFLINE). A gated, private or missing model is a one-line ModelError."""
-    import huggingface_hub
     from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import HTTPError
 
-    if huggingface_hub.constants.HF_HUB_OFFLINE or is_cached(spec):
+    if hub_offline() or is_cached(spec):
         return
     try:
         info = HfApi().model_info(spec, files_metadata=True)
@@ -56,8 +56,15 @@ def fetch(spec: str, report: Callable[[str], None], trust_remote_code: bool = Fa
             bar = _progress_bar(report, f"downloading {spec}", done, total, f"file {index} of {len(names)}")
             hf_hub_download(spec, name, tqdm_class=bar)
             done += sizes[name]
-    except OSError as err:  # every huggingface_hub error is one, network failures too
+    except (OSError, HTTPError) as err:  # the hub's refusals are both; a network failure (no DNS, refused, timed out) only the second
         raise ModelError(hub_error(spec, err)) from err
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE forbids the hub (read by huggingface_hub when it is imported)."""
+    import huggingface_hub
+
+    return huggingface_hub.constants.HF_HUB_OFFLINE
 
 
 def hub_error(spec: str, err: BaseException) -> str:
@@ -69,14 +76,14 @@ def hub_error(spec: str, err: BaseException) -> str:
     if isinstance(err, GatedRepoError):
         return f"model '{spec}' is gated on the Hugging Face hub: accept its terms on https://huggingface.co/{spec} with your account, then {login}"
     status = getattr(getattr(err, "response", None), "status_code", None)
-    if isinstance(err, RepositoryNotFoundError) or status in (401, 403):
+    if isinstance(err, RepositoryNotFoundError) or status in (401, 403, 404):
         token = "HF_TOKEN is set" if os.environ.get("HF_TOKEN") else "no HF_TOKEN is set"
         return f"model '{spec}' was not found on the Hugging Face hub or needs a login ({token}): check the id, or {login}"
     if isinstance(err, HfHubHTTPError):
         return f"the Hugging Face hub refused to send '{spec}' (HTTP {status}): try again later, or pass a local folder or .gguf file"
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return (f"cannot download '{spec}' from the Hugging Face hub ({text}): download it beforehand "
-            f"(`hf download {spec}`) on a machine that reaches the hub, or pass a local folder or .gguf file")
+    return (f"cannot download '{spec}': the Hugging Face hub cannot be reached ({text}); pass -m a local folder or "
+            f".gguf file, or download the model beforehand (`hf download {spec}`) on a machine that reaches the hub")
 
 
 def _progress_bar(report: Callable[[str], None], label: str, done: int, total: int, which: str):

@@ -107,7 +107,7 @@ def load_model(
         else:
             source = spec  # a hub id, perhaps already in the Hugging Face cache
             from_hub = True
-            from .hub import fetch
+            from .hub import fetch, hub_offline
 
             fetch(spec, report, trust_remote_code)  # with progress; a gated model says how to log in
 
@@ -130,6 +130,11 @@ def load_model(
     except OSError as err:
         if not from_hub:
             raise ModelError(f"cannot load model {spec} from {source}: {first_line(err)}") from err
+        if hub_offline():
+            raise ModelError(
+                f"model '{spec}' could not be found in the Hugging Face cache, and HF_HUB_OFFLINE is set: unset it to "
+                f"download the model, or pass -m a local folder or .gguf file, or an embedded model ({', '.join(EMBEDDED)})"
+            ) from err
         raise ModelError(
             f"model '{spec}' is not a local path and could not be found in the Hugging Face cache "
             f"or downloaded ({first_line(err)}): pass a local folder or .gguf file, "

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..defaults import DEFAULT_SCORER
 from ..errors import InputError
 from ..generate import Capture, Prefill, capture, extend, prefill
 from ..methods import REGISTRY, Budget, Method
@@ -31,7 +32,6 @@ from ..repeat import REPEAT_CHUNK_SIZE, Repeated, repeat_prefix
 from .reader import Options, Reader, Reading
 
 SCORERS = ("instruction", "repeat")
-DEFAULT_SCORER = "repeat"
 REPEAT_REQUEST = "Repeat the previous context exactly."
 # Later chunks: the request names where the chunk starts (the previous chunk's last tokens).
 REPEAT_RESUME = "Repeat the rest of the previous context exactly, from just after: {tail}"
