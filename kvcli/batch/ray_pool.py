@@ -64,8 +64,8 @@ class RayPool:
         self.actor_class = ray.remote(max_restarts=0, max_task_retries=0)(_on_node(worker_class))
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
-        self.grow = False  # whether the pool follows the cluster's GPUs
-        self.gpus = gpus
+        self.grow = False  # whether the pool follows the cluster's GPUs (one worker per GPU, no --workers)
+        self.gpus = gpus  # the cluster's GPUs when last looked
         if gpus and spec.device != "cpu":
             self.workers = workers or gpus
             self.resources = {"num_gpus": 1, "num_cpus": 1}
