@@ -17,6 +17,7 @@ worker's traceback. Ray is imported only here, only when a pool is made.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
@@ -27,7 +28,8 @@ from .work import ModelSpec, Worker
 
 INSTALL = "--ray needs Ray, which is not installed: pip install 'kvcli[ray]'"
 ATTEMPTS = 2  # a task whose worker died this many times is given up
-POLL_S = 1.0  # with one worker per GPU, how often the driver looks for GPUs that joined the cluster
+POLL_S = 1.0  # how often the driver looks for GPUs that joined the cluster, or nodes that left it
+SUSPECT_S = 60.0  # how long after a worker's death its node is watched for having left the cluster
 
 
 def import_ray():
@@ -87,6 +89,7 @@ class RayPool:
         self.first_nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
         self.joined: set[str] = set()  # nodes not in the cluster at the start, where a worker started since
         self.lost: set[str] = set()  # nodes that left the cluster with workers on them
+        self.suspects: dict[str, tuple[int, float]] = {}  # node -> (its workers that died, when the last did)
         self.slots = self.workers  # slot numbers handed out so far
         for slot in range(self.workers):
             self._spawn(slot)
@@ -161,7 +164,9 @@ class RayPool:
                 raise KvcliError("no Ray worker is left to run the remaining tasks")
             if self.grow:
                 self._grow()
-            ready, _ = ray.wait(list(self.in_flight) + list(self.starting), num_returns=1, timeout=POLL_S if self.grow else None)
+            self._look_for_lost_nodes()
+            poll = self.grow or self.suspects
+            ready, _ = ray.wait(list(self.in_flight) + list(self.starting), num_returns=1, timeout=POLL_S if poll else None)
             if not ready:
                 continue
             ref = ready[0]
@@ -198,27 +203,40 @@ class RayPool:
                 self.workers += 1
         self.gpus = gpus
 
-    def _died(self, slot: int) -> bool:
-        """Count the death of `slot`'s actor; whether its node left the cluster. The first death on a
-        lost node reports it and replaces the node's idle workers (their next task would die)."""
+    def _died(self, slot: int) -> None:
+        """Count the death of `slot`'s actor, and look whether its node left the cluster."""
         self.deaths += 1
         node = self.node_of.pop(slot, None)
-        if node is None or node in self.lost:
-            return node is not None
-        alive = {entry["NodeID"]: entry for entry in self.ray.nodes() if entry["Alive"]}
-        if node in alive:
-            return False
-        self.lost.add(node)
-        on_it = [other for other, where in self.node_of.items() if where == node]
-        self.report(f"lost Ray node {self._name(node)} with {1 + len(on_it)} worker{'s' if on_it else ''} on it; "
-                    "the jobs they were running are run again on other workers")
-        for other in on_it:
-            if other in self.idle:
-                self.idle.remove(other)
-                self.node_of.pop(other)
-                self.deaths += 1
-                self._replace(other)
-        return True
+        if node is not None and node not in self.lost:
+            count, _ = self.suspects.get(node, (0, 0.0))
+            self.suspects[node] = (count + 1, time.monotonic())
+            self._look_for_lost_nodes()
+
+    def _look_for_lost_nodes(self) -> None:
+        """Report each node where a worker died that Ray now counts as dead, once, and replace its
+        idle workers (their next task would die). A machine that fails abruptly is counted dead only
+        after Ray's health checks (seconds), later than its workers' deaths: suspects are looked at
+        again every POLL_S, for up to SUSPECT_S."""
+        if not self.suspects:
+            return
+        alive = {entry["NodeID"] for entry in self.ray.nodes() if entry["Alive"]}
+        for node, (died, since) in list(self.suspects.items()):
+            if node in alive:
+                if time.monotonic() - since > SUSPECT_S:  # only its worker died
+                    del self.suspects[node]
+                continue
+            del self.suspects[node]
+            self.lost.add(node)
+            on_it = [other for other, where in self.node_of.items() if where == node]
+            workers = died + len(on_it)
+            self.report(f"lost Ray node {self._name(node)} with {workers} worker{'s' if workers != 1 else ''} on it; "
+                        "the jobs they were running are run again on other workers")
+            for other in on_it:
+                if other in self.idle:
+                    self.idle.remove(other)
+                    self.node_of.pop(other)
+                    self.deaths += 1
+                    self._replace(other)
 
     def _name(self, node: str) -> str:
         """A node as `ray status` names it: its address and the start of its id."""
