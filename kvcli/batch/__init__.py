@@ -7,7 +7,8 @@
   (a job's questions answered as `kvcli ask -q ... -q ...` answers them).
 - `runner`: the driver: `run_batch` over a pool (`LocalPool`: this process), `Counts`, `Outcome`.
 - `ray_pool`: `RayPool`: the workers as Ray actors on a local Ray or a cluster; a worker that dies
-  is replaced and its task run again, at most twice. `kvcli eval --ray` runs its rows on it too.
+  is replaced and its task run again, at most twice; a machine that leaves or joins the cluster is
+  reported. `kvcli eval --ray` runs its rows on it too.
 
 Ray is optional (the `ray` extra) and imported only when a `RayPool` is made. Nothing here prints.
 """

@@ -5,7 +5,11 @@ CPUs. The driver hands each idle actor one task at a time, so a slow document ho
 not a queue. Actors are created with no automatic restarts or task retries (Ray's at-most-once
 default): when one dies (its process killed, out of memory, its machine gone), the driver starts a
 replacement in its place and runs the task again, at most `attempts` times in all; then the task
-is given up (`Outcome.lost`) and the rest go on. An exception inside a task is not a death: a
+is given up (`Outcome.lost`) and the rest go on. A machine that leaves the cluster takes its
+workers with it: the driver says so once (`report`), replaces each of them, and runs their tasks
+again on the others; a replacement waits for room, so a machine that joins takes it. With one
+worker per GPU (no `workers` given), a machine that joins also gets a worker for each new GPU.
+An exception inside a task is not a death: a
 `KvcliError` comes back as itself (one line for the user), anything else as Ray's error with the
 worker's traceback. Ray is imported only here, only when a pool is made.
 """
@@ -13,7 +17,9 @@ worker's traceback. Ray is imported only here, only when a pool is made.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import replace
 
 from ..errors import KvcliError
@@ -22,6 +28,8 @@ from .work import ModelSpec, Worker
 
 INSTALL = "--ray needs Ray, which is not installed: pip install 'kvcli[ray]'"
 ATTEMPTS = 2  # a task whose worker died this many times is given up
+POLL_S = 1.0  # how often the driver looks for GPUs that joined the cluster, or nodes that left it
+SUSPECT_S = 60.0  # how long after a worker's death its node is watched for having left the cluster
 
 
 def import_ray():
@@ -38,10 +46,11 @@ class RayPool:
 
     `address` joins a running cluster ("auto" finds the local one); without it a local Ray is
     started, unless this process already runs one. A Ray this pool started is shut down by `close`.
+    `report(line)` is told when a machine (a Ray node) leaves the cluster or joins it with a worker.
     """
 
     def __init__(self, spec: ModelSpec, work, workers: int | None = None, address: str | None = None,
-                 attempts: int = ATTEMPTS, worker_class: type = Worker) -> None:
+                 attempts: int = ATTEMPTS, worker_class: type = Worker, report: Callable[[str], None] | None = None) -> None:
         ray = self.ray = import_ray()
         if workers is not None and workers < 1:
             raise KvcliError(f"--workers must be at least 1, got {workers}")
@@ -53,12 +62,16 @@ class RayPool:
                 raise KvcliError(f"could not {'join the Ray cluster at ' + address if address else 'start a local Ray'}: {str(exc).splitlines()[0]}") from None
             self.started_ray = True
         self.spec, self.work, self.attempts = spec, work, attempts
-        self.actor_class = ray.remote(max_restarts=0, max_task_retries=0)(worker_class)
+        self.report = report or (lambda line: None)
+        self.actor_class = ray.remote(max_restarts=0, max_task_retries=0)(_on_node(worker_class))
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
+        self.grow = False  # whether the pool follows the cluster's GPUs (one worker per GPU, no --workers)
+        self.gpus = gpus  # the cluster's GPUs when last looked
         if gpus and spec.device != "cpu":
             self.workers = workers or gpus
             self.resources = {"num_gpus": 1, "num_cpus": 1}
+            self.grow = workers is None
         else:
             self.workers = workers or 1
             cpus = max(1, int(resources.get("CPU", 1)) // self.workers)
@@ -72,6 +85,12 @@ class RayPool:
         self.identity: dict | None = None
         self.deaths = 0  # actors that died, at load or on a task
         self.in_flight: dict[object, tuple[int, object, object, int]] = {}  # ref -> (slot, tag, task, attempt)
+        self.node_of: dict[int, str] = {}  # slot -> the Ray node its running actor is on
+        self.first_nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+        self.joined: set[str] = set()  # nodes not in the cluster at the start, where a worker started since
+        self.lost: set[str] = set()  # nodes that left the cluster with workers on them
+        self.suspects: dict[str, tuple[int, float]] = {}  # node -> (its workers that died, when the last did)
+        self.slots = self.workers  # slot numbers handed out so far
         for slot in range(self.workers):
             self._spawn(slot)
         try:
@@ -95,8 +114,8 @@ class RayPool:
         slot = self.starting.pop(ref)
         try:
             info = ray.get(ref)
-        except ray.exceptions.RayError as exc:  # died while loading the model
-            self.deaths += 1
+        except ray.exceptions.RayError as exc:  # died while loading the model (on which node is not known yet)
+            self._died(slot)
             self.startup_deaths[slot] = self.startup_deaths.get(slot, 0) + 1
             if self.startup_deaths[slot] < self.attempts:
                 self._spawn(slot)
@@ -112,6 +131,10 @@ class RayPool:
         elif info["identity"] != self.identity:
             raise KvcliError(f"the Ray workers loaded different models ({self.identity} and {info['identity']}); give every machine the same model")
         self.startup_deaths.pop(slot, None)
+        node = self.node_of[slot] = info["node"]
+        if node not in self.first_nodes and node not in self.joined:
+            self.joined.add(node)
+            self.report(f"Ray node {self._name(node)} joined the cluster; a worker started on it")
         self.idle.append(slot)
 
     def map(self, tasks):
@@ -139,7 +162,13 @@ class RayPool:
                 return
             if not self.in_flight and not self.starting:
                 raise KvcliError("no Ray worker is left to run the remaining tasks")
-            ready, _ = ray.wait(list(self.in_flight) + list(self.starting), num_returns=1)
+            if self.grow:
+                self._grow()
+            self._look_for_lost_nodes()
+            poll = self.grow or self.suspects
+            ready, _ = ray.wait(list(self.in_flight) + list(self.starting), num_returns=1, timeout=POLL_S if poll else None)
+            if not ready:
+                continue
             ref = ready[0]
             if ref in self.starting:
                 self._started(ref)
@@ -153,7 +182,7 @@ class RayPool:
                     raise cause from None
                 raise
             except ray.exceptions.RayError as exc:  # the actor died (killed, out of memory, node lost)
-                self.deaths += 1
+                self._died(slot)
                 self._replace(slot)
                 if attempt >= self.attempts:
                     yield tag, Outcome(lost=f"the worker died {attempt} times while on this job ({_first_line(exc)}); not tried again", attempts=attempt)
@@ -162,6 +191,57 @@ class RayPool:
                 continue
             self.idle.append(slot)
             yield tag, Outcome(result, attempts=attempt)
+
+    def _grow(self) -> None:
+        """When the cluster's GPUs grew (a machine joined), a worker for each GPU beyond the pool's
+        (replacements waiting for room included). Only on growth: a slot given up is not refilled."""
+        gpus = int(self.ray.cluster_resources().get("GPU", 0))
+        if gpus > self.gpus:
+            while len(self.actors) < gpus:
+                self._spawn(self.slots)
+                self.slots += 1
+                self.workers += 1
+        self.gpus = gpus
+
+    def _died(self, slot: int) -> None:
+        """Count the death of `slot`'s actor, and look whether its node left the cluster."""
+        self.deaths += 1
+        node = self.node_of.pop(slot, None)
+        if node is not None and node not in self.lost:
+            count, _ = self.suspects.get(node, (0, 0.0))
+            self.suspects[node] = (count + 1, time.monotonic())
+            self._look_for_lost_nodes()
+
+    def _look_for_lost_nodes(self) -> None:
+        """Report each node where a worker died that Ray now counts as dead, once, and replace its
+        idle workers (their next task would die). A machine that fails abruptly is counted dead only
+        after Ray's health checks (seconds), later than its workers' deaths: suspects are looked at
+        again every POLL_S, for up to SUSPECT_S."""
+        if not self.suspects:
+            return
+        alive = {entry["NodeID"] for entry in self.ray.nodes() if entry["Alive"]}
+        for node, (died, since) in list(self.suspects.items()):
+            if node in alive:
+                if time.monotonic() - since > SUSPECT_S:  # only its worker died
+                    del self.suspects[node]
+                continue
+            del self.suspects[node]
+            self.lost.add(node)
+            on_it = [other for other, where in self.node_of.items() if where == node]
+            workers = died + len(on_it)
+            self.report(f"lost Ray node {self._name(node)} with {workers} worker{'s' if workers != 1 else ''} on it; "
+                        "the jobs they were running are run again on other workers")
+            for other in on_it:
+                if other in self.idle:
+                    self.idle.remove(other)
+                    self.node_of.pop(other)
+                    self.deaths += 1
+                    self._replace(other)
+
+    def _name(self, node: str) -> str:
+        """A node as `ray status` names it: its address and the start of its id."""
+        address = next((entry["NodeManagerAddress"] for entry in self.ray.nodes() if entry["NodeID"] == node), "?")
+        return f"{address} ({node[:8]})"
 
     def _replace(self, slot: int) -> None:
         try:
@@ -184,6 +264,20 @@ class RayPool:
         if self.started_ray and ray.is_initialized():
             ray.shutdown()
         self.started_ray = False
+
+
+def _on_node(worker_class: type) -> type:
+    """`worker_class` whose `ready()` also says which Ray node it runs on (to tell a lost machine
+    from a lost process); same name, so Ray still titles its processes `ray::Worker.run`."""
+
+    class OnNode(worker_class):
+        def ready(self) -> dict:
+            import ray
+
+            return {**super().ready(), "node": ray.get_runtime_context().get_node_id()}
+
+    OnNode.__name__, OnNode.__qualname__ = worker_class.__name__, worker_class.__qualname__
+    return OnNode
 
 
 def _first_line(exc: BaseException) -> str:

