@@ -90,8 +90,12 @@ def main() -> None:
     settings = [("no floor", Budget(min_keep=0))] + [(f"min-keep {f}", Budget(min_keep=f)) for f in floors]
     method, full = make_method(args.method), make_method("full")
     options = Options(max_new_tokens=args.max_new_tokens)
+    names = [name for name, _ in settings]
+    print(f"{args.method} at ratio {DEFAULT_RATIO:g}; per setting: answers equal to the full cache's / right "
+          "(mean tokens kept per layer)", flush=True)
+    rows = ["| model | prompt tokens | full cache right | " + " | ".join(names) + " |",
+            "| --- | ---: | ---: | " + " | ".join("---:" for _ in names) + " |"]
     began = time.perf_counter()
-    table = []  # (model, length, prompt tokens, {setting: (agree, right, kept per layer)}, full right, cases)
     for model in args.models.split(","):
         reader = Reader(load_model(model))
         for length in lengths:
@@ -101,10 +105,9 @@ def main() -> None:
                 started = time.perf_counter()
                 mode = QueryAware(reader, document, options)
                 captured = mode.capture(question, method.window_size, method.needs_accumulated)
-                reading = mode.derive(captured, question, full, Budget())
-                said = {None: answer(reader, reading, options).text}  # plan total (None: every token) -> answer
-                full_right += expected in said[None].lower()
                 prompt_len = len(mode.prompt(question))
+                said = {None: answer(reader, mode.derive(captured, question, full, Budget()), options).text}  # plan total (None: all) -> answer
+                full_right += expected in said[None].lower()
                 tokens += prompt_len
                 marks = []
                 for name, budget in settings:
@@ -113,25 +116,19 @@ def main() -> None:
                     if key not in said:
                         said[key] = answer(reader, mode.derive(captured, question, method, budget), options).text
                     agree, right = said[key] == said[None], expected in said[key].lower()
-                    kept = prompt_len if compression is None else compression.plan.average
                     tally[name][0] += agree
                     tally[name][1] += right
-                    tally[name][2] += kept
+                    tally[name][2] += prompt_len if compression is None else compression.plan.average
                     marks.append(("=" if agree else "x") + ("Y" if right else "."))
                 n += 1
                 print(f"{model} {length:>5} {expected:>16} full={'Y' if expected in said[None].lower() else '.'} "
                       f"{' '.join(marks)}  ({time.perf_counter() - started:.1f}s)", flush=True)
-            table.append((model, length, tokens / n, {k: (a, r, kept / n) for k, (a, r, kept) in tally.items()}, full_right, n))
+            cells = [f"{a}/{n} / {r}/{n} ({kept / n:.0f})" for a, r, kept in (tally[name] for name in names)]
+            rows.append(f"| {model} | {tokens / n:,.0f} | {full_right}/{n} | " + " | ".join(cells) + " |")
+            print(rows[-1], flush=True)
         del reader
-
-    names = [name for name, _ in settings]
-    print(f"\n{args.method} at ratio {DEFAULT_RATIO:g}; per setting: answers equal to the full cache's / right, "
-          f"(mean tokens kept per layer); {time.perf_counter() - began:.0f}s in all\n")
-    print("| model | prompt tokens | full cache right | " + " | ".join(names) + " |")
-    print("| --- | ---: | ---: | " + " | ".join("---:" for _ in names) + " |")
-    for model, length, tokens, tally, full_right, n in table:
-        cells = [f"{a}/{n} / {r}/{n} ({kept:.0f})" for a, r, kept in (tally[name] for name in names)]
-        print(f"| {model} | {tokens:,.0f} | {full_right}/{n} | " + " | ".join(cells) + " |")
+    print(f"\n{time.perf_counter() - began:.0f}s in all\n")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":

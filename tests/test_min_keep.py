@@ -143,3 +143,21 @@ def test_short_note_answers_as_the_full_cache(qwen):
     default = answer(qwen, mode.read(question, make_method(DEFAULT_METHOD)), options).text
     full = answer(qwen, mode.read(question, make_method("full")), options).text
     assert "PELICAN" in full and default == full
+
+
+def test_eval_floors_its_ratios_with_min_keep(tiny, home, tmp_path):
+    """`eval --ratios R --min-keep N` scores the floored cache (kept whole below N) as ask does; with --budgets it is refused."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"_id": "a", "context": words(300), "input": "w1?", "answers": ["w3"]}) + "\n")
+    common = ["eval", "--data", str(data), "--methods", "snapkv", "-m", tiny, "--max-new-tokens", "2"]
+
+    def compressed(*args) -> bool:
+        out = tmp_path / f"out{len(args)}.json"
+        result = runner.invoke(app, [*common, *args, "-o", str(out)])
+        assert result.exit_code == 0, result.stderr
+        return json.loads(out.read_text())["samples"][0]["compressed"]
+
+    assert compressed("--ratios", "0.1")
+    assert not compressed("--ratios", "0.1", "--min-keep", "2000")
+    refused = runner.invoke(app, [*common, "--budgets", "64", "--min-keep", "100"])
+    assert refused.exit_code == 2 and "--min-keep" in refused.stderr
