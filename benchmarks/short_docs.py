@@ -1,6 +1,7 @@
 """Short and mid-size documents at the default ratio: does a floor of kept tokens stop wrong answers?
 
-    python benchmarks/short_docs.py                       # both embedded models, the table of docs/results.md
+    python benchmarks/short_docs.py                       # both embedded models, every length (docs/results.md
+                                                          # splits it by model and length to run side by side)
     python benchmarks/short_docs.py -m smollm2-135m --lengths 60,1000 --facts 2
 
 Each case is one generated fact (a code word, a date, a name, a number: words the haystack does
