@@ -22,7 +22,7 @@ PROMPT = "kvcli> "
 FLAGS = ["--method", "snapkv", "--temperature", "0"]
 QUESTIONS = ["w1?", "w2 w3?", "w4 w5?"]
 # the line on stderr after each answer: "(snapkv, ratio 0.1) kept 10.0% of the KV cache (...), ..."
-SUMMARY = r"\((\w+)(?:, (?:ratio|budget) [\d.]+)?\) kept (\d+\.\d)% of the KV cache[^\r\n]*\r\n"
+SUMMARY = r"\((\w+)(?:, (?:ratio|budget) [\d.]+(?:, min-keep \d+)?)?\) kept (\d+\.\d)% of the KV cache[^\r\n]*\r\n"
 ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")  # colours, cursor moves, bracketed paste
 
 
@@ -97,7 +97,7 @@ def short(folder) -> dict:
     """One session of 6-token answers: three questions, /ratio 0.3 and one more, an unknown command,
     /method h2o and a question, /save, /exit; what each step showed."""
     seen: dict = {}
-    term = Terminal(folder, "--max-new-tokens", "6")
+    term = Terminal(folder, "--max-new-tokens", "6", "--min-keep", "0")  # the bare ratio: a short document compresses
     seen["answers"], seen["kept"] = zip(*(term.ask(q) for q in QUESTIONS))
     seen["recalled"] = term.ask("\x1b[A")[0]  # the up arrow recalls the last question
     seen["ratio"] = term.command("/ratio 0.3")
@@ -137,7 +137,7 @@ def long(folder) -> dict:
 
 def test_answers_equal_ask(folder, short):
     """Three questions in one session get the answers `kvcli ask` gives each alone."""
-    assert list(short["answers"]) == [ask(folder, q, "--max-new-tokens", "6") for q in QUESTIONS]
+    assert list(short["answers"]) == [ask(folder, q, "--max-new-tokens", "6", "--min-keep", "0") for q in QUESTIONS]
     assert all(answer for answer in short["answers"])
 
 
@@ -173,7 +173,7 @@ def test_method_needing_all_query_scores_reads_again(folder, short):
 def test_saved_prefix_answers_ask_cache(folder, short):
     """/save x.kvc writes a full cache that `kvcli ask --cache x.kvc` answers from, as from the document."""
     assert (folder / "x.kvc").is_file()
-    assert ask(folder, QUESTIONS[2], "--max-new-tokens", "6", cache="x.kvc") == short["answers"][2]
+    assert ask(folder, QUESTIONS[2], "--max-new-tokens", "6", "--min-keep", "0", cache="x.kvc") == short["answers"][2]
 
 
 def test_exit_leaves_with_status_zero(short, long):

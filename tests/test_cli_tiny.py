@@ -48,10 +48,10 @@ def one_line_error(result, *words: str) -> str:
 
 
 def test_short_document_with_default_settings_answers(tiny, home, tmp_path):
-    """A document whose prompt is shorter than ten windows answers with the default ratio and says what it kept."""
+    """A document whose prompt is shorter than ten windows answers with the default ratio without its floor and says what it kept."""
     note = tmp_path / "note.txt"
     note.write_text(words(30))
-    result = run("ask", note, "w1?", "-m", tiny, "--method", "snapkv", "--max-new-tokens", "3", "--json")
+    result = run("ask", note, "w1?", "-m", tiny, "--method", "snapkv", "--min-keep", "0", "--max-new-tokens", "3", "--json")
     assert result.exit_code == 0, result.stderr
     stats = json.loads(result.stdout)["stats"]
     assert stats["compressed"] and stats["retained_per_layer"] == [9, 9]

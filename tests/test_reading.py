@@ -36,8 +36,8 @@ def reader(tmp_path_factory):
 
 
 def test_default_ratio_on_a_short_prompt_keeps_the_window_and_says_so():
-    """A 49-token prompt at the default ratio (4.9 tokens per layer) keeps window + 1 per layer, with a note, instead of failing."""
-    plan, note = Budget().plan(49, 24, window_size=8)
+    """A 49-token prompt at the default ratio without its floor (4.9 tokens per layer) keeps window + 1 per layer, with a note, instead of failing."""
+    plan, note = Budget(min_keep=0).plan(49, 24, window_size=8)
     assert plan is not None and plan.total == 9 * 24
     assert "4.9 tokens per layer" in note and "kept 9 per layer" in note
 

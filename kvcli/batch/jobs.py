@@ -128,7 +128,7 @@ def read_jobs(path: str | Path, method: str, params: list[str] | None, window: i
         budget = options.budget
         if fields["ratio"] is not None or fields["budget"] is not None:
             try:
-                budget = Budget(fields["ratio"], fields["budget"])
+                budget = Budget(fields["ratio"], fields["budget"], options.budget.min_keep)  # --min-keep still holds
             except KvcliError as exc:
                 raise InputError(f"{where}: {exc}") from None
         job_options = dataclasses.replace(options, budget=budget)

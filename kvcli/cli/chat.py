@@ -140,12 +140,12 @@ class Chat:
     def set_ratio(self, arg: str) -> None:
         from ..methods import Budget
 
-        self._set_budget(arg, "/ratio R, a fraction in (0, 1], e.g. /ratio 0.2", float, lambda value: Budget(ratio=value))
+        self._set_budget(arg, "/ratio R, a fraction in (0, 1], e.g. /ratio 0.2", float, lambda value: Budget(ratio=value, min_keep=self.budget.min_keep))
 
     def set_budget(self, arg: str) -> None:
         from ..methods import Budget
 
-        self._set_budget(arg, "/budget N, tokens kept per layer, e.g. /budget 256", int, lambda value: Budget(tokens=value))
+        self._set_budget(arg, "/budget N, tokens kept per layer, e.g. /budget 256", int, lambda value: Budget(tokens=value, min_keep=self.budget.min_keep))
 
     def _set_budget(self, arg: str, usage: str, kind: type, make) -> None:
         if not arg:

@@ -39,6 +39,7 @@ def eval_(
     methods_list: Annotated[str, typer.Option("--methods", metavar="A,B,...", help="Comma-separated methods, or all (every registered method).")] = "all",
     budgets: Annotated[Optional[str], typer.Option("--budgets", metavar="N,N,...", help="Comma-separated mean tokens kept per layer [default: 32,64,128,256].", show_default=False)] = None,
     ratios: Annotated[Optional[str], typer.Option("--ratios", metavar="R,R,...", help="Comma-separated fractions of the KV cache kept (instead of --budgets).", show_default=False)] = None,
+    min_keep: Annotated[Optional[int], typer.Option("--min-keep", metavar="N", help="Keep at least N tokens per layer at each of --ratios (as ask's --min-keep with --ratio): scores what ask's default keeps.", show_default=False)] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", metavar="N", help="Only the first N rows.", show_default=False)] = None,
     template: Annotated[Optional[str], typer.Option("--template", metavar="TEXT", help="User message with {context} and {input}, e.g. LongBench's per-dataset prompt.", show_default=False)] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="FILE.json", help="Write the results to this file; FILE.json.partial.jsonl beside it logs samples as they finish, so a rerun resumes.", show_default=False)] = None,
@@ -85,6 +86,8 @@ def eval_(
         raise BudgetError("give --budgets or --ratios, not both")
     if budget_values is None and ratio_values is None:
         budget_values = [32, 64, 128, 256]
+    if min_keep is not None and ratio_values is None:
+        raise BudgetError("--min-keep floors --ratios, and --budgets are kept as given: add --ratios or drop --min-keep")
     names = split_list("--methods", methods_list, str)
     if names == ["all"]:
         names = list(REGISTRY)
@@ -104,7 +107,7 @@ def eval_(
     config = EvalConfig(
         methods=configure(names, param, window), budgets=budget_values, ratios=ratio_values, metric=metric,
         max_new_tokens=max_new_tokens, template=template, max_context=max_context, modes=tuple(mode_names), chunk_size=chunk_size,
-        fit="cut" if cut_middle else "reindex",
+        fit="cut" if cut_middle else "reindex", min_keep=min_keep,
     )
     config.settings()  # bad settings fail before the model loads
     use_ray = check_ray_options(ray, ray_address, workers)

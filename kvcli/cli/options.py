@@ -37,8 +37,9 @@ GROUPS: dict[str, list[tuple[str, object, object]]] = {
     ],
     COMPRESSION: [
         ("method", Annotated[str, typer.Option("--method", envvar="KVCLI_METHOD", metavar="NAME", help="Compression method (`kvcli methods` lists them and their knobs).")], DEFAULT_METHOD),
-        ("ratio", Annotated[Optional[float], typer.Option("--ratio", metavar="R", help="Fraction of the prompt's KV entries kept, summed over the layers that compress (sliding-window layers keep their window), in (0, 1] [default: 0.1].", show_default=False)], None),
+        ("ratio", Annotated[Optional[float], typer.Option("--ratio", metavar="R", help="Fraction of the prompt's KV entries kept, summed over the layers that compress (sliding-window layers keep their window), in (0, 1] [default: 0.1, at least --min-keep tokens per layer].", show_default=False)], None),
         ("budget", Annotated[Optional[int], typer.Option("--budget", metavar="N", help="Mean tokens kept per layer that compresses, window included (instead of --ratio).", show_default=False)], None),
+        ("min_keep", Annotated[Optional[int], typer.Option("--min-keep", metavar="N", help="Fewest tokens kept per layer under the default ratio (all of a shorter prompt), so short documents answer as the full cache does; with --ratio, only when given; 0: no floor [default: 1024].", show_default=False)], None),
         ("window", Annotated[int, typer.Option("--window", metavar="N", help="Observation window: the prompt's last N tokens score the rest.")], 8),
         ("param", Annotated[Optional[list[str]], typer.Option("--param", metavar="KEY=VALUE", help="A knob of the method, e.g. --param max_multiple=5 for dynamickv (`kvcli methods` lists them); repeatable.", show_default=False)], None),
         ("chunk_size", Annotated[Optional[int], typer.Option("--chunk-size", metavar="N", help="Read the prompt in chunks of N tokens, compressing after each (less memory for long documents).", show_default=False)], None),
@@ -73,6 +74,7 @@ class RunOptions:
     method: str = DEFAULT_METHOD
     ratio: float | None = None
     budget: int | None = None
+    min_keep: int | None = None
     window: int = 8
     param: list[str] | None = None
     chunk_size: int | None = None
@@ -105,7 +107,7 @@ class RunOptions:
 
             raise InputError(f"--chunk-size must be a positive number of tokens, got {self.chunk_size}")
         return Options(
-            budget=Budget(self.ratio, self.budget), chunk_size=self.chunk_size, max_context=self.max_context,
+            budget=Budget(self.ratio, self.budget, self.min_keep), chunk_size=self.chunk_size, max_context=self.max_context,
             max_new_tokens=self.max_new_tokens, sampling=Sampling(self.temperature, self.top_p, self.seed),
             system=self.system, fit="cut" if self.cut_middle else "reindex",
         )

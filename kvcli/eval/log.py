@@ -31,6 +31,7 @@ def log_header(
     template: str | None,
     max_context: int | None,
     fit: str = "reindex",
+    min_keep: int | None = None,
 ) -> dict:
     """What must match for a log's predictions to be reused (each sample's row is checked by its `row_hash`)."""
     return {
@@ -42,6 +43,7 @@ def log_header(
         "max_context": max_context,
         "fit": fit,  # a row past the context is read whole in chunks or cut in the middle: the predictions differ
         "methods": {m.name: m.params() for m in methods},
+        **({} if min_keep is None else {"min_keep": min_keep}),  # absent when not given: older logs still resume
     }
 
 

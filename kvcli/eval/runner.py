@@ -42,6 +42,7 @@ class EvalConfig:
     modes: Sequence[str] = ("query",)
     chunk_size: int | None = None
     fit: str = "reindex"  # a row longer than the context: read whole in chunks, or "cut" in the middle
+    min_keep: int | None = None  # --min-keep: the fewest tokens per layer each of --ratios keeps
 
     def settings(self) -> list[Setting]:
         """Every setting, checked (bad settings fail before a model loads)."""
@@ -49,6 +50,7 @@ class EvalConfig:
         if self.template is not None:
             check_template(self.template)
         Options(max_new_tokens=self.max_new_tokens, max_context=self.max_context)  # the same checks as ask
+        Budget(min_keep=self.min_keep)  # a negative --min-keep is refused here
         return settings_for(self.methods, self.budgets, self.ratios, self.modes, self.chunk_size)
 
     def options(self) -> Options:
@@ -73,7 +75,7 @@ def run_eval(reader, rows: Sequence[Row], config: EvalConfig, log: Path | None =
     if log is not None:
         log = Path(log)
         header = log_header(model["model"], model["config_hash"], config.methods, config.max_new_tokens, config.template,
-                            config.max_context, fit=config.fit)
+                            config.max_context, fit=config.fit, min_keep=config.min_keep)
         done = resume_log(log, header)
     digests = {row.id: row_hash(row) for row in rows}
     for key, sample in done.items():  # other data under the same ids is refused before any row is read
@@ -263,7 +265,7 @@ class _RowReader:
         """The greedy answer in `setting`, and whether its cache was compressed."""
         ref = REFERENCE_MODE[setting.mode]
         mode = self._mode(ref)
-        budget = Budget(setting.ratio, setting.budget)
+        budget = Budget(setting.ratio, setting.budget, self.config.min_keep)
         try:
             if setting.mode == "chunked" or (ref == "query" and mode.past_window(self.question)):
                 # chunked reads, and reads past the model's positions (one full capture cannot hold

@@ -6,7 +6,7 @@ import dataclasses
 
 from ..defaults import DEFAULT_METHOD
 from ..errors import BudgetError
-from .base import DEFAULT_RATIO, Budget, BudgetPlan, Compression, Compressor, LayerObservation, Method, plan_budget
+from .base import DEFAULT_MIN_KEEP, DEFAULT_RATIO, Budget, BudgetPlan, Compression, Compressor, LayerObservation, Method, plan_budget
 from .dynamickv import DynamicKV
 from .evidencekv import EvidenceKV
 from .full import Full
@@ -88,6 +88,7 @@ def configure(names: list[str], params: list[str] | None = None, window: int | N
 
 
 __all__ = [
+    "DEFAULT_MIN_KEEP",
     "DEFAULT_RATIO",
     "Budget",
     "Compression",

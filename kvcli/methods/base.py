@@ -43,14 +43,25 @@ class BudgetPlan:
 
 
 DEFAULT_RATIO = 0.1
+# Tokens per layer the default ratio never goes below: a document under about 10,000 tokens keeps
+# this many (all of it when shorter), where compression saves little memory and cost right
+# answers; longer ones compress to the ratio. Chosen by benchmarks/short_docs.py (docs/results.md).
+DEFAULT_MIN_KEEP = 1024
 
 
 @dataclass(frozen=True)
 class Budget:
-    """`--ratio` or `--budget` as the user gave them (neither: the default ratio), checked once."""
+    """`--ratio`, `--budget` and `--min-keep` as the user gave them, checked once.
+
+    Neither --ratio nor --budget: the default ratio, floored at `--min-keep` tokens per layer
+    (DEFAULT_MIN_KEEP unless given). An explicit --ratio is floored only when --min-keep is given
+    too; an explicit --budget never is. Where the default floor would have kept more than an
+    explicit --ratio or --budget, the plan's note says it was not applied.
+    """
 
     ratio: float | None = None
     tokens: int | None = None  # mean tokens kept per layer, window included
+    min_keep: int | None = None  # --min-keep as given; None: DEFAULT_MIN_KEEP under the default ratio
 
     def __post_init__(self) -> None:
         if self.ratio is not None and self.tokens is not None:
@@ -59,6 +70,8 @@ class Budget:
             raise BudgetError(f"--ratio must be in (0, 1], got {self.ratio}")
         if self.tokens is not None and self.tokens < 1:
             raise BudgetError(f"--budget must be a positive number of tokens per layer, got {self.tokens}")
+        if self.min_keep is not None and self.min_keep < 0:
+            raise BudgetError(f"--min-keep must be a number of tokens per layer, 0 or more, got {self.min_keep}")
 
     def check(self, window_size: int) -> None:
         """Refuse an explicit budget that the observation window alone would fill."""
@@ -69,8 +82,24 @@ class Budget:
             )
 
     @property
+    def floor(self) -> int:
+        """The fewest tokens per layer this budget keeps (0: no floor)."""
+        if self.tokens is not None:
+            return 0
+        if self.min_keep is not None:
+            return self.min_keep
+        return DEFAULT_MIN_KEEP if self.ratio is None else 0
+
+    def at_most(self, floor: int) -> Budget:
+        """This budget with its floor lowered to `floor` where it is higher."""
+        return self if self.floor <= floor else replace(self, min_keep=floor)
+
+    @property
     def label(self) -> str:
-        return f"budget {self.tokens}" if self.tokens is not None else f"ratio {self.ratio if self.ratio is not None else DEFAULT_RATIO:g}"
+        if self.tokens is not None:
+            return f"budget {self.tokens}"
+        ratio = f"ratio {self.ratio if self.ratio is not None else DEFAULT_RATIO:g}"
+        return f"{ratio}, min-keep {self.floor}" if self.floor else ratio
 
     def plan(self, prompt_len: int, num_layers: int, window_size: int) -> tuple[BudgetPlan | None, str]:
         """The tokens a prompt may keep, and a note when that is not what was asked for.
@@ -80,28 +109,39 @@ class Budget:
         document must simply work with the default settings.
         """
         self.check(window_size)
+        note = ""
         if self.tokens is not None:
             total = self.tokens * num_layers
+            floor = DEFAULT_MIN_KEEP if self.min_keep is None else self.min_keep
+            if self.tokens < min(floor, prompt_len):
+                note = f"--budget {self.tokens} is below --min-keep {floor}, which floors the default ratio, not --budget"
         else:
             ratio = DEFAULT_RATIO if self.ratio is None else self.ratio
             total = round(ratio * prompt_len * num_layers)
+            per_layer = f"ratio {ratio:g} would keep {total / num_layers:.1f} tokens per layer of this {prompt_len}-token prompt"
+            floor = self.floor if self.floor > window_size else 0  # a floor within the window: the window's own rule below
+            if total < floor * num_layers:
+                if floor >= prompt_len:
+                    return None, f"kept all {prompt_len} tokens: below --min-keep {floor}"
+                return BudgetPlan(num_layers=num_layers, prompt_len=prompt_len, total=floor * num_layers), f"{per_layer}: kept {floor} (--min-keep)"
             least = (window_size + 1) * num_layers
             if total < least:
                 if least >= prompt_len * num_layers:
                     return None, f"the {prompt_len}-token prompt is too short to compress below its {window_size}-token window"
-                note = (
-                    f"ratio {ratio:g} would keep {total / num_layers:.1f} tokens per layer of this {prompt_len}-token prompt, "
-                    f"no more than the {window_size}-token window: kept {window_size + 1} per layer"
-                )
+                note = f"{per_layer}, no more than the {window_size}-token window: kept {window_size + 1} per layer"
                 return BudgetPlan(num_layers=num_layers, prompt_len=prompt_len, total=least), note
+            if self.min_keep is None and self.ratio is not None and total < min(DEFAULT_MIN_KEEP, prompt_len) * num_layers:
+                note = (f"--ratio {ratio:g} keeps {total / num_layers:.0f} per layer, below --min-keep {DEFAULT_MIN_KEEP}, "
+                        "which floors only the default ratio unless given")
         if total >= prompt_len * num_layers:
             return None, f"the {prompt_len}-token prompt already fits the {self.label}"
-        return BudgetPlan(num_layers=num_layers, prompt_len=prompt_len, total=total), ""
+        return BudgetPlan(num_layers=num_layers, prompt_len=prompt_len, total=total), note
 
 
-def plan_budget(prompt_len: int, num_layers: int, *, window_size: int, ratio: float | None = None, budget: int | None = None) -> BudgetPlan | None:
-    """`Budget(ratio, budget).plan(...)` without its note; None when the prompt already fits."""
-    return Budget(ratio, budget).plan(prompt_len, num_layers, window_size)[0]
+def plan_budget(prompt_len: int, num_layers: int, *, window_size: int, ratio: float | None = None, budget: int | None = None,
+                min_keep: int | None = None) -> BudgetPlan | None:
+    """`Budget(ratio, budget, min_keep).plan(...)` without its note; None when the prompt already fits."""
+    return Budget(ratio, budget, min_keep).plan(prompt_len, num_layers, window_size)[0]
 
 
 @dataclass
@@ -332,6 +372,7 @@ class Method:
 
 
 __all__ = [
+    "DEFAULT_MIN_KEEP",
     "DEFAULT_RATIO",
     "Budget",
     "BudgetPlan",

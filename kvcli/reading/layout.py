@@ -81,9 +81,11 @@ class Layout:
             raise InputError(
                 f"the prompt is {n:,} tokens, longer than the {limit:,} positions the model reads (with room for the answer), "
                 f"and reading past them needs compression, but {self.attention.cannot_compress().split(':')[0]}: pass --cut-middle")
+        free = limit - options.max_new_tokens - reserved  # positions for the kept tokens and one chunk
         if method.compresses:
             layout = self.rotary_layout()  # a RoPE that cannot move is refused first
-            plan, note = self.budget_plan(method, budget, n)
+            # the --min-keep floor leaves at least half the free positions to the chunks
+            plan, note = self.budget_plan(method, budget.at_most(max(0, free // 2)), n)
         if plan is None:
             raise InputError(
                 f"the prompt is {n:,} tokens, longer than the {limit:,} positions the model reads (with room for the answer); "
@@ -91,7 +93,6 @@ class Layout:
                 "pass a compressing --method at a smaller budget (the default reads it whole in chunks) or --cut-middle"
             )
         most = max(method.most_kept(plan), self.attention.most_in_window)  # every layer is packed below P
-        free = limit - options.max_new_tokens - reserved  # positions for the kept tokens and one chunk
         room = free - most
         wanted = min(chunk_size or options.chunk_size or DEFAULT_PAST_CHUNK, free // 4)
         if room < wanted and method.most_kept(plan) > max(free - wanted, self.attention.most_in_window):
