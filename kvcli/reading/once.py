@@ -20,6 +20,11 @@ from ..prompt import Prompt, question_suffix
 from .reader import Options, Reader, Reading
 
 
+# The widest observation window a question after a prefix read once may use: the same for every
+# command, so that a prefix chat saves (/save) serves what one `kvcli read` saves does.
+PREFIX_WINDOW = 64
+
+
 class ReadOnce:
     """Holds one document's full prefix and answers each question from a compressed fork of it."""
 

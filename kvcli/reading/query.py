@@ -53,9 +53,7 @@ class QueryAware:
         if self._past(prompt):
             return self._read_past(prompt, method, budget or self.options.budget, chunk_size, on_layer)
         compression, note = reader.compression(method, budget or self.options.budget, len(prompt))
-        chunk_size = chunk_size if chunk_size is not None else self.options.chunk_size
-        if chunk_size is None and compression is not None:  # a long prompt in chunks where the method needs them for its peak (evidencekv)
-            chunk_size = compression.method.prefill_chunk(compression.plan, compression.profile, len(prompt) - prompt.prefix_len)
+        chunk_size = self._chunks(prompt, compression, chunk_size)
         probe = prompt.ids[:, prompt.prefix_len :] if chunk_size and compression is not None else None
         state = prefill(
             reader.model, prompt.ids.to(reader.device), compression,
@@ -63,6 +61,22 @@ class QueryAware:
         )
         mode = "chunked" if len(state.chunks) > 1 else "query"
         return self._reading(prompt, state, method, mode, note)
+
+    def live_chunks(self, question: str, method: Method, budget: Budget | None = None, chunk_size: int | None = None) -> int | None:
+        """The chunk size `read` reads the prompt for `question` in (None: one pass); past the
+        context, the positions themselves (a read in chunks whatever is asked)."""
+        prompt = self.prompt(question)
+        if self._past(prompt):
+            return self.reader.context_limit(self.options)
+        compression, _ = self.reader.compression(method, budget or self.options.budget, len(prompt))
+        chunk = self._chunks(prompt, compression, chunk_size)
+        return chunk if chunk and compression is not None and chunk < len(prompt) else None  # else one pass (`chunk_bounds`)
+
+    def _chunks(self, prompt: Prompt, compression, chunk_size: int | None) -> int | None:
+        chunk_size = chunk_size if chunk_size is not None else self.options.chunk_size
+        if chunk_size is None and compression is not None:  # a long prompt in chunks where the method needs them for its peak (evidencekv)
+            chunk_size = compression.method.prefill_chunk(compression.plan, compression.profile, len(prompt) - prompt.prefix_len)
+        return chunk_size
 
     def check(self, question: str, method: Method, budget: Budget | None = None) -> None:
         """Refuse, before any reading, what cannot be read: past the context, a method that keeps
