@@ -177,7 +177,7 @@ def ask(
     question: Annotated[Optional[list[str]], typer.Option("--question", "-q", metavar="TEXT", help="A question; repeat for several (then every argument is a document).", show_default=False)] = None,
     cache: CacheOpt = None,
     reuse: Annotated[bool, typer.Option("--reuse", help="Compress the documents once, question-agnostic, and answer every question from that cache (cheaper, but keeps specific facts far less well).")] = False,
-    compare: Annotated[bool, typer.Option("--compare", help="Also answer from the full cache (one shared prefill) and say whether the answers agree.")] = False,
+    compare: Annotated[bool, typer.Option("--compare", help="Also answer from a full cache and say whether the answers agree: the compressed answer is a plain ask's; past the model's positions the full cache is of the documents cut in the middle to fit.")] = False,
     scorer: ScorerOpt = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
