@@ -371,3 +371,16 @@ def test_several_questions_on_a_terminal_label_each_answer(tiny, home, doc, tmp_
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_read_leaves_the_run_options_it_is_given_as_they_were(tiny, home, doc, tmp_path):
+    """`kvcli read` reads with its own settings (method full, its --max-context and --system) without changing the
+    RunOptions handed to it."""
+    from kvcli.cli.options import RunOptions
+    from kvcli.cli.read import read
+
+    run_options = RunOptions(model=tiny, method="snapkv", max_context=900, system="be brief", quiet=True)
+    before = repr(run_options)
+    read.__wrapped__.__wrapped__([str(doc)], str(tmp_path / "doc.kvc"), save_dtype="auto", all_query_scores=False,
+                                 max_context=None, system=None, run=run_options)
+    assert (tmp_path / "doc.kvc").exists() and repr(run_options) == before
