@@ -76,7 +76,6 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
                   saved=saved, past=past, scorer=scorer)
     several, first = len(questions) > 1, None
     for index, question in enumerate(questions):
-        began = time.perf_counter()
         mode.check(question, method)
         if (prompt := mode.prompt(question)) is not None and index == 0:
             warn_prompt(reader, options, prompt, screen, method)
@@ -85,6 +84,7 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
         if mode.preparing:
             with screen.layers(reader.num_layers, mode.preparing) as on_layer:
                 mode.prepare(on_layer)
+        began = time.perf_counter()  # a shared read is charged to the first answer by its reading (`charged_s`)
         with _bar(screen, mode.bar, reader.num_layers) as progress:
             reading = mode.read(question, method, **progress)
         stats = run_stats(reader, reading)
