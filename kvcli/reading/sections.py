@@ -110,6 +110,7 @@ class Sections:
         if size < 64:
             raise InputError(f"--max-context {self.reader.context_limit(self.options)} leaves no room for a section and its summary; raise it")
         prompt_tokens = None  # the whole document's prompt, for the report: made by the first round's check
+        shortest = None  # the shortest text read so far (tokens): every round must make it shorter
         while True:
             whole = QueryAware(self.reader, text, self.options)
             if not whole.past_window(instruction):
@@ -117,7 +118,7 @@ class Sections:
             if prompt_tokens is None:
                 prompt_tokens = len(whole.prompt(instruction))
                 part_options = self._part_options(method, prompt_tokens)
-            if rounds == MAX_ROUNDS or (rounds and len(whole.prompt(instruction)) >= shortest):
+            if rounds == MAX_ROUNDS or (shortest is not None and len(whole.prompt(instruction)) >= shortest):
                 limit = self.reader.context_limit(self.options)
                 raise InputError(
                     f"after {rounds} rounds of section summaries, the joined summaries ({len(whole.prompt(instruction)):,} tokens with "
