@@ -84,8 +84,9 @@ def worker(args: argparse.Namespace) -> int:
     from kvcli.models import load_model
 
     setting = args.worker
-    if setting.startswith("kvcli"):
-        threads.use(threads.plan_threads("auto"))
+    plan = threads.plan_threads("auto") if setting.startswith("kvcli") else None  # None: torch's threads as they are
+    if plan is not None:
+        torch.set_num_threads(plan.prefill)
     lm = load_model(args.model, device="cpu")
     vocab = lm.model.config.get_text_config().vocab_size
     ids = torch.randint(0, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
@@ -95,10 +96,11 @@ def worker(args: argparse.Namespace) -> int:
         if line.strip() != "go":
             break
         started = time.perf_counter()
-        state = prefill(lm.model, ids)
+        with threads.prefilling(plan):
+            state = prefill(lm.model, ids)
         prefill_s = time.perf_counter() - started
-        prefill_threads = threads.last_prefill_threads() or torch.get_num_threads()  # kvcli: counted as it started
-        with threads.decoding():  # a no-op for torch and one: no plan was set
+        prefill_threads = (plan and plan.last_prefill) or torch.get_num_threads()  # kvcli: counted as it started
+        with threads.decoding(plan):  # a no-op for torch and one: no plan
             decode_threads = torch.get_num_threads()
             times = [time.perf_counter() for _ in decode(lm.model, state, args.new_tokens, set())]
         emit({

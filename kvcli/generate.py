@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from . import attention, threads
+from . import attention
 from .attention import ModelAttention, UnsupportedAttention, accumulated_attention
 from .cache import KVCache
 from .methods import Compression, Compressor, LayerObservation
@@ -25,7 +26,10 @@ from .step import STEP_KWARG, Step
 
 log = logging.getLogger(__name__)
 
-_PROBED = "_kvcli_attention"  # where prepare_model keeps a model's ModelAttention: (attn implementation, layout)
+# What prepare_model found for each live model: (attn implementation, layout). Every prefill
+# makes a cache through it, so the probe is remembered; kept beside the model, not on it, so the
+# user's model object carries nothing of kvcli's (a copy of it is probed anew), and dropped with it.
+_probed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def prepare_model(model) -> ModelAttention:
@@ -41,11 +45,11 @@ def prepare_model(model) -> ModelAttention:
     attention.register()
     if getattr(type(model), "_supports_attention_backend", True) and model.config._attn_implementation != attention.ATTN_IMPLEMENTATION:
         model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
-    probed = getattr(model, _PROBED, None)
+    probed = _probed.get(model)
     if probed is not None and probed[0] == model.config._attn_implementation:
         return probed[1]
     layout = _probe(model)
-    setattr(model, _PROBED, (model.config._attn_implementation, layout))
+    _probed[model] = (model.config._attn_implementation, layout)
     if layout.bypassed:
         log.info("%s attends without kvcli's attention function: only the full cache can be read", type(model).__name__)
     return layout
@@ -193,7 +197,7 @@ def prefill(
     chunks: list[tuple[int, int]] = []
     position = 0  # where the next chunk is fed (its start, unless re-indexed)
     started = time.perf_counter()
-    with torch.inference_mode(), threads.prefilling():  # --threads auto: on the cores free now
+    with torch.inference_mode():
         for index, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
             announce_chunk(on_layer, index, len(bounds) - 1, start, stop, prompt_len)
             step_ids = input_ids[:, start:stop]
@@ -223,7 +227,7 @@ def extend(model, state: Prefill, suffix_ids: torch.Tensor, copy: bool = True, s
     """
     cache = state.cache.clone() if copy else state.cache
     started = time.perf_counter()
-    with torch.inference_mode(), threads.prefilling():
+    with torch.inference_mode():
         if state.next_position is None:
             logits = forward(model, cache, suffix_ids, state.prompt_len)
         else:  # a re-indexed prefix: the suffix goes where RoPE left off
@@ -293,7 +297,7 @@ def ask_after(
         raise ValueError("internal: the prefix was read without the all-query attention this method scores by")
     if compression is not None and compression.method.window_size > prefix.tail_queries[0].shape[2] + suffix_ids.shape[1]:
         raise ValueError("internal: the prefix kept fewer queries than the method's window needs")
-    with torch.inference_mode(), threads.prefilling():
+    with torch.inference_mode():
         logits = forward(model, cache, suffix_ids, prefix.state.prompt_len, compressor, on_layer=on_layer,
                          accumulated_before=accumulated, queries_before=prefix.tail_queries)
     return Prefill(
@@ -348,7 +352,7 @@ def decode(
     position = state.prompt_len
     fed_at = state.next_position  # re-indexed: RoPE places the answer here, its tokens still counted from prompt_len
     state.cache.reserve(max_new_tokens - 1)
-    with torch.inference_mode(), threads.decoding():  # --threads: fewer threads for decoding's small operations
+    with torch.inference_mode():
         for step in range(max_new_tokens):
             token = sampling.pick(logits, gen)
             if token in eos_token_ids:
@@ -437,6 +441,6 @@ def _read_full(model, input_ids: torch.Tensor, recorder, on_layer) -> tuple[KVCa
         recorder = None  # its attention never reaches kvcli's function: there is nothing to record (and nothing to derive)
     announce_chunk(on_layer, 0, 1, 0, input_ids.shape[1], input_ids.shape[1])
     started = time.perf_counter()
-    with torch.inference_mode(), threads.prefilling():
+    with torch.inference_mode():
         logits = forward(model, cache, input_ids, 0, recorder, on_layer=on_layer)
     return cache, logits, time.perf_counter() - started

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 
 import torch
 
-from . import threads
 from .attention import causal_mask, layer_attention
 from .cache import KVCache, KVLayer
 from .generate import Prefill, forward, prefill, prepare_model
@@ -125,7 +124,7 @@ def _repeat(model, prefix: Prefill, target_ids, prompt_for, chunk_size, on_layer
     prepare_model(model)
     recorder = _RepeatRecorder(prefix.cache)
     device = target_ids.device
-    with torch.inference_mode(), threads.prefilling():
+    with torch.inference_mode():
         for start in range(0, target_ids.shape[1], chunk_size):
             ids = torch.cat([prompt_for(start).to(device), target_ids[:, start : start + chunk_size]], dim=1)
             forward(model, prefix.cache.fork(), ids, prefix.prompt_len, recorder, on_layer=on_layer)

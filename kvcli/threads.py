@@ -21,21 +21,24 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .errors import InputError
 
 
-@dataclass(frozen=True)
+@dataclass
 class ThreadPlan:
-    """The threads torch uses to prefill and to decode, and why (for `--json` and logs)."""
+    """The threads torch uses to prefill and to decode, and why (for `--json` and logs). The
+    command line makes one and hands it to the `reading.Reader`, which prefills inside
+    `prefilling(plan)` and decodes inside `decoding(plan)`; the engine itself never changes threads."""
 
     prefill: int
     decode: int
     why: str
     auto: bool = False  # count the free cores again before each prefill and each decode
+    last_prefill: int | None = field(default=None, compare=False)  # the threads the last prefill ran on (benchmarks/contention.py)
 
 
 def usable_cores() -> int:
@@ -116,35 +119,16 @@ def decode_threads(cores: int, free: int) -> int:
     return max(1, min(free, cores // 2))
 
 
-_plan: ThreadPlan | None = None  # what the command line chose (`use`); library callers leave torch as it is
-
-
-def use(plan: ThreadPlan | None) -> None:
-    """Compute with `plan` from now on in this process: torch's threads for prefill now, and for
-    decoding inside `decoding()` (None: leave torch as it is). Mirrors torch's own process-wide
-    setting, which this sets; `kept()` scopes it to a block (one command)."""
-    global _plan
-    _plan = plan
-    if plan is not None:
-        torch.set_num_threads(plan.prefill)
-
-
 @contextlib.contextmanager
 def kept():
-    """Put the plan and torch's thread count back as they were when the block ends, however it ends."""
-    global _plan
-    previous, count = _plan, torch.get_num_threads()
+    """Put torch's thread count back as it was when the block ends, however it ends (one command's
+    --threads, as tests run many commands in one process)."""
+    count = torch.get_num_threads()
     try:
         yield
     finally:
-        _plan = previous
         if torch.get_num_threads() != count:
             torch.set_num_threads(count)
-
-
-def current() -> ThreadPlan | None:
-    """The plan `use` set, or None when kvcli's command line did not set one."""
-    return _plan
 
 
 def _free_now(plan: ThreadPlan) -> int:
@@ -157,28 +141,11 @@ def _free_now(plan: ThreadPlan) -> int:
     return plan.prefill
 
 
-_last_prefill: int | None = None
-
-
-def last_prefill_threads() -> int | None:
-    """The threads the last `prefilling()` block ran on (benchmarks/contention.py reports it)."""
-    return _last_prefill
-
-
 @contextlib.contextmanager
-def prefilling():
-    """Prefill on the plan's threads, the free cores counted again under `auto` (another process
-    may have started since the command did), then go back; nothing changes without a plan."""
-    global _last_prefill
-    plan = _plan
-    if plan is None:
-        yield
-        return
-    threads = _free_now(plan)
+def _running_on(threads: int):
     before = torch.get_num_threads()
     if threads != before:
         torch.set_num_threads(threads)
-    _last_prefill = threads
     try:
         yield
     finally:
@@ -187,10 +154,21 @@ def prefilling():
 
 
 @contextlib.contextmanager
-def decoding():
-    """Decode with the plan's decode threads (free cores counted again under `auto`), then go
-    back to the prefill's; nothing changes when no plan was set (kvcli used as a library)."""
-    plan = _plan
+def prefilling(plan: ThreadPlan | None):
+    """Prefill on `plan`'s threads, the free cores counted again under `auto` (another process
+    may have started since the command did), then go back; nothing changes without a plan."""
+    if plan is None:
+        yield
+        return
+    plan.last_prefill = _free_now(plan)
+    with _running_on(plan.last_prefill):
+        yield
+
+
+@contextlib.contextmanager
+def decoding(plan: ThreadPlan | None):
+    """Decode with `plan`'s decode threads (free cores counted again under `auto`), then go back;
+    nothing changes without a plan (kvcli used as a library)."""
     if plan is None:
         yield
         return
@@ -200,11 +178,5 @@ def decoding():
         if busy is not None:
             cores = usable_cores()
             threads = decode_threads(cores, max(1, min(cores, cores - round(busy))))
-    before = torch.get_num_threads()
-    if threads != before:
-        torch.set_num_threads(threads)
-    try:
+    with _running_on(threads):
         yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)

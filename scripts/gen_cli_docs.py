@@ -44,6 +44,12 @@ Conventions, the same in every command:
   chosen method lacks is an error. `--window` is the observation window of every compressing method.
 - Answers go to stdout; progress, warnings, the report and errors go to stderr. The report and
   `--json` (`stopped`) say whether the answer ended at the end of sequence or at `--max-new-tokens`.
+- Several questions (`ask -q Q1 -q Q2`) print one block per question on stdout, on a terminal or
+  in a pipe alike, blocks separated by one blank line: a line `Q: ` and the question, then `A: `
+  and the answer (which may run over several lines). A script splits on lines starting with `Q: `
+  after a blank line, or uses `--json` (one object per answer, exact). On stderr: one line per
+  answer (`Q1: (method, budget) kept N% of the KV cache (...), seconds, tokens/s, tokens, stopped
+  at ...`), then one report of the read (the first answer's, which paid for the shared read).
 - Environment defaults: `KVCLI_MODEL`, `KVCLI_METHOD`, `KVCLI_DEVICE`; `KVCLI_HOME` is where
   converted models and retrieval-head profiles are kept (default `~/.cache/kvcli`).
 - `-h` is `--help` and `-V` is `--version`, as in grep. Shell completion of commands and options:

@@ -442,3 +442,20 @@ def test_past_the_context_a_model_that_cannot_be_reindexed_says_why(tmp_path, ho
     result = runner.invoke(app, ["ask", str(doc), "w3?", "-m", str(folder), "--method", "snapkv", "--max-context", "96", "--max-new-tokens", "3"])
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and words in lines[0], result.stderr
+
+
+def test_the_probe_is_remembered_beside_the_model_not_on_it():
+    """prepare_model probes a model once (later prefills reuse the layout) and sets no attribute of kvcli's on the model."""
+    from kvcli import generate
+
+    _, model = models(COMPRESSIBLE[0])
+    before = set(vars(model))
+    probes = []
+    original = generate._probe
+    generate._probe = lambda m: probes.append(m) or original(m)
+    try:
+        prepare_model(model)
+        prefill(model, torch.randint(3, 60, (1, 12)))
+    finally:
+        generate._probe = original
+    assert len(probes) <= 1 and not [name for name in set(vars(model)) - before if "kvcli" in name]

@@ -306,3 +306,81 @@ def test_summarize_past_the_context_by_sections_or_compressed(tiny, home, tmp_pa
     short = json.loads(run("summarize", tmp_path / "short.txt" if (tmp_path / "short.txt").write_text(words(100)) else None, *args, "--json").stdout)["stats"]
     assert short["read"] == "query"
     one_line_error(run("summarize", long_doc, *args, "--past", "map"), "--past must be sections or compressed")
+
+
+def test_compare_past_the_context_never_passes_the_positions(tiny, home, tmp_path, monkeypatch):
+    """`ask --compare` on a document 2x the model's positions: no position fed reaches max_position_embeddings, its
+    compressed answer is plain `ask`'s, and its full cache is said to be of the documents cut to fit."""
+    import kvcli.models
+
+    long_doc = tmp_path / "long.txt"
+    long_doc.write_text(words(2100))
+    fed = []
+    load = kvcli.models.load_model
+
+    def load_and_watch(*args, **kwargs):
+        lm = load(*args, **kwargs)
+        lm.model.register_forward_pre_hook(lambda module, a, kw: fed.append(int(kw["position_ids"].max())), with_kwargs=True)
+        return lm
+
+    monkeypatch.setattr(kvcli.models, "load_model", load_and_watch)
+    args = [long_doc, "w1?", "-m", tiny, "--method", "snapkv", "--budget", "96", "--max-new-tokens", "3", "--json"]
+    plain = run("ask", *args)
+    compared = run("ask", *args, "--compare")
+    assert plain.exit_code == compared.exit_code == 0, compared.stderr
+    assert fed and max(fed) < 1024
+    data = json.loads(compared.stdout)
+    assert data["answer"] == json.loads(plain.stdout)["answer"] and data["stats"]["read"] == "reindexed"
+    assert "cut in the middle" in data["full_cache_read"]
+    text = run("ask", *args[:-1], "--compare")
+    assert "full cache of the documents cut in the middle" in text.stderr
+
+
+def test_several_questions_are_labelled_blocks_with_one_report(tiny, home, doc):
+    """`ask -q Q1 -q Q2`: stdout holds one `Q: ...`/`A: ...` block per question, blank-line separated (docs/cli.md);
+    stderr one short line per answer and one report; --json stays one object per answer."""
+    args = [doc, "-q", "w1?", "-q", "w2 w3?", "-m", tiny, "--method", "snapkv", "--max-new-tokens", "3"]
+    result = run("ask", *args)
+    assert result.exit_code == 0, result.stderr
+    blocks = result.stdout.rstrip("\n").split("\n\n")
+    assert [block.splitlines()[0] for block in blocks] == ["Q: w1?", "Q: w2 w3?"]
+    answers = [json.loads(line)["answer"] for line in run("ask", *args, "--json").stdout.splitlines()]
+    assert [block.split("\nA: ", 1)[1].strip() for block in blocks] == answers
+    assert result.stderr.count("KV cache  ") <= 1 and result.stderr.count("model ") == 1  # one report
+    assert [line.split(":")[0] for line in result.stderr.splitlines() if line.startswith("Q")] == ["Q1", "Q2"]
+    assert all("stopped at" in line for line in result.stderr.splitlines() if line.startswith("Q"))
+
+
+def test_several_questions_on_a_terminal_label_each_answer(tiny, home, doc, tmp_path):
+    """On a real pseudo-terminal, `ask -q Q1 -q Q2` shows each answer after its question."""
+    import os
+    import sys
+
+    import pexpect
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("KVCLI_")}, "KVCLI_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    child = pexpect.spawn(sys.executable, ["-m", "kvcli", "ask", str(doc), "-q", "w1?", "-q", "w2 w3?", "-m", tiny,
+                                           "--method", "snapkv", "--max-new-tokens", "3"],
+                          env=env, encoding="utf-8", dimensions=(24, 200), timeout=120)
+    child.expect_exact("Q: w1?")
+    child.expect_exact("A: ")
+    child.expect(r"Q1: \(snapkv")
+    child.expect_exact("Q: w2 w3?")
+    child.expect_exact("A: ")
+    child.expect(r"Q2: \(snapkv")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_read_leaves_the_run_options_it_is_given_as_they_were(tiny, home, doc, tmp_path):
+    """`kvcli read` reads with its own settings (method full, its --max-context and --system) without changing the
+    RunOptions handed to it."""
+    from kvcli.cli.options import RunOptions
+    from kvcli.cli.read import read
+
+    run_options = RunOptions(model=tiny, method="snapkv", max_context=900, system="be brief", quiet=True)
+    before = repr(run_options)
+    read.__wrapped__.__wrapped__([str(doc)], str(tmp_path / "doc.kvc"), save_dtype="auto", all_query_scores=False,
+                                 max_context=None, system=None, run=run_options)
+    assert (tmp_path / "doc.kvc").exists() and repr(run_options) == before

@@ -22,6 +22,7 @@ from kvcli import threads
 from kvcli.cli import app
 from kvcli.errors import InputError, ModelError
 from kvcli.generate import decode, prefill
+from kvcli.methods import make_method
 from kvcli.models import load_model, resolve_device, resolve_dtype
 from kvcli.models.checkpoints import embedded_target, gguf_checkpoint
 from kvcli.models.device import resolve_device_map
@@ -325,20 +326,21 @@ def test_decoding_uses_the_plans_decode_threads_then_restores():
     """Inside decoding() torch runs the plan's decode threads; after it, the prefill's; without a plan nothing changes."""
     outside = torch.get_num_threads()
     with threads.kept():
-        threads.use(None)
         before = torch.get_num_threads()
-        with threads.decoding():
+        with threads.decoding(None):
             assert torch.get_num_threads() == before
-        threads.use(threads.ThreadPlan(prefill=2, decode=1, why="test"))
-        assert torch.get_num_threads() == 2
-        with threads.decoding():
+        torch.set_num_threads(2)
+        with threads.decoding(threads.ThreadPlan(prefill=2, decode=1, why="test")):
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 2
     assert torch.get_num_threads() == outside
 
 
 def test_decode_runs_inside_the_decode_threads(tiny, home):
-    """generate.decode steps on the plan's decode threads (the CLI's --threads), whatever prefill used."""
+    """A reader's answers decode on its thread plan's decode threads (the CLI's --threads), whatever prefill used;
+    the plan is the reader's, not the process's: another reader over the same model leaves torch's threads alone."""
+    from kvcli.reading import Options, QueryAware, Reader, answer
+
     lm = load_model(str(tiny))
     seen = []
     original = lm.model.forward
@@ -347,24 +349,30 @@ def test_decode_runs_inside_the_decode_threads(tiny, home):
         seen.append(torch.get_num_threads())
         return original(*args, **kwargs)
 
+    options = Options(max_new_tokens=4)
     with threads.kept():
-        threads.use(threads.ThreadPlan(prefill=2, decode=1, why="test"))
-        state = prefill(lm.model, torch.randint(3, 60, (1, 12)))
+        torch.set_num_threads(2)
+        reader = Reader(lm, threads=threads.ThreadPlan(prefill=2, decode=1, why="test"))
+        reading = QueryAware(reader, "w1 w2 w3 w4 w5 w6", options).read("w7?", make_method("full"))
         lm.model.forward = spy
         try:
-            assert len(list(decode(lm.model, state, 4, set()))) == 4
+            assert len(answer(reader, reading, options).tokens) == 4
+            assert seen and set(seen) == {1}
+            seen.clear()
+            plain = Reader(lm)
+            answer(plain, QueryAware(plain, "w1 w2 w3 w4 w5 w6", options).read("w7?", make_method("full")), options)
+            assert seen and set(seen) == {2}
         finally:
             lm.model.forward = original
-    assert seen and set(seen) == {1}
 
 
 def test_auto_prefill_counts_the_free_cores_again_as_it_starts(tiny, home, monkeypatch):
     """Under auto, a prefill runs on the cores free when it starts (a neighbour that started after the command
     costs it a thread), and torch's count is put back after; a fixed --threads plan keeps its count."""
-    from kvcli.generate import prepare_model
+    from kvcli.reading import Options, QueryAware, Reader
 
     lm = load_model(str(tiny))
-    prepare_model(lm.model)  # its one-time probe runs before any prefill
+    Reader(lm)  # the model's one-time probe runs before any prefill
     seen = []
     original = lm.model.forward
 
@@ -373,17 +381,20 @@ def test_auto_prefill_counts_the_free_cores_again_as_it_starts(tiny, home, monke
         return original(*args, **kwargs)
 
     monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    options = Options(max_new_tokens=1)
     with threads.kept():
-        threads.use(threads.plan_threads("auto", cores=2, busy=0))  # the machine was free when the command started
-        assert torch.get_num_threads() == 2
+        torch.set_num_threads(2)
+        plan = threads.plan_threads("auto", cores=2, busy=0)  # the machine was free when the command started
+        reader = Reader(lm, threads=plan)
         monkeypatch.setattr(threads, "busy_elsewhere", lambda *a, **k: 1.0)  # then a neighbour took a core
         lm.model.forward = spy
         try:
-            prefill(lm.model, torch.randint(3, 60, (1, 12)))
-            assert seen == [1] and threads.last_prefill_threads() == 1 and torch.get_num_threads() == 2
+            QueryAware(reader, "w1 w2 w3 w4 w5 w6", options).read("w7?", make_method("full"))
+            assert seen == [1] and plan.last_prefill == 1 and torch.get_num_threads() == 2
             seen.clear()
-            threads.use(threads.plan_threads("2"))
-            prefill(lm.model, torch.randint(3, 60, (1, 12)))
+            torch.set_num_threads(1)
+            reader = Reader(lm, threads=threads.plan_threads("2"))
+            QueryAware(reader, "w1 w2 w3 w4 w5 w6", options).read("w7?", make_method("full"))
             assert seen == [2]
         finally:
             lm.model.forward = original
@@ -394,12 +405,12 @@ def test_cli_threads_are_checked_and_scoped_to_the_command(tiny, home, tmp_path)
     doc = tmp_path / "doc.txt"
     doc.write_text(" ".join(f"w{i % 60}" for i in range(100)))
     one_line_error(runner.invoke(app, ["ask", str(doc), "w1?", "-m", str(tiny), "--threads", "0"]), "--threads")
-    before, plan = torch.get_num_threads(), threads.current()
+    before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         result = runner.invoke(app, ["ask", str(doc), "w1?", "-m", str(tiny), "--threads", "1", "--max-new-tokens", "2", "--json"])
         assert result.exit_code == 0, result.stderr
-        assert torch.get_num_threads() == 2 and threads.current() is plan
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
 

@@ -263,3 +263,83 @@ def test_sections_cover_the_text_in_order_and_fit(tokenizer):
     long_sentence = "word " * 300
     cut = split_sections(tokenizer, long_sentence, 64)
     assert len(cut) >= 5 and all(len(tokenizer(s, add_special_tokens=False)["input_ids"]) <= 64 for s in cut)
+
+
+def test_sections_stop_when_the_joined_summaries_never_fit(reader):
+    """Section summaries longer than their sections end in one InputError naming what to raise, after a bounded
+    number of rounds, instead of summarizing the summaries forever."""
+    from kvcli.reading import Sections
+
+    options = Options(budget=Budget(tokens=64), max_new_tokens=70, max_context=169)  # 64-token sections, 70-token summaries
+    summarized = []
+
+    def on_section(done: int, total: int) -> None:
+        summarized.append(done)
+        assert len(summarized) < 40, "the rounds of section summaries never end"
+
+    with pytest.raises(InputError, match="raise --max-context"):
+        Sections(reader, words(150, seed=2), options).read("w1 w2?", make_method("snapkv"), on_section=on_section)
+
+
+# --- the reading policy ---------------------------------------------------------------------------
+
+
+def test_compare_past_the_context_reads_as_ask_and_compares_a_full_read_that_fits(reader):
+    """`ask --compare` past the context: no position fed reaches max_position_embeddings, the compressed answer is
+    the plain read's, and the full cache is of the documents cut to fit (said in its label)."""
+    from kvcli.reading.policy import choose
+
+    limit = reader.max_positions
+    options = Options(budget=Budget(tokens=96), max_new_tokens=4)
+    document, question, method = words(2 * limit, seed=7), "w5 w6?", make_method("snapkv")
+    plain = choose(reader, document, options, method, [question])
+    expected = answer(reader, plain.read(question, method), options).tokens
+    fed = []
+    hook = reader.model.register_forward_pre_hook(lambda module, args, kwargs: fed.append(int(kwargs["position_ids"].max())), with_kwargs=True)
+    try:
+        compare = choose(reader, document, options, method, [question], compare=True)
+        reading = compare.read(question, method)
+        compressed = answer(reader, reading, options).tokens
+        full = compare.full()
+        answer(reader, full, options)
+    finally:
+        hook.remove()
+    assert reading.mode == "reindexed" and compressed == expected
+    assert max(fed) < limit
+    assert not full.state.compressed and full.dropped_tokens > 0 and "cut in the middle" in compare.full_label
+
+
+def test_compare_within_the_context_shares_one_capture_only_for_a_one_pass_read(reader):
+    """--compare derives both caches from one capture for a one-pass read; with --chunk-size it reads the chunks as
+    `ask` would (the same answer) and the full cache apart."""
+    from kvcli.reading.policy import choose
+
+    document, question, method = words(400, seed=8), "w9?", make_method("snapkv")
+    for chunk_size, shared in ((None, True), (64, False)):
+        options = Options(budget=Budget(tokens=48), max_new_tokens=4, chunk_size=chunk_size)
+        expected = answer(reader, choose(reader, document, options, method, [question]).read(question, method), options).tokens
+        compare = choose(reader, document, options, method, [question], compare=True)
+        reading = compare.read(question, method)
+        assert answer(reader, reading, options).tokens == expected
+        assert reading.mode == ("query" if shared else "chunked") and compare.full_label == "full cache"
+        assert not compare.full().state.compressed
+
+
+@pytest.mark.parametrize("questions, chunk_size, expected", [
+    (["w1?"], None, "query"), (["w1?", "w2?"], None, "once"), (None, None, "once"), (["w1?", "w2?"], 64, "query"),
+])
+def test_one_rule_chooses_the_mode_for_every_command(reader, questions, chunk_size, expected):
+    """choose() reads once for several (or unknown) questions within the context, else one read per question."""
+    from kvcli.reading.policy import choose
+
+    options = Options(budget=Budget(tokens=48), max_new_tokens=4, chunk_size=chunk_size)
+    assert choose(reader, words(300), options, make_method("snapkv"), questions).name == expected
+
+
+def test_several_questions_past_the_context_read_each_one_past_it(reader):
+    """Past the positions several questions get a re-indexed read each (no full prefix to read once)."""
+    from kvcli.reading.policy import choose
+
+    mode = choose(reader, words(2 * reader.max_positions), Options(budget=Budget(tokens=96), max_new_tokens=4),
+                  make_method("snapkv"), ["w1?", "w2?"])
+    assert mode.name == "query" and mode.read("w1?", make_method("snapkv")).mode == "reindexed"

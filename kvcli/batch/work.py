@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ..errors import KvcliError
 from ..methods import Method
-from ..reading import Options, QueryAware, ReadOnce, Reader, add_answer, answer, run_stats
+from ..reading import Options, Reader, add_answer, answer, run_stats
 
 
 @dataclass(frozen=True)
@@ -109,17 +109,13 @@ class AnswerJobs:
         self.reader = reader
 
     def __call__(self, task: JobTask) -> list[dict]:
-        reader, method, options = self.reader, task.method, task.options
-        mode = QueryAware(reader, task.text, options)
-        if len(task.questions) > 1 and options.chunk_size is None:
-            longest = max(task.questions, key=lambda q: len(reader.tokenizer(q)["input_ids"]))
-            if options.fit != "reindex" or not mode.past_window(longest):
-                mode = ReadOnce(reader, task.text, options, window_size=max(32, method.window_size),
-                                accumulated=method.needs_accumulated, longest_question=longest)
+        from ..reading.policy import choose
+
+        mode = choose(self.reader, task.text, task.options, task.method, task.questions)
         results = []
         for question in task.questions:
             try:
-                results.append(self._answer(mode, question, method, options, len(task.questions)))
+                results.append(self._answer(mode, question, task.method, task.options, len(task.questions)))
             except Exception as exc:
                 message = self.describe(exc)
                 if message is None:
@@ -129,11 +125,9 @@ class AnswerJobs:
 
     def _answer(self, mode, question: str, method: Method, options: Options, questions: int) -> dict:
         began = time.perf_counter()
-        if isinstance(mode, ReadOnce):
-            reading = mode.read(question, method)
-        else:
-            mode.check(question, method)
-            reading = mode.read(question, method)
+        mode.check(question, method)
+        mode.prepare()
+        reading = mode.read(question, method)
         stats = run_stats(self.reader, reading)
         if "prefix" in stats.extra:
             stats.extra["prefix"]["questions"] = questions

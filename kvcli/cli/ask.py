@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import sys
 import time
 from typing import Annotated, Optional
 
@@ -93,66 +95,47 @@ def path_kind(text: str) -> str | None:
 def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache: str | None = None,
                reuse: bool = False, compare: bool = False, include=(), exclude=(), scorer: str = DEFAULT_SCORER,
                past: str = "compressed") -> None:
-    """Answer each question: query-aware by default, or after one question-agnostic prefix.
-    Past the context, `past` "sections" summarizes section by section (`reading.Sections`)."""
-    from ..reading import QueryAware, ReadOnce, Reused, Sections, add_answer, answer, run_stats
+    """Answer each question, read as `reading.policy.choose` decides (query-aware by default).
+
+    One question: its answer on stdout, the report on stderr. Several: each answer in a
+    `Q: ...` / `A: ...` block on stdout (docs/cli.md), one short line per answer on stderr,
+    then one report of the read.
+    """
+    from ..reading import add_answer, answer, run_stats
+    from ..reading.policy import choose
 
     if compare and (cache or reuse):
         raise InputError("--compare reads query-aware; drop --cache or --reuse")
     started = start(run, None if cache else files, include, exclude)
     screen, method, options, doc, reader = started.screen, started.method, started.options, started.doc, started.reader
-    prefix = None
+    saved = None
     if cache:
-        prefix, method, mode = _saved(reader, cache, run, screen, method, options)
-    else:
-        if reuse:
-            screen.warn("--reuse chooses what to keep without the questions: specific facts are often lost (docs/results.md); leave it out to read query-aware")
-            mode = Reused(reader, doc.text, options, scorer)
-            warn_prompt(reader, options, mode.prompt, screen)
-            with screen.layers(reader.num_layers, "compress") as on_layer:
-                prefix = mode.read(method, on_layer=on_layer)
-        else:
-            mode = QueryAware(reader, doc.text, options)
-            if past == "sections" and options.fit == "reindex" and not compare and mode.past_window(questions[0]):
-                mode = Sections(reader, doc.text, options)
-            elif len(questions) > 1 and options.chunk_size is None and not compare:
-                # Many questions: read the document once and compress a copy per question (the same
-                # cache as one pass), unless it is read past the context, where each needs its own read.
-                longest = max(questions, key=lambda q: len(reader.tokenizer(q)["input_ids"]))
-                if options.fit != "reindex" or not mode.past_window(longest):
-                    mode = ReadOnce(reader, doc.text, options, window_size=max(32, method.window_size),
-                                    accumulated=method.needs_accumulated, longest_question=longest)
-                    warn_prompt(reader, options, mode.layout(), screen)
-                    with screen.layers(reader.num_layers, "reading once") as on_layer:
-                        mode.read_prefix(on_layer)
-    for question in questions:
-        began = time.perf_counter()
-        if prefix is not None:
-            reading = prefix.ask(reader, question, options)
-        elif isinstance(mode, ReadOnce):
-            reading = mode.read(question, method)
-        elif isinstance(mode, Sections):
-            screen.note(f"kvcli: the documents are longer than the {reader.context_limit(options):,} positions the model reads: "
-                        "summarizing them section by section, then the summaries")
-            with screen.progress("summarizing", "sections") as update:
-                reading = mode.read(question, method, on_section=lambda done, total: update(done, total))
-        else:
-            mode.check(question, method)
-            warn_prompt(reader, options, mode.prompt(question), screen, method)
-            with screen.layers(reader.num_layers) as on_layer:
-                if compare:
-                    from ..methods import Full
-
-                    captured = mode.capture(question, method.window_size, method.needs_accumulated, on_layer)
-                    reading = mode.derive(captured, question, method)
-                else:
-                    reading = mode.read(question, method, on_layer=on_layer)
+        saved, method = _saved(reader, cache, run, screen, method, options)
+    elif reuse:
+        screen.warn("--reuse chooses what to keep without the questions: specific facts are often lost (docs/results.md); leave it out to read query-aware")
+    mode = choose(reader, None if cache else doc.text, options, method, questions, reuse=reuse, compare=compare,
+                  saved=saved, past=past, scorer=scorer)
+    several, first = len(questions) > 1, None
+    for index, question in enumerate(questions):
+        mode.check(question, method)
+        if (prompt := mode.prompt(question)) is not None and index == 0:
+            warn_prompt(reader, options, prompt, screen, method)
+        if index == 0 and mode.note(question):
+            screen.note(mode.note(question))
+        if mode.preparing:
+            with screen.layers(reader.num_layers, mode.preparing) as on_layer:
+                mode.prepare(on_layer)
+        began = time.perf_counter()  # a shared read is charged to the first answer by its reading (`charged_s`)
+        with _bar(screen, mode.bar, reader.num_layers) as progress:
+            reading = mode.read(question, method, **progress)
         stats = run_stats(reader, reading)
-        stats.extra.update(prefix.extra if prefix is not None else {})
+        stats.extra.update(mode.extra)
         if doc is not None and doc.encodings:
             stats.extra["encodings"] = doc.encodings
         if "prefix" in stats.extra:
             stats.extra["prefix"]["questions"] = len(questions)
+        if several and not run.json:
+            sys.stdout.write(("\n" if index else "") + f"Q: {question}\nA: ")
         try:
             result = answer(reader, reading, options, on_text=screen.stream(), started=began)
         finally:
@@ -160,39 +143,75 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
         add_answer(stats, reader, result)
         out = {"question": question, "answer": result.text, "stats": stats.to_dict()}
         if compare:
-            full = answer(reader, mode.derive(captured, question, Full()), options)
+            full = answer(reader, mode.full(), options)
             out["full_cache_answer"] = full.text
             out["same_answer"] = full.text == result.text
+            if mode.full_label != "full cache":
+                out["full_cache_read"] = mode.full_label
         if run.json:
             print_json(out)
+            continue
+        if several:
+            screen.note(answer_line(stats, reading.method, options.budget, f"Q{index + 1}: "))
+            first = first or stats
+            if index == len(questions) - 1:
+                screen.report(first)  # the read's report once: the first answer's, which paid for the shared read
         else:
             screen.report(stats)
-            if compare:
-                _say_comparison(screen, stats, full.text, result.text)
+        if compare:
+            _say_comparison(screen, stats, mode.full_label, full.text, result.text)
 
 
-def _say_comparison(screen: Screen, stats, full: str, compressed: str) -> None:
+@contextlib.contextmanager
+def _bar(screen: Screen, bar: str, num_layers: int):
+    """The keyword arguments that report a mode's progress (`Mode.bar`) to a bar on the screen."""
+    if bar == "layers":
+        with screen.layers(num_layers) as on_layer:
+            yield {"on_layer": on_layer}
+    elif bar == "sections":
+        with screen.progress("summarizing", "sections") as update:
+            yield {"on_section": lambda done, total: update(done, total)}
+    else:
+        yield {}
+
+
+def answer_line(stats, method, budget, lead: str = "") -> str:
+    """One line about an answer: the share of the KV cache kept, time, decode speed, why it stopped."""
+    kept = 100 * stats.kv_bytes_kept / stats.kv_bytes_full if stats.kv_bytes_full else 100.0
+    line = lead + (f"({method.name}, {budget.label}) " if method.compresses else f"({method.name}) ")
+    line += f"kept {kept:.1f}% of the KV cache ({stats.kv_bytes_kept / 2**20:.1f} of {stats.kv_bytes_full / 2**20:.1f} MiB)"
+    if not stats.compressed:
+        line += f", not compressed: {stats.note}"
+    if stats.ttft_s is not None:
+        line += f", {stats.ttft_s + stats.decode_s:.1f}s"
+    if stats.decode_tokens_per_s:
+        line += f", {stats.decode_tokens_per_s:.1f} tokens/s"
+    stopped = "--max-new-tokens" if stats.stopped == "max_new_tokens" else "the end of sequence"
+    return line + f", {stats.decode_tokens} tokens, stopped at {stopped}"
+
+
+def _say_comparison(screen: Screen, stats, label: str, full: str, compressed: str) -> None:
     kept = 100 * stats.kv_bytes_kept / stats.kv_bytes_full if stats.kv_bytes_full else 100.0
     verdict = "same answer" if full == compressed else "a different answer"
-    screen.note(f"full cache answered: {full}")
+    screen.note(f"{label} answered: {full}")
     screen.note(f"kept {kept:.1f}%: {stats.kv_bytes_kept / 2**20:.1f} of {stats.kv_bytes_full / 2**20:.1f} MiB, {verdict}")
 
 
 def _saved(reader, path: str, run: RunOptions, screen: Screen, method, options):
-    """(prefix, method, mode) for `--cache path`: a compressed prefix answers with the method it was
-    compressed with (prefix set); a full one compresses each question with this run's method (mode set)."""
+    """(saved, method) for `--cache path`: a compressed prefix (a `reading.Prefix`) answers with the
+    method it was compressed with; a full one (a `reading.ReadOnce`) compresses each question with this run's."""
     from ..methods import make_method
     from ..reading import saved_prefix
 
     saved = load_saved(reader, path)
     if saved.kind == "full":
-        return None, method, saved_read_once(reader, saved, path, options, method, screen)
+        return saved_read_once(reader, saved, path, options, method, screen), method
     method = make_method(saved.meta["method"], **saved.meta.get("method_params", {}))
     ignored = [flag for flag, name in (("--method", "method"), ("--ratio", "ratio"), ("--budget", "budget"), ("--chunk-size", "chunk_size"), ("--param", "param")) if name in run.given]
     if ignored:
         screen.warn(f"{', '.join(ignored)} ignored: {path} was compressed with {method.name} when it was saved")
     screen.warn(f"{path} was compressed without knowing the questions: specific facts are often lost (docs/results.md); `kvcli read` saves a cache that answers query-aware")
-    return saved_prefix(reader, saved, method), method, None
+    return saved_prefix(reader, saved, method), method
 
 
 @user_errors
@@ -202,7 +221,7 @@ def ask(
     question: Annotated[Optional[list[str]], typer.Option("--question", "-q", metavar="TEXT", help="A question; repeat for several (then every argument is a document).", show_default=False)] = None,
     cache: CacheOpt = None,
     reuse: Annotated[bool, typer.Option("--reuse", help="Compress the documents once, question-agnostic, and answer every question from that cache (cheaper, but keeps specific facts far less well).")] = False,
-    compare: Annotated[bool, typer.Option("--compare", help="Also answer from the full cache (one shared prefill) and say whether the answers agree.")] = False,
+    compare: Annotated[bool, typer.Option("--compare", help="Also answer from a full cache and say whether the answers agree: the compressed answer is a plain ask's; past the model's positions the full cache is of the documents cut in the middle to fit.")] = False,
     scorer: ScorerOpt = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
@@ -257,4 +276,4 @@ def summarize(
     answer_all(files, [instruction], run, cache=cache, include=include or (), exclude=exclude or (), past=past)
 
 
-__all__ = ["answer_all", "ask", "refuse_questions_as_documents", "split_arguments", "summarize"]
+__all__ = ["answer_all", "answer_line", "ask", "refuse_questions_as_documents", "split_arguments", "summarize"]

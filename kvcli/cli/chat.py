@@ -13,19 +13,16 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from ..errors import InputError, KvcliError
-from .ask import ExcludeOpt, IncludeOpt, refuse_questions_as_documents
+from .ask import ExcludeOpt, IncludeOpt, answer_line, refuse_questions_as_documents
 from .options import COMPRESSION, GENERATION, MODEL, OUTPUT, RunOptions, shared
 from .output import Screen, print_json, say, user_errors
-from .read import SAVED_WINDOW, check_target, save_full_prefix
+from .read import check_target, save_full_prefix
 from .session import load_saved, prepare, saved_read_once, start, stdin_is_piped, warn_prompt
 
 if TYPE_CHECKING:  # torch, imported only when a command runs
     from ..methods import Budget
 
 PROMPT = "kvcli> "
-# The questions are not known when the documents are read: documents cut to fit the context
-# leave room after them for a question of about this many words, and its answer.
-QUESTION_ROOM = " ".join(["word"] * 64)
 
 COMMANDS = """\
 A line starting with / is a command; any other line is a question about the documents.
@@ -39,18 +36,14 @@ A line starting with / is a command; any other line is a question about the docu
 
 
 class Chat:
-    """One session: the documents' full prefix (a `reading.ReadOnce`), the method and budget now
-    chosen, and the report of the last answer. Every question is independent of the others.
+    """One session: how the documents are read (a `reading.policy.Mode`: their full prefix read
+    once, or past the model's positions read again for every question, in chunks with re-indexed
+    positions, as `kvcli ask` does), the method and budget now chosen, and the report of the last
+    answer. Every question is independent of the others."""
 
-    Documents longer than the model's positions have no full prefix: `past` (a
-    `reading.QueryAware`) then reads them again for every question, in chunks with re-indexed
-    positions, as `kvcli ask` does past the context."""
-
-    def __init__(self, reader, once, method, options, run: RunOptions, screen: Screen, doc, text: str | None, source: str,
-                 past=None) -> None:
+    def __init__(self, reader, mode, method, options, run: RunOptions, screen: Screen, doc, text: str | None, source: str) -> None:
         self.reader = reader
-        self.once = once
-        self.past = past
+        self.mode = mode
         self.method = method
         self.options = options  # as checked at the start; the budget changes through /ratio and /budget
         self.budget: Budget = options.budget
@@ -91,14 +84,13 @@ class Chat:
         from ..prompt import check_question
         from ..reading import add_answer, answer, run_stats
 
+        from .ask import _bar
+
         check_question(question)
         began = time.perf_counter()
-        if self.past is not None:
-            self.past.check(question, self.method, self.budget)
-            with self.screen.layers(self.reader.num_layers, "reading") as on_layer:
-                reading = self.past.read(question, self.method, self.budget, on_layer=on_layer)
-        else:
-            reading = self.once.read(question, self.method, self.budget)
+        self.mode.check(question, self.method, self.budget)
+        with _bar(self.screen, self.mode.bar, self.reader.num_layers) as progress:
+            reading = self.mode.read(question, self.method, self.budget, **progress)
         stats = run_stats(self.reader, reading)
         try:
             result = answer(self.reader, reading, self.options, on_text=self.screen.stream(), started=began)
@@ -109,7 +101,7 @@ class Chat:
         if self.screen.json:  # one object per answer, as `kvcli ask --json` prints (scripts drive chat this way)
             print_json({"question": question, "answer": result.text, "stats": stats.to_dict()})
         elif not self.screen.quiet:
-            say(summary(stats, self.method, self.budget))
+            say(answer_line(stats, self.method, self.budget))
 
     def command(self, line: str) -> bool:
         name, _, arg = line.partition(" ")
@@ -167,7 +159,7 @@ class Chat:
     def fit(self, method) -> None:
         """Make sure the prefix holds what `method` scores by (its window, all-query scores):
         read the documents again if not, or refuse where there are only a .kvc's."""
-        if self.past is not None:
+        if self.once is None:
             if not method.compresses:
                 raise InputError(f"the documents are longer than the {self.reader.context_limit(self.options):,} positions the model reads, "
                                  "and method full keeps every token: choose a compressing method")
@@ -175,8 +167,14 @@ class Chat:
         if method.compresses and not self.once.can_answer(method):
             self._read_again(method)
 
+    @property
+    def once(self):
+        """The documents' full prefix (a `reading.ReadOnce`), or None past the model's positions."""
+        return getattr(self.mode, "once", None)
+
     def _read_again(self, method) -> None:
         from ..reading import ReadOnce
+        from ..reading.policy import QUESTION_ROOM, Once
 
         once = self.once
         needs, fixes = [], []
@@ -194,7 +192,7 @@ class Chat:
                          accumulated=once.accumulated or method.needs_accumulated, longest_question=QUESTION_ROOM)
         with self.screen.layers(self.reader.num_layers, "reading again") as on_layer:
             again.read_prefix(on_layer)
-        self.once = again  # only now: a cancelled read leaves the session as it was
+        self.mode = Once(again)  # only now: a cancelled read leaves the session as it was
 
     def show_stats(self, _: str) -> None:
         if self.last is None:
@@ -204,25 +202,12 @@ class Chat:
     def save(self, arg: str) -> None:
         if not arg:
             raise InputError("give the file: /save FILE.kvc")
-        if self.past is not None:
+        if self.once is None:
             raise InputError("the documents are longer than the model's positions, so there is no full cache to save; "
                              "`kvcli compress FILES -o FILE.kvc` saves a compressed one")
         target = check_target(str(Path(arg).expanduser()), "/save")
         written = save_full_prefix(target, self.reader, self.once, self.doc, self.options.system)
         say(f"saved {target} ({written / 2**20:.1f} MiB, the full cache); later: kvcli chat --cache {target}")
-
-
-def summary(stats, method, budget: Budget) -> str:
-    """The line after each answer: the share of the KV cache kept, decode speed, why it stopped."""
-    kept = 100 * stats.kv_bytes_kept / stats.kv_bytes_full if stats.kv_bytes_full else 100.0
-    line = f"({method.name}, {budget.label}) " if method.compresses else f"({method.name}) "
-    line += f"kept {kept:.1f}% of the KV cache ({stats.kv_bytes_kept / 2**20:.1f} of {stats.kv_bytes_full / 2**20:.1f} MiB)"
-    if not stats.compressed:
-        line += f", not compressed: {stats.note}"
-    if stats.decode_tokens_per_s:
-        line += f", {stats.decode_tokens_per_s:.1f} tokens/s"
-    stopped = "--max-new-tokens" if stats.stopped == "max_new_tokens" else "the end of sequence"
-    return line + f", {stats.decode_tokens} tokens, stopped at {stopped}"
 
 
 def _method_label(method) -> str:
@@ -302,7 +287,7 @@ def chat(
     Examples: kvcli chat report.pdf --ratio 0.05; kvcli chat --cache report.kvc;
     printf 'Q1\\nQ2\\n' | kvcli chat notes.txt
     """
-    from ..reading import QueryAware, ReadOnce
+    from ..reading.policy import QUESTION_ROOM, choose
 
     files = list(files or [])
     refuse_questions_as_documents(files, "chat asks its questions at the kvcli> prompt (or one a line on piped stdin); give only the documents")
@@ -316,30 +301,25 @@ def chat(
         raise InputError("chat reads the documents once in full and compresses each question from that read; leave out --chunk-size")
     started = start(run, None if cache else files, include or (), exclude or ())
     screen, method, options, doc, reader = started.screen, started.method, started.options, started.doc, started.reader
-    past = None
+    saved = None
     if cache:
-        once, doc = _saved_full(reader, cache, options, method, screen)
-    elif options.fit == "reindex" and (mode := QueryAware(reader, doc.text, options)).past_window(QUESTION_ROOM):
-        # past the context there is no one full prefix to read once: each question reads the documents again
-        past, once = mode, None
+        saved, doc = _saved_full(reader, cache, options, method, screen)
+    mode = choose(reader, None if cache else doc.text, options, method, None, saved=saved)
+    if (prompt := mode.prompt(QUESTION_ROOM)) is not None:
         mode.check(QUESTION_ROOM, method)
-        warn_prompt(reader, options, mode.prompt(QUESTION_ROOM), screen, method)
-    else:
-        # at least the window `kvcli read` keeps, so that a file from /save serves what one from `kvcli read` does
-        once = ReadOnce(reader, doc.text, options, window_size=max(SAVED_WINDOW, method.window_size),
-                        accumulated=method.needs_accumulated, longest_question=QUESTION_ROOM)
-        warn_prompt(reader, options, once.layout(), screen)
+        warn_prompt(reader, options, prompt, screen, method)
+    if mode.preparing:
         with screen.layers(reader.num_layers, "reading") as on_layer:
-            once.read_prefix(on_layer)
+            mode.prepare(on_layer)
     interactive = not stdin_is_piped()
-    session = Chat(reader, once, method, options, run, screen, doc, None if cache else doc.text, cache or " ".join(files), past)
+    session = Chat(reader, mode, method, options, run, screen, doc, None if cache else doc.text, cache or " ".join(files))
     session.fit(method)  # a .kvc may lack what --method scores by
-    if interactive and past is not None:
-        tokens = len(past.prompt(QUESTION_ROOM))
+    if interactive and session.once is None:
+        tokens = len(mode.prompt(QUESTION_ROOM))
         screen.note(f"the documents are {tokens:,} tokens, past the {reader.context_limit(options):,} positions the model reads: "
                     "each question reads them again in chunks; ask a question, /help lists the commands, Ctrl-D leaves")
     elif interactive:
-        prefix = once.read_prefix().state
+        prefix = session.once.read_prefix().state
         read = f"read {prefix.prompt_len} tokens in {prefix.seconds:.1f}s" if not cache else f"loaded {cache} ({prefix.prompt_len} tokens)"
         screen.note(f"{read}; ask a question, /help lists the commands, Ctrl-D leaves")
     for line in typed_lines() if interactive else piped_lines():

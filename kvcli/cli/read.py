@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,9 +15,6 @@ from .ask import ExcludeOpt, IncludeOpt
 from .options import MODEL, OUTPUT, RunOptions, shared
 from .output import err, print_json, user_errors
 from .session import start, warn_prompt
-
-SAVED_WINDOW = 64  # the widest --window a question about a saved full prefix may use
-
 
 def check_target(output: str, flag: str = "--output") -> Path:
     """The .kvc path to write, checked before anything slow (it can be written there); `flag`
@@ -76,14 +74,15 @@ def read(
     Example: kvcli read report.pdf -o report.kvc --save-dtype bfloat16
     """
     from ..reading import ReadOnce
+    from ..reading.once import PREFIX_WINDOW
     from ..store import storage_dtype
 
     target = check_target(output)
     storage_dtype(save_dtype)
-    run.max_context, run.system, run.method = max_context, system, "full"
+    run = dataclasses.replace(run, max_context=max_context, system=system, method="full")  # the caller's RunOptions stay as given
     started = start(run, files, include or (), exclude or ())
     screen, options, doc, reader = started.screen, started.options, started.doc, started.reader
-    once = ReadOnce(reader, doc.text, options, window_size=SAVED_WINDOW, accumulated=all_query_scores)
+    once = ReadOnce(reader, doc.text, options, window_size=PREFIX_WINDOW, accumulated=all_query_scores)
     warn_prompt(reader, options, once.layout(), screen)
     with screen.layers(reader.num_layers, "reading") as on_layer:
         prefix = once.read_prefix(on_layer)

@@ -30,17 +30,20 @@ def read_documents(paths: list[str], screen: Screen, include=(), exclude=()):
 
 def load(run: RunOptions, screen: Screen):
     """The model as a `reading.Reader`; the reported peak memory starts after the load."""
-    from .. import threads
+    import torch
+
     from ..models import load_model
     from ..reading import Reader
     from ..stats import reset_peak_memory
+    from ..threads import plan_threads
 
     quiet_transformers()
-    threads.use(threads.plan_threads(run.threads))  # --threads, for this command (`options.shared` scopes it)
+    plan = plan_threads(run.threads)  # --threads: the reader prefills and decodes on it
+    torch.set_num_threads(plan.prefill)  # the load and anything outside a read, for this command (`options.shared` scopes it)
     with screen.status("loading model") as update:
         lm = load_model(run.model, device=run.device, dtype=run.dtype, trust_remote_code=run.trust_remote_code, progress=update,
                         device_map=run.device_map)
-    reader = Reader(lm)
+    reader = Reader(lm, threads=plan)
     reset_peak_memory(lm.device)
     return reader
 

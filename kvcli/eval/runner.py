@@ -21,6 +21,7 @@ from ..errors import BudgetError, InputError, KvcliError
 from ..generate import Sampling
 from ..methods import Budget, Method
 from ..reading import Options, QueryAware, Reused, answer
+from ..reading.policy import one_capture_serves
 from .data import Row, check_template, prompt_parts, row_hash
 from .log import append_record, check_row, log_header, resume_log
 from .metrics import get_metric
@@ -267,9 +268,9 @@ class _RowReader:
         mode = self._mode(ref)
         budget = Budget(setting.ratio, setting.budget, self.config.min_keep)
         try:
-            if setting.mode == "chunked" or (ref == "query" and mode.past_window(self.question)):
-                # chunked reads, and reads past the model's positions (one full capture cannot hold
-                # such a prompt), pay a prefill per setting, as `kvcli ask` does
+            if ref == "query" and not one_capture_serves(mode, self.question, method, budget, setting.chunk_size):
+                # reads in chunks (asked, or chosen by the method) and past the model's positions (one full
+                # capture cannot hold such a prompt) pay a prefill per setting, as `kvcli ask` does
                 reading = mode.read(self.question, method, budget, chunk_size=setting.chunk_size)
                 if reading.state.compressed:
                     self.timing["capture_s"] += reading.state.seconds

@@ -10,6 +10,9 @@
   or loaded from a `.kvc` file, that each question follows.
 - `sections.py`: summaries past the context by sections (map-reduce): each section that fits
   the context summarized on its own, then the summaries (`summarize --past sections`).
+- `policy.py`: the one decision of which of these a command uses (`choose`), and the one
+  interface every mode answers (`Mode`: prepare, check, read), for ask, summarize, chat, batch
+  and eval alike (`one_capture_serves`); a new mode is its file and one rule there.
 - `answer.py`: decoding a `Reading` into text (streamed through a callback), and its `RunStats`.
 
 Each mode reads live (what `ask` runs) and, where one prefill can serve many settings, by

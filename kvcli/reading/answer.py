@@ -39,15 +39,16 @@ def answer(reader: Reader, reading: Reading, options: Options, on_text: Callable
     tokens: list[int] = []
     shown = ""
     first_at = None
-    for token in decode(reader.model, reading.state, options.max_new_tokens, reader.eos_ids, options.sampling):
-        if first_at is None:
-            first_at = time.perf_counter()
-        tokens.append(token)
-        if on_text is not None:
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                on_text(text[len(shown):])
-                shown = text
+    with reader.decoding():  # --threads: fewer threads for decoding's small operations
+        for token in decode(reader.model, reading.state, options.max_new_tokens, reader.eos_ids, options.sampling):
+            if first_at is None:
+                first_at = time.perf_counter()
+            tokens.append(token)
+            if on_text is not None:
+                text = tokenizer.decode(tokens, skip_special_tokens=True)
+                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    on_text(text[len(shown):])
+                    shown = text
     finished = time.perf_counter()
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     if on_text is not None and text[len(shown):]:

@@ -20,6 +20,11 @@ from ..prompt import Prompt, question_suffix
 from .reader import Options, Reader, Reading
 
 
+# The widest observation window a question after a prefix read once may use: the same for every
+# command, so that a prefix chat saves (/save) serves what one `kvcli read` saves does.
+PREFIX_WINDOW = 64
+
+
 class ReadOnce:
     """Holds one document's full prefix and answers each question from a compressed fork of it."""
 
@@ -61,7 +66,8 @@ class ReadOnce:
         if self.prefix is None:
             prompt = self.layout()
             ids = prompt.ids[:, : prompt.prefix_len].to(self.reader.device)
-            self.prefix = read_prefix(self.reader.model, ids, self.window_size, self.accumulated, on_layer)
+            with self.reader.prefilling():
+                self.prefix = read_prefix(self.reader.model, ids, self.window_size, self.accumulated, on_layer)
             self.tail_ids = ids[0, -self.window_size :].tolist()
         return self.prefix
 
@@ -93,7 +99,8 @@ class ReadOnce:
                 + ("" if not method.needs_accumulated else " (kvcli read --all-query-scores)")
             )
         compression, note = self.reader.compression(method, budget or self.options.budget, n + suffix.shape[1])
-        state = ask_after(self.reader.model, prefix, suffix.to(self.reader.device), compression, on_layer)
+        with self.reader.prefilling():
+            state = ask_after(self.reader.model, prefix, suffix.to(self.reader.device), compression, on_layer)
         tail = (self.tail_ids + suffix[0].tolist())[-method.window_size :]
         window = self.reader.tokenizer.decode(tail) if state.compressed else ""
         made = {"tokens": n, "kv_bytes": prefix.state.cache.nbytes(), "seconds": 0.0 if self.charged else prefix.state.seconds, "question_s": state.seconds}

@@ -89,7 +89,8 @@ class Prefix:
         made = 0.0 if self.charged else self.state.seconds
         self.charged = True
         suffix = question_suffix(reader.tokenizer, question, REUSE_INSTRUCTION, options.system)
-        state = extend(reader.model, self.state, suffix.to(reader.device), seconds=made)
+        with reader.prefilling():
+            state = extend(reader.model, self.state, suffix.to(reader.device), seconds=made)
         return Reading(state, self.method, self.mode, self.note, self.window, self.prompt, self._dropped, charged_s=made)
 
 
@@ -135,7 +136,8 @@ class Reused:
             repeated = self.repeat(on_layer)
             return self._prefix(repeated.derive(compression, copy=False), method, note, repeated)
         probe = self.prompt.ids[:, self.prompt.doc_end : self.prompt.prefix_len] if chunk_size and compression is not None else None
-        state = prefill(self.reader.model, self.ids, compression, chunk_size=chunk_size, probe_ids=probe, on_layer=on_layer)
+        with self.reader.prefilling():
+            state = prefill(self.reader.model, self.ids, compression, chunk_size=chunk_size, probe_ids=probe, on_layer=on_layer)
         return self._prefix(state, method, note)
 
     def _read_past(self, method: Method, budget: Budget, chunk_size: int | None, on_layer) -> Prefix:
@@ -146,8 +148,9 @@ class Reused:
         n = self.prompt.prefix_len
         probe = self.prompt.ids[:, self.prompt.doc_end : n].to(reader.device)  # the generic instruction
         compression, note, chunk, layout = reader.plan_past(self.options, method, budget, n, QUESTION_ROOM + probe.shape[1], chunk_size)
-        state = prefill(reader.model, self.ids, compression, chunk_size=chunk, probe_ids=probe, on_layer=on_layer,
-                        reindex=Reindexer(layout), tail=probe.shape[1])
+        with reader.prefilling():
+            state = prefill(reader.model, self.ids, compression, chunk_size=chunk, probe_ids=probe, on_layer=on_layer,
+                            reindex=Reindexer(layout), tail=probe.shape[1])
         if self.scorer == "repeat":
             note = (note + "; " if note else "") + "scored by the instruction: the repeat scorer needs the whole document within the model's positions"
         prefix = self._prefix(state, compression.method if compression else method, note)
@@ -155,7 +158,8 @@ class Reused:
         return prefix
 
     def capture(self, window_size: int, accumulated: bool = False, on_layer=None) -> Capture:
-        return capture(self.reader.model, self.ids, window_size, accumulated, on_layer)
+        with self.reader.prefilling():
+            return capture(self.reader.model, self.ids, window_size, accumulated, on_layer)
 
     def repeat(self, on_layer=None) -> Repeated:
         """The prefix read full and scored by the model repeating the document after it; any
@@ -175,7 +179,8 @@ class Reused:
         # Chunks stay within the model's positions where the prefix leaves room (64: the request).
         room = self.reader.max_positions - self.prompt.prefix_len - 64
         chunk_size = max(256, min(REPEAT_CHUNK_SIZE, room))
-        return repeat_prefix(self.reader.model, self.ids, target.to(self.reader.device), prompt_for, chunk_size, on_layer)
+        with self.reader.prefilling():
+            return repeat_prefix(self.reader.model, self.ids, target.to(self.reader.device), prompt_for, chunk_size, on_layer)
 
     def derive(self, captured: Capture | Repeated, method: Method, budget: Budget | None = None) -> Prefix:
         """The prefix `method` keeps from a capture (the instruction scorer) or a repeat (`repeat`)."""

@@ -53,16 +53,31 @@ class QueryAware:
         if self._past(prompt):
             return self._read_past(prompt, method, budget or self.options.budget, chunk_size, on_layer)
         compression, note = reader.compression(method, budget or self.options.budget, len(prompt))
+        chunk_size = self._chunks(prompt, compression, chunk_size)
+        probe = prompt.ids[:, prompt.prefix_len :] if chunk_size and compression is not None else None
+        with reader.prefilling():
+            state = prefill(
+                reader.model, prompt.ids.to(reader.device), compression,
+                chunk_size=chunk_size, probe_ids=probe, on_layer=on_layer,
+            )
+        mode = "chunked" if len(state.chunks) > 1 else "query"
+        return self._reading(prompt, state, method, mode, note)
+
+    def live_chunks(self, question: str, method: Method, budget: Budget | None = None, chunk_size: int | None = None) -> int | None:
+        """The chunk size `read` reads the prompt for `question` in (None: one pass); past the
+        context, the positions themselves (a read in chunks whatever is asked)."""
+        prompt = self.prompt(question)
+        if self._past(prompt):
+            return self.reader.context_limit(self.options)
+        compression, _ = self.reader.compression(method, budget or self.options.budget, len(prompt))
+        chunk = self._chunks(prompt, compression, chunk_size)
+        return chunk if chunk and compression is not None and chunk < len(prompt) else None  # else one pass (`chunk_bounds`)
+
+    def _chunks(self, prompt: Prompt, compression, chunk_size: int | None) -> int | None:
         chunk_size = chunk_size if chunk_size is not None else self.options.chunk_size
         if chunk_size is None and compression is not None:  # a long prompt in chunks where the method needs them for its peak (evidencekv)
             chunk_size = compression.method.prefill_chunk(compression.plan, compression.profile, len(prompt) - prompt.prefix_len)
-        probe = prompt.ids[:, prompt.prefix_len :] if chunk_size and compression is not None else None
-        state = prefill(
-            reader.model, prompt.ids.to(reader.device), compression,
-            chunk_size=chunk_size, probe_ids=probe, on_layer=on_layer,
-        )
-        mode = "chunked" if len(state.chunks) > 1 else "query"
-        return self._reading(prompt, state, method, mode, note)
+        return chunk_size
 
     def check(self, question: str, method: Method, budget: Budget | None = None) -> None:
         """Refuse, before any reading, what cannot be read: past the context, a method that keeps
@@ -78,17 +93,19 @@ class QueryAware:
         question = prompt.ids[:, prompt.prefix_len :]
         compression, note, chunk, layout = reader.plan_past(self.options, method, budget, len(prompt), question.shape[1], chunk_size)
         n, limit = len(prompt), reader.context_limit(self.options)
-        state = prefill(
-            reader.model, prompt.ids.to(reader.device), compression, chunk_size=chunk,
-            probe_ids=question.to(reader.device), on_layer=on_layer, reindex=Reindexer(layout), tail=question.shape[1],
-        )
+        with reader.prefilling():
+            state = prefill(
+                reader.model, prompt.ids.to(reader.device), compression, chunk_size=chunk,
+                probe_ids=question.to(reader.device), on_layer=on_layer, reindex=Reindexer(layout), tail=question.shape[1],
+            )
         reading = self._reading(prompt, state, compression.method if compression else method, "reindexed", note)
         reading.past = {"prompt_tokens": n, "positions": limit, "chunks": len(state.chunks), "chunk_size": chunk}
         return reading
 
     def capture(self, question: str, window_size: int, accumulated: bool = False, on_layer=None) -> Capture:
         """One full prefill from which any method's query-aware cache is derived (eval, --compare)."""
-        return capture(self.reader.model, self.prompt(question).ids.to(self.reader.device), window_size, accumulated, on_layer)
+        with self.reader.prefilling():
+            return capture(self.reader.model, self.prompt(question).ids.to(self.reader.device), window_size, accumulated, on_layer)
 
     def derive(self, captured: Capture, question: str, method: Method, budget: Budget | None = None) -> Reading:
         """The cache a live `read` would keep, replayed from `captured` (the same cache, tested)."""

@@ -9,6 +9,7 @@ from ..errors import InputError
 from ..generate import Prefill, Sampling, prepare_model
 from ..methods import Budget, Compression, Method
 from ..prompt import Prompt
+from ..threads import decoding, prefilling
 from .layout import DEFAULT_PAST_CHUNK, Layout
 
 __all__ = ["DEFAULT_PAST_CHUNK", "Options", "Reader", "Reading"]
@@ -68,13 +69,22 @@ class Reader(Layout):
     which `kvcli plan` uses without the weights.
     """
 
-    def __init__(self, lm) -> None:
+    def __init__(self, lm, threads=None) -> None:
         super().__init__(lm.model.config, lm.tokenizer)
         self.lm = lm
         self.model = lm.model
+        self.threads = threads  # a `threads.ThreadPlan` (--threads), or None: torch's threads as they are
         self._profile = None
         # every forward goes through kvcli's per-layer attention; the probe's layout replaces the config's guess
         self.attention = prepare_model(self.model)
+
+    def prefilling(self):
+        """The block every prefill runs in: on the thread plan's prefill threads (`threads.prefilling`)."""
+        return prefilling(self.threads)
+
+    def decoding(self):
+        """The block decoding runs in: on the thread plan's decode threads (`threads.decoding`)."""
+        return decoding(self.threads)
 
     @property
     def device(self):
@@ -107,7 +117,8 @@ class Reader(Layout):
         if self._profile is None:
             from ..profile import load_or_compute_profile
 
-            self._profile = load_or_compute_profile(self.lm, progress=progress)
+            with self.prefilling():
+                self._profile = load_or_compute_profile(self.lm, progress=progress)
         return self._profile
 
     def compression(self, method: Method, budget: Budget, prompt_len: int) -> tuple[Compression | None, str]:

@@ -3,9 +3,10 @@ split into sections that each fit the model's positions, each section is summari
 (read query-aware with the run's method, keeping as many tokens per layer as one compressed read
 of the whole document would), and the section summaries, joined, are
 summarized by the instruction asked. When the joined summaries are still too long, they are
-summarized in groups again, until they fit. The joined summaries are already the compressed
-document: they are read whole (a full cache of at most `WHOLE_TOKENS`), not compressed again at
-the run's ratio (which kept 25 of 250 summary tokens at ratio 0.1); longer ones use the run's method.
+summarized in groups again, for at most `MAX_ROUNDS` rounds, each of which must shorten them; else
+the read stops with what to raise. The joined summaries are already the compressed document, and
+fit the context by construction: they are read whole (the full cache), not compressed again at
+the run's ratio (which kept 25 of 250 summary tokens at ratio 0.1).
 
 The other way past the context is one compressed reading (`query.QueryAware` re-indexed, the
 instruction probing every chunk); docs/results.md measures both.
@@ -26,7 +27,7 @@ from .reader import Options, Reader, Reading
 
 PART_INSTRUCTION = "Summarize the document above, a part of a longer document, in a few sentences: its main points, names and numbers."
 PART_TOKENS = 200  # the longest summary of one section
-WHOLE_TOKENS = 4096  # joined summaries up to this long are read with the full cache
+MAX_ROUNDS = 4  # rounds of section summaries: each shortens the text by about a section's length over a summary's
 _BREAKS = re.compile(r"(?<=\n)\s*\n|(?<=[.!?])\s+")  # paragraph ends, then sentence ends
 
 
@@ -109,6 +110,7 @@ class Sections:
         if size < 64:
             raise InputError(f"--max-context {self.reader.context_limit(self.options)} leaves no room for a section and its summary; raise it")
         prompt_tokens = None  # the whole document's prompt, for the report: made by the first round's check
+        shortest = None  # the shortest text read so far (tokens): every round must make it shorter
         while True:
             whole = QueryAware(self.reader, text, self.options)
             if not whole.past_window(instruction):
@@ -116,6 +118,13 @@ class Sections:
             if prompt_tokens is None:
                 prompt_tokens = len(whole.prompt(instruction))
                 part_options = self._part_options(method, prompt_tokens)
+            if rounds == MAX_ROUNDS or (shortest is not None and len(whole.prompt(instruction)) >= shortest):
+                limit = self.reader.context_limit(self.options)
+                raise InputError(
+                    f"after {rounds} rounds of section summaries, the joined summaries ({len(whole.prompt(instruction)):,} tokens with "
+                    f"the instruction) do not fit the {limit:,} positions read with room for the answer: raise --max-context, "
+                    f"lower --max-new-tokens (a section's summary may take {part_options.max_new_tokens}), or pass --past compressed")
+            shortest = len(whole.prompt(instruction))
             parts = split_sections(self.reader.tokenizer, text, size)
             sections = sections or len(parts)
             summaries = []
@@ -129,9 +138,7 @@ class Sections:
             rounds += 1
             text = "\n\n".join(f"Part {i + 1} of {len(parts)}: {s}" for i, s in enumerate(summaries))
         mapped_s = time.perf_counter() - began
-        reduce = method
-        if rounds and len(whole.prompt(instruction)) <= WHOLE_TOKENS:
-            reduce = Full()
+        reduce = Full() if rounds else method  # the summaries fit the context: read them whole
         reading = whole.read(instruction, reduce, on_layer=on_layer)
         if rounds:
             kept = part_options.budget.label
