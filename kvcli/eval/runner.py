@@ -275,7 +275,8 @@ class _RowReader:
                 if reading.state.compressed:
                     self.timing["capture_s"] += reading.state.seconds
             else:
-                captured = self._capture(setting.mode, mode)
+                # a chunked setting whose chunks hold the whole prompt reads in one pass: the query capture serves it
+                captured = self._capture(ref if ref == "query" else setting.mode, mode)
                 started = time.perf_counter()
                 if ref == "query":
                     reading = mode.derive(captured, self.question, method, budget)
