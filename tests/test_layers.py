@@ -34,6 +34,7 @@ LAYERS = {
     "atomic": "store",
     "speed": "store",
     "errors": "base",
+    "defaults": "base",
     "__init__": "base",
     "__main__": "face",
 }
