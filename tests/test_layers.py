@@ -31,7 +31,7 @@ LAYERS = {
     "inspect": "reports",
     "plot": "reports",
     "store": "store",
-    "atomic": "store",
+    "atomic": "base",
     "speed": "store",
     "errors": "base",
     "defaults": "base",
