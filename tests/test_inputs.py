@@ -100,6 +100,11 @@ def test_forgotten_question_with_empty_stdin_says_the_question_is_missing(tiny, 
     assert "stdin is empty" not in line
 
 
+def test_summarize_with_empty_stdin_shows_its_own_form(tiny, home):
+    """`kvcli summarize < /dev/null` names `kvcli summarize FILE`, not only ask's question form."""
+    one_line_error(run("summarize", "-m", tiny, input=""), "stdin is empty", "kvcli summarize FILE")
+
+
 @pytest.mark.parametrize("command, says", [("summarize", "--focus"), ("chat", "kvcli> prompt")])
 def test_question_typed_where_documents_go_is_refused(command, says, doc):
     """`summarize doc "focus on costs"` and `chat doc "Who?"` say the command takes no question, not that a file is missing."""

@@ -22,7 +22,8 @@ def read_documents(paths: list[str], screen: Screen, include=(), exclude=()):
             doc = read(paths, progress=lambda done, total: update(done, total), include=include, exclude=exclude)
     except InputError as exc:
         if paths == ["-"] and str(exc).startswith("stdin is empty"):
-            raise InputError('no documents given and stdin is empty; pass files, then the question in quotes: kvcli ask FILE "question"') from None
+            # `start` serves every command: name both forms (summarize takes no question)
+            raise InputError('no documents given and stdin is empty; pass files or folders, or pipe text in: kvcli ask FILE "question", kvcli summarize FILE') from None
         raise
     screen.warn(*doc.warnings)
     return doc
