@@ -233,6 +233,20 @@ def test_utf8_names_no_encoding(tmp_path):
     assert doc.text == "Zürich" and doc.warnings == () and doc.encodings == {}
 
 
+@pytest.mark.parametrize("raw", [
+    "Le café est très apprécié à Genève, où l'été est doux.".encode("utf-8")[:-2] + "é".encode("utf-8")[:1],  # cut mid-character
+    "Die Größe der Stadt München ist schön.".encode("utf-8").replace(b"Stadt", b"St\xe4dt"),  # one stray Latin-1 byte
+    b"\xef\xbb\xbf" + "café déjà vu".encode("utf-8") + b"\xff",  # a BOM, then one bad byte
+])
+def test_damaged_utf8_keeps_its_accents(raw, tmp_path):
+    """UTF-8 with a few bad bytes keeps every well-formed accented letter (only the bad bytes become U+FFFD), not one code page's mojibake."""
+    path = tmp_path / "cut.txt"
+    path.write_bytes(raw)
+    doc = read_documents([str(path)])
+    assert doc.text == raw.decode("utf-8-sig", errors="replace")
+    assert doc.encodings == {} and "not valid UTF-8" in doc.warnings[0]
+
+
 @settings(max_examples=60, deadline=None, derandomize=True)
 @given(st.lists(st.sampled_from(WESTERN_WORDS + PLAIN_WORDS), min_size=1, max_size=30).filter(lambda words: not " ".join(words).isascii()))
 def test_western_text_in_cp1252_reads_back_exactly(words):

@@ -21,6 +21,19 @@ WESTERN = "cp1252"
 WIDE = ["utf_16", "utf_16_be", "utf_16_le", "utf_32", "utf_32_be", "utf_32_le", "utf_7"]
 
 
+def damaged_utf8(raw: bytes) -> bool:
+    """Whether bytes that fail to decode are UTF-8 with a few bad bytes (a download cut mid-character,
+    one stray Latin-1 byte, a BOM) rather than text in another encoding: detecting a code page for
+    such a file would turn every accented letter into mojibake, where replacing the bad bytes
+    loses one character each. Text in a legacy code page almost never forms UTF-8 sequences."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        return True
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd")
+    well_formed = sum(1 for ch in text if ord(ch) > 127) - bad
+    return well_formed > bad
+
+
 def detect(raw: bytes) -> tuple[str, str] | None:
     """(text, encoding) for bytes that are not UTF-8, or None when no encoding reads them cleanly."""
     from charset_normalizer import from_bytes

@@ -10,7 +10,7 @@ from typing import TextIO
 
 from ..errors import InputError
 from .document import Part
-from .encoding import detect
+from .encoding import damaged_utf8, detect
 from .log import Log
 from .pdf import read_pdf
 
@@ -176,7 +176,7 @@ def _decode(raw: bytes, name: str, log: Log) -> tuple[str, str | None]:
         return raw.decode("utf-8-sig"), None
     except UnicodeDecodeError:
         pass
-    found = detect(raw)
+    found = None if damaged_utf8(raw) else detect(raw)
     if found is not None:
         text, encoding = found
         log.warnings.append(
