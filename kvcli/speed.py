@@ -48,6 +48,7 @@ def record_read(home: Path, model: str, device: str, dtype: str, tokens: int, se
     if tokens < MIN_TOKENS or seconds <= 0:
         return
     from .atomic import write_atomic
+    from .errors import OutputError
 
     path = speed_file(home)
     data = _load(path)
@@ -58,7 +59,7 @@ def record_read(home: Path, model: str, device: str, dtype: str, tokens: int, se
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(data))
-    except OSError as exc:  # a read-only or full home: the read itself went fine
+    except (OSError, OutputError) as exc:  # a read-only or full home (write_atomic says so as an OutputError): the read itself went fine
         log.debug("could not record the read's speed in %s: %s", path, exc)
 
 

@@ -160,6 +160,19 @@ def test_unwritable_or_damaged_home_never_fails_a_read(tmp_path):
     assert measured_speed(tmp_path, "m", "cpu", "float32").reads == 1
 
 
+def test_read_only_home_never_fails_a_read(tmp_path, monkeypatch):
+    """A home that refuses new files (a read-only mount: root ignores permissions, so the OS's EROFS is mocked) records nothing and raises nothing."""
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    record_read(tmp_path, "m", "cpu", "float32", 1000, 1.0)
+    assert not speed_file(tmp_path).exists()
+
+
 def test_clock():
     """Seconds read as a clock: minutes:seconds, hours when there are any."""
     assert [clock(s) for s in (0.4, 45, 80, 3723)] == ["0:00", "0:45", "1:20", "1:02:03"]
