@@ -70,7 +70,9 @@ def write_atomic(path: str | Path, data: bytes | str, durable: bool = False) -> 
     path = Path(path)
     raw = data.encode("utf-8") if isinstance(data, str) else data
     with writing(str(path), "check the folder is writable and the disk has room"):
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # a name of its own length, not the target's plus a suffix: a target name near the OS's
+        # limit passes check_output and must not fail here, after the work
+        fd, tmp = tempfile.mkstemp(prefix=".kvcli-", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(raw)

@@ -152,7 +152,7 @@ def _read_header(handle, path: Path) -> tuple[dict, dict, int]:
     try:
         header = json.loads(handle.read(size))
         meta = json.loads(header.pop("__metadata__")["kvcli"])
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # RecursionError: a header nested past the parser's depth
         raise InputError(f"{path} is not a kvcli cache (no kvcli metadata); make one with `kvcli read` or `kvcli compress`") from None
     if not isinstance(meta, dict) or meta.get("format") != _MAGIC:
         raise InputError(f"{path} is not a kvcli cache; make one with `kvcli read` or `kvcli compress`")
@@ -185,7 +185,7 @@ def _read_tensor(handle, path: Path, name: str, entry, data_start: int,
         nbytes = int(stop) - int(start)
         if min(shape, default=0) < 0 or nbytes != math.prod(shape) * dtype.itemsize or int(start) < 0:
             raise ValueError
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: int() of an infinite number in the header
         raise InputError(f"{path} is corrupted (tensor {name} is not one kvcli writes); compress the documents again") from None
     if data_start + int(stop) > os.fstat(handle.fileno()).st_size:  # checked before memory is set aside for it
         raise InputError(f"{path} is truncated (tensor {name} is cut short); compress the documents again")

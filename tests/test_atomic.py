@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from kvcli.atomic import write_atomic
+from kvcli.atomic import check_output, write_atomic
 from kvcli.errors import OutputError
 
 
@@ -33,3 +33,10 @@ def test_write_atomic_leaves_no_temp_file_when_the_rename_fails(tmp_path):
     with pytest.raises(OutputError, match="cannot write"):
         write_atomic(target, b"data", durable=True)  # a non-empty folder cannot be replaced by a file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+
+
+def test_a_name_check_output_accepts_is_written(tmp_path):
+    """A file name near the OS's limit that check_output accepts is also written: the temporary file's name does not grow with it."""
+    target = tmp_path / ("a" * (os.pathconf(tmp_path, "PC_NAME_MAX") - 4) + ".kvc")
+    check_output(target, "--output")
+    assert write_atomic(target, b"cache") == 5 and target.read_bytes() == b"cache"

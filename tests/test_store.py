@@ -218,8 +218,10 @@ def test_a_one_digit_metadata_edit_is_refused(tmp_path, change):
         lambda h: h["layer.0.keys"].update(shape=[1, 2, 4, 5]),  # the same bytes read as another shape
         lambda h: h["layer.1.values"].update(dtype="I32"),  # the same bytes read as another dtype
         lambda h: h.update({"layer.0.keys": h["layer.0.values"], "layer.0.values": h["layer.0.keys"]}),  # names swapped
+        lambda h: h["layer.0.keys"].update(data_offsets=[0, float("inf")]),  # JSON's Infinity: int() overflows
+        lambda h: h["layer.1.values"].update(shape=[1, float("inf"), 4, 5]),
     ],
-    ids=["shape", "dtype", "names"],
+    ids=["shape", "dtype", "names", "infinite_offset", "infinite_shape"],
 )
 def test_an_edited_tensor_header_is_refused(tmp_path, change):
     """A .kvc whose safetensors header reads the same bytes as other shapes, dtypes or tensors is refused as damaged."""
