@@ -335,6 +335,20 @@ def test_non_gguf_bytes_in_a_gguf_file_are_a_model_error(tmp_path, home):
         load_model(str(path))
 
 
+def test_an_unreadable_gguf_is_named_not_the_home(tmp_path, home, monkeypatch):
+    """A .gguf kvcli cannot read is a ModelError naming the file, not a line blaming KVCLI_HOME (root reads any file, so the OS's refusal is mocked)."""
+    path = tmp_path / "locked.gguf"
+    path.write_bytes(b"GGUF" + b"\0" * 64)
+
+    def refused(_path):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(kvcli.models.checkpoints, "_sha256_file", refused)
+    with pytest.raises(ModelError, match="cannot read .*locked.gguf: Permission denied; check that the file is readable") as info:
+        load_model(str(path))
+    assert "KVCLI_HOME" not in str(info.value)
+
+
 # --- tiny random model -----------------------------------------------------------------------
 
 

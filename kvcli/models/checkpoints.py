@@ -118,7 +118,10 @@ def gguf_checkpoint(path: Path, report: Callable[[str], None], dtype: torch.dtyp
 
     def make_gguf(workdir: Path) -> tuple[Path, str]:
         report(f"hashing {path.name} (sha256)")
-        sha256 = _sha256_file(path)
+        try:
+            sha256 = _sha256_file(path)
+        except OSError as exc:  # the user's file, read inside home_writing, which would blame KVCLI_HOME
+            raise ModelError(f"cannot read {path}: {exc.strerror or exc}; check that the file is readable") from None
         # Load through a link in our own folder: transformers would also read any config or
         # tokenizer files that happen to sit next to the user's file.
         link = workdir / path.name
