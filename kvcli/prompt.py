@@ -9,7 +9,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where a prompt is built: checking a question needs none of it
+    import torch
 
 from .errors import InputError, ModelError
 
@@ -107,6 +110,8 @@ def check_question(question: str) -> None:
 def question_suffix(tokenizer, question: str, instruction: str | None = REUSE_INSTRUCTION, system: str | None = None) -> torch.Tensor:
     """Token ids `(1, n)` that ask `question` after a saved or reused document prefix."""
     check_question(question)
+    import torch
+
     _, suffix, _ = _chat_parts(tokenizer, "", question, instruction, system)
     return torch.tensor([_encode(tokenizer, suffix)[0]], dtype=torch.long)
 
@@ -166,6 +171,8 @@ def _layout(tokenizer, document: str, doc_ids: list[int], keep: int, question: s
     prefix, suffix, doc_start = _chat_parts(tokenizer, doc_text, question, instruction, system)
     prefix_ids, prefix_starts = _encode(tokenizer, prefix)
     suffix_ids, suffix_starts = _encode(tokenizer, suffix)
+    import torch
+
     ids = torch.tensor([prefix_ids + suffix_ids], dtype=torch.long)
     starts = prefix_starts + [len(prefix) + s for s in suffix_starts]
     return Prompt(

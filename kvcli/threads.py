@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
-import torch
 
 from .errors import InputError
 
@@ -122,13 +122,17 @@ def decode_threads(cores: int, free: int) -> int:
 @contextlib.contextmanager
 def kept():
     """Put torch's thread count back as it was when the block ends, however it ends (one command's
-    --threads, as tests run many commands in one process)."""
-    count = torch.get_num_threads()
+    --threads, as tests run many commands in one process).
+
+    Only where torch was imported before the block: a command that imports it itself runs in its
+    own process, and an argument error or `--help` must not pay seconds to import it."""
+    before = sys.modules.get("torch")
+    count = before.get_num_threads() if before is not None else None
     try:
         yield
     finally:
-        if torch.get_num_threads() != count:
-            torch.set_num_threads(count)
+        if count is not None and before.get_num_threads() != count:
+            before.set_num_threads(count)
 
 
 def _free_now(plan: ThreadPlan) -> int:
@@ -143,6 +147,8 @@ def _free_now(plan: ThreadPlan) -> int:
 
 @contextlib.contextmanager
 def _running_on(threads: int):
+    import torch  # here, not at the top: `kept` runs for every command, --help and argument errors too
+
     before = torch.get_num_threads()
     if threads != before:
         torch.set_num_threads(threads)

@@ -62,6 +62,10 @@ def probe(*args: str) -> dict:
     (["ask", "--ratio", "half", "doc.txt", "Q?"], 2),  # a bad option value
     (["ask", "--no-such-option"], 2),
     (["no-such-command"], 2),
+    (["ask", "README.md", "nots.txt"], 2),  # kvcli's own argument checks, past Click's: a mistyped file
+    (["ask", "README.md", "   "], 2),  # an empty question
+    (["ask", "-q", "Q?", "--scorer", "repeat", "README.md"], 2),  # --scorer without --reuse
+    (["summarize", "README.md", "what is this about?"], 2),  # a question given to summarize
 ])
 def test_start_up_imports_neither_torch_nor_transformers(args, code):
     """Help, the version, `kvcli methods` and an argument error import neither torch nor transformers."""

@@ -234,11 +234,11 @@ def ask(
     kvcli ask src/ -q "Where is the retry logic?" -q "What are its limits?";
     cat notes.txt | kvcli ask "Who objected?"
     """
-    from ..reading.prefix import pick_scorer
-
     files, questions = split_arguments(list(args or []), question, cache)
     if scorer is not None and not reuse:
         raise InputError("--scorer ranks a question-agnostic cache's tokens; add --reuse or drop --scorer")
+    from ..reading.prefix import pick_scorer  # after the arguments' checks: it imports transformers
+
     scorer = pick_scorer(scorer, run.make_method(), run.chunk_size)
     answer_all(files, questions, run, cache=cache, reuse=reuse, compare=compare, include=include or (), exclude=exclude or (), scorer=scorer)
 
