@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--threads", default="auto", help="as kvcli's --threads (auto: the cores other processes leave free)")
     args = parser.parse_args()
-    threads.use(threads.plan_threads(args.threads))
+    plan = threads.plan_threads(args.threads)  # the Reader prefills and decodes on it, as kvcli does
 
     lengths = [int(n) for n in args.lengths.split(",")]
     floors = [int(f) for f in args.floors.split(",")]
@@ -98,7 +98,7 @@ def main() -> None:
             "| --- | ---: | ---: | " + " | ".join("---:" for _ in names) + " |"]
     began = time.perf_counter()
     for model in args.models.split(","):
-        reader = Reader(load_model(model))
+        reader = Reader(load_model(model), threads=plan)
         for length in lengths:
             tally = {name: [0, 0, 0.0] for name, _ in settings}
             full_right = n = tokens = 0

@@ -270,6 +270,32 @@ def test_a_question_that_cannot_be_read_gets_asks_error_and_the_rest_go_on(tiny,
     assert rows[2]["job"] == "ok" and rows[2]["stats"]["read"] == "reindexed"
 
 
+def test_a_question_too_long_for_the_context_is_an_error_row_and_the_rest_go_on(tiny, home, docs, tmp_path):
+    """A job whose longest question leaves no room in --max-context gets error rows for its questions, and the next job is answered (not a stop)."""
+    long_question = " ".join(["w1"] * 150) + "?"
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [
+        {"id": "long", "documents": str(docs["a"]), "questions": [long_question, "w2?"]},
+        {"id": "ok", "documents": str(docs["a"]), "question": "w1?"},
+    ])
+    out = tmp_path / "answers.jsonl"
+    result = run("batch", jobs, "-o", out, "-m", tiny, "--max-context", "100", "--max-new-tokens", "4")
+    assert result.exit_code == 0, result.stderr
+    rows = rows_of(out)
+    assert [r["job"] for r in rows] == ["long", "long", "ok"]
+    assert "error" in rows[0] and "answer" in rows[2]
+
+
+def test_the_floor_is_part_of_an_answers_settings():
+    """Answers made with another --min-keep are not resumed as this run's: the floor is in the settings their key hashes."""
+    import dataclasses
+
+    from kvcli.batch.jobs import Job
+    from kvcli.methods import make_method
+
+    job = Job("j", 1, ("a.txt",), ("Q?",), make_method("snapkv"), Options(budget=Budget(min_keep=0)))
+    assert job.settings() != dataclasses.replace(job, options=Options(budget=Budget())).settings()
+
+
 def test_describe_error_words_user_errors_and_memory_as_ask_does():
     """describe_error gives a KvcliError's text and ask's out-of-memory line, and None for a bug (which is raised)."""
     from kvcli.cli.batch import describe_error

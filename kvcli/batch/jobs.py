@@ -43,7 +43,7 @@ class Job:
         options, sampling = self.options, self.options.sampling
         return {
             "method": self.method.name, "params": self.method.params(),
-            "ratio": options.budget.ratio, "budget": options.budget.tokens,
+            "ratio": options.budget.ratio, "budget": options.budget.tokens, "min_keep": options.budget.min_keep,
             "chunk_size": options.chunk_size, "max_context": options.max_context, "fit": options.fit,
             "max_new_tokens": options.max_new_tokens, "system": options.system,
             "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed,

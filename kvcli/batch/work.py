@@ -111,7 +111,13 @@ class AnswerJobs:
     def __call__(self, task: JobTask) -> list[dict]:
         from ..reading.policy import choose
 
-        mode = choose(self.reader, task.text, task.options, task.method, task.questions)
+        try:
+            mode = choose(self.reader, task.text, task.options, task.method, task.questions)
+        except Exception as exc:  # a document the job's options cannot read (no room left in the context): error rows, not a stop
+            message = self.describe(exc)
+            if message is None:
+                raise
+            return [{"error": message} for _ in task.questions]
         results = []
         for question in task.questions:
             try:
