@@ -166,3 +166,17 @@ def test_the_batch_command_prints_what_the_pool_reports_as_one_line(tiny, home, 
     assert result.exit_code == 0, result.stderr
     said = [line for line in result.stderr.splitlines() if "lost Ray node" in line]
     assert said == ["kvcli: lost Ray node 10.0.0.7 (66657fe2) with 1 worker on it; the jobs they were running are run again on other workers"]
+
+
+def test_a_retried_job_waits_for_a_worker_off_the_node_where_workers_died():
+    """A job whose worker died goes to an idle worker on a node where none died, waits while only such suspects are free and others work, and takes a suspect only when nothing else runs."""
+    from kvcli.batch.ray_pool import RayPool
+
+    pool = object.__new__(RayPool)  # the slot choice alone: no Ray
+    pool.node_of, pool.suspects, pool.in_flight, pool.starting = {0: "dying", 1: "sound"}, {"dying": (1, 0.0)}, {"ref": ()}, {}
+    pool.idle = [1, 0]
+    assert pool._take_idle(retrying=True) == 1 and pool.idle == [0]
+    assert pool._take_idle(retrying=True) is None and pool.idle == [0]  # another worker is busy: wait for it
+    assert pool._take_idle() == 0  # a new job may still start there
+    pool.idle, pool.in_flight = [0], {}
+    assert pool._take_idle(retrying=True) == 0  # nothing else runs: the suspect it is

@@ -148,6 +148,9 @@ class RayPool:
         while True:
             while self.idle and (retry or not exhausted):
                 if retry:
+                    slot = self._take_idle(retrying=True)
+                    if slot is None:
+                        break
                     tag, task, attempt = retry.popleft()
                 else:
                     try:
@@ -156,7 +159,7 @@ class RayPool:
                         exhausted = True
                         break
                     attempt = 1
-                slot = self.idle.pop()
+                    slot = self._take_idle()
                 self.in_flight[self.actors[slot].run.remote(task)] = (slot, tag, task, attempt)
             if not self.in_flight and not retry and exhausted:
                 return
@@ -191,6 +194,19 @@ class RayPool:
                 continue
             self.idle.append(slot)
             yield tag, Outcome(result, attempts=attempt)
+
+    def _take_idle(self, retrying: bool = False) -> int | None:
+        """An idle slot to run a task on. A job whose worker just died goes to a worker on a node where
+        none died (a suspect node may be dying, not yet marked dead by Ray's health checks, and a second
+        death would give the job up), or waits (None) while only suspects are free and others work."""
+        if retrying:
+            for slot in reversed(self.idle):
+                if self.node_of.get(slot) not in self.suspects:
+                    self.idle.remove(slot)
+                    return slot
+            if self.in_flight or self.starting:
+                return None
+        return self.idle.pop()
 
     def _grow(self) -> None:
         """When the cluster's GPUs grew (a machine joined), a worker for each GPU beyond the pool's
