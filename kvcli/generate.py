@@ -95,6 +95,10 @@ def forward(
     accumulated_before: list[torch.Tensor] | None = None,
     queries_before: list[torch.Tensor] | None = None,
     original_start: int | None = None,
+    *,
+    positions: torch.Tensor | None = None,
+    original: torch.Tensor | None = None,
+    skim=None,
 ) -> torch.Tensor:
     """Feed `input_ids` `(1, q_len)` at positions start.. and return the last position's logits `(vocab,)`.
 
@@ -106,10 +110,12 @@ def forward(
     if cache.windows != windows:
         cache.adopt_windows(windows)  # a saved cache's sliding layers: compressors must know them
     q_len = input_ids.shape[1]
-    positions = torch.arange(start, start + q_len, device=input_ids.device)
-    original = None if original_start is None else torch.arange(original_start, original_start + q_len, device=input_ids.device)
+    if positions is None:
+        positions = torch.arange(start, start + q_len, device=input_ids.device)
+    if original is None and original_start is not None:
+        original = torch.arange(original_start, original_start + q_len, device=input_ids.device)
     step = Step(cache=cache, positions=positions, original=original, compressor=compressor, probe_len=probe_len,
-                on_layer=on_layer, accumulated_before=accumulated_before, queries_before=queries_before)
+                on_layer=on_layer, accumulated_before=accumulated_before, queries_before=queries_before, skim=skim)
     with cache.feeding(step):
         out = model(
             input_ids=input_ids,

@@ -288,11 +288,17 @@ _READS = {
     "sections": "summarized by sections, past the model's positions",
     "reused": "question-agnostic prefix, compressed once and reused for each question",
     "saved": "question-agnostic prefix from a saved cache",
+    "skim": "skimmed (the documents through the first layers, the question's tokens through all)",
 }
 
 
 def _read_line(stats: RunStats) -> str:
     line = _READS.get(stats.read, stats.read)
+    skim = stats.extra.get("skim")
+    if skim:
+        line += (f": {skim['prompt_tokens']:,} tokens through {skim['filter_layers']} of {skim['layers']} layers in {skim['filter_s']:.2f}s"
+                 + (f" ({skim['filter_chunks']} chunks)" if skim["filter_chunks"] > 1 else "")
+                 + f", then {skim['continued_tokens']:,} through all in {skim['read_s']:.2f}s")
     chunks = stats.extra.get("chunks")
     if chunks:
         line += f": {len(chunks)} chunks"

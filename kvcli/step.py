@@ -40,12 +40,17 @@ class Step:
     # Filled in as the pass goes: each layer whose attention went through kvcli's function, and
     # how it attends (attention.LayerAttention). A layer missing here attended on its own.
     attended: dict[int, object] = field(default_factory=dict)
+    # A skim's filter (kvcli.skim.Filter): scores the prompt at its heads' layers and ends the pass
+    # (raising `FilterDone`) after the deepest of them, so the later layers never run.
+    skim: object | None = None
 
     def after_attention(self, layer_idx: int, query: torch.Tensor, attn) -> None:
         """Called by the attention function once layer `layer_idx` has attended over its keys;
         `attn` (attention.LayerAttention) is how it attended."""
         cache = self.cache
         self.attended[layer_idx] = attn
+        if self.skim is not None:  # before the compressor prunes the keys it scores
+            self.skim.observe(cache, layer_idx, query, attn, self.probe_len)
         sliding = attn.sliding_window is not None
         if self.compressor is not None or sliding:
             # The peak is now: this layer holds its full new KV, not yet compressed. Without a
@@ -65,6 +70,12 @@ class Step:
             cache.layers[layer_idx].keep_recent(attn.sliding_window, drop=self.probe_len)
         if self.on_layer is not None:
             self.on_layer(layer_idx)
+        if self.skim is not None and layer_idx >= self.skim.stop_layer:
+            raise FilterDone(layer_idx)
+
+
+class FilterDone(Exception):  # noqa: N818 (not an error: how a skim's filter pass ends early)
+    """Raised after the last layer a skim's filter reads: the rest of the forward pass is skipped."""
 
 
 def step_of(kwargs: dict) -> Step | None:

@@ -21,6 +21,7 @@ LAYERS = {
     "repeat": "engine",
     "rope": "engine",
     "reindex": "engine",
+    "skim": "engine",
     "flash": "engine",
     "threads": "engine",
     "methods": "methods",

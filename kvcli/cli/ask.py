@@ -13,7 +13,7 @@ import typer
 
 from ..defaults import DEFAULT_SCORER
 from ..errors import InputError, shorten
-from .options import COMPRESSION, GENERATION, MODEL, OUTPUT, RunOptions, shared
+from .options import COMPRESSION, GENERATION, MODEL, OUTPUT, SKIM, RunOptions, shared
 from .output import Screen, print_json, user_errors
 from .session import load_saved, saved_read_once, start, stdin_is_piped, warn_prompt
 
@@ -106,6 +106,8 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
 
     if compare and (cache or reuse):
         raise InputError("--compare reads query-aware; drop --cache or --reuse")
+    if run.skim and (cache or reuse):
+        raise InputError(f"--skim reads the documents for each question; {'a saved cache was read already' if cache else '--reuse reads them without the questions'}: drop --skim or {'--cache' if cache else '--reuse'}")
     started = start(run, None if cache else files, include, exclude)
     screen, method, options, doc, reader = started.screen, started.method, started.options, started.doc, started.reader
     saved = None
@@ -215,7 +217,7 @@ def _saved(reader, path: str, run: RunOptions, screen: Screen, method, options):
 
 
 @user_errors
-@shared(MODEL, COMPRESSION, GENERATION, OUTPUT)
+@shared(MODEL, COMPRESSION, SKIM, GENERATION, OUTPUT)
 def ask(
     args: Annotated[Optional[list[str]], typer.Argument(help="Files, folders or - (stdin), then the question (unless -q is used). With piped stdin, the question alone.", show_default=False, metavar="PATHS... QUESTION")] = None,
     question: Annotated[Optional[list[str]], typer.Option("--question", "-q", metavar="TEXT", help="A question; repeat for several (then every argument is a document).", show_default=False)] = None,
@@ -244,7 +246,7 @@ def ask(
 
 
 @user_errors
-@shared(MODEL, COMPRESSION, GENERATION, OUTPUT, max_new_tokens=400)
+@shared(MODEL, COMPRESSION, SKIM, GENERATION, OUTPUT, max_new_tokens=400)
 def summarize(
     files: Annotated[Optional[list[str]], typer.Argument(help="Files, folders or - (stdin).", show_default=False, metavar="PATHS...")] = None,
     length: Annotated[str, typer.Option("--length", metavar="short|medium|long", help="How long the summary is.")] = "medium",

@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import InputError, KvcliError
-from .options import COMPRESSION, GENERATION, MODEL, RunOptions, shared
+from .options import COMPRESSION, GENERATION, MODEL, SKIM, RunOptions, shared
 from .output import EXIT_INTERRUPTED, Screen, err, is_out_of_memory, out_of_memory, say, user_errors
 from .session import load, prepare
 
@@ -70,7 +70,7 @@ def _progress(screen: Screen, total: int):
 
 
 @user_errors
-@shared(MODEL, COMPRESSION, GENERATION)
+@shared(MODEL, COMPRESSION, SKIM, GENERATION)
 def batch(
     jobs_file: Annotated[str, typer.Argument(help="JSONL jobs file: one object a line with documents (paths, globs or folders) and question or questions; optional id, method, ratio, budget.", metavar="JOBS.jsonl")],
     output: Annotated[str, typer.Option("--output", "-o", metavar="ANSWERS.jsonl", help="Where the answers go, one JSON row per question; a rerun skips the questions answered there and asks the failed ones again.")],

@@ -14,7 +14,7 @@ import typer
 
 from ..errors import InputError, KvcliError
 from .ask import ExcludeOpt, IncludeOpt, answer_line, refuse_questions_as_documents
-from .options import COMPRESSION, GENERATION, MODEL, OUTPUT, RunOptions, shared
+from .options import COMPRESSION, GENERATION, MODEL, OUTPUT, SKIM, RunOptions, shared
 from .output import Screen, print_json, say, user_errors
 from .read import check_target, save_full_prefix
 from .session import load_saved, prepare, saved_read_once, start, stdin_is_piped, warn_prompt
@@ -259,7 +259,7 @@ def _saved_full(reader, path: str, options, method, screen: Screen):
 
 
 @user_errors
-@shared(MODEL, COMPRESSION, GENERATION, OUTPUT)
+@shared(MODEL, COMPRESSION, SKIM, GENERATION, OUTPUT)
 def chat(
     files: Annotated[Optional[list[str]], typer.Argument(help="Files or folders.", show_default=False, metavar="PATHS...")] = None,
     cache: Annotated[Optional[str], typer.Option("--cache", metavar="FILE.kvc", help="Start from a full cache saved by `kvcli read` or /save instead of reading documents.", show_default=False)] = None,

@@ -51,7 +51,9 @@ def eval_(
     answer: Annotated[str, typer.Option("--answer", metavar="TEXT", help="NIAH: the text a correct answer contains.")] = NIAH_ANSWER,
     lengths: Annotated[str, typer.Option("--lengths", metavar="N,N,...", help="NIAH: comma-separated prompt lengths in model tokens.")] = "1000,2000,4000,7000",
     depths: Annotated[str, typer.Option("--depths", metavar="D,D,...", help="NIAH: comma-separated needle depths, 0 (start) to 1 (end).")] = "0,0.25,0.5,0.75,1",
-    modes: Annotated[str, typer.Option("--modes", metavar="query,reuse,reuse-repeat,chunked", help="How each prompt is read, comma-separated to compare: query (the question in the window), reuse (a generic instruction ranks the reused prefix: ask --reuse --scorer instruction), reuse-repeat (the repeat ranks it: ask --reuse and compress by default), chunked (as ask --chunk-size).")] = "query",
+    modes: Annotated[str, typer.Option("--modes", metavar="query,reuse,reuse-repeat,chunked,skim", help="How each prompt is read, comma-separated to compare: query (the question in the window), reuse (a generic instruction ranks the reused prefix: ask --reuse --scorer instruction), reuse-repeat (the repeat ranks it: ask --reuse and compress by default), chunked (as ask --chunk-size), skim (as ask --skim).")] = "query",
+    skim_tokens: Annotated[Optional[int], typer.Option("--skim-tokens", metavar="N", help="For --modes skim: document tokens read through every layer [default: as ask --skim].", show_default=False)] = None,
+    skim_depth: Annotated[Optional[float], typer.Option("--skim-depth", metavar="F", help="For --modes skim: the deepest filter layer as a fraction of the layers [default: as ask --skim].", show_default=False)] = None,
     chunk_size: Annotated[Optional[int], typer.Option("--chunk-size", metavar="N", help="Chunk length in tokens for --modes chunked [default: 1024].", show_default=False)] = None,
     window: Annotated[int, typer.Option("--window", metavar="N", help="Observation window of every compressing method.")] = 8,
     param: Annotated[Optional[list[str]], typer.Option("--param", metavar="KEY=VALUE", help="A method knob, applied to the listed methods that have it; repeatable.", show_default=False)] = None,
@@ -104,10 +106,15 @@ def eval_(
         raise InputError("--chunk-size is for --modes chunked; add chunked to --modes or drop --chunk-size")
     if "chunked" in mode_names and chunk_size is None:
         chunk_size = 1024
+    if (skim_tokens is not None or skim_depth is not None) and "skim" not in mode_names:
+        raise InputError("--skim-tokens and --skim-depth are for --modes skim; add skim to --modes or drop them")
+    from ..reading.skim import DEFAULT_SKIM_TOKENS, Skimming
+
+    skimming = Skimming(tokens=DEFAULT_SKIM_TOKENS if skim_tokens is None else skim_tokens, depth=skim_depth)
     config = EvalConfig(
         methods=configure(names, param, window), budgets=budget_values, ratios=ratio_values, metric=metric,
         max_new_tokens=max_new_tokens, template=template, max_context=max_context, modes=tuple(mode_names), chunk_size=chunk_size,
-        fit="cut" if cut_middle else "reindex", min_keep=min_keep,
+        fit="cut" if cut_middle else "reindex", min_keep=min_keep, skim=skimming,
     )
     config.settings()  # bad settings fail before the model loads
     use_ray = check_ray_options(ray, ray_address, workers)

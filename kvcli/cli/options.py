@@ -23,6 +23,7 @@ MODEL = "model"
 COMPRESSION = "compression"
 GENERATION = "generation"
 OUTPUT = "output"
+SKIM = "skim"
 
 _MODEL_HELP = "Embedded model name, local folder, .gguf file or hub id (`kvcli models` lists them) [default: qwen2.5-coder-0.5b]."
 
@@ -52,6 +53,11 @@ GROUPS: dict[str, list[tuple[str, object, object]]] = {
         ("top_p", Annotated[float, typer.Option("--top-p", metavar="P", help="Nucleus sampling threshold.")], 1.0),
         ("seed", Annotated[Optional[int], typer.Option("--seed", metavar="N", help="Random seed for sampling.", show_default=False)], None),
         ("system", Annotated[Optional[str], typer.Option("--system", metavar="TEXT", help="A system prompt for the model.", show_default=False)], None),
+    ],
+    SKIM: [
+        ("skim", Annotated[bool, typer.Option("--skim/--no-skim", help="Read the documents through the first layers only and the tokens the question needs through all (a faster prefill; docs/methods.md#skim).")], False),
+        ("skim_tokens", Annotated[int, typer.Option("--skim-tokens", metavar="N", help="With --skim: document tokens read through every layer.")], 2048),
+        ("skim_depth", Annotated[Optional[float], typer.Option("--skim-depth", metavar="F", help="With --skim: the deepest layer the filter reads, as a fraction of the layers [default: the shallowest layer holding a head that finds facts, from the model's retrieval-head profile].", show_default=False)], None),
     ],
     OUTPUT: [
         ("json", Annotated[bool, typer.Option("--json", help="Print one JSON object per result on stdout instead of text and a report.")], False),
@@ -85,6 +91,9 @@ class RunOptions:
     top_p: float = 1.0
     seed: int | None = None
     system: str | None = None
+    skim: bool = False
+    skim_tokens: int = 2048
+    skim_depth: float | None = None
     json: bool = False
     quiet: bool = False
     verbose: bool = False
@@ -102,14 +111,22 @@ class RunOptions:
         from ..methods import Budget
         from ..reading import Options
 
-        if self.chunk_size is not None and self.chunk_size < 1:
-            from ..errors import InputError
+        from ..errors import InputError
 
+        if self.chunk_size is not None and self.chunk_size < 1:
             raise InputError(f"--chunk-size must be a positive number of tokens, got {self.chunk_size}")
+        knobs = [flag for flag, name in (("--skim-tokens", "skim_tokens"), ("--skim-depth", "skim_depth")) if name in self.given]
+        if knobs and not self.skim:
+            raise InputError(f"{' and '.join(knobs)} set how --skim reads; add --skim or drop {' and '.join(knobs)}")
+        skim = None
+        if self.skim:
+            from ..reading.skim import Skimming
+
+            skim = Skimming(tokens=self.skim_tokens, depth=self.skim_depth)
         return Options(
             budget=Budget(self.ratio, self.budget, self.min_keep), chunk_size=self.chunk_size, max_context=self.max_context,
             max_new_tokens=self.max_new_tokens, sampling=Sampling(self.temperature, self.top_p, self.seed),
-            system=self.system, fit="cut" if self.cut_middle else "reindex",
+            system=self.system, fit="cut" if self.cut_middle else "reindex", skim=skim,
         )
 
 

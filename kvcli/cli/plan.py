@@ -12,7 +12,7 @@ import typer
 from ..errors import InputError
 from ..speed import clock
 from .ask import ExcludeOpt, IncludeOpt
-from .options import COMPRESSION, MODEL, OUTPUT, RunOptions, shared
+from .options import COMPRESSION, MODEL, OUTPUT, SKIM, RunOptions, shared
 from .output import EXIT_USER_ERROR, Screen, print_json, say, user_errors
 from .session import quiet_transformers, read_documents
 
@@ -24,7 +24,7 @@ _LABEL = 9  # the labels' column, then two spaces
 
 
 @user_errors
-@shared(MODEL, COMPRESSION, OUTPUT)
+@shared(MODEL, COMPRESSION, SKIM, OUTPUT)
 def plan(
     paths: Annotated[Optional[list[str]], typer.Argument(help="Files, folders or - (stdin).", show_default=False, metavar="PATHS...")] = None,
     question: Annotated[Optional[str], typer.Option("--question", "-q", metavar="TEXT", help="The question to plan for [default: a short placeholder question].", show_default=False)] = None,
@@ -69,7 +69,7 @@ def plan(
     with screen.status("reading the model's config and tokenizer") as update:
         described = describe_model(run.model, run.trust_remote_code, progress=update)
     profile = None
-    if method.needs_profile:  # shipped for the embedded models, cached after a model's first read
+    if method.needs_profile or options.skim is not None:  # shipped for the embedded models, cached after a model's first read
         from ..models import config_hash
         from ..profile import stored_profile
 
@@ -105,6 +105,7 @@ def plan(
         },
         "device": {"name": str(device), "available_bytes": available, "total_bytes": total},
     }
+    data["skim"] = _skim_plan(run, described, read_plan, profile)
     if run.json:
         print_json(data)
     else:
@@ -144,6 +145,8 @@ def render(data: dict, read_plan, method, options, speed=None, every_source: boo
     add("read", _read_line(p))
     if not p.refused:
         add("time", _time_line(p, speed))
+        if data.get("skim"):
+            add("skim", _skim_line(data["skim"], p, speed))
     if p.trained_positions < p.positions:
         add("warning", f"--max-context {p.positions:,} passes the model's trained context ({p.trained_positions:,}); answers may degrade")
     if p.refused:
@@ -166,6 +169,32 @@ def render(data: dict, read_plan, method, options, speed=None, every_source: boo
     return [wrapped for label, text in lines
             for wrapped in (textwrap.wrap(text, _WIDTH, initial_indent=f"{label:<{_LABEL}}  ", subsequent_indent=indent,
                                           break_long_words=False, break_on_hyphens=False) or [""])]
+
+
+def _skim_plan(run, described, read_plan, profile) -> dict | None:
+    """The prefill's work with and without --skim (asked or not), or None where it cannot be told."""
+    from ..attention import ModelAttention
+    from ..reading.skim import Skimming, skim_work
+
+    layout = ModelAttention.from_config(described.config)
+    if read_plan.refused or layout.cannot_compress():
+        return None
+    if profile is None:
+        return {"asked": run.skim, "filter_layers": None}
+    skimming = Skimming(tokens=run.skim_tokens, depth=run.skim_depth)
+    work = skim_work(profile, layout.compressed_layers, layout.num_layers, skimming, read_plan.prompt_tokens, read_plan.document_tokens)
+    return {"asked": run.skim, **work}
+
+
+def _skim_line(skim: dict, p, speed) -> str:
+    asked = "with --skim (asked)" if skim["asked"] else "with --skim"
+    if skim["filter_layers"] is None:
+        return f"{asked}: the filter's depth comes from the model's retrieval-head profile, computed on its first skim or evidencekv read"
+    line = (f"{asked}: every token through {skim['filter_layers']} of {skim['layers']} layers, then {skim['continued_tokens']:,} through all: "
+            f"{skim['share']:.0%} of a full read's token x layer work")
+    if speed is not None:
+        line += f" (~{clock(skim['share'] * speed.seconds(p.prompt_tokens))})"
+    return line
 
 
 def _time_line(p, speed) -> str:

@@ -22,6 +22,7 @@ from ..generate import Sampling
 from ..methods import Budget, Method
 from ..reading import Options, QueryAware, Reused, answer
 from ..reading.policy import one_capture_serves
+from ..reading.skim import Skim, Skimming
 from .data import Row, check_template, prompt_parts, row_hash
 from .log import append_record, check_row, log_header, resume_log
 from .metrics import get_metric
@@ -44,6 +45,7 @@ class EvalConfig:
     chunk_size: int | None = None
     fit: str = "reindex"  # a row longer than the context: read whole in chunks, or "cut" in the middle
     min_keep: int | None = None  # --min-keep: the fewest tokens per layer each of --ratios keeps
+    skim: object | None = None  # how --modes skim reads (`reading.skim.Skimming`); None: its defaults
 
     def settings(self) -> list[Setting]:
         """Every setting, checked (bad settings fail before a model loads)."""
@@ -268,7 +270,10 @@ class _RowReader:
         mode = self._mode(ref)
         budget = Budget(setting.ratio, setting.budget, self.config.min_keep)
         try:
-            if ref == "query" and not one_capture_serves(mode, self.question, method, budget, setting.chunk_size):
+            if setting.mode == "skim":  # a read of its own per setting, as `kvcli ask --skim` does
+                reading = Skim(self.reader, mode, self.config.skim or Skimming()).read(self.question, method, budget)
+                self.timing["skim_s"] = self.timing.get("skim_s", 0.0) + reading.state.seconds
+            elif ref == "query" and not one_capture_serves(mode, self.question, method, budget, setting.chunk_size):
                 # reads in chunks (asked, or chosen by the method) and past the model's positions (one full
                 # capture cannot hold such a prompt) pay a prefill per setting, as `kvcli ask` does
                 reading = mode.read(self.question, method, budget, chunk_size=setting.chunk_size)

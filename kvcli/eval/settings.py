@@ -17,11 +17,11 @@ from ..errors import BudgetError, InputError
 from ..methods import Method
 from ..reading.prefix import check_scorer
 
-MODES = ("query", "reuse", "reuse-repeat", "chunked")
+MODES = ("query", "reuse", "reuse-repeat", "chunked", "skim")
 # The full cache a mode's scores are compared with: chunking only applies when compressing,
 # so chunked reads share the query-aware prompt's full cache, and both scorers of the reused
 # prefix share its full cache.
-REFERENCE_MODE = {"query": "query", "reuse": "reuse", "reuse-repeat": "reuse", "chunked": "query"}
+REFERENCE_MODE = {"query": "query", "reuse": "reuse", "reuse-repeat": "reuse", "chunked": "query", "skim": "query"}
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,8 @@ def run_stats(reader: Reader, reading: Reading) -> RunStats:
         stats.extra["prefix"] = reading.prefix
     if reading.past is not None:
         stats.extra["past_window"] = reading.past
+    if reading.skim is not None:
+        stats.extra["skim"] = reading.skim
     if reading.mode in TIMED_READS:  # for `kvcli plan`'s estimate of a read's time
         record_read(kvcli_home(), reader.lm.name, *names(reader.device, reader.lm.dtype), prompt_len, state.seconds)
     if len(state.chunks) > 1:

@@ -23,6 +23,7 @@ from .prefix import DEFAULT_SCORER, Prefix, Reused
 from .query import QueryAware
 from .reader import Options, Reader, Reading
 from .sections import Sections
+from .skim import Skim
 
 OnLayer = Callable[[int], None] | None
 OnSection = Callable[[int, int], None] | None
@@ -81,6 +82,14 @@ class Once(Mode):
 
     def __init__(self, once: ReadOnce) -> None:
         self.once = once
+        self.said = ""  # why this read, when another was asked for (--skim with many questions)
+
+    def note(self, question: str) -> str:
+        return self.said
+
+    @property
+    def extra(self) -> dict:
+        return {"skim_choice": self.said} if self.said else {}
 
     @property
     def preparing(self) -> str:
@@ -143,6 +152,32 @@ class BySections(Mode):
         return self.sections.read(question, method, on_section=on_section, on_layer=on_layer)
 
 
+class Skimmed(Mode):
+    """The documents through the first layers, the chosen tokens through all (`reading.Skim`), per question."""
+
+    name = "skim"
+
+    def __init__(self, skim: Skim, note: str = "") -> None:
+        self.skim = skim
+        self._note = note
+
+    @property
+    def extra(self) -> dict:
+        return {"skim_choice": self._note} if self._note else {}
+
+    def prompt(self, question: str) -> Prompt:
+        return self.skim.prompt(question)
+
+    def note(self, question: str) -> str:
+        return self._note
+
+    def check(self, question, method, budget=None) -> None:
+        self.skim.check(question, method, budget)
+
+    def read(self, question, method, budget=None, on_layer=None, on_section=None) -> Reading:
+        return self.skim.read(question, method, budget, on_layer=on_layer)
+
+
 class Compare(OnePass):
     """The read the user would get, and beside it a full read that is possible (`ask --compare`).
 
@@ -155,19 +190,22 @@ class Compare(OnePass):
 
     name = "compare"
 
-    def __init__(self, query: QueryAware, reader: Reader, text: str, options: Options) -> None:
+    def __init__(self, query: QueryAware, reader: Reader, text: str, options: Options, skim: Skim | None = None) -> None:
         super().__init__(query)
-        self.reader, self.text, self.options = reader, text, options
+        self.reader, self.text, self.options, self.skim = reader, text, options, skim
         self._full: Callable[[], Reading] | None = None
         self.full_label = "full cache"
 
     def read(self, question, method, budget=None, on_layer=None, on_section=None) -> Reading:
         query = self.query
-        if one_capture_serves(query, question, method, budget):
+        if self.skim is None and one_capture_serves(query, question, method, budget):
             captured = query.capture(question, method.window_size, method.needs_accumulated, on_layer)
             self._full, self.full_label = (lambda: query.derive(captured, question, Full())), "full cache"
             return query.derive(captured, question, method, budget)
-        reading = query.read(question, method, budget, on_layer=on_layer)
+        if self.skim is not None:
+            reading = self.skim.read(question, method, budget, on_layer=on_layer)
+        else:
+            reading = query.read(question, method, budget, on_layer=on_layer)
         if query.past_window(question):
             cut = QueryAware(self.reader, self.text, replace(self.options, fit="cut"))
             fits = self.reader.context_limit(self.options)
@@ -200,8 +238,10 @@ def choose(reader: Reader, text: str | None, options: Options, method: Method, q
     - past the positions, with `past="sections"`: section by section (`summarize`);
     - `compare`: the read below as it would be, beside a full read that is possible;
     - several questions (or unknown ones), no --chunk-size, within the positions: read once,
-      compress per question (the same caches as one pass each);
-    - else one query-aware read per question (in chunks, or re-indexed past the positions).
+      compress per question (the same caches as one pass each); with --skim, read once only where
+      that costs less than skimming for each question (said before reading);
+    - else one query-aware read per question (in chunks, or re-indexed past the positions), or a
+      skim per question with --skim.
     """
     if saved is not None:
         return Once(saved) if isinstance(saved, ReadOnce) else Prefixed(reader, options, prefix=saved)
@@ -212,11 +252,25 @@ def choose(reader: Reader, text: str | None, options: Options, method: Method, q
     is_past = options.fit == "reindex" and query.past_window(longest)
     if is_past and past == "sections":
         return BySections(Sections(reader, text, options))
+    skim = Skim(reader, query, options.skim) if options.skim is not None else None
     if compare:
-        return Compare(query, reader, text, options)
-    if (questions is None or len(questions) > 1) and options.chunk_size is None and not is_past:
-        return Once(ReadOnce(reader, text, options, window_size=max(PREFIX_WINDOW, method.window_size),
+        return Compare(query, reader, text, options, skim)
+    once = (questions is None or len(questions) > 1) and options.chunk_size is None and not is_past
+    note = ""
+    if skim is not None and once and questions is not None:
+        share = skim.fraction(longest)  # of a one-pass read, per question
+        if share * len(questions) < 1:
+            return Skimmed(skim, f"kvcli: skimming for each of the {len(questions)} questions (about {share:.0%} of a full read each) "
+                                 "costs less than reading the documents once")
+        note = (f"kvcli: reading the documents once for the {len(questions)} questions costs less than skimming for each "
+                f"(about {share:.0%} of a full read each): --skim is not used")
+    elif skim is not None:
+        return Skimmed(skim)
+    if once:
+        mode = Once(ReadOnce(reader, text, options, window_size=max(PREFIX_WINDOW, method.window_size),
                              accumulated=method.needs_accumulated, longest_question=longest))
+        mode.said = note
+        return mode
     return OnePass(query)
 
 
@@ -224,4 +278,4 @@ def choose(reader: Reader, text: str | None, options: Options, method: Method, q
 # for a question of about this many words, and its answer.
 QUESTION_ROOM = " ".join(["word"] * 64)
 
-__all__ = ["QUESTION_ROOM", "Compare", "Mode", "choose", "one_capture_serves"]
+__all__ = ["QUESTION_ROOM", "Compare", "Mode", "Skimmed", "choose", "one_capture_serves"]

@@ -28,6 +28,9 @@ class Options:
     # A document longer than the context: "reindex" reads it whole in chunks, re-indexing the
     # kept keys' positions (compressing methods only); "cut" cuts its middle (--cut-middle).
     fit: str = "reindex"
+    # --skim: read the documents through the first layers only and the tokens the question needs
+    # through all (`reading.skim.Skimming`); None: every token through every layer.
+    skim: object | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -57,6 +60,7 @@ class Reading:
     dropped_tokens: int = 0  # document tokens cut from the middle
     prefix: dict | None = None  # read once: the full prefix's tokens, KV bytes, seconds (first question only), question step seconds
     past: dict | None = None  # read past the context: prompt tokens, the model's positions, chunks, chunk size
+    skim: dict | None = None  # a skim: the filter's depth and heads, the tokens that continued, each part's time
     # seconds of this reading's prefill spent before its question was asked (a prefix read once
     # and charged to its first question): the time to the first token counts them
     charged_s: float = 0.0
