@@ -295,7 +295,9 @@ _READS = {
 def _read_line(stats: RunStats) -> str:
     line = _READS.get(stats.read, stats.read)
     skim = stats.extra.get("skim")
-    if skim:
+    if skim and skim.get("skipped"):
+        line += f" (not skimmed: {skim['skipped']})"
+    elif skim:
         line += (f": {skim['prompt_tokens']:,} tokens through {skim['filter_layers']} of {skim['layers']} layers in {skim['filter_s']:.2f}s"
                  + (f" ({skim['filter_chunks']} chunks)" if skim["filter_chunks"] > 1 else "")
                  + f", then {skim['continued_tokens']:,} through all in {skim['read_s']:.2f}s")

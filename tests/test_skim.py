@@ -130,14 +130,14 @@ def test_ask_skim_reports_the_skim(tiny, home, tmp_path):
     assert text.exit_code == 0 and "skimmed" in text.stderr and f"through {skim['filter_layers']} of 4 layers" in text.stderr
 
 
-def test_skim_with_every_token_answers_as_the_plain_read(tiny, home, tmp_path):
-    """`--skim` with more --skim-tokens than the document has answers token for token as the one-pass read."""
+def test_skim_that_would_keep_every_token_reads_one_pass_and_says_so(tiny, home, tmp_path):
+    """`--skim` on a document no longer than --skim-tokens reads it in one pass (the filter would only add work), answers as the plain read, and says why."""
     doc = tmp_path / "doc.txt"
     doc.write_text(words(400))
     flags = ("-m", tiny, "--method", "snapkv", "--ratio", "0.3", "--max-new-tokens", "6")
     plain = ask_json("ask", doc, "w3?", *flags)
-    skim = ask_json("ask", doc, "w3?", *flags, "--skim", "--skim-tokens", "100000")
-    assert skim["stats"]["read"] == "skim" and plain["stats"]["read"] == "query"
+    skim = ask_json("ask", doc, "w3?", *flags, "--skim", "--skim-tokens", "2048")
+    assert skim["stats"]["read"] == "query" and "no longer than --skim-tokens 2,048" in skim["stats"]["extra"]["skim"]["skipped"]
     assert skim["answer"] == plain["answer"] and skim["stats"]["retained_per_layer"] == plain["stats"]["retained_per_layer"]
 
 
@@ -166,17 +166,23 @@ def test_skim_past_the_context_stays_within_the_positions(tiny, home, tmp_path):
     assert len(tokens) == 8
 
 
-def test_skim_on_gemma3_keeps_the_sliding_windows_and_with_every_token_answers_as_one_pass(tmp_path, home):
-    """On Gemma 3 (sliding-window layers) a skim keeps each sliding layer's window, and with every token chosen answers as one pass."""
+def test_skim_on_gemma3_keeps_the_sliding_windows_and_with_every_token_is_one_pass(tmp_path, home):
+    """On Gemma 3 (sliding-window layers) a skim keeps each sliding layer's window, and with every token chosen keeps the one-pass cache."""
+    from test_architectures import PROMPT_LEN as N, compression, models, prompt as arch_prompt
+
+    _, model = models("gemma3")
+    ids = arch_prompt(n=N)
+    squeezed, _ = compression(model, "snapkv")
+    heads = ((2, 0), (2, 1))  # the one global layer's heads
+    one_pass = prefill(model, ids, squeezed)
+    whole, _ = skim_prefill(model, ids, squeezed, SkimPlan(heads, tokens=N), head=4, tail=8)
+    assert_same_cache(one_pass.cache, whole.cache)
     folder = save_folder("gemma3", tmp_path / "gemma3")
     doc = tmp_path / "doc.txt"
     doc.write_text(words(300))
-    flags = ("-m", folder, "--method", "snapkv", "--ratio", "0.3", "--max-new-tokens", "4")
-    skim = ask_json("ask", doc, "w3?", *flags, "--skim", "--skim-tokens", "40")["stats"]
+    skim = ask_json("ask", doc, "w3?", "-m", folder, "--method", "snapkv", "--ratio", "0.3", "--max-new-tokens", "4",
+                    "--skim", "--skim-tokens", "40")["stats"]
     assert skim["read"] == "skim" and [skim["retained_per_layer"][i] for i in (0, 1, 3)] == [WINDOW - 1] * 3
-    whole = ask_json("ask", doc, "w3?", *flags, "--skim", "--skim-tokens", "100000")
-    plain = ask_json("ask", doc, "w3?", *flags)
-    assert whole["answer"] == plain["answer"]
 
 
 def test_several_questions_with_skim_take_the_cheaper_read(tiny, home, tmp_path):

@@ -159,6 +159,8 @@ class Chat:
     def fit(self, method) -> None:
         """Make sure the prefix holds what `method` scores by (its window, all-query scores):
         read the documents again if not, or refuse where there are only a .kvc's."""
+        if self.mode.name == "skim":
+            return  # each question is skimmed from the documents themselves
         if self.once is None:
             if not method.compresses:
                 raise InputError(f"the documents are longer than the {self.reader.context_limit(self.options):,} positions the model reads, "
@@ -202,6 +204,8 @@ class Chat:
     def save(self, arg: str) -> None:
         if not arg:
             raise InputError("give the file: /save FILE.kvc")
+        if self.mode.name == "skim":
+            raise InputError("--skim reads the documents again for each question, so there is no full cache to save; start chat without --skim to /save")
         if self.once is None:
             raise InputError("the documents are longer than the model's positions, so there is no full cache to save; "
                              "`kvcli compress FILES -o FILE.kvc` saves a compressed one")
@@ -299,6 +303,8 @@ def chat(
         raise InputError("chat reads its questions from stdin, so the documents cannot come from it; save them to a file, or `kvcli read - -o doc.kvc` and `kvcli chat --cache doc.kvc`")
     if run.chunk_size is not None:
         raise InputError("chat reads the documents once in full and compresses each question from that read; leave out --chunk-size")
+    if run.skim and cache:
+        raise InputError("--skim reads the documents for each question, and a saved cache was read already: drop --skim or --cache")
     started = start(run, None if cache else files, include or (), exclude or ())
     screen, method, options, doc, reader = started.screen, started.method, started.options, started.doc, started.reader
     saved = None
@@ -314,7 +320,9 @@ def chat(
     interactive = not stdin_is_piped()
     session = Chat(reader, mode, method, options, run, screen, doc, None if cache else doc.text, cache or " ".join(files))
     session.fit(method)  # a .kvc may lack what --method scores by
-    if interactive and session.once is None:
+    if interactive and mode.name == "skim":
+        screen.note("each question skims the documents (--skim); ask a question, /help lists the commands, Ctrl-D leaves")
+    elif interactive and session.once is None:
         tokens = len(mode.prompt(QUESTION_ROOM))
         screen.note(f"the documents are {tokens:,} tokens, past the {reader.context_limit(options):,} positions the model reads: "
                     "each question reads them again in chunks; ask a question, /help lists the commands, Ctrl-D leaves")

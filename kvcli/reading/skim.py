@@ -123,8 +123,14 @@ class Skim:
         budget = budget or options.budget
         n, tail, head = len(prompt), len(prompt) - prompt.prefix_len, _head(prompt)
         plan = self.plan()
+        past = self.query.past_window(question)
+        if not past and max(head, SINK_TOKENS) + plan.tokens + tail >= n:
+            # every token would go on: the filter would only add its own layers' work
+            reading = self.query.read(question, method, budget, on_layer=on_layer)
+            reading.skim = {"skipped": f"the {n:,}-token prompt is no longer than --skim-tokens {plan.tokens:,} with its question"}
+            return reading
         note, reindex, chunk, filtering = "", None, None, None
-        if self.query.past_window(question):
+        if past:
             compression, note, chunk, layout = reader.plan_past(options, method, budget, n, tail)
             limit = reader.context_limit(options)
             room = limit - options.max_new_tokens - max(head, SINK_TOKENS) - tail
