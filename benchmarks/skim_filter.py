@@ -3,11 +3,11 @@
     python benchmarks/skim_filter.py -m qwen2.5-coder-0.5b --lengths 4000,8000 --haystack DIR_OR_FILE
 
 For each needle document (held-out prose: `--haystack`, default Python's pydoc topics read from the
-end, which the retrieval-head profile never sampled), the prompt is read once through the first
-half of the layers, recording every head's pooled window score of every token (what a skim's
+end, which the retrieval-head profile never sampled), the prompt is read once through the deepest
+filter layer any configuration uses, recording every head's pooled window score of every token (what a skim's
 filter sums). Each configuration (depth, heads, span, tokens) then chooses its tokens from those
 records, as `kvcli.skim.choose_tokens` does, and counts a hit when every token of the needle's
-answer is chosen. Only the filter layers run, so the sweep costs half a prefill per document.
+answer is chosen. Only the filter layers run, so the sweep costs a fraction of a prefill per document.
 """
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ def main() -> None:
                for s in map(int, args.spans.split(",")) for t in map(int, args.tokens.split(","))]
     hits = {c: 0 for c in configs}
     cases = 0
-    deepest = compressed[len(compressed) // 2]
+    deepest = max(layer for d, h, _, _ in configs
+                  for layer, _ in filter_heads(profile, compressed, Skimming(depth=None if d == "auto" else float(d), heads=h)))
     for length in lengths:
         for depth in depths:
             fact, question, answer = ALL[rng.randrange(args.facts)]

@@ -127,22 +127,30 @@ class _Filtered:
 
 
 def choose_tokens(scores: torch.Tensor, head: int, tail: int, tokens: int, span: int = 1) -> torch.Tensor:
-    """Sorted positions `(m,)` read through every layer: the first `head` tokens, about `tokens` of
-    the best-scored between them and the last `tail` (the question), and those `tail`.
+    """Sorted positions `(m,)` read through every layer: the first `head` tokens, `tokens` of those
+    between them and the last `tail` (the question), and those `tail`.
 
-    With `span` > 1 the choice is of runs of `span` tokens, each ranked by its best token: a fact's
-    tokens then go on together with their neighbours, not only the few its question looked at."""
+    The best-scored token not chosen yet brings the `span` tokens centred on it, then the next, until
+    `tokens` are chosen (the last run may be cut): a fact goes on whole with its neighbours, not only
+    the few tokens its question looked at, wherever it falls."""
     n = scores.shape[0]
     head = min(max(head, SINK_TOKENS), n - tail)
-    middle = scores[head : n - tail]
-    span = max(1, span)
-    runs = -(-middle.shape[0] // span)
-    padded = torch.full((runs * span,), float("-inf"), device=scores.device)
-    padded[: middle.shape[0]] = middle
-    count = min(-(-tokens // span), runs)
-    best = padded.view(runs, span).amax(dim=1).topk(count).indices if count else padded.new_empty(0, dtype=torch.long)
-    chosen = (best[:, None] * span + torch.arange(span, device=scores.device)).flatten()  # best run first
-    chosen = chosen[chosen < middle.shape[0]][:tokens] + head  # exactly `tokens`: the last run may be cut
+    middle = scores[head : n - tail].float()
+    size = middle.shape[0]
+    tokens = min(tokens, size)
+    taken = torch.zeros(size, dtype=torch.bool)
+    order: list[int] = []
+    before, after = (span - 1) // 2, span // 2 + 1
+    for best in middle.argsort(descending=True, stable=True).tolist():
+        if len(order) >= tokens:
+            break
+        if taken[best]:
+            continue
+        run = torch.arange(max(0, best - before), min(size, best + after))
+        run = run[~taken[run]]
+        taken[run] = True
+        order.extend(run.tolist())
+    chosen = torch.tensor(order[:tokens], dtype=torch.long, device=scores.device) + head
     kept = torch.cat([torch.arange(head, device=scores.device), chosen, torch.arange(n - tail, n, device=scores.device)])
     return kept.sort().values
 

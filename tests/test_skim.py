@@ -68,15 +68,18 @@ def test_the_chosen_tokens_are_those_the_filter_heads_rank_best(tiny_model, prom
 
 
 def test_choose_tokens_keeps_the_head_the_question_and_the_best_runs():
-    """A planted high score is chosen with its whole run; the head (at least the sink tokens) and the tail always are; the count is what was asked."""
+    """A planted high score is chosen with the run centred on it; the head (at least the sink tokens) and the tail always are; the count is what was asked."""
     scores = torch.rand(200, generator=torch.Generator().manual_seed(0)) * 0.1
     scores[101] = 5.0  # the fact
     chosen = choose_tokens(scores, head=2, tail=12, tokens=16, span=8).tolist()
     assert chosen[:SINK_TOKENS] == list(range(SINK_TOKENS)) and chosen[-12:] == list(range(188, 200))
-    assert set(range(100, 108)) <= set(chosen)  # the fact's run of 8 (tokens 4.. are runs 4+8k)
+    assert set(range(98, 106)) <= set(chosen)  # the 8 tokens centred on it: 3 before, 4 after
     assert len(chosen) == SINK_TOKENS + 16 + 12 and chosen == sorted(set(chosen))
     everything = choose_tokens(scores, head=2, tail=12, tokens=10_000, span=8)
     assert torch.equal(everything, torch.arange(200))
+    edge = torch.zeros(200)
+    edge[SINK_TOKENS] = 1.0  # a peak at the first candidate: its run is cut at the head, not shifted into it
+    assert choose_tokens(edge, head=2, tail=12, tokens=5, span=8).tolist()[:9] == list(range(9))
 
 
 def test_skim_in_chunks_compresses_the_filter_layers_and_keeps_the_budget(tiny_model, prompt):
@@ -235,3 +238,46 @@ def test_eval_skim_mode_scores_beside_the_one_pass_read(tiny, home, tmp_path):
     assert result.exit_code == 0, (result.stderr, result.exception)
     settings = {(s["method"], s["mode"]) for s in json.loads(result.stdout)["summary"]}
     assert {("full", "query"), ("snapkv", "query"), ("snapkv", "skim")} <= settings
+
+
+def test_batch_skims_and_its_answers_are_asks(tiny, home, tmp_path):
+    """`batch --skim` reads each question by skimming, as `ask --skim` does (the same answer and kept tokens), and a run without --skim does not reuse those answers."""
+    doc = tmp_path / "doc.txt"
+    doc.write_text(words(600))
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"id": "a", "documents": str(doc), "question": "w3?"}) + "\n")
+    out = tmp_path / "answers.jsonl"
+    flags = ("-m", tiny, "--skim", "--skim-tokens", "64", "--max-new-tokens", "3")
+    result = ask("batch", jobs, "-o", out, *flags)
+    assert result.exit_code == 0, result.stderr
+    row = json.loads(out.read_text().splitlines()[0])
+    alone = ask_json("ask", doc, "w3?", *flags)
+    assert row["stats"]["read"] == "skim" and row["answer"] == alone["answer"]
+    assert row["stats"]["retained_per_layer"] == alone["stats"]["retained_per_layer"]
+    again = ask("batch", jobs, "-o", out, "-m", tiny, "--max-new-tokens", "3")
+    assert again.exit_code == 0 and "1 answered" in again.stderr, again.stderr
+
+
+@pytest.mark.model
+def test_the_default_model_skims_a_planted_fact_through_every_layer(qwen):
+    """On the default model a fact planted in 3,000 tokens of prose is among the tokens the filter heads send through every layer, and the skimmed read answers it."""
+    from helpers_text import prose, with_needle
+
+    from kvcli.methods import make_method
+    from kvcli.reading import Options, answer
+    from kvcli.reading.policy import choose
+    from kvcli.reading.skim import Skimming
+
+    fact, question, code = "The combination of the harbour office safe is 4-7-2-9.", "What is the combination of the harbour office safe?", "4-7-2-9"
+    text = with_needle(prose(qwen.tokenizer, 3000, start_topic="exceptions"), fact, 0.4)
+    options = Options(skim=Skimming(tokens=512), max_new_tokens=16)
+    method = make_method("evidencekv")
+    mode = choose(qwen, text, options, method, [question])
+    reading = mode.read(question, method)
+    prompt = reading.prompt
+    start = text.index(code)
+    planted = [p for p in range(len(prompt)) if (o := prompt.doc_offset(p)) is not None and start <= o < start + len(code)]
+    assert reading.mode == "skim" and reading.skim["continued_tokens"] < len(prompt) // 4
+    kept = set(reading.state.cache.layers[-1].kept_positions().flatten().tolist())
+    assert planted and set(planted) <= kept  # through every layer, down to the last
+    assert code in answer(qwen, reading, options).text

@@ -47,7 +47,7 @@ class Job:
             "chunk_size": options.chunk_size, "max_context": options.max_context, "fit": options.fit,
             "max_new_tokens": options.max_new_tokens, "system": options.system,
             "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed,
-        }
+        } | ({} if options.skim is None else {"skim": dataclasses.asdict(options.skim)})  # without --skim: the keys of earlier answers files
 
 
 def _strings(value, name: str, where: str, blank: bool = False) -> tuple[str, ...]:

@@ -146,7 +146,8 @@ class BySections(Mode):
 
     def note(self, question: str) -> str:
         limit = self.sections.reader.context_limit(self.sections.options)
-        return f"kvcli: the documents are longer than the {limit:,} positions the model reads: summarizing them section by section, then the summaries"
+        skim = " (--skim does not apply: each section is read whole)" if self.sections.options.skim is not None else ""
+        return f"kvcli: the documents are longer than the {limit:,} positions the model reads: summarizing them section by section, then the summaries{skim}"
 
     def read(self, question, method, budget=None, on_layer=None, on_section=None) -> Reading:
         return self.sections.read(question, method, on_section=on_section, on_layer=on_layer)
