@@ -121,15 +121,15 @@ def test_ask_skim_reports_the_skim(tiny, home, tmp_path):
     """`ask --skim --json` reads in mode skim, says the filter's depth and heads and the tokens that continued, and the text report says it too."""
     doc = tmp_path / "doc.txt"
     doc.write_text(words(600))
-    out = ask_json("ask", doc, "w3?", "-m", tiny, "--skim", "--skim-tokens", "64", "--max-new-tokens", "3")
+    out = ask_json("ask", doc, "w3?", "-m", tiny, "--skim", "--skim-tokens", "64", "--skim-depth", "0.4", "--max-new-tokens", "3")
     stats = out["stats"]
     skim = stats["extra"]["skim"]
     assert stats["read"] == "skim" and skim["prompt_tokens"] == stats["prompt_tokens"]
-    assert 1 <= skim["filter_layers"] <= 4 and skim["layers"] == 4 and skim["filter_heads"]
+    assert skim["filter_layers"] == 2 and skim["layers"] == 4 and skim["filter_heads"]  # --skim-depth 0.4: layer 1 of 0-3
     assert skim["continued_tokens"] < stats["prompt_tokens"] and skim["positions"] == "original"
     assert stats["prefill_s"] >= skim["filter_s"] + skim["read_s"] - 1e-3
     assert max(stats["retained_per_layer"]) <= skim["continued_tokens"]
-    text = ask("ask", doc, "w3?", "-m", tiny, "--skim", "--skim-tokens", "64", "--max-new-tokens", "3")
+    text = ask("ask", doc, "w3?", "-m", tiny, "--skim", "--skim-tokens", "64", "--skim-depth", "0.4", "--max-new-tokens", "3")
     assert text.exit_code == 0 and "skimmed" in text.stderr and f"through {skim['filter_layers']} of 4 layers" in text.stderr
 
 
@@ -184,7 +184,7 @@ def test_skim_on_gemma3_keeps_the_sliding_windows_and_with_every_token_is_one_pa
     doc = tmp_path / "doc.txt"
     doc.write_text(words(300))
     skim = ask_json("ask", doc, "w3?", "-m", folder, "--method", "snapkv", "--ratio", "0.3", "--max-new-tokens", "4",
-                    "--skim", "--skim-tokens", "40")["stats"]
+                    "--skim", "--skim-tokens", "24")["stats"]
     assert skim["read"] == "skim" and [skim["retained_per_layer"][i] for i in (0, 1, 3)] == [WINDOW - 1] * 3
 
 
@@ -192,7 +192,7 @@ def test_several_questions_with_skim_take_the_cheaper_read(tiny, home, tmp_path)
     """`-q` x N with --skim skims for each question when that costs less than one full read, else reads once, and says which in the report."""
     doc = tmp_path / "doc.txt"
     doc.write_text(words(600))
-    result = ask("ask", doc, "-q", "w3?", "-q", "w5?", "-m", tiny, "--skim", "--skim-tokens", "32", "--max-new-tokens", "2", "--json")
+    result = ask("ask", doc, "-q", "w3?", "-q", "w5?", "-m", tiny, "--skim", "--skim-tokens", "32", "--skim-depth", "0.4", "--max-new-tokens", "2", "--json")
     assert result.exit_code == 0, result.stderr
     first = json.loads(result.stdout.splitlines()[0])["stats"]
     choice = first["extra"]["skim_choice"]
@@ -209,7 +209,7 @@ def test_compare_with_skim_compares_the_skim_with_the_full_read(tiny, home, tmp_
     """`ask --skim --compare` answers from the skim and from the full cache of the whole document."""
     doc = tmp_path / "doc.txt"
     doc.write_text(words(400))
-    out = ask_json("ask", doc, "w3?", "-m", tiny, "--skim", "--skim-tokens", "32", "--compare", "--max-new-tokens", "3")
+    out = ask_json("ask", doc, "w3?", "-m", tiny, "--skim", "--skim-tokens", "32", "--skim-depth", "0.4", "--compare", "--max-new-tokens", "3")
     assert out["stats"]["read"] == "skim" and "full_cache_answer" in out and "full_cache_read" not in out
 
 
@@ -247,7 +247,7 @@ def test_batch_skims_and_its_answers_are_asks(tiny, home, tmp_path):
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(json.dumps({"id": "a", "documents": str(doc), "question": "w3?"}) + "\n")
     out = tmp_path / "answers.jsonl"
-    flags = ("-m", tiny, "--skim", "--skim-tokens", "64", "--max-new-tokens", "3")
+    flags = ("-m", tiny, "--skim", "--skim-tokens", "64", "--skim-depth", "0.4", "--max-new-tokens", "3")
     result = ask("batch", jobs, "-o", out, *flags)
     assert result.exit_code == 0, result.stderr
     row = json.loads(out.read_text().splitlines()[0])
@@ -281,3 +281,26 @@ def test_the_default_model_skims_a_planted_fact_through_every_layer(qwen):
     kept = set(reading.state.cache.layers[-1].kept_positions().flatten().tolist())
     assert planted and set(planted) <= kept  # through every layer, down to the last
     assert code in answer(qwen, reading, options).text
+
+
+def test_plan_shows_the_prefill_work_with_and_without_skim(tiny, home, tmp_path):
+    """`plan --skim` says the filter's depth and the share of a full read's work once the model's profile exists (before: that it comes with the profile)."""
+    doc = tmp_path / "doc.txt"
+    doc.write_text(words(600))
+    before = json.loads(ask("plan", doc, "-m", tiny, "--skim", "--skim-tokens", "64", "--skim-depth", "0.4", "--json").stdout)["skim"]
+    assert before == {"asked": True, "filter_layers": None}
+    skimmed = ask_json("ask", doc, "w3?", "-m", tiny, "--skim", "--skim-tokens", "64", "--skim-depth", "0.4", "--max-new-tokens", "2")["stats"]["extra"]["skim"]
+    after = json.loads(ask("plan", doc, "-m", tiny, "--skim", "--skim-tokens", "64", "--skim-depth", "0.4", "--json").stdout)["skim"]
+    assert after["filter_layers"] == skimmed["filter_layers"] and after["layers"] == 4
+    assert after["work"] == after["continued_tokens"] * 4 + after["filter_layers"] * (after["full_work"] // 4)
+    assert 0 < after["share"] < 1
+    text = ask("plan", doc, "-m", tiny, "--skim", "--skim-tokens", "64", "--skim-depth", "0.4")
+    assert text.exit_code == 0 and "with --skim (asked)" in text.stdout and "of a full read's token x layer work" in text.stdout
+
+
+def test_a_skim_that_would_cost_more_than_a_full_read_reads_one_pass(tiny, home, tmp_path):
+    """A filter as deep as the model (--skim-depth 1) would cost more than reading every token: the prompt is read in one pass, and the report says why."""
+    doc = tmp_path / "doc.txt"
+    doc.write_text(words(600))
+    stats = ask_json("ask", doc, "w3?", "-m", tiny, "--skim", "--skim-tokens", "64", "--skim-depth", "1", "--max-new-tokens", "2")["stats"]
+    assert stats["read"] == "query" and "would cost more than reading every token" in stats["extra"]["skim"]["skipped"]

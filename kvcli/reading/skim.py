@@ -59,8 +59,9 @@ def filter_heads(profile, compressed_layers: list[int], skimming: Skimming) -> t
     the skim's depth. The profile ranks the layers a method compresses (a sliding-window model's
     global layers), so its rows are mapped back to the model's layers."""
     rows = len(profile.scores)
-    if skimming.depth is None:
-        deepest = next((r for r, row in enumerate(profile.scores) if max(row) >= AUTO_SCORE), rows - 1)
+    if skimming.depth is None:  # no head that good: the layer of the best head there is
+        best = max(range(rows), key=lambda r: max(profile.scores[r]))
+        deepest = next((r for r, row in enumerate(profile.scores) if max(row) >= AUTO_SCORE), best)
     else:
         deepest = max(0, math.floor(skimming.depth * (rows - 1)))
     pairs = profile.top_heads(skimming.heads, max_layer=deepest)
@@ -124,10 +125,15 @@ class Skim:
         n, tail, head = len(prompt), len(prompt) - prompt.prefix_len, _head(prompt)
         plan = self.plan()
         past = self.query.past_window(question)
+        skipped = ""
         if not past and max(head, SINK_TOKENS) + plan.tokens + tail >= n:
-            # every token would go on: the filter would only add its own layers' work
+            skipped = f"the {n:,}-token prompt is no longer than --skim-tokens {plan.tokens:,} with its question"
+        elif not past and self.fraction(question) >= 1:
+            skipped = (f"the filter reads {plan.stop_layer + 1} of {reader.num_layers} layers, so a skim would cost "
+                       f"more than reading every token (a shallower --skim-depth, or fewer --skim-tokens)")
+        if skipped:  # the filter would only add its own layers' work
             reading = self.query.read(question, method, budget, on_layer=on_layer)
-            reading.skim = {"skipped": f"the {n:,}-token prompt is no longer than --skim-tokens {plan.tokens:,} with its question"}
+            reading.skim = {"skipped": skipped}
             return reading
         note, reindex, chunk, filtering = "", None, None, None
         if past:
