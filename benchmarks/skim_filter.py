@@ -27,7 +27,7 @@ from kvcli.generate import forward, new_cache
 from kvcli.methods.base import pool_scores
 from kvcli.models import load_model
 from kvcli.reading.reader import Reader
-from kvcli.reading.skim import Skimming, filter_heads, _head
+from kvcli.reading.skim import Skimming, _head, filter_heads, run_starts
 from kvcli.prompt import build_prompt
 from kvcli.skim import choose_tokens
 from kvcli.step import FilterDone
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     parser.add_argument("--facts", type=int, default=len(ALL))
     parser.add_argument("--tokens", default="512,1024,2048")
-    parser.add_argument("--spans", default="1,8,16,32")
+    parser.add_argument("--spans", default="1,8,16,32", help="run lengths centred on each chosen token; 0: sentences and lines (as ask --skim)")
     parser.add_argument("--filter-depths", default="auto,0.15,0.25,0.4,0.5")
     parser.add_argument("--heads", default="4,8,16")
     parser.add_argument("--json", default=None, help="write every hit here")
@@ -124,12 +124,13 @@ def main() -> None:
                 except FilterDone:
                     pass
             n, tail, head = len(prompt), len(prompt) - prompt.prefix_len, _head(prompt)
+            starts = run_starts(prompt)
             cases += 1
             for config in configs:
                 d, h, s, t = config
                 heads = filter_heads(profile, compressed, Skimming(depth=None if d == "auto" else float(d), heads=h))
                 scores = sum(rec.rows[layer][head_] for layer, head_ in heads)
-                chosen = set(choose_tokens(scores, head, tail, t, s).tolist())
+                chosen = set(choose_tokens(scores, head, tail, t, s, starts if s == 0 else None).tolist())
                 hits[config] += all(p in chosen for p in needle)
             print(f"{length} tokens, depth {depth}: needle tokens {needle[:3]}..", file=sys.stderr, flush=True)
     print(f"model {lm.name}; {cases} needle documents ({args.lengths} tokens x depths {args.depths}); "

@@ -126,19 +126,25 @@ class _Filtered:
         self.layers = cache.layers[:count]
 
 
-def choose_tokens(scores: torch.Tensor, head: int, tail: int, tokens: int, span: int = 1) -> torch.Tensor:
+def choose_tokens(scores: torch.Tensor, head: int, tail: int, tokens: int, span: int = 1,
+                  starts: torch.Tensor | None = None) -> torch.Tensor:
     """Sorted positions `(m,)` read through every layer: the first `head` tokens, `tokens` of those
     between them and the last `tail` (the question), and those `tail`.
 
-    The best-scored token not chosen yet brings the `span` tokens centred on it, then the next, until
-    `tokens` are chosen (the last run may be cut): a fact goes on whole with its neighbours, not only
-    the few tokens its question looked at, wherever it falls."""
+    The best-scored token not chosen yet brings its run, then the next, until `tokens` are chosen
+    (the last run may be cut): a fact goes on whole with its neighbours, not only the few tokens
+    its question looked at. A run is the stretch between two of `starts` (sorted positions where
+    a sentence or line begins, from the reading layer), else the `span` tokens centred on the token."""
     n = scores.shape[0]
     head = min(max(head, SINK_TOKENS), n - tail)
     middle = scores[head : n - tail].float()
     size = middle.shape[0]
     tokens = min(tokens, size)
     taken = torch.zeros(size, dtype=torch.bool)
+    edges = None
+    if starts is not None:
+        inside = starts[(starts > head) & (starts < n - tail)].cpu() - head
+        edges = torch.cat([torch.tensor([0]), inside, torch.tensor([size])]).unique()
     order: list[int] = []
     before, after = (span - 1) // 2, span // 2 + 1
     for best in middle.argsort(descending=True, stable=True).tolist():
@@ -146,7 +152,11 @@ def choose_tokens(scores: torch.Tensor, head: int, tail: int, tokens: int, span:
             break
         if taken[best]:
             continue
-        run = torch.arange(max(0, best - before), min(size, best + after))
+        if edges is None:
+            run = torch.arange(max(0, best - before), min(size, best + after))
+        else:
+            at = int(torch.searchsorted(edges, best, right=True)) - 1
+            run = torch.arange(int(edges[at]), int(edges[at + 1]))
         run = run[~taken[run]]
         taken[run] = True
         order.extend(run.tolist())
@@ -175,12 +185,14 @@ def skim_prefill(
     head: int,
     tail: int,
     filter_compression: Compression | None = None,
+    starts: torch.Tensor | None = None,
     chunk_size: int | None = None,
     reindex=None,
     on_layer: Callable[[int], None] | None = None,
 ) -> tuple[Prefill, SkimRead]:
     """Skim the prompt `(1, n)` whose last `tail` tokens are the question and first `head` its
     opening (both always read in full): the filter pass, then the chosen tokens through every layer.
+    `starts` (sorted positions where sentences or lines begin) make the runs tokens are chosen in.
 
     With `chunk_size` the filter reads in chunks, `filter_compression` pruning its layers after
     each and the question probing each; with `reindex` (a `Reindexer` over the filter layers'
@@ -218,7 +230,7 @@ def skim_prefill(
                 position = reindex.pack(_Filtered(cache, plan.stop_layer + 1))
     del cache
     filtered = time.perf_counter()
-    chosen = choose_tokens(skim.best, head, tail, plan.tokens, plan.span)
+    chosen = choose_tokens(skim.best, head, tail, plan.tokens, plan.span, starts)
     m = chosen.shape[0]
     read = read_compression(compression, m)
     cache = new_cache(model)

@@ -304,3 +304,12 @@ def test_a_skim_that_would_cost_more_than_a_full_read_reads_one_pass(tiny, home,
     doc.write_text(words(600))
     stats = ask_json("ask", doc, "w3?", "-m", tiny, "--skim", "--skim-tokens", "64", "--skim-depth", "1", "--max-new-tokens", "2")["stats"]
     assert stats["read"] == "query" and "would cost more than reading every token" in stats["extra"]["skim"]["skipped"]
+
+
+def test_a_fact_goes_on_as_its_whole_sentence():
+    """With sentence starts, the best-scored token brings its whole sentence (the run between two starts), so a fact is never cut at a fixed boundary."""
+    scores = torch.zeros(120)
+    scores[57] = 1.0  # one token of the fact, in the sentence at 50..70
+    starts = torch.tensor([10, 30, 50, 70, 90])
+    chosen = choose_tokens(scores, head=4, tail=10, tokens=20, span=16, starts=starts).tolist()
+    assert set(range(50, 70)) <= set(chosen) and len(chosen) == 4 + 20 + 10

@@ -11,6 +11,8 @@ read packed. Defaults (docs/methods.md#skim) come from benchmarks/skim_check.py.
 from __future__ import annotations
 
 import math
+
+import torch
 from dataclasses import dataclass, replace
 
 from ..errors import InputError
@@ -41,7 +43,7 @@ class Skimming:
     depth: float | None = DEFAULT_SKIM_DEPTH  # deepest filter layer as a fraction of the layers; None: from the profile
     heads: int = FILTER_HEADS
     positions: str = "original"
-    span: int = 16  # tokens are chosen in runs of this many
+    span: int = 0  # runs tokens are chosen in: 0, the sentence or line of each chosen token; N, the N tokens centred on it
 
     def __post_init__(self) -> None:
         if self.tokens < 1:
@@ -50,6 +52,8 @@ class Skimming:
             raise InputError(f"--skim-depth must be in (0, 1], got {self.depth}")
         if self.heads < 1:
             raise InputError(f"the skim's filter needs at least one head, got {self.heads}")
+        if self.span < 0:
+            raise InputError(f"skim runs must be 0 (sentences) or a number of tokens, got {self.span}")
         if self.positions not in POSITIONS:
             raise InputError(f"skim positions must be {' or '.join(POSITIONS)}, got {self.positions!r}")
 
@@ -98,7 +102,7 @@ class Skim:
         """The filter heads and how many tokens continue (the profile is loaded, or computed once)."""
         if self._plan is None:
             heads = filter_heads(self.reader.profile(), self.reader.attention.compressed_layers, self.skimming)
-            self._plan = SkimPlan(heads=heads, tokens=self.skimming.tokens, positions=self.skimming.positions, span=self.skimming.span)
+            self._plan = SkimPlan(heads=heads, tokens=self.skimming.tokens, positions=self.skimming.positions, span=self.skimming.span or 16)
         return self._plan
 
     def prompt(self, question: str) -> Prompt:
@@ -152,7 +156,7 @@ class Skim:
         with reader.prefilling():
             state, skim = skim_prefill(
                 reader.model, prompt.ids.to(reader.device), compression, plan, head=head, tail=tail,
-                filter_compression=filtering, chunk_size=chunk, reindex=reindex, on_layer=on_layer,
+                filter_compression=filtering, starts=run_starts(prompt) if self.skimming.span == 0 else None, chunk_size=chunk, reindex=reindex, on_layer=on_layer,
             )
         reading = self.query._reading(prompt, state, compression.method if compression is not None else method, "skim", note)
         reading.skim = skim.to_dict()
@@ -160,6 +164,23 @@ class Skim:
         if reindex is not None:
             reading.past = {"prompt_tokens": n, "positions": reader.context_limit(options), "chunks": skim.chunks, "chunk_size": chunk}
         return reading
+
+
+# A run of the documents that goes on whole is a sentence or a line, cut every this many tokens.
+LONGEST_RUN = 48
+
+
+def run_starts(prompt: Prompt, longest: int = LONGEST_RUN) -> torch.Tensor:
+    """Positions `(k,)` where a run of the prompt begins: a token right after a line break or a
+    sentence's end (., ?, !), and at the latest `longest` tokens after the last start."""
+    text, starts = prompt.text, prompt.token_starts
+    found, last = [], 0
+    for p in range(1, len(starts)):
+        before = text[starts[p] - 1] if starts[p] > 0 else "\n"
+        if before == "\n" or (before in ".?!" and text[starts[p]:starts[p] + 1] in (" ", "\n")) or before in " \t" and text[starts[p] - 2:starts[p] - 1] in (".", "?", "!") or p - last >= longest:
+            found.append(p)
+            last = p
+    return torch.tensor(found, dtype=torch.long)
 
 
 def _head(prompt: Prompt) -> int:
