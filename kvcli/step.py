@@ -40,12 +40,17 @@ class Step:
     # Filled in as the pass goes: each layer whose attention went through kvcli's function, and
     # how it attends (attention.LayerAttention). A layer missing here attended on its own.
     attended: dict[int, object] = field(default_factory=dict)
+    # Something that looks at each layer's attention before anything is pruned (an
+    # attribution.DecodeAttention for --sources); None: nothing looks, nothing is computed.
+    watch: object | None = None
 
     def after_attention(self, layer_idx: int, query: torch.Tensor, attn) -> None:
         """Called by the attention function once layer `layer_idx` has attended over its keys;
         `attn` (attention.LayerAttention) is how it attended."""
         cache = self.cache
         self.attended[layer_idx] = attn
+        if self.watch is not None:
+            self.watch.observe(layer_idx, query, cache, attn)
         sliding = attn.sliding_window is not None
         if self.compressor is not None or sliding:
             # The peak is now: this layer holds its full new KV, not yet compressed. Without a

@@ -26,6 +26,8 @@ LAYERS = {
     "methods": "methods",
     "ingest": "text",
     "prompt": "text",
+    "sources": "text",
+    "attribution": "engine",
     "models": "models",
     "stats": "reports",
     "inspect": "reports",

@@ -1,0 +1,64 @@
+"""Where the model looked: the attention a few retrieval heads paid to each cached entry (`--sources`).
+
+An `AttentionAt` is a `Step.watch`: after each layer's attention, before anything is pruned, it
+computes the softmax(q.k) of the step's last `rows` queries at the chosen (layer, query head)
+pairs (the retrieval heads of the model's profile) and adds it up per ORIGINAL prompt position
+(`KVLayer.kept_positions`, so a cache compressed, read once, saved or re-indexed past the context
+maps back alike). kvcli's attention runs through SDPA or flash-attn, which return no
+probabilities, so they are computed here for those few heads only: for one decoded token that is
+a (heads x kept entries) product per chosen layer, a small part of a decode step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import window_attention
+
+
+class AttentionAt:
+    """Sums the attention of the last `rows` queries of every watched step, at `heads`, per original position."""
+
+    def __init__(self, heads: list[tuple[int, int]], rows: int = 1) -> None:
+        self.heads_by_layer: dict[int, list[int]] = {}
+        for layer, head in heads:
+            self.heads_by_layer.setdefault(layer, []).append(head)
+        self.rows = rows
+        self.totals = torch.zeros(0, dtype=torch.float32)  # (max position + 1,) on the CPU
+        self.steps = 0  # query rows seen at the first watched layer: the answer tokens scored
+
+    def observe(self, layer_idx: int, query: torch.Tensor, cache, attn) -> None:
+        heads = self.heads_by_layer.get(layer_idx)
+        if not heads:
+            return
+        layer = cache.layers[layer_idx]
+        keys, _ = layer.view()  # (1, num_kv_heads, k_len, head_dim): this step's entries included
+        positions = layer.kept_positions()  # (num_kv_heads, k_len)
+        rows = min(self.rows, query.shape[2])
+        probs = window_attention(query, keys, rows, attn).sum(dim=2)  # (num_kv_heads, group, k_len)
+        group = probs.shape[1]
+        if layer_idx == min(self.heads_by_layer):
+            self.steps += rows
+        top = int(positions.max()) + 1
+        if top > self.totals.shape[0]:
+            self.totals = torch.cat([self.totals, torch.zeros(top - self.totals.shape[0])])
+        for head in heads:
+            kv_head, within = divmod(head, group)
+            self.totals.index_add_(0, positions[kv_head].cpu(), probs[kv_head, within].cpu())
+
+    def scores(self, below: int | None = None) -> dict[int, float]:
+        """{original position: summed attention} for positions below `below` (the prompt's length) that drew any."""
+        totals = self.totals if below is None else self.totals[:below]
+        where = torch.nonzero(totals > 0).flatten().tolist()
+        values = totals[where].tolist()
+        return dict(zip(where, values))
+
+
+def retrieval_heads(profile, num_layers: int, count: int = 8, max_depth: float = 0.75) -> list[tuple[int, int]]:
+    """The profile's `count` best (layer, query head) pairs among the first `max_depth` of the
+    layers: the heads evidencekv scores its evidence with (its defaults)."""
+    max_layer = max(0, int(max_depth * (num_layers - 1)))
+    return profile.top_heads(count, max_layer=max_layer)
+
+
+__all__ = ["AttentionAt", "retrieval_heads"]
