@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import window_attention
+from .attention import causal_mask
 
 
 class AttentionAt:
@@ -34,17 +34,19 @@ class AttentionAt:
         layer = cache.layers[layer_idx]
         keys, _ = layer.view()  # (1, num_kv_heads, k_len, head_dim): this step's entries included
         positions = layer.kept_positions()  # (num_kv_heads, k_len)
+        group = query.shape[1] // keys.shape[1]
         rows = min(self.rows, query.shape[2])
-        probs = window_attention(query, keys, rows, attn).sum(dim=2)  # (num_kv_heads, group, k_len)
-        group = probs.shape[1]
+        chosen = torch.tensor(heads, device=query.device)
+        kv_heads = chosen // group
+        q = query[0, chosen, -rows:].float()  # (heads, rows, head_dim)
+        probs = _probabilities(q @ keys[0, kv_heads].float().transpose(1, 2), attn, chosen)  # (heads, rows, k_len)
         if layer_idx == min(self.heads_by_layer):
             self.steps += rows
-        top = int(positions.max()) + 1
+        where = positions[kv_heads].reshape(-1).cpu()  # (heads * k_len,)
+        top = int(where.max()) + 1
         if top > self.totals.shape[0]:
             self.totals = torch.cat([self.totals, torch.zeros(top - self.totals.shape[0])])
-        for head in heads:
-            kv_head, within = divmod(head, group)
-            self.totals.index_add_(0, positions[kv_head].cpu(), probs[kv_head, within].cpu())
+        self.totals.index_add_(0, where, probs.sum(dim=1).reshape(-1).cpu())
 
     def scores(self, below: int | None = None) -> dict[int, float]:
         """{original position: summed attention} for positions below `below` (the prompt's length) that drew any."""
@@ -52,6 +54,22 @@ class AttentionAt:
         where = torch.nonzero(totals > 0).flatten().tolist()
         values = totals[where].tolist()
         return dict(zip(where, values))
+
+
+def _probabilities(dots: torch.Tensor, attn, heads: torch.Tensor) -> torch.Tensor:
+    """The layer's attention (`attention.LayerAttention`: scaling, softcapping, sinks, sliding window)
+    of the last `rows` queries from their products `dots` `(heads, rows, k_len)`; query row i sees
+    keys up to its own place (bottom-right aligned), within the layer's window."""
+    rows = dots.shape[1]
+    logits = dots * attn.scaling
+    if attn.softcap is not None:
+        logits = torch.tanh(logits / attn.softcap) * attn.softcap
+    visible = causal_mask(rows, logits.shape[2], logits.device, attn.sliding_window)  # (rows, k_len)
+    logits = logits.masked_fill(~visible, float("-inf"))
+    if attn.sinks is None:
+        return logits.softmax(dim=-1)
+    sink = attn.sinks.to(logits.device, torch.float32)[heads].view(-1, 1, 1).expand(-1, rows, 1)
+    return torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]
 
 
 def retrieval_heads(profile, num_layers: int, count: int = 8, max_depth: float = 0.75) -> list[tuple[int, int]]:

@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 
 from ..attribution import AttentionAt, retrieval_heads
+from ..defaults import DEFAULT_SOURCES
 from ..ingest.document import Document, Source
 from ..sources import Passage, SourceMap, passages
 from .reader import Reader
 
-DEFAULT_SOURCES = 3
 SOURCE_HEADS = 8  # retrieval heads watched (evidencekv's default number)
 
 
