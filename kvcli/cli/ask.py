@@ -15,7 +15,7 @@ from ..defaults import DEFAULT_SCORER
 from ..errors import InputError, shorten
 from .options import COMPRESSION, GENERATION, MODEL, OUTPUT, RunOptions, shared
 from .output import Screen, print_json, user_errors
-from .session import load_saved, saved_read_once, start, stdin_is_piped, warn_prompt
+from .session import load_saved, prepare, saved_read_once, start, stdin_is_piped, warn_prompt
 from .sources import SourcesOpt, check_count
 
 CacheOpt = Annotated[Optional[str], typer.Option("--cache", metavar="FILE.kvc", help="Answer from a cache saved by `kvcli compress` instead of reading documents.", show_default=False)]
@@ -114,7 +114,9 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
     screen, method, options, doc, reader = started.screen, started.method, started.options, started.doc, started.reader
     saved = None
     if cache:
-        saved, method = _saved(reader, cache, run, screen, method, options)
+        saved, method = _saved(reader, cache, run, screen, method, options, sources)
+    if sources:
+        prepare(reader, method, screen, why="--sources")
     elif reuse:
         screen.warn("--reuse chooses what to keep without the questions: specific facts are often lost (docs/results.md); leave it out to read query-aware")
     mode = choose(reader, None if cache else doc.text, options, method, questions, reuse=reuse, compare=compare,
@@ -148,7 +150,7 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
         add_answer(stats, reader, result)
         out = {"question": question, "answer": result.text, "stats": stats.to_dict()}
         if sources:
-            cited = cite_answer(mode, reading, doc, watch, sources, cache)
+            cited = cite_answer(mode, reading, doc, watch, sources)
             out["sources"] = [passage.to_dict() for passage in cited]
             screen.sources(cited, f"Q{index + 1} " if several else "")
         if compare:
@@ -171,15 +173,21 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
             _say_comparison(screen, stats, mode.full_label, full.text, result.text)
 
 
-def cite_answer(mode, reading, doc, watch, count: int, cache: str | None = None) -> list:
-    """The `count` passages the watched answer drew on (`reading.cite`); a saved cache made
-    before kvcli kept the map back to the documents is an InputError."""
+def check_source_map(saved, path: str) -> None:
+    """Refuse --sources on a `.kvc` saved without the map back to its documents (kvcli before --sources)."""
+    from ..reading.cite import saved_source_map
+
+    if saved_source_map(saved) is None:
+        raise InputError(f"{path} was saved without what maps its positions back to the documents; read or compress them again to use --sources")
+
+
+def cite_answer(mode, reading, doc, watch, count: int) -> list:
+    """The `count` passages the watched answer drew on (`reading.cite`)."""
     from ..reading.cite import cite
 
     source_map = mode.source_map(reading, doc)
     if source_map is None:
-        where = f"{cache} was saved" if cache else "this cache was made"
-        raise InputError(f"{where} without what maps its positions back to the documents; read or compress them again to use --sources")
+        raise ValueError("internal: this reading has nothing that maps its positions back to the documents")
     return cite(source_map, watch, count)
 
 
@@ -218,13 +226,16 @@ def _say_comparison(screen: Screen, stats, label: str, full: str, compressed: st
     screen.note(f"kept {kept:.1f}%: {stats.kv_bytes_kept / 2**20:.1f} of {stats.kv_bytes_full / 2**20:.1f} MiB, {verdict}")
 
 
-def _saved(reader, path: str, run: RunOptions, screen: Screen, method, options):
+def _saved(reader, path: str, run: RunOptions, screen: Screen, method, options, sources: int | None = None):
     """(saved, method) for `--cache path`: a compressed prefix (a `reading.Prefix`) answers with the
-    method it was compressed with; a full one (a `reading.ReadOnce`) compresses each question with this run's."""
+    method it was compressed with; a full one (a `reading.ReadOnce`) compresses each question with this run's.
+    With `sources`, a file saved without the map back to its documents is refused before any answer."""
     from ..methods import make_method
     from ..reading import saved_prefix
 
     saved = load_saved(reader, path)
+    if sources:
+        check_source_map(saved, path)
     if saved.kind == "full":
         return saved_read_once(reader, saved, path, options, method, screen), method
     method = make_method(saved.meta["method"], **saved.meta.get("method_params", {}))
