@@ -204,3 +204,23 @@ def test_old_cache_without_a_map_is_refused_in_one_line(tiny, home, lines_doc, t
     saved = tmp_path / "old.kvc"
     assert run("read", lines_doc, "-o", saved, "-m", tiny).exit_code == 0
     one_line_error(run("ask", "--cache", saved, "w1?", "-m", tiny, "--max-new-tokens", "2", "--sources"), "read or compress them again")
+
+
+def test_chat_sources_after_an_answer_equal_ask_sources(tiny, home, lines_doc):  # noqa: F811
+    """In chat, /sources after an answer (fed again, watched) cites what `ask --sources` cites, and `chat --sources` cites it after every answer."""
+    common = ["-m", tiny, "--method", "snapkv", "--ratio", "0.3", "--max-new-tokens", "5", "--json"]
+    (asked,) = _sources(run("ask", lines_doc, "w1 w8?", *common, "--sources"))
+    later = run("chat", lines_doc, *common, input="w1 w8?\n/sources\n/sources 1\n")
+    assert later.exit_code == 0, later.stderr
+    objects = [json.loads(line) for line in later.stdout.splitlines()]
+    assert "sources" not in objects[0]
+    _same(objects[1]["sources"], asked)
+    assert len(objects[2]["sources"]) == 1
+    (every,) = [o["sources"] for o in (json.loads(line) for line in run("chat", lines_doc, *common, "--sources", input="w1 w8?\n").stdout.splitlines())]
+    _same(every, asked)
+
+
+def test_chat_sources_before_any_answer_is_a_one_line_error(tiny, home, lines_doc):  # noqa: F811
+    """/sources before any question says to ask one first, and the session goes on."""
+    result = run("chat", lines_doc, "-m", tiny, "--method", "snapkv", input="/sources\n")
+    assert result.exit_code == 0 and "ask a question first" in result.stderr

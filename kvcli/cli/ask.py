@@ -187,7 +187,7 @@ def cite_answer(mode, reading, doc, watch, count: int) -> list:
 
     source_map = mode.source_map(reading, doc)
     if source_map is None:
-        raise ValueError("internal: this reading has nothing that maps its positions back to the documents")
+        raise InputError("this cache was saved without what maps its positions back to the documents; read or compress them again to use --sources")
     return cite(source_map, watch, count)
 
 

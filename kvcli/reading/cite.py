@@ -54,4 +54,27 @@ def saved_source_map(saved) -> SourceMap | None:
     return SourceMap(Document(text, sources), attached["sources.offsets"].cpu().tolist())
 
 
-__all__ = ["DEFAULT_SOURCES", "cite", "map_tensors", "saved_source_map", "watcher"]
+
+
+def rewatch(reader: Reader, reading, answer) -> AttentionAt:
+    """The watch `answer` (a `reading.Answer`) would have filled had it been decoded watched from
+    `reading` (a fresh one, not decoded from yet): the tokens its decoding fed, fed again in one
+    step, each query attending causally as it did one token at a time (chat's /sources)."""
+    from ..generate import forward
+    from .answer import STOP_LIMIT
+
+    fed = answer.tokens[:-1] if answer.stopped == STOP_LIMIT else answer.tokens  # the last token is fed only before an EOS
+    watch = AttentionAt(retrieval_heads(reader.profile(), reader.num_layers, SOURCE_HEADS), rows=max(1, len(fed)))
+    if not fed:
+        return watch
+    state = reading.state
+    ids = torch.tensor([fed], device=state.logits.device if state.logits is not None else reader.device)
+    with reader.prefilling(), torch.inference_mode():
+        if state.next_position is None:
+            forward(reader.model, state.cache, ids, state.prompt_len, watch=watch)
+        else:  # re-indexed: the answer goes where RoPE left off, its tokens counted from the prompt's end
+            forward(reader.model, state.cache, ids, state.next_position, original_start=state.prompt_len, watch=watch)
+    return watch
+
+
+__all__ = ["DEFAULT_SOURCES", "cite", "map_tensors", "rewatch", "saved_source_map", "watcher"]
