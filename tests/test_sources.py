@@ -237,3 +237,20 @@ def test_batch_rows_carry_the_sources_ask_gives(tiny, home, lines_doc, tmp_path)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     (asked,) = _sources(run("ask", lines_doc, "w1 w8?", *common, "--json", "--sources", "2"))
     _same(next(row["sources"] for row in rows if row["question"] == "w1 w8?"), asked)
+
+
+def test_inspect_shows_the_most_kept_passage_of_each_page(tiny, home, tmp_path):  # noqa: F811
+    """`inspect --json` lists a most-kept passage per page (at most --passages), each text on its page; --passages 0 lists none."""
+    pages = [[sentences(1, 10 * p + k) for k in range(6)] for p in range(4)]
+    path = tmp_path / "doc.pdf"
+    path.write_bytes(pdf_bytes(pages))
+    result = run("inspect", path, "-m", tiny, "--method", "snapkv", "--ratio", "0.2", "--min-keep", "0", "-q", "w1?", "--json", "--passages", "3")
+    assert result.exit_code == 0, result.stderr
+    kept = json.loads(result.stdout)["profile"]["passages"]
+    assert 1 <= len(kept) <= 3 and len({p["page"] for p in kept}) == len(kept)
+    doc = read_documents([str(path)])
+    for passage in kept:
+        page = next(s for s in doc.sources if s.page == passage["page"])
+        assert passage["text"] in doc.text[page.start : page.end]
+    none = run("inspect", path, "-m", tiny, "--method", "snapkv", "-q", "w1?", "--json", "--passages", "0")
+    assert json.loads(none.stdout)["profile"]["passages"] == []

@@ -41,10 +41,9 @@ Exit codes: 0 done, 1 a bug, 2 a user error, 3 out of memory, 130 interrupted.
 """
 
 app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
-for command in (summarize, read, compress, inspect, methods, models):
-    app.command()(command)
-for command in (ask, chat, batch):  # `--sources [N]`: its number may be left out
-    app.command(cls=SourcesCommand)(command)
+for command in (ask, summarize, chat, read, compress, inspect, batch, methods, models):
+    # `--sources [N]` (ask, chat, batch): its number may be left out
+    app.command(cls=SourcesCommand if command in (ask, chat, batch) else None)(command)
 app.command("eval")(eval_)
 app.command()(plan)
 
