@@ -154,7 +154,9 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=10, help="needle text documents per setting")
     parser.add_argument("--pdfs", type=int, default=3, help="PDFs per setting")
     parser.add_argument("--settings", nargs="+", default=["default", "full"])
+    parser.add_argument("--rows", help="also write every case's result here, one JSON object a line")
     args = parser.parse_args()
+    import json
     from kvcli.defaults import DEFAULT_METHOD
     from kvcli.methods import make_method
     from kvcli.models import load_model
@@ -173,6 +175,9 @@ def main() -> None:
             for case in cases:
                 row = run_case(reader, case, method, options, compare=setting == "full", timing=setting == "default")
                 rows.append(row)
+                if args.rows:
+                    with open(args.rows, "a", encoding="utf-8") as out:
+                        out.write(json.dumps({"model": name, "setting": setting, **row}) + "\n")
                 print(f"  {name} {setting} {row['case']}: right={row['right']} first={row['first']} decode={row['decode']}"
                       + (f" prefill={row['prefill']} both={row['both']}" if "prefill" in row else "")
                       + f" answer={row['answer'][:60]!r}", file=sys.stderr, flush=True)

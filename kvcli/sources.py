@@ -20,6 +20,8 @@ from .prompt import Prompt
 # Prose: a sentence ends at . ! ? (and closing quotes or brackets) followed by space, or at a blank line.
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"'\u201d)\]]*\s+|\n\s*\n")
 _WORD = re.compile(r"\w+")
+# A stop after these (or after a single capital, an initial) does not end the sentence: "Dr. Okafor", "e.g. this".
+_ABBREVIATIONS = frozenset({"dr", "mr", "mrs", "ms", "st", "prof", "vs", "etc", "e.g", "i.e", "no", "fig", "cf", "al", "jr", "sr", "inc", "ltd", "co"})
 SHORT_SENTENCE = 40  # chars: a sentence shorter than this ("See below.") is shown with its neighbour
 LONG_UNIT = 400  # chars: a prose "sentence" longer than this (a table, a list without stops) is cut at its lines
 CODE_CONTEXT = 2  # lines shown above and below the line of code that drew the most score
@@ -104,12 +106,25 @@ def _units(document: Document, source: Source) -> list[tuple[int, int]]:
     units = []
     cut = start
     for match in _SENTENCE_END.finditer(text, start, end):
+        if _after_abbreviation(text, match.start(), start) and "\n\n" not in match.group():
+            continue
         if match.start() > cut:
             units.extend(_long_at_lines(text, cut, match.start()))
         cut = match.end()
     if cut < end:
         units.extend(_long_at_lines(text, cut, end))
     return [(a, b) for a, b in units if text[a:b].strip()]
+
+
+def _after_abbreviation(text: str, stop: int, start: int) -> bool:
+    """Whether the stop that ends at `stop` closes an abbreviation or an initial rather than a sentence."""
+    if stop == 0 or text[stop - 1] != ".":
+        return False
+    word_start = stop - 1
+    while word_start > start and not text[word_start - 1].isspace():
+        word_start -= 1
+    word = text[word_start : stop - 1].lstrip("(\"'")
+    return word.lower() in _ABBREVIATIONS or (len(word) == 1 and word.isupper())
 
 
 def _split_lines(text: str, start: int, end: int) -> list[tuple[int, int]]:

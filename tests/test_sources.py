@@ -254,3 +254,11 @@ def test_inspect_shows_the_most_kept_passage_of_each_page(tiny, home, tmp_path):
         assert passage["text"] in doc.text[page.start : page.end]
     none = run("inspect", path, "-m", tiny, "--method", "snapkv", "-q", "w1?", "--json", "--passages", "0")
     assert json.loads(none.stdout)["profile"]["passages"] == []
+
+
+def test_abbreviations_and_initials_do_not_end_a_sentence(tmp_path):
+    """A stop after 'Dr.', 'e.g.' or an initial stays inside the cited sentence; a stop after a word ends it."""
+    (tmp_path / "a.txt").write_text("It rained. Dr. Okafor grew it from a seed, e.g. one found by J. Smith in Madagascar. Then it bloomed.")
+    doc = read_documents([str(tmp_path / "a.txt")])
+    first = passages(doc, _scores_on(doc, "Madagascar"), 1)[0]
+    assert first.text == "Dr. Okafor grew it from a seed, e.g. one found by J. Smith in Madagascar."
