@@ -112,7 +112,7 @@ def run_case(reader, case, method, options, compare: bool, timing: bool) -> dict
     if compare:  # one full read by hand, watching the question window's attention at the heads as it goes
         heads = retrieval_heads(reader.profile(), reader.num_layers, SOURCE_HEADS)
         prompt = mode.prompt(case["question"])
-        cache, window = new_cache(reader.model), AttentionAt(heads, rows=WINDOW)
+        cache, window = new_cache(reader.model), AttentionAt(heads, len(prompt), rows=WINDOW)
         started = time.perf_counter()
         with reader.prefilling(), torch.inference_mode():
             logits = forward(reader.model, cache, prompt.ids.to(reader.device), 0, watch=window)
@@ -126,16 +126,16 @@ def run_case(reader, case, method, options, compare: bool, timing: bool) -> dict
         began = time.perf_counter()
         answer(reader, dataclasses.replace(reading, state=plain_state), options)
         result["plain_decode_s"] = time.perf_counter() - began
-    watch = watcher(reader)
+    watch = watcher(reader, reading)
     began = time.perf_counter()
     said = answer(reader, reading, options, watch=watch)
     result["watched_decode_s"] = time.perf_counter() - began
     result["read_s"] = read_s
     result["answer"] = said.text
     result["right"] = case["key"].lower() in said.text.lower()
-    scores = {"decode": watch.scores(len(source_map.offsets))}
+    scores = {"decode": watch.scores()}
     if compare:
-        scores["prefill"] = window.scores(len(source_map.offsets))
+        scores["prefill"] = window.scores()
         both = normalised(scores["decode"])
         for k, v in normalised(scores["prefill"]).items():
             both[k] = both.get(k, 0.0) + v

@@ -19,12 +19,13 @@ from .attention import causal_mask
 class AttentionAt:
     """Sums the attention of the last `rows` queries of every watched step, at `heads`, per original position."""
 
-    def __init__(self, heads: list[tuple[int, int]], rows: int = 1) -> None:
+    def __init__(self, heads: list[tuple[int, int]], size: int, rows: int = 1) -> None:
         self.heads_by_layer: dict[int, list[int]] = {}
         for layer, head in heads:
             self.heads_by_layer.setdefault(layer, []).append(head)
+        self.size = size  # positions counted: the prompt's; the answer's own tokens fall in one extra slot, dropped
         self.rows = rows
-        self.totals = torch.zeros(0, dtype=torch.float32)  # (max position + 1,) on the CPU
+        self.totals: torch.Tensor | None = None  # (size + 1,) on the first watched layer's device: no sync per step
         self.steps = 0  # query rows seen at the first watched layer: the answer tokens scored
 
     def observe(self, layer_idx: int, query: torch.Tensor, cache, attn) -> None:
@@ -42,18 +43,18 @@ class AttentionAt:
         probs = _probabilities(q @ keys[0, kv_heads].float().transpose(1, 2), attn, chosen)  # (heads, rows, k_len)
         if layer_idx == min(self.heads_by_layer):
             self.steps += rows
-        where = positions[kv_heads].reshape(-1).cpu()  # (heads * k_len,)
-        top = int(where.max()) + 1
-        if top > self.totals.shape[0]:
-            self.totals = torch.cat([self.totals, torch.zeros(top - self.totals.shape[0])])
-        self.totals.index_add_(0, where, probs.sum(dim=1).reshape(-1).cpu())
+        if self.totals is None:
+            self.totals = torch.zeros(self.size + 1, dtype=torch.float32, device=probs.device)
+        where = positions[kv_heads].reshape(-1).clamp(max=self.size)  # (heads * k_len,)
+        self.totals.index_add_(0, where.to(self.totals.device), probs.sum(dim=1).reshape(-1).to(self.totals.device))
 
-    def scores(self, below: int | None = None) -> dict[int, float]:
-        """{original position: summed attention} for positions below `below` (the prompt's length) that drew any."""
-        totals = self.totals if below is None else self.totals[:below]
+    def scores(self) -> dict[int, float]:
+        """{prompt position: summed attention} for the prompt's positions that drew any."""
+        if self.totals is None:
+            return {}
+        totals = self.totals[: self.size].cpu()
         where = torch.nonzero(totals > 0).flatten().tolist()
-        values = totals[where].tolist()
-        return dict(zip(where, values))
+        return dict(zip(where, totals[where].tolist()))
 
 
 def _probabilities(dots: torch.Tensor, attn, heads: torch.Tensor) -> torch.Tensor:

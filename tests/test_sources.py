@@ -87,14 +87,14 @@ def test_retrieval_head_probabilities_are_the_layers_attention():
 
 
 def test_attention_is_summed_per_original_position():
-    """A watched step adds each chosen head's attention to the entries' original positions, whatever order they are stored in."""
+    """A watched step adds each chosen head's attention to the entries' original positions, whatever order they are stored in; positions past the prompt drop out."""
     from kvcli.cache import KVCache
 
     cache = KVCache(1)
     torch.manual_seed(1)
     keys = torch.randn(1, 1, 4, 8)
     cache.layers[0].load(keys, keys.clone(), torch.tensor([[9, 2, 5, 7]]))
-    watch = AttentionAt([(0, 0), (0, 1)])
+    watch = AttentionAt([(0, 0), (0, 1)], size=10)
     query = torch.randn(1, 2, 1, 8)
     watch.observe(0, query, cache, LayerAttention(0.5))
     probs = (query[0, :, 0] @ keys[0, 0].T * 0.5).softmax(-1).sum(0)
@@ -102,6 +102,9 @@ def test_attention_is_summed_per_original_position():
     assert sorted(scores) == [2, 5, 7, 9]
     assert [scores[p] for p in (9, 2, 5, 7)] == pytest.approx(probs.tolist())
     assert watch.steps == 1
+    short = AttentionAt([(0, 0), (0, 1)], size=8)  # position 9 lies past the prompt (an answer token): dropped
+    short.observe(0, query, cache, LayerAttention(0.5))
+    assert short.scores() == pytest.approx({p: scores[p] for p in (2, 5, 7)})
 
 
 def test_sources_without_a_number_is_the_default_count():

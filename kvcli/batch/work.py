@@ -141,7 +141,7 @@ class AnswerJobs:
         stats = run_stats(self.reader, reading)
         if "prefix" in stats.extra:
             stats.extra["prefix"]["questions"] = questions
-        watch = watcher(self.reader) if self.sources else None
+        watch = watcher(self.reader, reading) if self.sources else None
         result = answer(self.reader, reading, options, started=began, watch=watch)
         add_answer(stats, self.reader, result)
         out = {"answer": result.text, "stats": stats.to_dict()}

@@ -142,7 +142,7 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
             stats.extra["prefix"]["questions"] = len(questions)
         if several and not run.json:
             sys.stdout.write(("\n" if index else "") + f"Q: {question}\nA: ")
-        watch = watcher(reader) if sources else None
+        watch = watcher(reader, reading) if sources else None
         try:
             result = answer(reader, reading, options, on_text=screen.stream(), started=began, watch=watch)
         finally:

@@ -99,7 +99,7 @@ class Chat:
         with _bar(self.screen, self.mode.bar, self.reader.num_layers) as progress:
             reading = self.mode.read(question, self.method, self.budget, **progress)
         stats = run_stats(self.reader, reading)
-        watch = watcher(self.reader) if self.sources else None
+        watch = watcher(self.reader, reading) if self.sources else None
         try:
             result = answer(self.reader, reading, self.options, on_text=self.screen.stream(), started=began, watch=watch)
         finally:

@@ -23,14 +23,14 @@ from .reader import Reader
 SOURCE_HEADS = 8  # retrieval heads watched (evidencekv's default number)
 
 
-def watcher(reader: Reader) -> AttentionAt:
-    """What to hand `answer(..., watch=)` so that its attention can be cited afterwards."""
-    return AttentionAt(retrieval_heads(reader.profile(), reader.num_layers, SOURCE_HEADS))
+def watcher(reader: Reader, reading) -> AttentionAt:
+    """What to hand `answer(reader, reading, ..., watch=)` so that its attention can be cited afterwards."""
+    return AttentionAt(retrieval_heads(reader.profile(), reader.num_layers, SOURCE_HEADS), reading.state.prompt_len)
 
 
 def cite(source_map: SourceMap, watch: AttentionAt, count: int = DEFAULT_SOURCES) -> list[Passage]:
     """The `count` passages the watched answer's attention fell on most."""
-    return passages(source_map.document, source_map.char_scores(watch.scores(len(source_map.offsets))), count)
+    return passages(source_map.document, source_map.char_scores(watch.scores()), count)
 
 
 def map_tensors(source_map: SourceMap) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -64,7 +64,7 @@ def rewatch(reader: Reader, reading, answer) -> AttentionAt:
     from .answer import STOP_LIMIT
 
     fed = answer.tokens[:-1] if answer.stopped == STOP_LIMIT else answer.tokens  # the last token is fed only before an EOS
-    watch = AttentionAt(retrieval_heads(reader.profile(), reader.num_layers, SOURCE_HEADS), rows=max(1, len(fed)))
+    watch = AttentionAt(retrieval_heads(reader.profile(), reader.num_layers, SOURCE_HEADS), reading.state.prompt_len, rows=max(1, len(fed)))
     if not fed:
         return watch
     state = reading.state
