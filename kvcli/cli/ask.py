@@ -115,10 +115,10 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
     saved = None
     if cache:
         saved, method = _saved(reader, cache, run, screen, method, options, sources)
-    if sources:
-        prepare(reader, method, screen, why="--sources")
     elif reuse:
         screen.warn("--reuse chooses what to keep without the questions: specific facts are often lost (docs/results.md); leave it out to read query-aware")
+    if sources:
+        prepare(reader, method, screen, why="--sources")
     mode = choose(reader, None if cache else doc.text, options, method, questions, reuse=reuse, compare=compare,
                   saved=saved, past=past, scorer=scorer)
     several, first = len(questions) > 1, None
