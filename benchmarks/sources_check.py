@@ -5,7 +5,8 @@
 Needle documents: CPython's reference prose (`pydoc_data.topics`, not samples/), each case
 starting at another topic, with one of ten facts (benchmarks/reuse_check.py) at depth
 (i + 0.5) / cases and a prompt of 1,500, 2,500 or 4,000 tokens in turn; and PDFs made here
-(tests/pdfutil.py) of five pages with the fact on page 2, 3 or 4. Each case is read as
+(tests/pdfutil.py) of five pages with the fact on page 2, 3 or 4; with --facts-doc, one document
+holding all ten facts, each asked for (the first source must hold that fact, not another). Each case is read as
 `kvcli ask` reads it, under two settings: the default method at the default ratio, and
 `--method full`. Per setting it counts answers that hold the fact's key word, and, among
 those and among all, how often the first source holds the needle sentence (text) or is on the
@@ -83,6 +84,22 @@ def pdf_cases(count: int, workdir: Path) -> list[dict]:
     return cases
 
 
+def facts_cases(tokenizer, length: int, workdir: Path) -> list[dict]:
+    """One document of about `length` tokens holding all ten facts (benchmarks/reuse_check.py), asked
+    about each: the first source must hold the fact asked for, not one of the nine others."""
+    ids = tokenizer(haystack(41), add_special_tokens=False)["input_ids"][:length]
+    text = tokenizer.decode(ids)
+    text = text[: text.rfind(". ") + 1]
+    for i, (fact, _, _) in enumerate(FACTS):  # evenly spread, at sentence ends, as reuse_check.build_document does
+        at = text.rfind(". ", 0, int(len(text) * (i + 0.5) / len(FACTS)))
+        at = 0 if at < 0 else at + 2
+        text = text[:at] + fact + " " + text[at:]
+    path = workdir / f"ten-facts-{length}.txt"
+    path.write_text(text, encoding="utf-8")
+    return [{"name": f"ten facts {length}: fact {i + 1}", "path": path, "fact": fact, "question": question, "key": key, "page": None}
+            for i, (fact, question, key) in enumerate(FACTS)]
+
+
 def holds(passage, case) -> bool:
     """Whether a passage shows the planted fact: on its page (PDF), or holding its sentence."""
     if case["page"] is not None:
@@ -153,6 +170,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["qwen2.5-coder-0.5b", "smollm2-135m"])
     parser.add_argument("--cases", type=int, default=10, help="needle text documents per setting")
     parser.add_argument("--pdfs", type=int, default=3, help="PDFs per setting")
+    parser.add_argument("--facts-doc", type=int, default=0, metavar="TOKENS",
+                        help="also ask each of ten facts hidden in one document of this many tokens (0: not)")
     parser.add_argument("--settings", nargs="+", default=["default", "full"])
     parser.add_argument("--rows", help="also write every case's result here, one JSON object a line")
     args = parser.parse_args()
@@ -169,6 +188,8 @@ def main() -> None:
     for name in args.models:
         reader = Reader(load_model(name))
         cases = text_cases(reader.tokenizer, args.cases, workdir) + pdf_cases(args.pdfs, workdir)
+        if args.facts_doc:
+            cases += facts_cases(reader.tokenizer, args.facts_doc, workdir)
         for setting in args.settings:
             method = make_method(DEFAULT_METHOD if setting == "default" else "full")
             rows = []
@@ -190,7 +211,8 @@ def main() -> None:
                 cost = f"{extra:+.2f}s of {whole:.1f}s ({100 * extra / whole:+.1f}%)"
             else:
                 cost = "-"
-            print(f"| {name} | {setting} | {len(rows)} ({args.cases} text, {args.pdfs} PDF) | {len(right)} | "
+            kinds = f"{args.cases} text, {args.pdfs} PDF" + (", 10 on one ten-fact document" if args.facts_doc else "")
+            print(f"| {name} | {setting} | {len(rows)} ({kinds}) | {len(right)} | "
                   f"{sum(r['decode'] for r in right)}/{len(right)} | {sum(r['decode'] for r in rows)}/{len(rows)} | {compared} | {cost} |", flush=True)
 
 
