@@ -37,16 +37,20 @@ class AttentionAt:
         positions = layer.kept_positions()  # (num_kv_heads, k_len)
         group = query.shape[1] // keys.shape[1]
         rows = min(self.rows, query.shape[2])
-        chosen = torch.tensor(heads, device=query.device)
-        kv_heads = chosen // group
-        q = query[0, chosen, -rows:].float()  # (heads, rows, head_dim)
-        probs = _probabilities(q @ keys[0, kv_heads].float().transpose(1, 2), attn, chosen)  # (heads, rows, k_len)
         if layer_idx == min(self.heads_by_layer):
             self.steps += rows
         if self.totals is None:
-            self.totals = torch.zeros(self.size + 1, dtype=torch.float32, device=probs.device)
-        where = positions[kv_heads].reshape(-1).clamp(max=self.size)  # (heads * k_len,)
-        self.totals.index_add_(0, where.to(self.totals.device), probs.sum(dim=1).reshape(-1).to(self.totals.device))
+            self.totals = torch.zeros(self.size + 1, dtype=torch.float32, device=query.device)
+        by_kv: dict[int, list[int]] = {}
+        for head in heads:
+            by_kv.setdefault(head // group, []).append(head)
+        for kv_head, chosen in by_kv.items():
+            # the KV head's keys are read in place (no gather of a copy per query head)
+            q = query[0, chosen, -rows:].float()  # (heads, rows, head_dim)
+            dots = q @ keys[0, kv_head].float().T  # (heads, rows, k_len)
+            probs = _probabilities(dots, attn, torch.tensor(chosen))
+            where = positions[kv_head].clamp(max=self.size)  # the answer's own entries fall in the last slot
+            self.totals.index_add_(0, where.to(self.totals.device), probs.sum(dim=(0, 1)).to(self.totals.device))
 
     def scores(self) -> dict[int, float]:
         """{prompt position: summed attention} for the prompt's positions that drew any."""
@@ -61,12 +65,13 @@ def _probabilities(dots: torch.Tensor, attn, heads: torch.Tensor) -> torch.Tenso
     """The layer's attention (`attention.LayerAttention`: scaling, softcapping, sinks, sliding window)
     of the last `rows` queries from their products `dots` `(heads, rows, k_len)`; query row i sees
     keys up to its own place (bottom-right aligned), within the layer's window."""
-    rows = dots.shape[1]
+    rows, k_len = dots.shape[1], dots.shape[2]
     logits = dots * attn.scaling
     if attn.softcap is not None:
         logits = torch.tanh(logits / attn.softcap) * attn.softcap
-    visible = causal_mask(rows, logits.shape[2], logits.device, attn.sliding_window)  # (rows, k_len)
-    logits = logits.masked_fill(~visible, float("-inf"))
+    if rows > 1 or (attn.sliding_window is not None and k_len > attn.sliding_window):  # one query sees every key otherwise
+        visible = causal_mask(rows, k_len, logits.device, attn.sliding_window)  # (rows, k_len)
+        logits = logits.masked_fill(~visible, float("-inf"))
     if attn.sinks is None:
         return logits.softmax(dim=-1)
     sink = attn.sinks.to(logits.device, torch.float32)[heads].view(-1, 1, 1).expand(-1, rows, 1)
