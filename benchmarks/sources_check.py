@@ -8,7 +8,8 @@ starting at another topic, with one of ten facts (benchmarks/reuse_check.py) at 
 (tests/pdfutil.py) of five pages with the fact on page 2, 3 or 4; with --facts-doc, one document
 holding all ten facts, each asked for (the first source must hold that fact, not another). Each case is read as
 `kvcli ask` reads it, under two settings: the default method at the default ratio, and
-`--method full`. Per setting it counts answers that hold the fact's key word, and, among
+`--method full` (and, with `--settings ratio0.1`, the default method at an explicit `--ratio 0.1`,
+which the `--min-keep` floor does not raise). Per setting it counts answers that hold the fact's key word, and, among
 those and among all, how often the first source holds the needle sentence (text) or is on the
 fact's page (PDF).
 
@@ -172,12 +173,12 @@ def main() -> None:
     parser.add_argument("--pdfs", type=int, default=3, help="PDFs per setting")
     parser.add_argument("--facts-doc", type=int, default=0, metavar="TOKENS",
                         help="also ask each of ten facts hidden in one document of this many tokens (0: not)")
-    parser.add_argument("--settings", nargs="+", default=["default", "full"])
+    parser.add_argument("--settings", nargs="+", default=["default", "full"], choices=["default", "full", "ratio0.1"])
     parser.add_argument("--rows", help="also write every case's result here, one JSON object a line")
     args = parser.parse_args()
     import json
     from kvcli.defaults import DEFAULT_METHOD
-    from kvcli.methods import make_method
+    from kvcli.methods import Budget, make_method
     from kvcli.models import load_model
     from kvcli.reading import Options, Reader
 
@@ -191,10 +192,12 @@ def main() -> None:
         if args.facts_doc:
             cases += facts_cases(reader.tokenizer, args.facts_doc, workdir)
         for setting in args.settings:
-            method = make_method(DEFAULT_METHOD if setting == "default" else "full")
+            method = make_method("full" if setting == "full" else DEFAULT_METHOD)
+            # "ratio0.1": the default method at an explicit --ratio 0.1 (no --min-keep floor), a tenth of the cache kept
+            read_options = Options(max_new_tokens=32, budget=Budget(ratio=0.1)) if setting == "ratio0.1" else options
             rows = []
             for case in cases:
-                row = run_case(reader, case, method, options, compare=setting == "full", timing=setting == "default")
+                row = run_case(reader, case, method, read_options, compare=setting == "full", timing=setting == "default")
                 rows.append(row)
                 if args.rows:
                     with open(args.rows, "a", encoding="utf-8") as out:
