@@ -95,6 +95,7 @@ def forward(
     accumulated_before: list[torch.Tensor] | None = None,
     queries_before: list[torch.Tensor] | None = None,
     original_start: int | None = None,
+    watch=None,
     *,
     positions: torch.Tensor | None = None,
     original: torch.Tensor | None = None,
@@ -104,7 +105,8 @@ def forward(
 
     `compressor` (if any) prunes each layer right after its attention; the last `probe_len`
     tokens score the rest but are not kept. With `original_start` the tokens are fed at positions
-    start.. but recorded as the prompt's tokens original_start.. (a re-indexed read).
+    start.. but recorded as the prompt's tokens original_start.. (a re-indexed read). `watch`
+    (`Step.watch`) sees each layer's attention.
     """
     windows = list(prepare_model(model).windows)  # probed once per model
     if cache.windows != windows:
@@ -115,7 +117,8 @@ def forward(
     if original is None and original_start is not None:
         original = torch.arange(original_start, original_start + q_len, device=input_ids.device)
     step = Step(cache=cache, positions=positions, original=original, compressor=compressor, probe_len=probe_len,
-                on_layer=on_layer, accumulated_before=accumulated_before, queries_before=queries_before, skim=skim)
+                on_layer=on_layer, accumulated_before=accumulated_before, queries_before=queries_before, skim=skim,
+                watch=watch)
     with cache.feeding(step):
         out = model(
             input_ids=input_ids,
@@ -346,10 +349,12 @@ def decode(
     max_new_tokens: int,
     eos_token_ids: set[int],
     sampling: Sampling | None = None,
+    watch=None,
 ) -> Iterator[int]:
     """Yield generated token ids one by one, stopping at EOS or `max_new_tokens`.
 
-    The cache in `state` grows by one entry per layer per step.
+    The cache in `state` grows by one entry per layer per step. `watch` (`Step.watch`, e.g. an
+    `attribution.DecodeAttention`) sees every layer's attention of every fed token.
     """
     sampling = sampling or Sampling()
     device = state.logits.device
@@ -368,9 +373,9 @@ def decode(
                 return
             ids = torch.tensor([[token]], device=device)
             if fed_at is None:
-                logits = forward(model, state.cache, ids, position)
+                logits = forward(model, state.cache, ids, position, watch=watch)
             else:
-                logits = forward(model, state.cache, ids, fed_at + step, original_start=position)
+                logits = forward(model, state.cache, ids, fed_at + step, original_start=position, watch=watch)
             position += 1
 
 

@@ -133,6 +133,19 @@ class _ProfileRows:
         yield table
 
 
+def kept_scores(cache, prompt_len: int) -> dict[int, float]:
+    """{prompt position: in how many layers it was kept (each layer counting the share of its KV
+    heads that kept it)}, for the prompt's positions that any layer kept: what `inspect` cites
+    its most-kept passages by."""
+    totals = torch.zeros(prompt_len, dtype=torch.float32)
+    for layer in cache.layers:
+        positions = layer.kept_positions().cpu()  # (num_kv_heads, n_kept)
+        inside = positions[positions < prompt_len]
+        totals += torch.bincount(inside, minlength=prompt_len)[:prompt_len].float() / positions.shape[0]
+    where = torch.nonzero(totals > 0).flatten().tolist()
+    return dict(zip(where, totals[where].tolist()))
+
+
 @dataclass
 class PositionMap:
     """Per layer, the fraction of the document's tokens kept along the document, in equal buckets.

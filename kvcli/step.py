@@ -43,12 +43,17 @@ class Step:
     # A skim's filter (kvcli.skim.Filter): scores the prompt at its heads' layers and ends the pass
     # (raising `FilterDone`) after the deepest of them, so the later layers never run.
     skim: object | None = None
+    # Something that looks at each layer's attention before anything is pruned (an
+    # attribution.DecodeAttention for --sources); None: nothing looks, nothing is computed.
+    watch: object | None = None
 
     def after_attention(self, layer_idx: int, query: torch.Tensor, attn) -> None:
         """Called by the attention function once layer `layer_idx` has attended over its keys;
         `attn` (attention.LayerAttention) is how it attended."""
         cache = self.cache
         self.attended[layer_idx] = attn
+        if self.watch is not None:
+            self.watch.observe(layer_idx, query, cache, attn)
         if self.skim is not None:  # before the compressor prunes the keys it scores
             self.skim.observe(cache, layer_idx, query, attn, self.probe_len)
         sliding = attn.sliding_window is not None

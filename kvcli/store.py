@@ -40,7 +40,7 @@ _OLDER = {
     2: "whose checksum does not cover its metadata",
 }
 # safetensors' dtype names, for the tensors kvcli writes
-_FILE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "I64": torch.int64}
+_FILE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "I64": torch.int64, "U8": torch.uint8}
 
 
 KINDS = ("compressed", "full")
@@ -54,6 +54,9 @@ class SavedCache:
     cache: KVCache
     meta: dict  # kind, model, config_hash, weights_fingerprint, dtype, method, method_params, prompt_tokens, sources, ...
     extras: dict[str, list[torch.Tensor]] | None = None  # full prefixes: per layer `tail_queries` (and `accumulated`)
+    # tensors beside the layers' (names without the `layer.` prefix), such as what maps positions
+    # back to the documents (`sources.offsets`, `sources.text`); a file written without them loads with none
+    attached: dict[str, torch.Tensor] | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -110,12 +113,13 @@ class _Checksum:
 
 
 def save_cache(path: str | Path, cache: KVCache, meta: dict, dtype: torch.dtype | None = None,
-               extras: dict[str, list[torch.Tensor]] | None = None) -> int:
+               extras: dict[str, list[torch.Tensor]] | None = None, attached: dict[str, torch.Tensor] | None = None) -> int:
     """Write `cache` and `meta` to `path` atomically (temp file, then rename); return bytes written.
 
     `meta` must hold the model's `weights_fingerprint` (`LoadedModel.weights_fingerprint`) and
     its `kind`; `dtype` stores keys and values in another precision (the metadata records it);
-    `extras` are per-layer tensors a full prefix needs (`tail_queries`, `accumulated`).
+    `extras` are per-layer tensors a full prefix needs (`tail_queries`, `accumulated`);
+    `attached` are tensors of the whole file (not named `layer.*`), covered by the checksum too.
     """
     path = Path(path)
     if meta.get("kind", "compressed") not in KINDS:
@@ -127,6 +131,10 @@ def save_cache(path: str | Path, cache: KVCache, meta: dict, dtype: torch.dtype 
     if not path.parent.exists():
         raise InputError(f"folder {path.parent} does not exist; create it or choose another -o path")
     tensors = _tensors(cache, dtype, extras)
+    for name, tensor in (attached or {}).items():
+        if name.startswith("layer."):
+            raise ValueError(f"save_cache: attached tensor {name!r} may not be named like a layer's")
+        tensors[name] = tensor.contiguous().cpu()
     if dtype is not None:
         meta = dict(meta, storage_dtype=str(dtype).removeprefix("torch."))
     header = dict(meta, format=_MAGIC, format_version=FORMAT_VERSION, num_layers=cache.num_layers)
@@ -251,7 +259,8 @@ def load_cache(
                 raise InputError(f"{path} is corrupted (a layer's {name} is missing); compress the documents again") from None
     if meta.get("kind", "compressed") == "full" and "tail_queries" not in extras:
         raise InputError(f"{path} is corrupted (a full prefix without its queries); read the documents again")
-    return SavedCache(cache=cache, meta=meta, extras=extras or None)
+    attached = {name: tensor for name, tensor in tensors.items() if not name.startswith("layer.")}
+    return SavedCache(cache=cache, meta=meta, extras=extras or None, attached=attached or None)
 
 
 def _check_made_with(meta: dict, path: Path, config_hash: str, model_name: str, dtype: torch.dtype | None,

@@ -153,3 +153,21 @@ def test_kvpress_crosscheck_kvcli_side_keeps_kvpress_counts(tiny_model, home, on
             assert max(p for layer in row["kept_kvcli"] for head in layer for p in head) < len(context)
     assert rows[0]["jaccard_mean"] == rows[1]["jaccard_mean"] == 1.0
     assert "same_counts" in rows[3]
+
+
+def test_sources_check_scores_a_case_with_every_score(tiny_model, home, one_thread, tmp_path):
+    """sources_check reads a case as ask does, answers it watched, and judges the decode, prefill and combined scores (full) and the watch's cost (compressed)."""
+    from kvcli.methods import make_method
+    from kvcli.models import load_model
+    from kvcli.reading import Options, Reader
+
+    _script("reuse_check")  # sources_check takes its facts from reuse_check, beside it
+    sources_check = _script("sources_check")
+    path = tmp_path / "doc.txt"
+    path.write_text(". ".join(f"w{i % 60} w{(7 * i) % 60}" for i in range(60)) + ".")
+    case = {"name": "tiny", "path": path, "fact": "w1 w7", "question": "w1?", "key": "w7", "page": None}
+    reader = Reader(load_model(tiny_model))
+    full = sources_check.run_case(reader, case, make_method("full"), Options(max_new_tokens=3), compare=True, timing=False)
+    assert {"decode", "prefill", "both", "right", "first"} <= set(full) and full["first"].startswith(str(path))
+    compressed = sources_check.run_case(reader, case, make_method("snapkv"), Options(max_new_tokens=3), compare=False, timing=True)
+    assert "prefill" not in compressed and compressed["plain_decode_s"] > 0 and compressed["watched_decode_s"] > 0

@@ -27,6 +27,8 @@ LAYERS = {
     "methods": "methods",
     "ingest": "text",
     "prompt": "text",
+    "sources": "text",
+    "attribution": "engine",
     "models": "models",
     "stats": "reports",
     "inspect": "reports",

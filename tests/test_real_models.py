@@ -118,3 +118,24 @@ def test_read_once_is_one_pass_on_the_default_model(qwen):
                 assert torch.equal(a.kept_positions(), b.kept_positions()), (question, method.name)
             if method.name in ("evidencekv", "dynamickv"):
                 assert answer(qwen, fed, options).tokens == answer(qwen, expected, options).tokens, (question, method.name)
+
+
+def test_sources_cite_the_page_of_a_planted_fact(qwen, tmp_path, model_home, monkeypatch):
+    """`ask --sources` on a five-page PDF made here, with a fact planted on page 3, answers it and cites page 3 first, the fact's sentence in the passage."""
+    import textwrap
+
+    from pdfutil import pdf_bytes
+
+    monkeypatch.setenv("KVCLI_HOME", str(model_home))
+    lines = textwrap.wrap(prose(qwen.tokenizer, 2600, start_topic="exceptions"), 90)
+    pages = [lines[p * 30 : (p + 1) * 30] for p in range(5)]
+    pages[2] = pages[2][:14] + textwrap.wrap(NEEDLE, 90) + pages[2][14:]
+    path = tmp_path / "report.pdf"
+    path.write_bytes(pdf_bytes(pages))
+    result = CliRunner().invoke(app, ["ask", str(path), QUESTION, "--max-new-tokens", "24", "--json", "--sources"])
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert "owl" in data["answer"].lower()
+    first = data["sources"][0]
+    assert first["document"] == str(path) and first["page"] == 3
+    assert "blue ceramic owl" in " ".join(first["text"].split())

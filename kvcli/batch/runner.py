@@ -107,7 +107,7 @@ def run_batch(jobs: list[Job], pool, answers: AnswersFile, describe: Callable[[B
                 finish(index, [], resumed=True)
                 continue
             running[index] = (job, names, todo, list(doc.warnings))
-            yield index, JobTask(job.id, doc.text, [question for question, _ in todo], job.method, job.options)
+            yield index, JobTask(job.id, doc.text, [question for question, _ in todo], job.method, job.options, doc.sources)
 
     try:
         for index, outcome in pool.map(tasks()):

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 from ..errors import KvcliError
 from ..methods import Method
+from ..ingest import Document
 from ..reading import Options, Reader, add_answer, answer, run_stats
+from ..reading.cite import cite, watcher
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class JobTask:
     questions: list[str]
     method: Method
     options: Options
+    spans: tuple = ()  # the documents' `ingest.Source` spans in `text`, for --sources
 
 
 def user_message(exc: BaseException) -> str | None:
@@ -102,8 +105,9 @@ class AnswerJobs:
     each question's result is `{"answer", "stats"}` or `{"error"}`.
     """
 
-    def __init__(self, describe: Callable[[BaseException], str | None] = user_message) -> None:
+    def __init__(self, describe: Callable[[BaseException], str | None] = user_message, sources: int | None = None) -> None:
         self.describe = describe
+        self.sources = sources  # --sources: each result also has "sources", the passages its answer drew on
 
     def start(self, reader: Reader) -> None:
         self.reader = reader
@@ -121,7 +125,7 @@ class AnswerJobs:
         results = []
         for question in task.questions:
             try:
-                results.append(self._answer(mode, question, task.method, task.options, len(task.questions)))
+                results.append(self._answer(mode, question, task.method, task.options, len(task.questions), task))
             except Exception as exc:
                 message = self.describe(exc)
                 if message is None:
@@ -129,7 +133,7 @@ class AnswerJobs:
                 results.append({"error": message})
         return results
 
-    def _answer(self, mode, question: str, method: Method, options: Options, questions: int) -> dict:
+    def _answer(self, mode, question: str, method: Method, options: Options, questions: int, task: JobTask) -> dict:
         began = time.perf_counter()
         mode.check(question, method)
         mode.prepare()
@@ -137,6 +141,11 @@ class AnswerJobs:
         stats = run_stats(self.reader, reading)
         if "prefix" in stats.extra:
             stats.extra["prefix"]["questions"] = questions
-        result = answer(self.reader, reading, options, started=began)
+        watch = watcher(self.reader, reading) if self.sources else None
+        result = answer(self.reader, reading, options, started=began, watch=watch)
         add_answer(stats, self.reader, result)
-        return {"answer": result.text, "stats": stats.to_dict()}
+        out = {"answer": result.text, "stats": stats.to_dict()}
+        if self.sources:
+            source_map = mode.source_map(reading, Document(task.text, tuple(task.spans)))
+            out["sources"] = [passage.to_dict() for passage in cite(source_map, watch, self.sources)]
+        return out

@@ -23,6 +23,7 @@ from .info import methods, models
 from .inspect import inspect
 from .plan import plan
 from .read import read
+from .sources import SourcesCommand
 from .output import EXIT_INTERRUPTED, EXIT_OUT_OF_MEMORY, EXIT_USER_ERROR
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_OUT_OF_MEMORY", "EXIT_USER_ERROR", "app", "main"]
@@ -41,7 +42,8 @@ Exit codes: 0 done, 1 a bug, 2 a user error, 3 out of memory, 130 interrupted.
 
 app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
 for command in (ask, summarize, chat, read, compress, inspect, batch, methods, models):
-    app.command()(command)
+    # `--sources [N]` (ask, chat, batch): its number may be left out
+    app.command(cls=SourcesCommand if command in (ask, chat, batch) else None)(command)
 app.command("eval")(eval_)
 app.command()(plan)
 

@@ -15,7 +15,8 @@ from ..defaults import DEFAULT_SCORER
 from ..errors import InputError, shorten
 from .options import COMPRESSION, GENERATION, MODEL, OUTPUT, SKIM, RunOptions, shared
 from .output import Screen, print_json, user_errors
-from .session import load_saved, saved_read_once, start, stdin_is_piped, warn_prompt
+from .session import load_saved, prepare, saved_read_once, start, stdin_is_piped, warn_prompt
+from .sources import SourcesOpt, check_count
 
 CacheOpt = Annotated[Optional[str], typer.Option("--cache", metavar="FILE.kvc", help="Answer from a cache saved by `kvcli compress` instead of reading documents.", show_default=False)]
 IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", metavar="GLOB", help="In folders, read only files matching this glob (gitignore style); repeatable.", show_default=False)]
@@ -94,16 +95,19 @@ def path_kind(text: str) -> str | None:
 
 def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache: str | None = None,
                reuse: bool = False, compare: bool = False, include=(), exclude=(), scorer: str = DEFAULT_SCORER,
-               past: str = "compressed") -> None:
+               past: str = "compressed", sources: int | None = None) -> None:
     """Answer each question, read as `reading.policy.choose` decides (query-aware by default).
 
     One question: its answer on stdout, the report on stderr. Several: each answer in a
     `Q: ...` / `A: ...` block on stdout (docs/cli.md), one short line per answer on stderr,
-    then one report of the read.
+    then one report of the read. With `sources` (a count), the passages each answer drew on
+    follow it on stderr (in `--json`, its "sources").
     """
     from ..reading import add_answer, answer, run_stats
+    from ..reading.cite import watcher
     from ..reading.policy import choose
 
+    check_count(sources)
     if compare and (cache or reuse):
         raise InputError("--compare reads query-aware; drop --cache or --reuse")
     if run.skim and (cache or reuse):
@@ -112,9 +116,11 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
     screen, method, options, doc, reader = started.screen, started.method, started.options, started.doc, started.reader
     saved = None
     if cache:
-        saved, method = _saved(reader, cache, run, screen, method, options)
+        saved, method = _saved(reader, cache, run, screen, method, options, sources)
     elif reuse:
         screen.warn("--reuse chooses what to keep without the questions: specific facts are often lost (docs/results.md); leave it out to read query-aware")
+    if sources:
+        prepare(reader, method, screen, why="--sources")
     mode = choose(reader, None if cache else doc.text, options, method, questions, reuse=reuse, compare=compare,
                   saved=saved, past=past, scorer=scorer)
     several, first = len(questions) > 1, None
@@ -138,12 +144,17 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
             stats.extra["prefix"]["questions"] = len(questions)
         if several and not run.json:
             sys.stdout.write(("\n" if index else "") + f"Q: {question}\nA: ")
+        watch = watcher(reader, reading) if sources else None
         try:
-            result = answer(reader, reading, options, on_text=screen.stream(), started=began)
+            result = answer(reader, reading, options, on_text=screen.stream(), started=began, watch=watch)
         finally:
             screen.end_answer()
         add_answer(stats, reader, result)
         out = {"question": question, "answer": result.text, "stats": stats.to_dict()}
+        if sources:
+            cited = cite_answer(mode, reading, doc, watch, sources)
+            out["sources"] = [passage.to_dict() for passage in cited]
+            screen.sources(cited, f"Q{index + 1} " if several else "")
         if compare:
             full = answer(reader, mode.full(), options)
             out["full_cache_answer"] = full.text
@@ -162,6 +173,24 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
             screen.report(stats)
         if compare:
             _say_comparison(screen, stats, mode.full_label, full.text, result.text)
+
+
+def check_source_map(saved, path: str) -> None:
+    """Refuse --sources on a `.kvc` saved without the map back to its documents (kvcli before --sources)."""
+    from ..reading.cite import saved_source_map
+
+    if saved_source_map(saved) is None:
+        raise InputError(f"{path} was saved without what maps its positions back to the documents; read or compress them again to use --sources")
+
+
+def cite_answer(mode, reading, doc, watch, count: int) -> list:
+    """The `count` passages the watched answer drew on (`reading.cite`)."""
+    from ..reading.cite import cite
+
+    source_map = mode.source_map(reading, doc)
+    if source_map is None:
+        raise InputError("this cache was saved without what maps its positions back to the documents; read or compress them again to use --sources")
+    return cite(source_map, watch, count)
 
 
 @contextlib.contextmanager
@@ -199,13 +228,16 @@ def _say_comparison(screen: Screen, stats, label: str, full: str, compressed: st
     screen.note(f"kept {kept:.1f}%: {stats.kv_bytes_kept / 2**20:.1f} of {stats.kv_bytes_full / 2**20:.1f} MiB, {verdict}")
 
 
-def _saved(reader, path: str, run: RunOptions, screen: Screen, method, options):
+def _saved(reader, path: str, run: RunOptions, screen: Screen, method, options, sources: int | None = None):
     """(saved, method) for `--cache path`: a compressed prefix (a `reading.Prefix`) answers with the
-    method it was compressed with; a full one (a `reading.ReadOnce`) compresses each question with this run's."""
+    method it was compressed with; a full one (a `reading.ReadOnce`) compresses each question with this run's.
+    With `sources`, a file saved without the map back to its documents is refused before any answer."""
     from ..methods import make_method
     from ..reading import saved_prefix
 
     saved = load_saved(reader, path)
+    if sources:
+        check_source_map(saved, path)
     if saved.kind == "full":
         return saved_read_once(reader, saved, path, options, method, screen), method
     method = make_method(saved.meta["method"], **saved.meta.get("method_params", {}))
@@ -227,6 +259,7 @@ def ask(
     scorer: ScorerOpt = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
+    sources: SourcesOpt = None,
     *,
     run: RunOptions,
 ) -> None:
@@ -234,15 +267,17 @@ def ask(
 
     Examples: kvcli ask report.pdf "What did the audit find?" --ratio 0.05;
     kvcli ask src/ -q "Where is the retry logic?" -q "What are its limits?";
-    cat notes.txt | kvcli ask "Who objected?"
+    cat notes.txt | kvcli ask "Who objected?"; kvcli ask report.pdf "Who signed?" --sources
     """
+    check_count(sources)
     files, questions = split_arguments(list(args or []), question, cache)
     if scorer is not None and not reuse:
         raise InputError("--scorer ranks a question-agnostic cache's tokens; add --reuse or drop --scorer")
     from ..reading.prefix import pick_scorer  # after the arguments' checks: it imports transformers
 
     scorer = pick_scorer(scorer, run.make_method(), run.chunk_size)
-    answer_all(files, questions, run, cache=cache, reuse=reuse, compare=compare, include=include or (), exclude=exclude or (), scorer=scorer)
+    answer_all(files, questions, run, cache=cache, reuse=reuse, compare=compare, include=include or (), exclude=exclude or (), scorer=scorer,
+               sources=sources)
 
 
 @user_errors

@@ -13,6 +13,7 @@ from ..errors import InputError, KvcliError
 from .options import COMPRESSION, GENERATION, MODEL, SKIM, RunOptions, shared
 from .output import EXIT_INTERRUPTED, Screen, err, is_out_of_memory, out_of_memory, say, user_errors
 from .session import load, prepare
+from .sources import SourcesOpt, check_count
 
 RayOpt = Annotated[bool, typer.Option("--ray", help="Run on Ray workers, each loading the model once: one per GPU, or --workers on CPU (a local Ray is started unless --ray-address is given). Needs pip install 'kvcli[ray]'.")]
 RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", metavar="ADDR", help="Join a running Ray cluster (e.g. ray://head:10001, or auto) instead of starting a local one; implies --ray.", show_default=False)]
@@ -78,17 +79,20 @@ def batch(
     ray_address: RayAddressOpt = None,
     workers: WorkersOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-Q", help="No progress or summary on stderr.")] = False,
+    sources: SourcesOpt = None,
     *,
     run: RunOptions,
 ) -> None:
     """Answer every question of a jobs file about its documents, each document read once, into one JSONL file.
 
     Each row: job, documents, question, answer and the --json stats (or error, the line `ask` would
-    print, for a job whose document cannot be read; the batch goes on). Rows are written whole as
+    print, for a job whose document cannot be read; the batch goes on), and with --sources the
+    passages each answer drew on (as `ask --json --sources` gives them). Rows are written whole as
     jobs finish, so a rerun resumes. Example: kvcli batch jobs.jsonl -o answers.jsonl --ratio 0.05 --ray
     """
     from ..batch import AnswerJobs, AnswersFile, LocalPool, read_jobs, run_batch
 
+    check_count(sources)
     use_ray = check_ray_options(ray, ray_address, workers)
     if Path(output).resolve() == Path(jobs_file).resolve():
         raise InputError("--output is the jobs file; write the answers to another file")
@@ -99,13 +103,15 @@ def batch(
     screen = Screen(quiet)
     jobs = read_jobs(jobs_file, run.method, run.param, run.window, run.options())
     answers = AnswersFile(output)
-    work = AnswerJobs(describe_error)
+    work = AnswerJobs(describe_error, sources)
     if use_ray:
         pool = ray_pool(run, work, screen, workers, ray_address)
     else:
         reader = load(run, screen)
         for method in {job.method.name: job.method for job in jobs}.values():
             prepare(reader, method, screen)
+        if sources and jobs:
+            prepare(reader, jobs[0].method, screen, why="--sources")
         pool = LocalPool(reader, work)
     try:
         with _progress(screen, len(jobs)) as update:

@@ -12,12 +12,14 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
+from ..defaults import DEFAULT_SOURCES
 from ..errors import InputError, KvcliError
 from .ask import ExcludeOpt, IncludeOpt, answer_line, refuse_questions_as_documents
 from .options import COMPRESSION, GENERATION, MODEL, OUTPUT, SKIM, RunOptions, shared
 from .output import Screen, print_json, say, user_errors
 from .read import check_target, save_full_prefix
 from .session import load_saved, prepare, saved_read_once, start, stdin_is_piped, warn_prompt
+from .sources import SourcesOpt, check_count
 
 if TYPE_CHECKING:  # torch, imported only when a command runs
     from ..methods import Budget
@@ -31,6 +33,7 @@ A line starting with / is a command; any other line is a question about the docu
   /budget N                     keep N tokens per layer on average, window included
   /stats                        the full report of the last answer
   /save FILE.kvc                save the documents' full cache, for `kvcli chat --cache` or `kvcli ask --cache`
+  /sources [N]                  the N passages (default 3) the last answer drew on: document, page or lines, text
   /help                         this list
   /exit                         leave (as Ctrl-D does); Ctrl-C stops an answer"""
 
@@ -41,7 +44,8 @@ class Chat:
     positions, as `kvcli ask` does), the method and budget now chosen, and the report of the last
     answer. Every question is independent of the others."""
 
-    def __init__(self, reader, mode, method, options, run: RunOptions, screen: Screen, doc, text: str | None, source: str) -> None:
+    def __init__(self, reader, mode, method, options, run: RunOptions, screen: Screen, doc, text: str | None, source: str,
+                 sources: int | None = None) -> None:
         self.reader = reader
         self.mode = mode
         self.method = method
@@ -53,6 +57,8 @@ class Chat:
         self.text = text  # the documents' text, to read them again; None when started from a .kvc
         self.source = source  # the documents or the .kvc file, for messages
         self.last = None  # stats.RunStats of the last answer
+        self.sources = sources  # --sources: cite every answer with this many passages; None: only on /sources
+        self.last_answer = None  # (question, method, budget, reading.Answer, its watch or None), for /sources
         self.answer_ended = False  # the answer being shown has had its line end
 
     def handle(self, line: str, interactive: bool) -> bool:
@@ -83,6 +89,7 @@ class Chat:
         """Stream the answer to stdout, then one line on stderr: what was kept, speed, why it stopped."""
         from ..prompt import check_question
         from ..reading import add_answer, answer, run_stats
+        from ..reading.cite import watcher
 
         from .ask import _bar
 
@@ -92,16 +99,54 @@ class Chat:
         with _bar(self.screen, self.mode.bar, self.reader.num_layers) as progress:
             reading = self.mode.read(question, self.method, self.budget, **progress)
         stats = run_stats(self.reader, reading)
+        watch = watcher(self.reader, reading) if self.sources else None
         try:
-            result = answer(self.reader, reading, self.options, on_text=self.screen.stream(), started=began)
+            result = answer(self.reader, reading, self.options, on_text=self.screen.stream(), started=began, watch=watch)
         finally:
             self.screen.end_answer()
             self.answer_ended = True
         self.last = add_answer(stats, self.reader, result)
+        self.last_answer = (question, self.method, self.budget, result, watch)
+        out = {"question": question, "answer": result.text, "stats": stats.to_dict()}
+        cited = self.cite(reading, watch, self.sources) if self.sources else None
+        if cited is not None:
+            out["sources"] = [passage.to_dict() for passage in cited]
         if self.screen.json:  # one object per answer, as `kvcli ask --json` prints (scripts drive chat this way)
-            print_json({"question": question, "answer": result.text, "stats": stats.to_dict()})
-        elif not self.screen.quiet:
+            print_json(out)
+            return
+        if not self.screen.quiet:
             say(answer_line(stats, self.method, self.budget))
+        if cited is not None:
+            self.screen.sources(cited)
+
+    def cite(self, reading, watch, count: int) -> list:
+        from .ask import cite_answer
+
+        return cite_answer(self.mode, reading, self.doc, watch, count)
+
+    def show_sources(self, arg: str) -> None:
+        """/sources [N]: the last answer's passages; an answer decoded unwatched is fed again, watched,
+        after its question read again (one step over the prefix when the documents were read once)."""
+        from ..reading.cite import rewatch
+        from .ask import _bar
+
+        if self.last_answer is None:
+            raise InputError("no answer yet; ask a question first")
+        if arg and not arg.isdigit():
+            raise InputError(f"/sources takes the number of passages to show, got {arg!r}")
+        count = int(arg) if arg else DEFAULT_SOURCES
+        check_count(count)
+        question, method, budget, result, watch = self.last_answer
+        prepare(self.reader, method, self.screen, why="/sources")
+        with _bar(self.screen, self.mode.bar, self.reader.num_layers) as progress:
+            reading = self.mode.read(question, method, budget, **progress)
+        if watch is None:
+            watch = rewatch(self.reader, reading, result)
+        cited = self.cite(reading, watch, count)
+        if self.screen.json:
+            print_json({"question": question, "sources": [passage.to_dict() for passage in cited]})
+        else:
+            self.screen.sources(cited)
 
     def command(self, line: str) -> bool:
         name, _, arg = line.partition(" ")
@@ -109,7 +154,7 @@ class Chat:
         if name == "/exit":
             return False
         actions = {"/method": self.set_method, "/ratio": self.set_ratio, "/budget": self.set_budget,
-                   "/stats": self.show_stats, "/save": self.save, "/help": lambda _: say(COMMANDS)}
+                   "/stats": self.show_stats, "/save": self.save, "/sources": self.show_sources, "/help": lambda _: say(COMMANDS)}
         if name not in actions:
             raise InputError(f"unknown command {name}; /help lists the commands")
         actions[name](arg)
@@ -269,6 +314,7 @@ def chat(
     cache: Annotated[Optional[str], typer.Option("--cache", metavar="FILE.kvc", help="Start from a full cache saved by `kvcli read` or /save instead of reading documents.", show_default=False)] = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
+    sources: SourcesOpt = None,
     *,
     run: RunOptions,
 ) -> None:
@@ -283,8 +329,8 @@ def chat(
     editing and history (kept in memory only) need stdin and stdout on the terminal.
 
     Commands: /method NAME [KEY=VALUE ...] (reads the documents again when the method needs
-    it), /ratio R, /budget N, /stats (the last answer's full report), /save FILE.kvc, /help,
-    /exit. Ctrl-C stops an answer, Ctrl-D leaves. With piped stdin every line is a question (or
+    it), /ratio R, /budget N, /stats (the last answer's full report), /save FILE.kvc, /sources [N]
+    (the passages the last answer drew on; --sources shows them after every answer), /help, /exit. Ctrl-C stops an answer, Ctrl-D leaves. With piped stdin every line is a question (or
     a command), answered in turn, and the session ends with the input; with --json each answer
     is one JSON object on stdout, as `kvcli ask --json` prints.
 
@@ -293,6 +339,7 @@ def chat(
     """
     from ..reading.policy import QUESTION_ROOM, choose
 
+    check_count(sources)
     files = list(files or [])
     refuse_questions_as_documents(files, "chat asks its questions at the kvcli> prompt (or one a line on piped stdin); give only the documents")
     if cache and files:
@@ -310,6 +357,8 @@ def chat(
     saved = None
     if cache:
         saved, doc = _saved_full(reader, cache, options, method, screen)
+        if sources and saved.source_map is None:
+            raise InputError(f"{cache} was saved without what maps its positions back to the documents; read them again to use --sources")
     mode = choose(reader, None if cache else doc.text, options, method, None, saved=saved)
     if (prompt := mode.prompt(QUESTION_ROOM)) is not None:
         mode.check(QUESTION_ROOM, method)
@@ -318,7 +367,9 @@ def chat(
         with screen.layers(reader.num_layers, "reading") as on_layer:
             mode.prepare(on_layer)
     interactive = not stdin_is_piped()
-    session = Chat(reader, mode, method, options, run, screen, doc, None if cache else doc.text, cache or " ".join(files))
+    if sources:
+        prepare(reader, method, screen, why="--sources")
+    session = Chat(reader, mode, method, options, run, screen, doc, None if cache else doc.text, cache or " ".join(files), sources)
     session.fit(method)  # a .kvc may lack what --method scores by
     if interactive and mode.name == "skim":
         screen.note("each question skims the documents (--skim); ask a question, /help lists the commands, Ctrl-D leaves")

@@ -10,7 +10,7 @@ from .. import __version__
 from .ask import ExcludeOpt, IncludeOpt, ScorerOpt
 from .options import COMPRESSION, MODEL, OUTPUT, RunOptions, shared
 from .output import err, print_json, user_errors
-from .read import check_target
+from .read import check_target, source_map_tensors
 from .session import start, warn_prompt
 
 
@@ -65,7 +65,9 @@ def compress(
         "retained_per_layer": stats.retained_per_layer,
         "sources": [{"name": s.name, "page": s.page, "sha256": s.sha256} for s in doc.sources],
     }
-    written = save_cache(target, prefix.state.cache, meta)
+    entry, attached = source_map_tensors(doc, mode.prompt, prefix.state.prompt_len)  # for --sources
+    meta.update(entry)
+    written = save_cache(target, prefix.state.cache, meta, attached=attached)
     stats.extra["file_bytes"] = written
     if run.json:
         print_json({"output": str(target), "stats": stats.to_dict()})

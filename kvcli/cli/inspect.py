@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Optional
 
+import dataclasses
+
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from ..errors import InputError
 from .ask import ExcludeOpt, IncludeOpt
@@ -21,6 +24,7 @@ def inspect(
     layers: Annotated[bool, typer.Option("--layers/--no-layers", help="Show where each layer's kept tokens fall in the documents (pages, files or positions); --no-layers shows the report alone.")] = True,
     question: Annotated[Optional[str], typer.Option("--question", "-q", metavar="TEXT", help="The question to compress for [default: the summary instruction].", show_default=False)] = None,
     buckets: Annotated[int, typer.Option("--buckets", metavar="N", help="Position buckets for a single document without pages or files.")] = 10,
+    passages: Annotated[int, typer.Option("--passages", metavar="N", help="Under the profile, the text of the most-kept passage of each of the N pages or files that kept the most (one text: its N most-kept passages; 0: none).")] = 5,
     plot: Annotated[Optional[str], typer.Option("--plot", metavar="FILE.png|FILE.svg", help="Also draw the profile (bars per layer, heat map over the document); needs kvcli[plot].", show_default=False)] = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
@@ -40,6 +44,8 @@ def inspect(
         check_question(question)
     if buckets < 1:
         raise InputError(f"--buckets must be at least 1, got {buckets}")
+    if passages < 0:
+        raise InputError(f"--passages must be 0 or more, got {passages}")
     plot_target = None
     if plot is not None:
         from ..plot import check_target
@@ -64,10 +70,43 @@ def inspect(
 
         save_retention_plot(plot_target, position_map(reading.state.cache, prompt, doc), stats)
         screen.note(f"wrote {plot_target}")
+    kept = most_kept(reading.state.cache, prompt, doc, passages) if layers and passages else []
     if run.json:
-        print_json({"stats": stats.to_dict(), **({"profile": profile.to_dict()} if layers else {})})
+        shown = {"profile": {**profile.to_dict(), "passages": [p.to_dict() for p in kept]}} if layers else {}
+        print_json({"stats": stats.to_dict(), **shown})
         return
     console = Console(highlight=False)
     console.print(render(stats, every_layer=run.verbose))
     if layers:
         console.print(render_profile(profile))
+    if kept:
+        console.print(Text("\nmost-kept passages:", style="bold"))
+        for passage in kept:
+            heading = Text(passage.label, style="bold")
+            heading.append(f"  ({100 * passage.score:.0f}% of the kept document tokens in all layers)", style="dim")
+            console.print(heading)
+            for line in passage.text.splitlines():
+                console.print(Text("   " + line))
+
+
+def most_kept(cache, prompt, doc, count: int) -> list:
+    """The most-kept passage of each of the `count` pages or files whose tokens the layers kept most
+    (`inspect.kept_scores`), scored as `--sources` scores attention: best pages first."""
+    from ..ingest import Document
+    from ..inspect import kept_scores
+    from ..sources import SourceMap, passages
+
+    source_map = SourceMap.of_prompt(doc, prompt)
+    scores = source_map.char_scores(kept_scores(cache, len(prompt)))
+    if len(doc.sources) == 1:  # one text: its `count` most-kept passages
+        return passages(doc, scores, count)
+    total = sum(scores.values()) or 1.0
+    ranked = sorted(doc.sources, key=lambda s: -sum(v for k, v in scores.items() if s.start <= k < s.end))[:count]
+    found = []
+    for source in ranked:
+        within = {k: v for k, v in scores.items() if source.start <= k < source.end}
+        best = passages(Document(doc.text, (source,)), within, 1)
+        if best:
+            share = sum(within[k] for k in within if best[0].start <= k < best[0].end) / total
+            found.append(dataclasses.replace(best[0], score=share))
+    return found

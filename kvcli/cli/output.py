@@ -112,6 +112,29 @@ class Screen:
 
             err.print(render(stats, every_layer=self.verbose))
 
+    def sources(self, passages, lead: str = "") -> None:
+        """The passages an answer drew on (`sources.Passage`), on stderr after the answer: each
+        one's document and page or lines in bold, its text indented, the most-attended words
+        highlighted. Shown with --quiet too (they were asked for); --json carries them instead."""
+        if self.json:
+            return
+        from rich.text import Text
+
+        if not passages:
+            say(f"{lead}no sources: the answer's attention fell on no document text")
+            return
+        err.print(Text(f"{lead}Sources:", style="bold"))
+        for number, passage in enumerate(passages, 1):
+            heading = Text(f"{number}. ")
+            heading.append(passage.label, style="bold")
+            heading.append(f"  ({100 * passage.score:.0f}% of the attention)", style="dim")
+            err.print(heading, soft_wrap=not err.is_terminal)
+            text = Text(passage.text)
+            for start, end in passage.highlights:
+                text.stylize("bold yellow", start, end)
+            for line in text.split("\n"):
+                err.print(Text("   ") + line, soft_wrap=not err.is_terminal)
+
     def stream(self):
         """The callback that writes the answer to stdout as it comes (None with --json)."""
         if self.json:

@@ -49,7 +49,27 @@ def save_full_prefix(target: Path, reader, once, doc, system: str | None, save_d
     extras = {"tail_queries": prefix.tail_queries}
     if prefix.accumulated is not None:
         extras["accumulated"] = prefix.accumulated
-    return save_cache(target, prefix.state.cache, meta, dtype=storage_dtype(save_dtype), extras=extras)
+    attached = None
+    if doc is not None and once.prompt is not None:  # for --sources: the map back to the documents
+        entry, attached = source_map_tensors(doc, once.prompt, prefix.state.prompt_len)
+        meta.update(entry)
+    elif once.source_map is not None:  # a loaded prefix saved again (chat's /save after --cache)
+        from ..reading.cite import map_tensors
+
+        entry, attached = map_tensors(once.source_map)
+        meta.update(entry)
+    return save_cache(target, prefix.state.cache, meta, dtype=storage_dtype(save_dtype), extras=extras, attached=attached)
+
+
+def source_map_tensors(doc, prompt, prompt_tokens: int) -> tuple[dict, dict]:
+    """(metadata entry, attached tensors) that let answers from a saved prefix of `prompt`'s first
+    `prompt_tokens` positions cite `doc` (`reading.cite.map_tensors`)."""
+    from ..reading.cite import map_tensors
+    from ..sources import SourceMap
+
+    source_map = SourceMap.of_prompt(doc, prompt)
+    source_map.offsets = source_map.offsets[:prompt_tokens]
+    return map_tensors(source_map)
 
 
 @user_errors

@@ -58,14 +58,15 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def prepare(reader, method, screen: Screen) -> None:
-    """Load (or compute, once per model, with a progress bar) what the method needs from the model."""
-    if not method.needs_profile or reader.attention.cannot_compress():  # nothing will be compressed: no profile to pay for
+def prepare(reader, method, screen: Screen, why: str | None = None) -> None:
+    """Load (or compute, once per model, with a progress bar) what the method needs from the model;
+    with `why` (an option such as --sources), the retrieval-head profile whatever the method."""
+    if why is None and (not method.needs_profile or reader.attention.cannot_compress()):  # nothing will be compressed: no profile to pay for
         return
     with screen.progress("retrieval-head profile", "prefills") as update:
         def progress(done: int, total: int) -> None:
             if done == 0:
-                screen.note(f"kvcli: computing the retrieval-head profile of {reader.lm.name} for {method.name} (once per model: {total} short prefills)")
+                screen.note(f"kvcli: computing the retrieval-head profile of {reader.lm.name} for {why or method.name} (once per model: {total} short prefills)")
             update(done, total)
 
         reader.profile(progress)

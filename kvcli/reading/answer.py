@@ -29,8 +29,9 @@ class Answer:
 
 
 def answer(reader: Reader, reading: Reading, options: Options, on_text: Callable[[str], None] | None = None,
-           started: float | None = None) -> Answer:
-    """Decode from `reading`, calling `on_text` with each new piece of text as it is complete.
+           started: float | None = None, watch=None) -> Answer:
+    """Decode from `reading`, calling `on_text` with each new piece of text as it is complete;
+    `watch` (an `attribution.AttentionAt`, for --sources) sees each decoding step's attention.
 
     On Ctrl-C the text so far has been passed to `on_text`, and the interrupt goes on up.
     """
@@ -40,7 +41,7 @@ def answer(reader: Reader, reading: Reading, options: Options, on_text: Callable
     shown = ""
     first_at = None
     with reader.decoding():  # --threads: fewer threads for decoding's small operations
-        for token in decode(reader.model, reading.state, options.max_new_tokens, reader.eos_ids, options.sampling):
+        for token in decode(reader.model, reading.state, options.max_new_tokens, reader.eos_ids, options.sampling, watch):
             if first_at is None:
                 first_at = time.perf_counter()
             tokens.append(token)

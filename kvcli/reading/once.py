@@ -42,6 +42,7 @@ class ReadOnce:
         self.prompt: Prompt | None = None  # the prompt the prefix was cut from (None for a saved prefix)
         self.tail_ids: list[int] = []  # the prefix's last token ids, for the report's window text
         self.charged = False
+        self.source_map = None  # a saved prefix's `sources.SourceMap`, for --sources (None: none saved)
 
     @classmethod
     def saved(cls, reader: Reader, saved, options: Options) -> ReadOnce:
@@ -52,6 +53,9 @@ class ReadOnce:
         once.prefix = FullPrefix(state, queries, saved.extras.get("accumulated"))
         once.tail_ids = list(saved.meta.get("tail_ids", []))  # for the report's window text
         once.charged = True
+        from .cite import saved_source_map
+
+        once.source_map = saved_source_map(saved)
         return once
 
     def layout(self) -> Prompt:

@@ -18,6 +18,7 @@ from dataclasses import replace
 
 from ..methods import Budget, Full, Method
 from ..prompt import Prompt
+from ..sources import SourceMap
 from .once import PREFIX_WINDOW, ReadOnce
 from .prefix import DEFAULT_SCORER, Prefix, Reused
 from .query import QueryAware
@@ -54,6 +55,13 @@ class Mode:
     def read(self, question: str, method: Method, budget: Budget | None = None,
              on_layer: OnLayer = None, on_section: OnSection = None) -> Reading:
         raise NotImplementedError
+
+    def source_map(self, reading: Reading, document) -> SourceMap | None:
+        """What maps `reading`'s positions back to `document` (an ingest `Document`; None when the
+        cache was saved, which carries its own), for --sources; None where nothing does."""
+        if reading.prompt is None or document is None:
+            return None
+        return SourceMap.of_prompt(document, reading.prompt)
 
 
 class OnePass(Mode):
@@ -104,6 +112,12 @@ class Once(Mode):
     def read(self, question, method, budget=None, on_layer=None, on_section=None) -> Reading:
         return self.once.read(question, method, budget)
 
+    def source_map(self, reading, document) -> SourceMap | None:
+        # the prefix's positions are the prompt's it was cut from, or a saved prefix's own map
+        if self.once.prompt is not None and document is not None:
+            return SourceMap.of_prompt(document, self.once.prompt)
+        return self.once.source_map
+
 
 class Prefixed(Mode):
     """Every question after one question-agnostic prefix: compressed by `prepare` (`--reuse`), or saved."""
@@ -133,6 +147,9 @@ class Prefixed(Mode):
 
     def read(self, question, method, budget=None, on_layer=None, on_section=None) -> Reading:
         return self.prefix.ask(self.reader, question, self.options)
+
+    def source_map(self, reading, document) -> SourceMap | None:
+        return super().source_map(reading, document) or self.prefix.source_map
 
 
 class BySections(Mode):

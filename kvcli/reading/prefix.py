@@ -75,6 +75,7 @@ class Prefix:
     prompt: Prompt | None = None  # None for a saved cache
     charged: bool = False  # whether a question has paid for making it yet
     extra: dict = field(default_factory=dict)  # for the report: the scorer, and the repeat's cost
+    source_map: object | None = None  # a saved prefix's `sources.SourceMap` (--sources); None: its prompt maps
 
     def reading(self) -> Reading:
         """The prefix itself as a reading (what `compress` reports and saves)."""
@@ -204,4 +205,6 @@ def saved_prefix(reader: Reader, saved, method: Method) -> Prefix:
     compressed = bool(meta.get("compressed", not meta.get("note")))
     state = Prefill(cache=saved.cache, logits=None, prompt_len=saved.prompt_tokens, seconds=0.0, compressed=compressed,
                     next_position=meta.get("next_position"))
-    return Prefix(state, method, "saved", meta.get("note", ""), meta.get("window_text", ""))
+    from .cite import saved_source_map
+
+    return Prefix(state, method, "saved", meta.get("note", ""), meta.get("window_text", ""), source_map=saved_source_map(saved))
