@@ -313,3 +313,15 @@ def test_a_fact_goes_on_as_its_whole_sentence():
     starts = torch.tensor([10, 30, 50, 70, 90])
     chosen = choose_tokens(scores, head=4, tail=10, tokens=20, span=16, starts=starts).tolist()
     assert set(range(50, 70)) <= set(chosen) and len(chosen) == 4 + 20 + 10
+
+
+def test_sources_of_a_skimmed_answer_cite_the_document(tiny, home, tmp_path):
+    """`--skim --sources` cites passages of the document by their lines, mapped back through the chosen tokens' own positions."""
+    doc = tmp_path / "doc.txt"
+    lines = [" ".join(f"w{(7 * i + j) % 60}" for j in range(10)) + "." for i in range(60)]
+    doc.write_text("\n".join(lines))
+    out = ask_json("ask", doc, "w3?", "-m", tiny, "--skim", "--skim-tokens", "64", "--skim-depth", "0.4", "--sources", "--max-new-tokens", "3")
+    assert out["stats"]["read"] == "skim" and out["sources"]
+    for source in out["sources"]:
+        start, end = source["lines"]
+        assert 1 <= start <= end <= 60 and source["text"].split()[0] in " ".join(lines[start - 1 : end])
