@@ -85,7 +85,12 @@ def main() -> None:
     print("| length | prompt tokens | read | mode | prefill s | x " + reads[0] + " | first token s | peak MiB | right | skim |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for length, tokens, name, mode, prefill, ratio, ttft, peak, right, n, skim in rows:
-        part = "" if not skim else f"{skim['filter_layers']}/{skim['layers']} layers {skim['filter_s']:.1f}s, {skim['continued_tokens']} tokens {skim['read_s']:.1f}s"
+        if not skim:
+            part = ""
+        elif "skipped" in skim:
+            part = f"read in one pass: {skim['skipped']}"
+        else:
+            part = f"{skim['filter_layers']}/{skim['layers']} layers {skim['filter_s']:.1f}s, {skim['continued_tokens']} tokens {skim['read_s']:.1f}s"
         print(f"| {length} | {tokens} | {name} | {mode} | {prefill:.1f} | {ratio:.2f} | {ttft:.1f} | {peak:.0f} | {right}/{n} | {part} |")
 
 

@@ -325,3 +325,12 @@ def test_sources_of_a_skimmed_answer_cite_the_document(tiny, home, tmp_path):
     for source in out["sources"]:
         start, end = source["lines"]
         assert 1 <= start <= end <= 60 and source["text"].split()[0] in " ".join(lines[start - 1 : end])
+
+
+def test_a_long_prompt_is_filtered_in_chunks_without_compressing_the_filter_layers(tiny_model, prompt):
+    """A filter read in chunks with nothing compressing it (a long prompt within the positions) keeps its layers' KV whole, and the read still keeps only chosen tokens."""
+    state, report = skim_prefill(tiny_model, prompt, None, SkimPlan(HEADS, tokens=16), head=4, tail=TAIL, chunk_size=24)
+    assert report.chunks == 3 and report.continued == 4 + 16 + TAIL
+    chosen = set(report.chosen.tolist())
+    for layer in state.cache.layers:
+        assert set(layer.kept_positions().flatten().tolist()) == chosen

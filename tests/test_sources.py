@@ -230,14 +230,17 @@ def test_chat_sources_before_any_answer_is_a_one_line_error(tiny, home, lines_do
 
 
 def test_batch_rows_carry_the_sources_ask_gives(tiny, home, lines_doc, tmp_path):  # noqa: F811
-    """`batch --sources 2` writes in each answer row the passages `ask --json --sources 2` gives for the same question."""
+    """`batch --sources 2` writes in each answer row the passages `ask --json --sources 2` gives for the same question, and does not take a row answered without --sources for one."""
     common = ["-m", tiny, "--method", "snapkv", "--ratio", "0.3", "--max-new-tokens", "5"]
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(json.dumps({"documents": str(lines_doc), "questions": ["w1 w8?", "w2?"]}) + "\n")
     out = tmp_path / "answers.jsonl"
-    result = run("batch", jobs, "-o", out, *common, "--sources", "2")
-    assert result.exit_code == 0, result.stderr
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    plain = run("batch", jobs, "-o", out, *common)
+    assert plain.exit_code == 0, plain.stderr
+    result = run("batch", jobs, "-o", out, *common, "--sources", "2")  # rows without passages are not its answers
+    assert result.exit_code == 0 and "2 answered" in result.stderr, result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines() if "sources" in json.loads(line)]
+    assert len(rows) == 2
     (asked,) = _sources(run("ask", lines_doc, "w1 w8?", *common, "--json", "--sources", "2"))
     _same(next(row["sources"] for row in rows if row["question"] == "w1 w8?"), asked)
 

@@ -37,6 +37,7 @@ class Job:
     questions: tuple[str, ...]
     method: Method
     options: Options
+    sources: int | None = None  # --sources N: the answers carry their passages
 
     def settings(self) -> dict:
         """What an answer depends on besides the model, the documents and the question (for its key)."""
@@ -47,7 +48,8 @@ class Job:
             "chunk_size": options.chunk_size, "max_context": options.max_context, "fit": options.fit,
             "max_new_tokens": options.max_new_tokens, "system": options.system,
             "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed,
-        } | ({} if options.skim is None else {"skim": dataclasses.asdict(options.skim)})  # without --skim: the keys of earlier answers files
+        } | ({} if options.skim is None else {"skim": dataclasses.asdict(options.skim)}) | (
+            {} if self.sources is None else {"sources": self.sources})  # without either: the keys of earlier answers files
 
 
 def _strings(value, name: str, where: str, blank: bool = False) -> tuple[str, ...]:

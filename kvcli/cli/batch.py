@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -102,6 +103,8 @@ def batch(
         import_ray()  # says how to install it before anything slow
     screen = Screen(quiet)
     jobs = read_jobs(jobs_file, run.method, run.param, run.window, run.options())
+    if sources:  # an answer without its passages is not what --sources asks for: keyed apart
+        jobs = [dataclasses.replace(job, sources=sources) for job in jobs]
     answers = AnswersFile(output)
     work = AnswerJobs(describe_error, sources)
     if use_ray:

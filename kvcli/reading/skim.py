@@ -32,6 +32,8 @@ DEFAULT_SKIM_DEPTH = None
 # head gives the fact among 1.2-2.4K tokens) is at least this: a rank within the top 15.
 AUTO_SCORE = -4.0
 FILTER_HEADS = 8
+# The filter reads prompts longer than this in chunks of this many tokens (the question probing each).
+FILTER_CHUNK = 8192
 POSITIONS = ("original", "packed")
 
 
@@ -150,7 +152,11 @@ class Skim:
         else:
             compression, note = reader.compression(method, budget, n)
             chunk = options.chunk_size if compression is not None else None
-        if compression is not None and (chunk is not None or reindex is not None):
+            if chunk is None and n > FILTER_CHUNK:
+                # a long prompt in chunks (its filter layers' KV kept whole): one pass would hold every
+                # token's activations at once, 1.9 GB more than the one-pass read's peak at 32K tokens
+                chunk = FILTER_CHUNK
+        if compression is not None and (options.chunk_size is not None or reindex is not None):
             # the filter's own layers, compressed after each chunk to the same tokens per layer
             filtering = Compression(SnapKV(window_size=compression.method.window_size), compression.plan)
         with reader.prefilling():
