@@ -217,3 +217,16 @@ def test_past_the_context_each_question_reads_the_documents_again(folder):
     assert all(a["stats"]["read"] == "reindexed" and a["stats"]["extra"]["past_window"]["chunks"] > 1 for a in answers)
     assert "no full cache to save" in result.stderr and "choose a compressing method" in result.stderr
     assert not (folder / "past.kvc").exists()
+
+
+def test_chat_skim_skims_each_question_as_ask_does(folder):
+    """`chat --skim` skims the documents for each question piped in, answering as `ask --skim` does; /save says why it cannot."""
+    flags = ("--max-new-tokens", "6", "--skim", "--skim-tokens", "32", "--skim-depth", "0.9")
+    lines = [*QUESTIONS[:2], "/save skim.kvc"]
+    result = subprocess.run([sys.executable, *chat_args(folder, *flags), "--json"], check=False, input="\n".join(lines) + "\n",
+                            capture_output=True, text=True, cwd=folder, env=environment(folder), timeout=120)
+    assert result.returncode == 0, result.stderr
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [a["stats"]["read"] for a in answers] == ["skim", "skim"]
+    assert [a["answer"].strip() for a in answers] == [ask(folder, q, *flags) for q in QUESTIONS[:2]]
+    assert "no full cache to save" in result.stderr and not (folder / "skim.kvc").exists()
