@@ -288,7 +288,7 @@ _READS = {
     "sections": "summarized by sections, past the model's positions",
     "reused": "question-agnostic prefix, compressed once and reused for each question",
     "saved": "question-agnostic prefix from a saved cache",
-    "skim": "skimmed (the documents through the first layers, the question's tokens through all)",
+    "skim": "skimmed (the documents through the first layers, what the question needs through all)",
 }
 
 
