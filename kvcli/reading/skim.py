@@ -1,4 +1,4 @@
-"""Skim reading (`--skim`): the documents through the first layers, the question's tokens through all.
+"""Skim reading (`--skim`): the documents through the first layers, what the question needs through all.
 
 The filter heads are the model's own retrieval heads (`kvcli/profile.py`), taken no deeper than
 the skim's depth; the engine (`kvcli/skim.py`) reads the prompt through the layers up to the
