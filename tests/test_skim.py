@@ -334,3 +334,18 @@ def test_a_long_prompt_is_filtered_in_chunks_without_compressing_the_filter_laye
     chosen = set(report.chosen.tolist())
     for layer in state.cache.layers:
         assert set(layer.kept_positions().flatten().tolist()) == chosen
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_every_method_compresses_what_a_skim_sends_on(tiny_model, prompt, name):
+    """Every method compresses a skim's chosen tokens: each layer keeps only chosen tokens, within the budget, and decoding goes on from it."""
+    method = build(name, NUM_LAYERS, tiny_model.config.num_attention_heads)
+    compression = squeeze(method, plan_budget(PROMPT_LEN, NUM_LAYERS, window_size=method.window_size, ratio=0.2))
+    state, report = skim_prefill(tiny_model, prompt, compression, SkimPlan(HEADS, tokens=30), head=4, tail=TAIL)
+    chosen = set(report.chosen.tolist())
+    kept = state.cache.retained_per_layer()
+    for layer in state.cache.layers:
+        assert set(layer.kept_positions().flatten().tolist()) <= chosen
+    if compression is not None:
+        assert sum(kept) <= compression.plan.total
+    assert len(list(decode(tiny_model, state, 4, set()))) == 4
