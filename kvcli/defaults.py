@@ -8,3 +8,4 @@ them import them from here.
 DEFAULT_METHOD = "evidencekv"  # measured best on both embedded models (docs/results.md)
 DEFAULT_SCORER = "repeat"  # how a question-agnostic cache ranks tokens (reading/prefix.py)
 DEFAULT_SOURCES = 3  # passages `--sources` shows when no number follows it (reading/cite.py)
+DEFAULT_SKIM_TOKENS = 2048  # document tokens `--skim` sends through every layer (docs/results.md, skim)

@@ -205,7 +205,7 @@ def skim_prefill(
     skim = Filter(plan, n, device)
     cache = new_cache(model)
     packed = reindex is not None or plan.positions == "packed"
-    bounds = chunk_bounds(n, chunk_size, True, tail, reindex is not None) if chunk_size or reindex is not None else [0, n]
+    bounds = chunk_bounds(n, chunk_size, True, tail, reindex is not None)  # [0, n] without a chunk size
     probe = input_ids[:, n - tail :]
     compressor = None
     position = 0

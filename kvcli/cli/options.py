@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from ..defaults import DEFAULT_METHOD
+from ..defaults import DEFAULT_METHOD, DEFAULT_SKIM_TOKENS
 
 if TYPE_CHECKING:  # torch, imported only when a command runs
     from ..reading import Options
@@ -56,7 +56,7 @@ GROUPS: dict[str, list[tuple[str, object, object]]] = {
     ],
     SKIM: [
         ("skim", Annotated[bool, typer.Option("--skim/--no-skim", help="Read the documents through the first layers only and the tokens the question needs through all (a faster prefill; docs/methods.md#skim).")], False),
-        ("skim_tokens", Annotated[int, typer.Option("--skim-tokens", metavar="N", help="With --skim: document tokens read through every layer.")], 2048),
+        ("skim_tokens", Annotated[int, typer.Option("--skim-tokens", metavar="N", help="With --skim: document tokens read through every layer.")], DEFAULT_SKIM_TOKENS),
         ("skim_depth", Annotated[Optional[float], typer.Option("--skim-depth", metavar="F", help="With --skim: the deepest layer the filter reads, as a fraction of the layers [default: the shallowest layer holding a head that finds facts, from the model's retrieval-head profile].", show_default=False)], None),
     ],
     OUTPUT: [
@@ -92,7 +92,7 @@ class RunOptions:
     seed: int | None = None
     system: str | None = None
     skim: bool = False
-    skim_tokens: int = 2048
+    skim_tokens: int = DEFAULT_SKIM_TOKENS
     skim_depth: float | None = None
     json: bool = False
     quiet: bool = False

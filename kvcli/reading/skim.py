@@ -5,16 +5,18 @@ the skim's depth; the engine (`kvcli/skim.py`) reads the prompt through the laye
 deepest of them, scores every token by the question's attention there, and reads the chosen
 tokens through the whole model. Within the positions the chosen tokens keep their own positions;
 past them the filter reads in chunks, re-indexed as `QueryAware` reads, and the chosen tokens are
-read packed. Defaults (docs/methods.md#skim) come from benchmarks/skim_check.py.
+read packed. The defaults (docs/methods.md#skim---skim-reading-less) come from
+benchmarks/skim_filter.py, skim_answers.py and skim_speed.py (docs/results.md).
 """
 
 from __future__ import annotations
 
 import math
-
-import torch
 from dataclasses import dataclass, replace
 
+import torch
+
+from ..defaults import DEFAULT_SKIM_TOKENS
 from ..errors import InputError
 from ..methods import Budget, Compression, Method, SnapKV
 from ..prompt import Prompt
@@ -23,10 +25,7 @@ from ..skim import SINK_TOKENS, SkimPlan, skim_prefill
 from .query import QueryAware
 from .reader import Options, Reader, Reading
 
-# Document tokens that go on through every layer, unless --skim-tokens says otherwise.
-DEFAULT_SKIM_TOKENS = 2048
-# The filter reads no deeper than this fraction of the layers (the rest of the depth is the
-# shallowest layer holding a head that ranks the asked-for fact this well in the profile).
+# The filter's depth as a fraction of the layers; None: from the profile (AUTO_SCORE below).
 DEFAULT_SKIM_DEPTH = None
 # "auto" depth: the shallowest layer with a head whose profile score (-log2(rank + 1), the rank the
 # head gives the fact among 1.2-2.4K tokens) is at least this: a rank within the top 15.
@@ -122,7 +121,9 @@ class Skim:
         return (plan.stop_layer + 1) / layers + min(n, self._continued(prompt)) / n
 
     def _continued(self, prompt: Prompt) -> int:
-        return _head(prompt) + self.skimming.tokens + len(prompt) - prompt.prefix_len
+        """Tokens a skim of `prompt` reads through every layer: its opening (at least the sinks),
+        --skim-tokens of the documents and the question (more than the prompt where it is short)."""
+        return max(_head(prompt), SINK_TOKENS) + self.skimming.tokens + len(prompt) - prompt.prefix_len
 
     def read(self, question: str, method: Method, budget: Budget | None = None, on_layer=None) -> Reading:
         reader, options = self.reader, self.options
@@ -132,7 +133,7 @@ class Skim:
         plan = self.plan()
         past = self.query.past_window(question)
         skipped = ""
-        if not past and max(head, SINK_TOKENS) + plan.tokens + tail >= n:
+        if not past and self._continued(prompt) >= n:
             skipped = f"the {n:,}-token prompt is no longer than --skim-tokens {plan.tokens:,} with its question"
         elif not past and self.fraction(question) >= 1:
             skipped = (f"the filter reads {plan.stop_layer + 1} of {reader.num_layers} layers, so a skim would cost "
@@ -183,7 +184,10 @@ def run_starts(prompt: Prompt, longest: int = LONGEST_RUN) -> torch.Tensor:
     found, last = [], 0
     for p in range(1, len(starts)):
         before = text[starts[p] - 1] if starts[p] > 0 else "\n"
-        if before == "\n" or (before in ".?!" and text[starts[p]:starts[p] + 1] in (" ", "\n")) or before in " \t" and text[starts[p] - 2:starts[p] - 1] in (".", "?", "!") or p - last >= longest:
+        after_line = before == "\n"
+        after_stop = before in ".?!" and text[starts[p] : starts[p] + 1] in (" ", "\n")  # "." then " The"
+        after_space = before in " \t" and text[starts[p] - 2 : starts[p] - 1] in (".", "?", "!")  # ". " then "The"
+        if after_line or after_stop or after_space or p - last >= longest:
             found.append(p)
             last = p
     return torch.tensor(found, dtype=torch.long)
