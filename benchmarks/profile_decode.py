@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratio", type=float, default=0.05, help="fraction of the KV kept (default 0.05)")
     parser.add_argument("--steps", type=int, default=32, help="decode steps profiled (default 32)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: torch's default here)")
+    parser.add_argument("--dtype", default="auto", help="kvcli --dtype: auto, int8, float32, bfloat16 (default auto)")
     parser.add_argument("--top", type=int, default=20, help="operators listed (default 20)")
     parser.add_argument("--trace", metavar="OUT", default=None, help="also write a Chrome trace (open in Perfetto)")
     args = parser.parse_args(argv)
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     torch.set_num_threads(args.threads)
-    reader = Reader(load_model(args.model or DEFAULT_MODEL, device="cpu"))
+    reader = Reader(load_model(args.model or DEFAULT_MODEL, device="cpu", dtype=args.dtype))
     method = make_method(args.method)
     ids = prose_ids(reader.tokenizer, args.length)
     compression, _ = reader.compression(method, Budget(ratio=args.ratio), args.length)  # None: the full cache

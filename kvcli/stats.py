@@ -87,6 +87,8 @@ class RunStats:
     # per layer: the window of a sliding-window layer (it keeps at most window - 1 tokens and is
     # never compressed), None for a global layer (the ones --ratio and --budget apply to)
     layer_windows: list[int | None] = field(default_factory=list)
+    dtype: str = ""  # what the model computed in, its activations and KV cache: float32, bfloat16, float16
+    weights: str = ""  # how its linear layers' weights were stored: the dtype, or int8 (kvcli/models/weights.py)
 
     def _global(self) -> list[int]:
         windows = self.layer_windows or [None] * len(self.retained_per_layer)
@@ -237,7 +239,8 @@ def render(stats: RunStats, every_layer: bool = False) -> Group:
     facts.add_column(style="bold", no_wrap=True)
     facts.add_column()
     params = ", ".join(f"{k}={v}" for k, v in stats.method_params.items())
-    facts.add_row("model", stats.model)
+    numbers = stats.dtype if stats.weights in ("", stats.dtype) else f"{stats.weights} weights, {stats.dtype}"
+    facts.add_row("model", f"{stats.model} ({numbers})" if numbers else stats.model)
     facts.add_row("method", f"{stats.method} ({params})" if params else stats.method)
     prompt = Text(f"{stats.prompt_tokens} tokens")
     if stats.dropped_tokens:

@@ -121,13 +121,24 @@ def test_resolve_device_auto_and_unknown(monkeypatch):
         resolve_device("tpu")
 
 
-def test_resolve_dtype_defaults_and_names():
-    """'auto' is float32 on the CPU; explicit names map to torch dtypes; others are refused."""
+def test_resolve_dtype_defaults_and_names(monkeypatch):
+    """'auto' on a CPU is int8 weights under bfloat16 where the CPU has bfloat16 instructions and
+    float32 elsewhere; explicit names map to torch dtypes; int8 is CPU-only; others are refused."""
+    from kvcli.models import weights
+
+    monkeypatch.setattr(weights, "cpu_has_bf16", lambda: True)
+    assert resolve_dtype("auto", torch.device("cpu")) is torch.bfloat16
+    assert models.resolve_weights("auto", "cpu") == "int8"
+    monkeypatch.setattr(weights, "cpu_has_bf16", lambda: False)
     assert resolve_dtype("auto", torch.device("cpu")) is torch.float32
-    assert resolve_dtype("bfloat16", "cpu") is torch.bfloat16
+    assert models.resolve_weights("auto", "cpu") is None
+    assert resolve_dtype("int8", "cpu") is torch.bfloat16 and models.resolve_weights("int8", "cpu") == "int8"
+    assert resolve_dtype("bfloat16", "cpu") is torch.bfloat16 and models.resolve_weights("bfloat16", "cpu") is None
     assert resolve_dtype("float16", "cpu") is torch.float16
     with pytest.raises(ModelError, match="unknown dtype"):
-        resolve_dtype("int8", "cpu")
+        resolve_dtype("int4", "cpu")
+    with pytest.raises(ModelError, match="for CPUs"):
+        resolve_dtype("int8", "meta")
 
 
 def test_default_attn_implementation_is_sdpa_on_cpu():
@@ -222,12 +233,12 @@ def test_sha_mismatch_refuses_to_load(tmp_path, home, monkeypatch):
     """Parts whose joined bytes do not match the pinned sha256 are refused, and nothing is cached."""
     fake_embedded(tmp_path, monkeypatch, sha256="0" * 64)
 
-    def never_called(gguf, out_dir):
+    def never_called(gguf, out_dir, dtype=None):
         raise AssertionError("conversion must not start on unverified bytes")
 
     monkeypatch.setattr(kvcli.models.checkpoints, "convert_gguf", never_called)
     with pytest.raises(ModelError, match="do not match the pinned sha256") as info:
-        load_model("tiny")
+        load_model("tiny", dtype="float32")
     assert "refusing" in str(info.value)
     assert model_folders(home) == [] and leftover_temp(home) == []
 
@@ -236,14 +247,14 @@ def test_failed_conversion_leaves_no_target_folder(tmp_path, home, monkeypatch):
     """A conversion that dies midway leaves neither a target folder nor temp files behind."""
     fake_embedded(tmp_path, monkeypatch)
 
-    def dies_midway(gguf, out_dir):
+    def dies_midway(gguf, out_dir, dtype=None):
         out_dir.mkdir(parents=True)
         (out_dir / "model.safetensors").write_bytes(b"half written")
         raise RuntimeError("killed midway")
 
     monkeypatch.setattr(kvcli.models.checkpoints, "convert_gguf", dies_midway)
     with pytest.raises(RuntimeError, match="killed midway"):
-        load_model("tiny")
+        load_model("tiny", dtype="float32")
     assert model_folders(home) == [] and leftover_temp(home) == []
 
 
@@ -253,14 +264,14 @@ def test_conversion_is_cached_and_reused(tmp_path, home, monkeypatch):
     checkpoint = save_tiny_llama(tmp_path / "tiny_llama")
     calls = []
 
-    def copy_checkpoint(gguf, out_dir):
+    def copy_checkpoint(gguf, out_dir, dtype=None):
         calls.append(gguf.read_bytes())
         shutil.copytree(checkpoint, out_dir)
 
     monkeypatch.setattr(kvcli.models.checkpoints, "convert_gguf", copy_checkpoint)
     messages = []
-    first = load_model("tiny", progress=messages.append)
-    second = load_model("tiny")
+    first = load_model("tiny", dtype="float32", progress=messages.append)
+    second = load_model("tiny", dtype="float32")
 
     assert (first.converted, second.converted) == (True, False)
     assert len(calls) == 1 and hashlib.sha256(calls[0]).hexdigest() == embedded.sha256
@@ -276,7 +287,7 @@ def test_waiting_process_reuses_the_conversion_it_waited_for(tmp_path, home, mon
     embedded = fake_embedded(tmp_path, monkeypatch)
     checkpoint = save_tiny_llama(tmp_path / "tiny_llama")
 
-    def never_called(gguf, out_dir):
+    def never_called(gguf, out_dir, dtype=None):
         raise AssertionError("the waiting load must not convert again")
 
     monkeypatch.setattr(kvcli.models.checkpoints, "convert_gguf", never_called)
@@ -284,7 +295,7 @@ def test_waiting_process_reuses_the_conversion_it_waited_for(tmp_path, home, mon
     target.parent.mkdir(parents=True)
     messages, results = [], []
     with FileLock(f"{target}.lock"):
-        waiter = threading.Thread(target=lambda: results.append(load_model("tiny", progress=messages.append)))
+        waiter = threading.Thread(target=lambda: results.append(load_model("tiny", dtype="float32", progress=messages.append)))
         waiter.start()
         deadline = time.monotonic() + 10
         while not any("waiting" in m for m in messages) and time.monotonic() < deadline:
@@ -305,7 +316,7 @@ def test_stale_temp_folders_are_cleaned(tmp_path, home, monkeypatch):
     stale.mkdir(parents=True)
     (stale / "tiny.gguf").write_bytes(b"leftover")
     monkeypatch.setattr(kvcli.models.checkpoints, "convert_gguf", lambda gguf, out_dir: shutil.copytree(checkpoint, out_dir))
-    load_model("tiny")
+    load_model("tiny", dtype="float32")
     assert leftover_temp(home) == []
 
 
@@ -356,7 +367,7 @@ def test_tiny_llama_folder_loads(tmp_path, home):
     """A checkpoint folder saved with save_pretrained loads in eval mode with fp32 on the CPU."""
     folder = save_tiny_llama(tmp_path / "tiny_llama")
     grad_enabled = torch.is_grad_enabled()
-    loaded = load_model(str(folder), device="cpu")
+    loaded = load_model(str(folder), device="cpu", dtype="float32")
     assert loaded.name == str(folder)
     assert not loaded.model.training and not loaded.converted
     assert loaded.dtype is torch.float32 and loaded.model.dtype is torch.float32

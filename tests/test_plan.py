@@ -38,6 +38,17 @@ def run(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def float32_cpu():
+    """These plans are checked against float32 reads: `auto` is float32 here whatever this CPU has
+    (test_int8_weights_are_planned_at_a_byte_each checks the int8 plan)."""
+    from kvcli.models import weights
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(weights, "cpu_has_bf16", lambda: False)
+        yield
+
+
 @pytest.fixture(scope="module")
 def short(tmp_path_factory) -> Path:
     """A two-layer random Llama with 128 positions, so a few hundred words are past its window."""
@@ -211,6 +222,14 @@ def test_weights_come_from_the_safetensors_headers(short, docs, home):
     assert data["weights"]["params"] == sum(t.numel() for t in state.values())
     assert data["weights"]["disk_bytes"] == (short / "model.safetensors").stat().st_size
     assert data["weights"]["params_from"] == "the safetensors headers" and data["weights"]["stored_as"] == "F32"
+
+
+def test_int8_weights_are_planned_at_a_byte_each(short, docs, home):
+    """`plan --dtype int8` counts a byte per parameter, says the weights are int8, and plans the KV in bfloat16, as the int8 load computes."""
+    data = json.loads(run("plan", *docs, "-m", short, "--dtype", "int8", "--json").stdout)
+    assert data["weights"]["dtype"] == "int8" and data["weights"]["bytes"] == data["weights"]["params"]
+    assert data["plan"]["dtype"] == "bfloat16"
+    assert load_model(str(short), dtype="int8").dtype is torch.bfloat16
 
 
 # --- tokenizers: none, tiktoken ---------------------------------------------------------------------

@@ -32,7 +32,7 @@ GROUPS: dict[str, list[tuple[str, object, object]]] = {
         ("model", Annotated[Optional[str], typer.Option("--model", "-m", envvar="KVCLI_MODEL", metavar="NAME|PATH", help=_MODEL_HELP, show_default=False)], None),
         ("device", Annotated[str, typer.Option("--device", envvar="KVCLI_DEVICE", metavar="auto|cpu|cuda[:N]|mps", help="Where the model runs: auto is CUDA, else an Apple GPU (mps), else the CPU.")], "auto"),
         ("device_map", Annotated[Optional[str], typer.Option("--device-map", envvar="KVCLI_DEVICE_MAP", metavar="auto|balanced|sequential", help="Split a model too large for one GPU over the GPUs, then the CPU's memory, then disk (accelerate); each layer's cache stays on its layer's device.", show_default=False)], None),
-        ("dtype", Annotated[str, typer.Option("--dtype", metavar="auto|float32|bfloat16|float16", help="Compute dtype: auto is float32 on CPU, bfloat16 on CUDA, float16 on mps; a .gguf is converted to it.")], "auto"),
+        ("dtype", Annotated[str, typer.Option("--dtype", metavar="auto|int8|float32|bfloat16|float16", help="Compute dtype: auto is int8 on a CPU with bfloat16 instructions (int8 weights, bfloat16 compute), float32 on other CPUs, bfloat16 on CUDA, float16 on mps; a .gguf is converted to it.")], "auto"),
         ("threads", Annotated[str, typer.Option("--threads", envvar="KVCLI_THREADS", metavar="auto|N", help="CPU threads: auto prefills on the cores other processes leave free and decodes on at most half the cores, so a busy machine slows decoding instead of stalling it.")], "auto"),
         ("trust_remote_code", Annotated[bool, typer.Option("--trust-remote-code", help="Allow a hub model's own code to run.")], False),
     ],

@@ -46,7 +46,7 @@ def plan(
     """
     import torch
 
-    from ..models import kvcli_home, resolve_device, resolve_dtype
+    from ..models import kvcli_home, resolve_device, resolve_dtype, resolve_weights
     from ..models.describe import describe_model
     from ..prompt import check_question
     from ..reading.layout import Layout
@@ -64,6 +64,7 @@ def plan(
         check_question(question)
     device = resolve_device(run.device)
     dtype = resolve_dtype(run.dtype, device)
+    stored = resolve_weights(run.dtype, device)  # 'int8', or None: the weights are held in `dtype`
     doc = read_documents(list(paths), screen, include or (), exclude or ())
     quiet_transformers()
     with screen.status("reading the model's config and tokenizer") as update:
@@ -76,11 +77,12 @@ def plan(
         profile = stored_profile(described.name, config_hash(described.config))
     read_plan = make_plan(Layout(described.config, described.tokenizer), doc, question or PLACEHOLDER_QUESTION, options, method, dtype,
                           profile=profile)
-    weights = None if described.params is None else described.params * (torch.finfo(dtype).bits // 8)
+    # int8 weights are one byte each (their per-channel scales are a rounding error of that)
+    weights = None if described.params is None else described.params * (1 if stored else torch.finfo(dtype).bits // 8)
     peak = None if weights is None or read_plan.kv_peak is None else weights + read_plan.kv_peak
     available, total = device_memory(device)
     kv = KVBytes.of(described.config, dtype)
-    speed = measured_speed(kvcli_home(), described.name, *names(device, dtype))
+    speed = measured_speed(kvcli_home(), described.name, *names(device, dtype if stored is None else f"{stored} weights, {str(dtype).removeprefix('torch.')}"))
     data = {
         "model": described.name,
         "source": described.source,
@@ -95,7 +97,7 @@ def plan(
         "budget_label": options.budget.label,
         "plan": read_plan.to_dict(),
         "weights": {
-            "params": described.params, "params_from": described.params_from, "bytes": weights, "dtype": read_plan.dtype,
+            "params": described.params, "params_from": described.params_from, "bytes": weights, "dtype": stored or read_plan.dtype,
             "disk_bytes": described.disk_bytes, "stored_as": described.stored_as,
             "quantized": _quantization(described.config),
         },

@@ -1,5 +1,6 @@
 """The converted-checkpoint cache under `$KVCLI_HOME/models/`: each GGUF is converted only once
-per dtype it runs in (float32 on a CPU, bfloat16 on CUDA: half the disk of a float32 copy).
+per dtype it runs in (float32 on a CPU, bfloat16 on CUDA: half the disk of a float32 copy; "int8":
+int8 weights under a float32 model, kvcli/models/weights.py, a quarter of float32's disk).
 
 A conversion is written in a temp folder and renamed into place under a file lock, so concurrent
 or interrupted runs never see a half-written checkpoint.
@@ -56,17 +57,17 @@ def home_folder(name: str) -> Path:
     return folder
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """'float32', 'bfloat16', 'float16': how a converted checkpoint's dtype is written."""
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """'float32', 'bfloat16', 'float16', 'int8': how a converted checkpoint's dtype is written."""
     return str(dtype).removeprefix("torch.")
 
 
-def _suffix(dtype: torch.dtype) -> str:
+def _suffix(dtype: torch.dtype | str) -> str:
     # float32 conversions keep the folder names they always had, so existing ones are reused
     return "" if dtype == torch.float32 else f"-{dtype_name(dtype)}"
 
 
-def embedded_checkpoint(embedded: EmbeddedModel, report: Callable[[str], None], dtype: torch.dtype = torch.float32) -> tuple[Path, bool]:
+def embedded_checkpoint(embedded: EmbeddedModel, report: Callable[[str], None], dtype: torch.dtype | str = torch.float32) -> tuple[Path, bool]:
     """Converted checkpoint of an embedded model in `dtype`; joins and verifies its parts on first use only."""
     target = embedded_target(embedded, kvcli_home(), dtype)
     if is_complete(target):
@@ -100,13 +101,13 @@ def embedded_checkpoint(embedded: EmbeddedModel, report: Callable[[str], None], 
     return target, converted
 
 
-def embedded_target(embedded: EmbeddedModel, home: Path, dtype: torch.dtype = torch.float32) -> Path:
+def embedded_target(embedded: EmbeddedModel, home: Path, dtype: torch.dtype | str = torch.float32) -> Path:
     """Where the converted checkpoint of `embedded` in `dtype` lives: keyed by the pinned sha256,
     so a new pin converts anew."""
     return home / "models" / f"{embedded.name}-{embedded.sha256[:12]}{_suffix(dtype)}"
 
 
-def gguf_checkpoint(path: Path, report: Callable[[str], None], dtype: torch.dtype = torch.float32) -> tuple[Path, bool]:
+def gguf_checkpoint(path: Path, report: Callable[[str], None], dtype: torch.dtype | str = torch.float32) -> tuple[Path, bool]:
     """Converted checkpoint of a user's .gguf file in `dtype`, keyed by path, size and mtime so it is not rehashed."""
     path = path.resolve()
     stat = path.stat()
@@ -150,7 +151,7 @@ def _ensure_converted(
     make_gguf: Callable[[Path], tuple[Path, str]],
     meta: dict,
     report: Callable[[str], None],
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
 ) -> bool:
     """Build `target` (`dtype` weights) from a GGUF unless it exists; returns True if this call did the conversion.
 

@@ -12,15 +12,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..errors import ModelError
 
 
-def convert_gguf(gguf: Path, out_dir: Path, dtype: torch.dtype = torch.float32) -> None:
+def convert_gguf(gguf: Path, out_dir: Path, dtype: torch.dtype | str = torch.float32) -> None:
     """Dequantize a GGUF into a safetensors checkpoint folder of `dtype` weights that plain
-    from_pretrained can read.
+    from_pretrained can read; `dtype` "int8": float32 weights rounded to int8 per output channel
+    (kvcli/models/weights.py), which `weights.load_quantized` reads.
 
     `dtype` is what the model will run in: float32 on a CPU, where dequantized Q4 weights stay
     exact (in bf16 ~70% of SmolLM2's q_proj values change, ~25% in fp16); bfloat16 on CUDA, where
     they are rounded at load anyway, so the file is half the size (an 8B model: ~16 GB, not ~32 GB).
     transformers casts each tensor as it dequantizes it, so the conversion holds `dtype` weights too.
     """
+    quantized = dtype == "int8"
+    dtype = torch.float32 if quantized else dtype
     folder, name = str(gguf.parent), gguf.name
     try:
         with _quiet_gguf_progress():
@@ -43,7 +46,15 @@ def convert_gguf(gguf: Path, out_dir: Path, dtype: torch.dtype = torch.float32) 
     del gguf_model
 
     out_dir.mkdir(parents=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    if quantized:
+        from .identity import weights_fingerprint
+        from .weights import quantize_model, save_quantized
+
+        fingerprint = weights_fingerprint(model)
+        quantize_model(model)
+        save_quantized(model, out_dir, fingerprint)
+    else:
+        model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
 
 

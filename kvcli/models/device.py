@@ -48,22 +48,44 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+# `--dtype int8`: int8 weights (kvcli/models/weights.py) under a model that computes in bfloat16.
+INT8 = "int8"
+
+
 def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
-    """Pick the compute dtype: 'auto' is float32 on CPU (bf16 matmuls are ~3.5x slower there),
-    bf16 on CUDA (fp16 where the GPU has no bf16), fp16 on an Apple GPU."""
+    """The dtype the model computes in (its activations and KV cache): 'auto' is bfloat16 with int8
+    weights (`resolve_weights`) on a CPU with bfloat16 instructions, float32 on other CPUs, bf16
+    on CUDA (fp16 where the GPU has no bf16), fp16 on an Apple GPU; `int8` computes in bfloat16."""
     device = torch.device(device)
+    if dtype == "auto" and resolve_weights(dtype, device) == INT8:
+        return torch.bfloat16
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         if device.type == "mps":
             return torch.float16
         return torch.float32
+    if dtype == INT8:
+        if device.type != "cpu":
+            raise ModelError(f"--dtype int8 is for CPUs (its kernels are torch's CPU ones): use --dtype auto on {device.type}")
+        return torch.bfloat16
     if dtype not in _DTYPES:
-        raise ModelError(f"unknown dtype '{dtype}': use auto, {', '.join(_DTYPES)}")
+        raise ModelError(f"unknown dtype '{dtype}': use auto, int8, {', '.join(_DTYPES)}")
     if device.type == "mps" and dtype == "bfloat16":
         # torch's bf16 on Apple GPUs depends on the macOS release and misses kernels; fp16 is the supported half type
         raise ModelError("--dtype bfloat16 is not supported on an Apple GPU (mps): use --dtype float16 or float32")
     return _DTYPES[dtype]
+
+
+def resolve_weights(dtype: str, device: torch.device | str) -> str | None:
+    """How the weights are stored when not in the compute dtype: 'int8' for `--dtype int8`, and
+    for 'auto' on a CPU with bfloat16 instructions, where int8 weights decode and prefill faster
+    than float32 ones in a third of the memory (docs/results.md, "Weights on CPU"); None otherwise."""
+    from .weights import cpu_has_bf16
+
+    if dtype == INT8 or (dtype == "auto" and torch.device(device).type == "cpu" and cpu_has_bf16()):
+        return INT8
+    return None
 
 
 def default_attn_implementation(device: torch.device | str, dtype: torch.dtype | None = None) -> str:

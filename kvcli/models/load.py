@@ -31,9 +31,11 @@ from .device import (
     resolve_device,
     resolve_device_map,
     resolve_dtype,
+    resolve_weights,
 )
 from .embedded import DEFAULT_MODEL, EMBEDDED
 from .identity import config_hash
+from .weights import cast_floats, is_quantized, load_quantized, mlp_in_blocks, quantize_model, saved_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,14 @@ class LoadedModel:
     weights_fingerprint: str = ""
     # decoder layers per device when a device map split the model ({'cuda:0': 20, 'cpu': 12}); empty otherwise
     placement: dict[str, int] = field(default_factory=dict)
+    # how the linear layers' weights are stored when not in `dtype`: 'int8' (kvcli/models/weights.py); None: in `dtype`
+    weights: str | None = None
+
+    @property
+    def precision(self) -> str:
+        """What the report calls the model's numbers: 'float32', or 'int8 weights, bfloat16'."""
+        name = str(self.dtype).removeprefix("torch.")
+        return name if self.weights is None else f"{self.weights} weights, {name}"
 
 
 def load_model(
@@ -75,11 +85,12 @@ def load_model(
     device_map = resolve_device_map(device_map, device)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    weights = None if device_map is not None else resolve_weights(dtype, torch_device)
 
     converted = False
     from_hub = False
     if spec in EMBEDDED:
-        folder, converted = embedded_checkpoint(EMBEDDED[spec], report, torch_dtype)
+        folder, converted = embedded_checkpoint(EMBEDDED[spec], report, weights or torch_dtype)
         source = str(folder)
     else:
         path = Path(spec).expanduser()
@@ -92,7 +103,7 @@ def load_model(
                     )
                 source = str(path)
             elif path.suffix.lower() == ".gguf":
-                folder, converted = gguf_checkpoint(path, report, torch_dtype)
+                folder, converted = gguf_checkpoint(path, report, weights or torch_dtype)
                 source = str(folder)
             else:
                 raise ModelError(f"model path {spec} is not a folder or a .gguf file")
@@ -120,13 +131,18 @@ def load_model(
         attn_implementation = attn_implementation or _attention_for(
             AutoConfig.from_pretrained(source, **extra), spec, default_attn_implementation(torch_device, torch_dtype), trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-        model = AutoModelForCausalLM.from_pretrained(
-            source,
-            dtype=torch_dtype,
-            attn_implementation=attn_implementation,
-            **placement_kwargs(device_map),
-            **extra,
-        )
+        if weights is not None and is_quantized(Path(source)):
+            model = load_quantized(Path(source), torch_dtype)  # a converted GGUF: never holds float weights
+            model.set_attn_implementation(attn_implementation)
+        else:
+            # int8 weights are made from bfloat16 ones (half a float32 load's peak), then the rest is cast back
+            model = AutoModelForCausalLM.from_pretrained(
+                source,
+                dtype=torch_dtype if weights is None else torch.bfloat16,
+                attn_implementation=attn_implementation,
+                **placement_kwargs(device_map),
+                **extra,
+            )
     except OSError as err:
         if not from_hub:
             raise ModelError(f"cannot load model {spec} from {source}: {first_line(err)}") from err
@@ -147,6 +163,16 @@ def load_model(
     else:
         torch_device = execution_device(model)  # where the input ids go: the embedding's device
     model.eval()
+    if weights is not None and not is_quantized(Path(source)):
+        fingerprint_of = fingerprint(model)  # of the checkpoint's weights, whatever form they are kept in
+        quantize_model(model)
+        cast_floats(model, torch_dtype)  # the norms, biases and any untied embedding
+    elif weights is not None:
+        fingerprint_of = saved_fingerprint(Path(source))
+    else:
+        fingerprint_of = fingerprint(model)
+    if weights is not None:
+        mlp_in_blocks(model)
 
     load_s = time.perf_counter() - start
     logger.info("loaded %s on %s as %s in %.1f s (converted: %s)", spec, torch_device, torch_dtype, load_s, converted)
@@ -159,8 +185,9 @@ def load_model(
         load_s=load_s,
         converted=converted,
         config_hash=config_hash(model.config),
-        weights_fingerprint=fingerprint(model),
+        weights_fingerprint=fingerprint_of,
         placement=placement(model),
+        weights=weights,
     )
 
 

@@ -86,6 +86,8 @@ def run_stats(reader: Reader, reading: Reading) -> RunStats:
         prefill_s=state.seconds,
         dropped_tokens=reading.dropped_tokens,
         read=reading.mode,
+        dtype=str(reader.lm.dtype).removeprefix("torch."),
+        weights=reader.lm.weights or str(reader.lm.dtype).removeprefix("torch."),
     )
     if reading.prefix is not None:
         stats.extra["prefix"] = reading.prefix
@@ -94,7 +96,7 @@ def run_stats(reader: Reader, reading: Reading) -> RunStats:
     if reading.skim is not None:
         stats.extra["skim"] = reading.skim
     if reading.mode in TIMED_READS:  # for `kvcli plan`'s estimate of a read's time
-        record_read(kvcli_home(), reader.lm.name, *names(reader.device, reader.lm.dtype), prompt_len, state.seconds)
+        record_read(kvcli_home(), reader.lm.name, *names(reader.device, reader.lm.precision), prompt_len, state.seconds)
     if len(state.chunks) > 1:
         stats.extra["chunks"] = [
             {"start": start, "stop": stop, "kept_tokens_over_layers": round(kept, 1)}

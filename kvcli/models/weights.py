@@ -1,0 +1,271 @@
+"""Weights as a CPU likes them: int8 per output channel, stored once, multiplied in bfloat16.
+
+A decode step reads every weight of the model to compute one token, so its speed is the speed of
+matrix-vector products over the weights' bytes; a prefill is large matrix products, bound by
+arithmetic. On a CPU with bfloat16 instructions (AVX-512 BF16, AMX) neither is best in float32:
+measured on this project's 2-core AMD EPYC (benchmarks/cpu_products.py), a 1 x 896 by 896 x 4864
+product ran at 7 GFLOP/s in float32, 23 in bfloat16 and 37 from int8 weights with bfloat16 inputs
+(torch's `_weight_int8pack_mm`); a 4096-row product at 148 GFLOP/s in float32 and 307 in bfloat16.
+
+So each linear layer keeps its weight once, as int8 with one bfloat16 scale per output channel
+(half of bfloat16's bytes, a quarter of float32's), and picks its product by the rows it is given:
+up to `INT8_ROWS` rows (a decode step, a short question) go through the int8 kernel; more rows (a
+prefill) widen the weight to bfloat16 for that one product (a few milliseconds against the
+product's hundreds) and multiply in bfloat16. The model's other tensors (norms, biases, an
+embedding that is not tied to the output head) stay in the model's dtype.
+
+Rounding to 8 bits per channel moves each weight by at most half a step (the channel's largest
+magnitude / 254); GGUF weights were 4-6 bits already. tests/test_weights.py checks the products
+against float32 and the embedded model's answers against its float32 answers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Products with at most this many rows use the int8 kernel (decode); more rows widen the weight
+# to bfloat16 for the product (prefill). Past a few dozen rows the int8 kernel loses to bfloat16.
+INT8_ROWS = 16
+
+# The dtype products are computed in: the int8 kernel's inputs, and the widened weights.
+PRODUCT_DTYPE = torch.bfloat16
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 products in hardware (AVX-512 BF16 or AMX), where the
+    int8-weight products above pay; elsewhere bfloat16 is emulated and float32 stays faster."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row (output channel): `(int8 weight (out, in), scale (out,))` with
+    weight ~= int8 * scale; an all-zero row gets scale 1 (its int8 values are 0 anyway)."""
+    weight = weight.detach().float()
+    scale = weight.abs().amax(dim=1) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = scale.to(PRODUCT_DTYPE).float()  # the scale the products will use, so rounding sees it
+    qweight = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return qweight, scale.to(PRODUCT_DTYPE)
+
+
+class Int8Linear(nn.Module):
+    """`nn.Linear` with an int8 weight and a bfloat16 scale per output channel; returns its
+    input's dtype. `qweight` `(out_features, in_features)` int8, `scale` `(out_features,)`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.qweight = nn.Parameter(torch.empty((out_features, in_features), dtype=torch.int8, device=device), requires_grad=False)
+        self.scale = nn.Parameter(torch.empty((out_features,), dtype=PRODUCT_DTYPE, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty((out_features,), dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def of(cls, linear: nn.Linear) -> Int8Linear:
+        """The int8 form of `linear` (its weight rounded per output channel; its bias kept)."""
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype, device="meta")
+        qweight, scale = quantize_rows(linear.weight)
+        module.qweight = nn.Parameter(qweight, requires_grad=False)
+        module.scale = nn.Parameter(scale, requires_grad=False)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        return module
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight as the products see it, `(out_features, in_features)` bfloat16."""
+        return self.qweight.to(PRODUCT_DTYPE) * self.scale[:, None]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        rows = hidden_states.reshape(-1, self.in_features).to(PRODUCT_DTYPE)  # (tokens, in_features)
+        if rows.shape[0] <= INT8_ROWS:
+            out = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scale)
+        else:
+            out = F.linear(rows, self.dequantized())
+        out = out.to(hidden_states.dtype).reshape(*hidden_states.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+class Int8Embedding(nn.Module):
+    """A plain `nn.Embedding` whose table is int8 with a bfloat16 scale per row (per token):
+    each looked-up row is widened to `dtype`. Tied to the output head, the table is the head's
+    (`tied_to`), not a copy; else it is its own `qweight` `(num_embeddings, embedding_dim)` and `scale`."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype, padding_idx: int | None = None,
+                 tied_to: Int8Linear | None = None, device=None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.dtype, self.padding_idx = dtype, padding_idx
+        self.tied_to = [tied_to] if tied_to is not None else []  # a list: the head is the output layer's module, not a child of this one
+        if tied_to is None:
+            self.qweight = nn.Parameter(torch.empty((num_embeddings, embedding_dim), dtype=torch.int8, device=device), requires_grad=False)
+            self.scale = nn.Parameter(torch.empty((num_embeddings,), dtype=PRODUCT_DTYPE, device=device), requires_grad=False)
+
+    @classmethod
+    def of(cls, embedding: nn.Embedding, tied_to: Int8Linear | None = None) -> Int8Embedding:
+        """The int8 form of `embedding`; `tied_to`: the output head (already int8) it shares its table with."""
+        module = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.weight.dtype, embedding.padding_idx, tied_to, device="meta")
+        if tied_to is None:
+            qweight, scale = quantize_rows(embedding.weight)
+            module.qweight = nn.Parameter(qweight, requires_grad=False)
+            module.scale = nn.Parameter(scale, requires_grad=False)
+        return module
+
+    def table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int8 rows, their scales): the head's when tied."""
+        owner = self.tied_to[0] if self.tied_to else self
+        return owner.qweight, owner.scale
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The int8 table, for code that asks the embedding for its device or its shape."""
+        return self.table()[0]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        qweight, scale = self.table()
+        return (qweight[input_ids].to(PRODUCT_DTYPE) * scale[input_ids][..., None]).to(self.dtype)
+
+
+def quantize_model(model: nn.Module) -> int:
+    """Replace every `nn.Linear` of `model` by its `Int8Linear`, one at a time (the float weight
+    is freed as its int8 form is made), and a plain `nn.Embedding` by an `Int8Embedding` (tied to
+    the output head: the head's int8 table). Returns how many linear layers were replaced."""
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    tied = (
+        type(embedding) is nn.Embedding and isinstance(head, nn.Linear)
+        and embedding.weight.data_ptr() == head.weight.data_ptr() and head.bias is None
+    )
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, Int8Linear.of(child))
+                replaced += 1
+    if type(embedding) is nn.Embedding:  # a subclass (Gemma's scaled embedding) computes more than a lookup: left as it is
+        model.set_input_embeddings(Int8Embedding.of(embedding, model.get_output_embeddings() if tied else None))
+    return replaced
+
+
+# A prefill feeds a dense MLP at most this many tokens at once: its intermediate activations
+# (tokens x intermediate size, 45 MB per 4,600 tokens of Qwen2.5-0.5B in bfloat16, four at a time)
+# were the largest part of a prefill's memory; 1,024 rows keep the products as fast.
+MLP_ROWS = 1024
+
+
+def mlp_in_blocks(model: nn.Module, rows: int = MLP_ROWS) -> int:
+    """Make every dense MLP of `model` (a module named `mlp` whose class name ends in MLP, which
+    computes each token alone) take its tokens `rows` at a time; the same numbers, less memory.
+    Mixture-of-experts blocks are left alone. Returns how many MLPs were changed."""
+    changed = 0
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "mlp" and type(module).__name__.endswith("MLP"):
+            module.forward = _blocked(module.forward, rows)  # an instance attribute: the state dict keeps its names
+            changed += 1
+    return changed
+
+
+def _blocked(forward, rows: int):
+    def blocked(hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.shape[-2] <= rows:
+            return forward(hidden_states)
+        return torch.cat([forward(part) for part in hidden_states.split(rows, dim=-2)], dim=-2)
+
+    return blocked
+
+
+def cast_floats(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the model's float tensors to `dtype`, except the int8 layers' scales, which the
+    int8 kernel takes in bfloat16 (`Module.to(dtype)` would cast those too)."""
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != dtype and not (isinstance(module, Int8Linear) and name == "scale"):
+                setattr(module, name, nn.Parameter(param.detach().to(dtype), requires_grad=False))
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point() and buffer.dtype != dtype and name != "inv_freq":
+                module._buffers[name] = buffer.to(dtype)
+    for module in model.modules():
+        if isinstance(module, Int8Embedding):
+            module.dtype = dtype
+
+
+def int8_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights as stored: int8 tables, their scales and the other tensors."""
+    return sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+
+
+# The file of a checkpoint saved with int8 weights, beside its config.json and tokenizer.
+QUANTIZED_FILE = "model-int8.safetensors"
+
+
+def save_quantized(model: nn.Module, folder: Path, fingerprint: str) -> None:
+    """Write `model` (after `quantize_model`) as `folder/QUANTIZED_FILE` plus its config and
+    generation config, for `load_quantized`; the tokenizer is the caller's to save. `fingerprint`
+    is `identity.weights_fingerprint` of the float weights it was made from (`saved_fingerprint`)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.architectures = [type(model).__name__]  # as save_pretrained writes it (part of the config's hash)
+    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(folder / QUANTIZED_FILE),
+              metadata={"weights_fingerprint": fingerprint})
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+
+
+def is_quantized(folder: Path) -> bool:
+    """Whether `folder` holds a checkpoint `save_quantized` wrote."""
+    return (folder / QUANTIZED_FILE).is_file()
+
+
+def saved_fingerprint(folder: Path) -> str:
+    """The float weights' fingerprint `save_quantized` kept: a .kvc file read with the float
+    model matches the int8 one (their numbers differ as a bfloat16 load's do)."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / QUANTIZED_FILE), framework="pt") as saved:
+        return (saved.metadata() or {}).get("weights_fingerprint", "")
+
+
+def load_quantized(folder: Path, dtype: torch.dtype) -> nn.Module:
+    """The model `save_quantized` wrote, its other tensors in `dtype`, without ever holding
+    float weights: the module tree is built with its parameters on the meta device (buffers such
+    as RoPE's frequencies are computed as usual), its linear layers swapped for empty int8 ones,
+    then every tensor is taken from the file as it is."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, Int8Linear(child.in_features, child.out_features, child.bias is not None, dtype, device="meta"))
+    state = load_file(str(folder / QUANTIZED_FILE))
+    embedding = model.get_input_embeddings()
+    prefix = next(name for name, module in model.named_modules() if module is embedding)
+    if type(embedding) is nn.Embedding and prefix + ".weight" not in state:  # made int8 by quantize_model
+        tied = None if prefix + ".qweight" in state else model.get_output_embeddings()
+        model.set_input_embeddings(Int8Embedding(embedding.num_embeddings, embedding.embedding_dim, dtype, embedding.padding_idx, tied, device="meta"))
+    state = {name: tensor if tensor.dtype in (torch.int8, PRODUCT_DTYPE) and _is_int8_part(name) else tensor.to(dtype)
+             for name, tensor in state.items()}
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.eval()
+
+
+def _is_int8_part(name: str) -> bool:
+    """Whether a saved tensor is an int8 layer's table or scale (kept as saved) rather than a
+    float tensor of the model (cast to its dtype)."""
+    return name.endswith((".qweight", ".scale"))  # Int8Linear's and Int8Embedding's
