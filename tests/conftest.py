@@ -10,6 +10,13 @@ import torch
 
 from kvcli.errors import ModelError
 
+# `--dtype auto` on a CPU is int8 weights under bfloat16 where the CPU has bfloat16 instructions
+# (kvcli/models/weights.py), float32 elsewhere. The tiny-model tests check bytes and numbers that
+# must be the same on every machine, so they take the CPU as one without (float32), subprocesses
+# and Ray workers included; the embedded-model fixtures load as this CPU would (`_engine`), and
+# tests/test_weights.py checks the int8 forms themselves.
+os.environ["KVCLI_CPU_BF16"] = "0"
+
 
 def _model_home() -> Path:
     # Real-model tests reuse the machine's converted checkpoints (conversion is atomic and
@@ -65,7 +72,11 @@ def _engine(name: str):
 
     embedded_parts(name)
     os.environ.setdefault("KVCLI_HOME", str(_model_home()))
-    return Reader(load_model(name))
+    pinned = os.environ.pop("KVCLI_CPU_BF16")  # loaded as a user's run on this CPU loads it
+    try:
+        return Reader(load_model(name))
+    finally:
+        os.environ["KVCLI_CPU_BF16"] = pinned
 
 
 @pytest.fixture(scope="session")

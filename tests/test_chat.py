@@ -45,7 +45,7 @@ def ask(folder: Path, question: str, *flags: str, cache: str | None = None) -> s
 
 
 def environment(folder: Path) -> dict:
-    env = {name: value for name, value in os.environ.items() if not name.startswith("KVCLI_")}
+    env = {name: value for name, value in os.environ.items() if not name.startswith("KVCLI_") or name == "KVCLI_CPU_BF16"}  # the suite's pinned CPU (conftest.py)
     return {**env, "KVCLI_HOME": str(folder / "home"), "OMP_NUM_THREADS": "1"}
 
 

@@ -358,7 +358,7 @@ def test_several_questions_on_a_terminal_label_each_answer(tiny, home, doc, tmp_
 
     import pexpect
 
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("KVCLI_")}, "KVCLI_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("KVCLI_") or k == "KVCLI_CPU_BF16"}, "KVCLI_HOME": str(home), "OMP_NUM_THREADS": "1"}
     child = pexpect.spawn(sys.executable, ["-m", "kvcli", "ask", str(doc), "-q", "w1?", "-q", "w2 w3?", "-m", tiny,
                                            "--method", "snapkv", "--max-new-tokens", "3"],
                           env=env, encoding="utf-8", dimensions=(24, 200), timeout=120)

@@ -139,6 +139,10 @@ def test_resolve_dtype_defaults_and_names(monkeypatch):
         resolve_dtype("int4", "cpu")
     with pytest.raises(ModelError, match="for CPUs"):
         resolve_dtype("int8", "meta")
+    monkeypatch.undo()
+    for value, has in (("1", True), ("0", False)):  # KVCLI_CPU_BF16 overrides what /proc/cpuinfo says
+        monkeypatch.setenv("KVCLI_CPU_BF16", value)
+        assert weights.cpu_has_bf16() is has
 
 
 def test_default_attn_implementation_is_sdpa_on_cpu():

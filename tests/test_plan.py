@@ -38,17 +38,6 @@ def run(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def float32_cpu():
-    """These plans are checked against float32 reads: `auto` is float32 here whatever this CPU has
-    (test_int8_weights_are_planned_at_a_byte_each checks the int8 plan)."""
-    from kvcli.models import weights
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(weights, "cpu_has_bf16", lambda: False)
-        yield
-
-
 @pytest.fixture(scope="module")
 def short(tmp_path_factory) -> Path:
     """A two-layer random Llama with 128 positions, so a few hundred words are past its window."""

@@ -1,0 +1,78 @@
+"""How fast this CPU multiplies a model's weights in each form kvcli could keep them: float32,
+bfloat16, int8 per output channel (torch's `_weight_int8pack_mm`) and int4 in groups of 32
+(`_weight_int4pack_mm_for_cpu`), for a decode step (1 row) and a prefill (4,096 rows).
+
+    python benchmarks/cpu_products.py --threads 1 2
+
+Decode products cycle through `--matrices` distinct 896 x 4864 weights (Qwen2.5-0.5B's MLP
+shape; 40 of them are 174M parameters, more than any CPU cache), as a decode step reads every
+weight of the model once: a product timed on one weight that stays in cache measures the cache,
+not the memory a real step waits on. GFLOP/s are 2 x rows x 896 x 4864 per product. Run alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+IN_FEATURES, OUT_FEATURES = 896, 4864
+GROUP = 32
+
+
+def timed(calls, repeats: int) -> float:
+    """Seconds per call, over `repeats` rounds of every call (after one warm-up round)."""
+    for call in calls:
+        call()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for call in calls:
+            call()
+    return (time.perf_counter() - start) / (repeats * len(calls))
+
+
+def forms(weights: list[torch.Tensor]) -> dict[str, list]:
+    """Each weight in each form, as (kernel, arguments) pairs ready to call with an input."""
+    made: dict[str, list] = {"float32": [], "bfloat16": [], "int8": [], "int4": []}
+    for weight in weights:
+        made["float32"].append(lambda x, w=weight: F.linear(x.float(), w))
+        made["bfloat16"].append(lambda x, w=weight.bfloat16(): F.linear(x, w))
+        scale = weight.abs().amax(dim=1) / 127
+        qweight = (weight / scale[:, None]).round().to(torch.int8)
+        made["int8"].append(lambda x, q=qweight, s=scale.bfloat16(): torch.ops.aten._weight_int8pack_mm(x, q, s))
+        groups = weight.reshape(OUT_FEATURES, IN_FEATURES // GROUP, GROUP)
+        low, high = groups.amin(-1), groups.amax(-1)
+        step = (high - low) / 15
+        codes = ((groups - low[..., None]) / step[..., None]).round().clamp(0, 15).to(torch.int32).reshape(OUT_FEATURES, IN_FEATURES)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        scales_zeros = torch.stack([step, low + 8 * step], dim=-1).transpose(0, 1).contiguous().bfloat16()  # (groups, out, 2)
+        made["int4"].append(lambda x, p=packed, sz=scales_zeros: torch.ops.aten._weight_int4pack_mm_for_cpu(x, p, GROUP, sz))
+    return made
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--matrices", type=int, default=40, help="distinct weights a decode round reads (default 40)")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    made = forms([torch.randn(OUT_FEATURES, IN_FEATURES) for _ in range(args.matrices)])
+    print(f"torch {torch.__version__}; weights {OUT_FEATURES}x{IN_FEATURES}; GFLOP/s (ms per product)")
+    print("| product | threads | " + " | ".join(made) + " |")
+    print("| --- | --- |" + " --- |" * len(made))
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for rows, label, count in ((1, "decode, 1 row", args.matrices), (4096, "prefill, 4,096 rows", 2)):
+            inputs = torch.randn(rows, IN_FEATURES).bfloat16()
+            cells = []
+            for calls in made.values():
+                seconds = timed([lambda c=c: c(inputs) for c in calls[:count]], args.repeats if rows == 1 else 2)
+                cells.append(f"{2 * rows * IN_FEATURES * OUT_FEATURES / seconds / 1e9:.1f} ({seconds * 1e3:.2f})")
+            print(f"| {label} | {threads} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
