@@ -122,6 +122,8 @@ def test_a_saved_int8_checkpoint_loads_as_it_was_saved(tmp_path, tied):
     with torch.inference_mode():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
     assert loaded.model.rotary_emb.inv_freq.device.type == "cpu"  # computed, not left on the meta device
+    # read into torch's own (aligned) memory: the int8 kernel crashed on a mapped file's weights
+    assert all(t.data_ptr() % 64 == 0 for t in got.values() if t.dtype == torch.int8)
 
 
 def test_a_folder_loads_with_int8_weights_under_bfloat16(tmp_path, home):

@@ -21,12 +21,15 @@ against float32 and the embedded model's answers against its float32 answers.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..errors import ModelError
 
 # Products with at most this many rows use the int8 kernel (decode); more rows widen the weight
 # to bfloat16 for the product (prefill). Past a few dozen rows the int8 kernel loses to bfloat16.
@@ -249,7 +252,6 @@ def load_quantized(folder: Path, dtype: torch.dtype) -> nn.Module:
     as RoPE's frequencies are computed as usual), its linear layers swapped for empty int8 ones,
     then every tensor is taken from the file as it is."""
     from accelerate import init_empty_weights
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder)
@@ -259,7 +261,7 @@ def load_quantized(folder: Path, dtype: torch.dtype) -> nn.Module:
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(parent, name, Int8Linear(child.in_features, child.out_features, child.bias is not None, dtype, device="meta"))
-    state = load_file(str(folder / QUANTIZED_FILE))
+    state = _read_tensors(folder / QUANTIZED_FILE)
     embedding = model.get_input_embeddings()
     prefix = next(name for name, module in model.named_modules() if module is embedding)
     if type(embedding) is nn.Embedding and prefix + ".weight" not in state:  # made int8 by quantize_model
@@ -269,6 +271,31 @@ def load_quantized(folder: Path, dtype: torch.dtype) -> nn.Module:
              for name, tensor in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval()
+
+
+_FILE_DTYPES = {"I8": torch.int8, "BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16}
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, each read into memory torch allocated. Not mapped:
+    a mapped file's tensors start wherever the file puts them, and torch's int8 kernel reads
+    its weight with aligned vector loads (a mapped int8 weight crashed it, issue 27); reading with
+    plain reads also keeps the file's pages out of the process's resident memory."""
+    with path.open("rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_len))
+        start = 8 + header_len
+        tensors = {}
+        for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0] if item[0] != "__metadata__" else -1):
+            if name == "__metadata__":
+                continue
+            begin, end = entry["data_offsets"]
+            tensor = torch.empty(entry["shape"], dtype=_FILE_DTYPES[entry["dtype"]])
+            handle.seek(start + begin)
+            if end > begin and handle.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - begin:
+                raise ModelError(f"{path} ends inside tensor {name}: delete {path.parent} and kvcli converts the model again")
+            tensors[name] = tensor
+    return tensors
 
 
 def _is_int8_part(name: str) -> bool:

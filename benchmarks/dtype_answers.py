@@ -1,0 +1,73 @@
+"""Needle answers of the same model loaded in each `--dtype`, beside the first one's (float32).
+
+    python benchmarks/dtype_answers.py --dtypes float32,int8 --lengths 4000,8000 --depths 0.2,0.5,0.8 \
+        --haystack /path/to/held-out.jsonl
+
+Every needle document (the facts of benchmarks/skim_filter.py hidden in held-out prose:
+`--haystack`, default pydoc topics) is read by each dtype's model through `reading.policy.choose`,
+as `kvcli ask` reads it, with the default method and ratio, and answered greedily. The table gives,
+per dtype, right answers (the answer holds the fact's), answers equal to the first dtype's word for
+word, and the median prefill seconds (comparable only within one quiet run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+
+from kvcli.eval import niah_rows
+from kvcli.methods import DEFAULT_METHOD, Budget, make_method
+from kvcli.models import load_model
+from kvcli.reading import Options, Reader, answer
+from kvcli.reading.policy import choose
+from skim_filter import ALL, haystack_text  # benchmarks/ is on sys.path when a script in it runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-m", "--model", default=None)
+    parser.add_argument("--dtypes", default="float32,int8", help="kvcli --dtype values; the first is the reference")
+    parser.add_argument("--haystack", default=None)
+    parser.add_argument("--lengths", default="4000,8000")
+    parser.add_argument("--depths", default="0.2,0.5,0.8")
+    parser.add_argument("--method", default=DEFAULT_METHOD)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    args = parser.parse_args()
+    dtypes = args.dtypes.split(",")
+    readers = {dtype: Reader(load_model(args.model, dtype=dtype, device="cpu")) for dtype in dtypes}
+    first = readers[dtypes[0]]
+    text = haystack_text(args.haystack)
+    rng = random.Random(1)
+    right = {dtype: 0 for dtype in dtypes}
+    same = {dtype: 0 for dtype in dtypes}
+    seconds: dict[str, list[float]] = {dtype: [] for dtype in dtypes}
+    cases = 0
+    options = Options(budget=Budget(), max_new_tokens=args.max_new_tokens)
+    for length in map(int, args.lengths.split(",")):
+        for depth in map(float, args.depths.split(",")):
+            fact, question, expected = ALL[rng.randrange(len(ALL))]
+            offset = rng.randrange(0, max(1, len(text) - 6 * length))
+            (row,) = niah_rows(text[offset:], fact, question, expected, [length], [depth], first.tokenizer)
+            cases += 1
+            reference = None
+            for dtype, reader in readers.items():
+                method = make_method(args.method)
+                reading = choose(reader, row.context, options, method, [question]).read(question, method)
+                said = answer(reader, reading, options).text
+                reference = said if reference is None else reference
+                right[dtype] += expected.lower() in said.lower()
+                same[dtype] += said == reference
+                seconds[dtype].append(reading.state.seconds)
+                print(f"{length} {depth} {dtype}: {reading.state.seconds:.1f}s {said[:70]!r}", file=sys.stderr, flush=True)
+    print(f"model {first.lm.name}; method {args.method} at the default ratio; {cases} needle documents "
+          f"({args.lengths} tokens x depths {args.depths}); haystack {args.haystack or 'pydoc topics'}")
+    print(f"| --dtype | loaded as | right | same answer as {dtypes[0]} | median prefill s |")
+    print("| --- | --- | --- | --- | --- |")
+    for dtype, reader in readers.items():
+        print(f"| {dtype} | {reader.lm.precision} | {right[dtype]}/{cases} | {same[dtype]}/{cases} | {statistics.median(seconds[dtype]):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
