@@ -186,7 +186,7 @@ def run_kvcli(args, document: Path) -> dict:
         "ttft_s": stats["ttft_s"], "decode_tokens": stats["decode_tokens"], "decode_s": stats["decode_s"],
         "peak_rss_bytes": peak, "peak_rss_self_bytes": stats["peak_memory_bytes"], "answer": result["answer"],
         "method": stats["method"], "kv_kept_fraction": stats["kv_kept_fraction"], "read": stats["read"],
-        "dtype": stats.get("dtype") or stats.get("extra", {}).get("dtype"),  # where kvcli's --json reports the dtype it ran in
+        "dtype": stats.get("dtype") or None, "weights": stats.get("weights") or None,  # in kvcli's --json since issue 27
     }
 
 
@@ -358,7 +358,8 @@ def main() -> None:
     print(f"kvcli against llama.cpp: {args.model}, a {len(ids):,}-token prompt, {args.threads} thread(s), greedy, "
           f"at most {args.max_new_tokens} new tokens; kvcli args: {args.kvcli_args or '(none)'} "
           f"(kvcli read: {rows[0]['method']}, {rows[0]['read']}, KV kept {_cell(rows[0]['kv_kept_fraction'], '.3f')}"
-          + (f", dtype {rows[0]['dtype']}" if rows[0]['dtype'] else "") + ")")
+          + (f", dtype {rows[0]['dtype']}" if rows[0]['dtype'] else "")
+          + (f", weights {rows[0]['weights']}" if rows[0]['weights'] not in (None, rows[0]['dtype']) else "") + ")")
     print(f"llama-cpp-python {rows[1]['llama_cpp_python']}, n_batch {args.n_batch}; peak RSS: each child's ru_maxrss (os.wait4), from the end of its load\n")
     print(table(rows, summary))
     print(f"\nanswers (first pair): {'the same text' if agreed['same_text'] else 'differ'}; first token "
