@@ -171,3 +171,44 @@ def test_sources_check_scores_a_case_with_every_score(tiny_model, home, one_thre
     assert {"decode", "prefill", "both", "right", "first"} <= set(full) and full["first"].startswith(str(path))
     compressed = sources_check.run_case(reader, case, make_method("snapkv"), Options(max_new_tokens=3), compare=False, timing=True)
     assert "prefill" not in compressed and compressed["plain_decode_s"] > 0 and compressed["watched_decode_s"] > 0
+
+
+def test_peer_llamacpp_feeds_the_prompt_kvcli_ask_reads(tiny_model, home, tmp_path):
+    """peer_llamacpp builds, from kvcli's own code, token ids as many as `kvcli ask --json` reports reading, and cuts the document to about the asked length."""
+    import argparse
+
+    peer = _script("peer_llamacpp")
+    described, eos_ids = peer.load_text_side(tiny_model)
+    assert eos_ids and all(isinstance(token, int) for token in eos_ids)
+    document = tmp_path / "doc.txt"
+    text = "\n".join(" ".join(f"w{(7 * i + j) % 60}" for j in range(8)) for i in range(60))
+
+    def measure(head: str) -> int:
+        document.write_text(head)
+        return len(peer.prompt_ids(described, document, "w1 w7?", 2))
+
+    document.write_text(peer.cut_document(described.tokenizer, text, measure, 90))  # the tiny model reads 128 positions
+    ids = peer.prompt_ids(described, document, "w1 w7?", 2)
+    assert abs(len(ids) - 90) <= 8
+    args = argparse.Namespace(kvcli_python=sys.executable, question="w1 w7?", model=tiny_model, threads=1, max_new_tokens=2,
+                              kvcli_args="--method full")
+    row = peer.with_rates(peer.run_kvcli(args, document))
+    assert row["prompt_tokens"] == len(ids)
+    assert row["peak_rss_bytes"] > 0 and row["prefill_tokens_per_s"] > 0
+
+
+def test_peer_llamacpp_ratios_are_kvcli_medians_over_llama_medians():
+    """The summary takes each engine's median per metric and divides kvcli's by llama.cpp's; the table ends with that ratio row."""
+    peer = _script("peer_llamacpp")
+
+    def row(engine: str, prefill_s: float, decode_s: float, peak: int) -> dict:
+        return peer.with_rates({"engine": engine, "prompt_tokens": 100, "prefill_s": prefill_s, "ttft_s": prefill_s,
+                                "decode_tokens": 11, "decode_s": decode_s, "peak_rss_bytes": peak, "load_s": 1.0})
+
+    rows = [row("kvcli", 1.0, 2.0, 3000), row("llama.cpp", 2.0, 1.0, 1000), row("kvcli", 2.0, 4.0, 3000),
+            row("llama.cpp", 2.0, 1.0, 1000), row("kvcli", 1.0, 2.0, 9000), row("llama.cpp", 4.0, 0.5, 1000)]
+    summary = peer.summarize(rows)
+    assert summary["ratios"]["prefill_tokens_per_s"] == 2.0  # 100 against 50 tokens/s
+    assert summary["ratios"]["decode_tokens_per_s"] == 0.5  # 5 against 10 tokens/s
+    assert summary["ratios"]["peak_rss_bytes"] == 3.0 and summary["ratios"]["prompt_tokens"] == 1.0
+    assert peer.table(rows, summary).splitlines()[-1].startswith("| kvcli / llama.cpp | | 1.00 | 2.00x | 0.50x |")
