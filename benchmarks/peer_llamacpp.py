@@ -85,6 +85,8 @@ def llama_worker(job: dict) -> dict:
     }
 
 
+# The llama.cpp worker runs in a python that need not have kvcli (its own venv): these two
+# repeat kvcli.stats's peak reset and /proc reader with the standard library only.
 def _reset_peak() -> None:
     try:
         with open("/proc/self/clear_refs", "w") as clear:
