@@ -50,6 +50,7 @@ class DynamicKV(Method):
     name = "dynamickv"
     summary = "task-aware per-layer budgets, re-divided every few layers"
     paper = "https://arxiv.org/abs/2412.14838"
+    head_splits = ("equal",)  # see Method.head_splits
 
     max_multiple: float = 10.0
     min_multiple: float = 0.1
