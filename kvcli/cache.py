@@ -251,6 +251,7 @@ class KVLayer(CacheLayerMixin):
         The pruned layer is copied into exactly-sized storage so the full-length buffer is
         freed at once: this is what keeps the prefill's peak near the compressed size.
         """
+        self._dense_only("keep")
         local_index = local_index.to(self.device)
         keys, values = self.view()
         gather = local_index[None, :, :, None]  # (1, num_kv_heads, n_kept, 1)
