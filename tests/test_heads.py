@@ -234,7 +234,7 @@ def test_global_split_keeps_the_total_over_layers_and_heads():
 def test_head_split_is_a_knob_with_its_choices():
     """head_split is a --param of the scoring methods; an unknown split or one a method cannot use is refused in one line."""
     assert configure(["snapkv"], ["head_split=adaptive"])[0].head_split == "adaptive"
-    assert "head_split" in make_method("evidencekv").params() and "head_split" not in make_method("dynamickv").params()
+    assert "head_split" in make_method("evidencekv").params() and "head_split" not in make_method("h2o").params()
     with pytest.raises(BudgetError, match="head_split=sideways"):
         configure(["snapkv"], ["head_split=sideways"])
     with pytest.raises(BudgetError, match="evidencekv splits heads equal or adaptive"):
@@ -268,7 +268,7 @@ def compression(name: str, split: str, ratio: float = 0.25, **params):
 
 
 @pytest.mark.parametrize("name,split,params", [
-    ("snapkv", "adaptive", {}), ("snapkv", "global", {}), ("pyramidkv", "adaptive", {}),
+    ("snapkv", "adaptive", {}), ("snapkv", "global", {}), ("pyramidkv", "adaptive", {}), ("dynamickv", "adaptive", {"period": 2}),
     ("evidencekv", "adaptive", {"shared_fraction": 0.5}),  # all shared (the default): every head keeps the same evidence
 ])
 def test_live_split_equals_replayed_and_keeps_the_budget(tiny, ids, name, split, params):
