@@ -7,7 +7,8 @@ spread depths (the rows of docs/results.md's repeat-scorer section) is read once
 cache and scored once by the repeat scorer (kvcli/repeat.py, as `kvcli compress` does by
 default). Every (method, `head_split`, ratio) cache is derived from that one repeat, and each of
 the ten questions is asked after it (greedy, `--max-new-tokens`), as `kvcli compress` + `kvcli ask
---cache` would; a fact is found when the answer contains its expected word. The full reused
+--cache` would; a fact is found when the answer contains its expected word (decoding stops
+there: the greedy tokens after it cannot unfind it). The full reused
 prefix answers the same questions for reference. Per setting it also reports the KV bytes kept,
 the fewest and most tokens one head kept, and the decode rate (tokens/s over the ten answers;
 one run on a shared CPU: read it as a ratio between settings of the same run).
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from reuse_check import FACTS, build_document  # benchmarks/ is on sys.path when a script in it runs
 
-DEFAULT_SETTINGS = "snapkv:equal,snapkv:adaptive,snapkv:global,pyramidkv:equal,pyramidkv:adaptive,pyramidkv:global,evidencekv:equal"
+DEFAULT_SETTINGS = "snapkv:equal,snapkv:adaptive,snapkv:global,dynamickv:equal,dynamickv:adaptive,evidencekv:equal"
 
 
 def parse_settings(text: str) -> list[tuple[str, str]]:
@@ -38,8 +39,9 @@ def parse_settings(text: str) -> list[tuple[str, str]]:
 def run(reader, document: str, facts, settings: list[tuple[str, str]], ratios: list[float], max_new_tokens: int,
         on_row=None) -> dict:
     """Every setting at every ratio, from one repeat of `document`; the full reused prefix first."""
+    from kvcli.generate import decode
     from kvcli.methods import Budget, make_method
-    from kvcli.reading import Options, Reused, answer
+    from kvcli.reading import Options, Reused
 
     options = Options(max_new_tokens=max_new_tokens)
     mode = Reused(reader, document, options, scorer="repeat")
@@ -54,10 +56,21 @@ def run(reader, document: str, facts, settings: list[tuple[str, str]], ratios: l
         lengths = [n for layer in cache.head_lengths() for n in layer]
         answers, tokens, decode_s = [], 0, 0.0
         for _, question, expected in facts:
-            reply = answer(reader, prefix.ask(reader, question, options), options)
-            answers.append(reply.text)
-            tokens += max(0, len(reply.tokens) - 1)  # the first token comes from the question's prefill
-            decode_s += reply.decode_s
+            state = prefix.ask(reader, question, options).state
+            out: list[int] = []
+            text = ""
+            with reader.decoding():
+                steps = decode(reader.model, state, max_new_tokens, reader.eos_ids)
+                out.append(next(steps, None))  # from the question's prefill: not a decode step
+                started_decode = time.perf_counter()
+                while out[-1] is not None and expected not in (text := reader.tokenizer.decode(out)).lower():
+                    out.append(next(steps, None))
+                if out[-1] is None:
+                    out.pop()
+                    text = reader.tokenizer.decode(out)
+                decode_s += time.perf_counter() - started_decode
+            tokens += max(0, len(out) - 1)
+            answers.append(text.strip())
         row = {
             "setting": label, "method": method.name, "head_split": split, "ratio": ratio,
             "found": sum(expected in text.lower() for text, (_, _, expected) in zip(answers, facts)),
