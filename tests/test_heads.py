@@ -333,3 +333,18 @@ def test_the_equal_split_leaves_every_layer_dense(tiny, ids):
     """The equal split (the default) leaves every layer in the dense layout, as before per-head budgets."""
     state = prefill(tiny, ids, compression("snapkv", "equal"))
     assert not any(layer.packed for layer in state.cache.layers)
+
+
+@pytest.mark.parametrize("split", ["adaptive", "global"])
+def test_read_once_splits_heads_as_one_pass(tiny, ids, split):
+    """A question fed after a full prefix read once keeps, per head, what one pass over prefix + question keeps, the prefix untouched."""
+    from kvcli.generate import ask_after, read_prefix
+
+    squeezed = compression("snapkv", split)
+    whole = prefill(tiny, ids, squeezed)
+    prefix = read_prefix(tiny, ids[:, :-10], window_size=8)
+    before = prefix.state.cache.nbytes()
+    once = ask_after(tiny, prefix, ids[:, -10:], squeezed)
+    for a, b in zip(once.cache.layers, whole.cache.layers):
+        assert [p.tolist() for p in a.head_positions()] == [p.tolist() for p in b.head_positions()]
+    assert prefix.state.cache.nbytes() == before and not any(layer.packed for layer in prefix.state.cache.layers)
