@@ -473,6 +473,7 @@ __all__ = [
     "field",
     "keep_global",
     "keep_split",
+    "split_winners",
     "keep_window_and_top",
     "plan_budget",
     "pool_scores",
