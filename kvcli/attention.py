@@ -16,7 +16,7 @@ never ignored. Query/key norms and RoPE happen in the model before this function
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +124,25 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn: La
     return out.transpose(1, 2)
 
 
+def attend_heads(query: torch.Tensor, heads: list[tuple[torch.Tensor, torch.Tensor]], attn: LayerAttention | float) -> torch.Tensor:
+    """`attend` over a packed layer: KV head h's `heads[h]` = (keys, values) `(1, 1, n_h, head_dim)`
+    hold different numbers of entries, so each KV head attends with its own query heads over its
+    own entries (the new `q_len` ones last, as in `attend`); no head is padded to the longest.
+
+    query `(1, num_heads, q_len, head_dim)`; returns `(1, q_len, num_heads, head_dim)`.
+    """
+    attn = layer_attention(attn)
+    num_heads = query.shape[1]
+    group = num_heads // len(heads)
+    outs = []
+    for h, (key, value) in enumerate(heads):
+        rows = slice(h * group, (h + 1) * group)
+        # the sinks are one logit per query head: each KV head's group takes its own
+        head_attn = attn if attn.sinks is None else replace(attn, sinks=attn.sinks[rows])
+        outs.append(attend(query[:, rows], key, value, head_attn))  # (1, q_len, group, head_dim)
+    return torch.cat(outs, dim=2)
+
+
 def _attend_in_blocks(query, key, value, attn: LayerAttention, window: int | None) -> torch.Tensor:
     """`attend` for what SDPA cannot do (softcapping, sinks): the probabilities computed in
     float32, in query blocks so that the `(q_len, k_len)` matrix is never held whole."""
@@ -216,7 +235,11 @@ def kvcli_attention(module, query, key, value, attention_mask, scaling=None, dro
         if step is None and attn.exact_in_sdpa and attn.sliding_window is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         raise UnsupportedAttention("kvcli's attention runs one sequence at a time (batch size 1)")
-    out = attend(query, key, value, attn)
+    layer = step.cache.layers[module.layer_idx] if step is not None else None
+    if layer is not None and layer.packed:  # KV heads of unequal lengths: the cache handed the model no keys
+        out = attend_heads(query, [layer.head_entries(h)[:2] for h in range(layer.num_kv_heads)], attn)
+    else:
+        out = attend(query, key, value, attn)
     if step is not None:  # None: not driven by kvcli (e.g. `model.generate` on a prepared model)
         step.after_attention(module.layer_idx, query, attn)
     return out, None

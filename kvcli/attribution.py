@@ -33,9 +33,7 @@ class AttentionAt:
         if not heads:
             return
         layer = cache.layers[layer_idx]
-        keys, _ = layer.view()  # (1, num_kv_heads, k_len, head_dim): this step's entries included
-        positions = layer.kept_positions()  # (num_kv_heads, k_len)
-        group = query.shape[1] // keys.shape[1]
+        group = query.shape[1] // layer.num_kv_heads
         rows = min(self.rows, query.shape[2])
         if layer_idx == min(self.heads_by_layer):
             self.steps += rows
@@ -45,11 +43,13 @@ class AttentionAt:
         for head in heads:
             by_kv.setdefault(head // group, []).append(head)
         for kv_head, chosen in by_kv.items():
-            # the KV head's keys are read in place (no gather of a copy per query head)
+            # the KV head's keys (this step's entries included) are read in place (no gather of a
+            # copy per query head); a packed layer's heads each hold their own number of entries
+            keys, _, positions, _ = layer.head_entries(kv_head)  # (1, 1, k_len, head_dim), (k_len,)
             q = query[0, chosen, -rows:].float()  # (heads, rows, head_dim)
-            dots = q @ keys[0, kv_head].float().T  # (heads, rows, k_len)
+            dots = q @ keys[0, 0].float().T  # (heads, rows, k_len)
             probs = _probabilities(dots, attn, torch.tensor(chosen))
-            where = positions[kv_head].clamp(max=self.size)  # the answer's own entries fall in the last slot
+            where = positions.clamp(max=self.size)  # the answer's own entries fall in the last slot
             self.totals.index_add_(0, where.to(self.totals.device), probs.sum(dim=(0, 1)).to(self.totals.device))
 
     def scores(self) -> dict[int, float]:

@@ -1,8 +1,14 @@
 """The KV cache kvcli decodes from: per-layer variable lengths, one entry per KV head.
 
 Each layer keeps, for every KV head, the keys and values of the tokens it retained and
-the original position of each. Layers may hold different numbers of tokens; within a layer
-every KV head holds the same number (each head its own tokens). Keys are stored post-RoPE,
+the original position of each. Layers may hold different numbers of tokens. Within a layer the
+KV heads usually hold the same number (each head its own tokens), stored as one dense
+`(1, num_kv_heads, n, head_dim)` block; a method that splits a layer's budget unevenly over its
+heads (`head_split`, kvcli/methods/base.py) leaves the layer *packed*: one single-head layer per
+KV head, each exactly as long as what that head kept, so the bytes held are the sum of the head
+lengths with no padding to the longest. Decode appends one entry to every head either way, and
+`attention.attend_heads` attends a packed layer one KV head (with its query heads) at a time.
+Keys are stored post-RoPE,
 so kept tokens need no re-rotation and new tokens continue from the full prompt's positions;
 only a document read past the model's positions is re-indexed, and then each entry also
 records where RoPE now places it (`rope`). A sliding-window layer (`window`) is never
@@ -40,6 +46,15 @@ class KVLayer(CacheLayerMixin):
         # read past the model's positions is re-indexed: kvcli/reindex.py); None: the same.
         self.rope: torch.Tensor | None = None  # (num_kv_heads, capacity) int64
         self.base = base if base is not None and base.is_initialized else None  # see KVCache.fork
+        # A packed layer (heads of unequal lengths): one single-KV-head layer per KV head, and
+        # keys/values/positions of its own unused. None: the dense layout.
+        self.heads: list[KVLayer] | None = None
+        if self.base is not None and self.base.heads is not None:
+            # a fork of a packed layer forks each head: each copies itself on its first append
+            self.heads = [KVLayer(base=head) for head in self.base.heads]
+            self.base = None
+            self.is_initialized = True
+            self.length = max(head.get_seq_length() for head in self.heads)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         _, num_kv_heads, _, head_dim = key_states.shape
@@ -72,6 +87,14 @@ class KVLayer(CacheLayerMixin):
             new[:, : self.length] = old[:, : self.length]
             setattr(self, name, new)
 
+    def reserve_more(self, extra: int) -> None:
+        """Make room for `extra` more entries in every head, exactly."""
+        if self.heads is not None:
+            for head in self.heads:
+                head.reserve_more(extra)
+        elif self.is_initialized and self.base is None:
+            self._reserve(self.length + extra, exact=True)
+
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor,
                rope_positions: torch.Tensor | None = None) -> None:
         """Append `q_len` new entries at original `positions` `(q_len,)` for every KV head, placed by
@@ -89,6 +112,11 @@ class KVLayer(CacheLayerMixin):
             self.base = None
             self.load(torch.cat([keys, key_states], dim=2), torch.cat([values, value_states], dim=2),
                       grow(base.kept_positions(), positions), rope)
+            return
+        if self.heads is not None:
+            for h, head in enumerate(self.heads):
+                head.append(key_states[:, h : h + 1], value_states[:, h : h + 1], positions, rope_positions)
+            self.length = max(head.length for head in self.heads)
             return
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -108,13 +136,83 @@ class KVLayer(CacheLayerMixin):
         """Take `keys`/`values` `(1, num_kv_heads, n, head_dim)`, `positions` `(num_kv_heads, n)` and
         (when re-indexed) where RoPE places each entry, `rope` `(num_kv_heads, n)`, as the layer."""
         self.device, self.dtype = keys.device, keys.dtype
+        self.heads = None
         self.keys, self.values, self.positions = keys, values, positions.to(keys.device)
         self.rope = None if rope is None else rope.to(keys.device)
         self.length = positions.shape[1]
         self.is_initialized = True
 
+    def load_heads(self, keys: list[torch.Tensor], values: list[torch.Tensor], positions: list[torch.Tensor],
+                   rope: list[torch.Tensor] | None = None) -> None:
+        """Take per-head entries as the layer: for KV head h, `keys[h]`/`values[h]` `(1, 1, n_h, head_dim)`,
+        `positions[h]` (and, when re-indexed, `rope[h]`) `(n_h,)`. Equal lengths give the dense layout."""
+        if len({p.shape[-1] for p in positions}) == 1:
+            self.load(torch.cat(keys, dim=1), torch.cat(values, dim=1), torch.stack([p.reshape(-1) for p in positions]),
+                      None if rope is None else torch.stack([r.reshape(-1) for r in rope]))
+            return
+        self.heads = []
+        for h in range(len(positions)):
+            head = KVLayer()
+            head.load(keys[h], values[h], positions[h].reshape(1, -1), None if rope is None else rope[h].reshape(1, -1))
+            self.heads.append(head)
+        self.device, self.dtype = keys[0].device, keys[0].dtype
+        self.keys = self.values = self.positions = self.rope = None
+        self.length = max(p.shape[-1] for p in positions)
+        self.is_initialized = True
+
+    @property
+    def packed(self) -> bool:
+        """Whether the KV heads hold different numbers of entries (one storage per head)."""
+        return self.heads is not None
+
+    @property
+    def num_kv_heads(self) -> int:
+        if self.heads is not None:
+            return len(self.heads)
+        return self.kept_positions().shape[0]
+
+    def head_lengths(self) -> list[int]:
+        """Entries held per KV head (all equal unless packed)."""
+        if self.heads is not None:
+            return [head.get_seq_length() for head in self.heads]
+        if not self.is_initialized and self.base is None:
+            return []
+        return [self.get_seq_length()] * self.num_kv_heads
+
+    def mean_length(self) -> float:
+        """Entries held per KV head, the mean over heads: what a budget counts."""
+        lengths = self.head_lengths()
+        return sum(lengths) / len(lengths) if lengths else 0.0
+
+    def head_entries(self, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """KV head h's keys and values `(1, 1, n_h, head_dim)`, original positions and RoPE positions `(n_h,)`."""
+        if self.heads is not None:
+            head = self.heads[h]
+            keys, values = head.view()
+            return keys, values, head.kept_positions()[0], head.rope_positions()[0]
+        keys, values = self.view()
+        return keys[:, h : h + 1], values[:, h : h + 1], self.kept_positions()[h], self.rope_positions()[h]
+
+    def head_positions(self) -> list[torch.Tensor]:
+        """Original positions of each KV head's entries, `(n_h,)` per head."""
+        if self.heads is not None:
+            return [head.kept_positions()[0] for head in self.heads]
+        return list(self.kept_positions().unbind(0))
+
+    @property
+    def reindexed(self) -> bool:
+        """Whether RoPE places some entry elsewhere than its original position (`rope` is recorded)."""
+        if self.heads is not None:
+            return any(head.reindexed for head in self.heads)
+        return (self.base.rope if self.base is not None else self.rope) is not None
+
+    def _dense_only(self, what: str) -> None:
+        if self.heads is not None:
+            raise KvcliError(f"internal: {what} of a layer whose heads hold different numbers of entries; read it per head (head_entries)")
+
     def rope_positions(self) -> torch.Tensor:
         """Where RoPE placed each stored entry, `(num_kv_heads, length)`: its original position unless re-indexed."""
+        self._dense_only("rope_positions")
         if self.base is not None:
             return self.base.rope_positions()
         if self.rope is None:
@@ -125,13 +223,15 @@ class KVLayer(CacheLayerMixin):
         raise KvcliError("internal: KVLayer.update needs positions; go through KVCache.update")
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The live keys and values, `(1, num_kv_heads, length, head_dim)` each."""
+        """The live keys and values, `(1, num_kv_heads, length, head_dim)` each (a dense layer's)."""
+        self._dense_only("view")
         if self.base is not None:
             return self.base.view()
         return self.keys[:, :, : self.length], self.values[:, :, : self.length]
 
     def kept_positions(self) -> torch.Tensor:
-        """Original positions of the stored entries, `(num_kv_heads, length)`."""
+        """Original positions of the stored entries, `(num_kv_heads, length)` (a dense layer's)."""
+        self._dense_only("kept_positions")
         if self.base is not None:
             return self.base.kept_positions()
         return self.positions[:, : self.length]
@@ -139,10 +239,11 @@ class KVLayer(CacheLayerMixin):
     def kept_per_group(self, group_of: torch.Tensor, num_groups: int) -> torch.Tensor:
         """Kept entries per group, mean over KV heads: `group_of` `(n,)` names the group of each
         position below n (a prompt's tokens); entries at n or later (generated tokens) are not counted."""
-        positions = self.kept_positions().cpu()  # (num_kv_heads, n_kept)
+        heads = self.head_positions()
+        positions = torch.cat(heads).cpu() if heads else torch.empty(0, dtype=torch.long)  # every head's, one after another
         counted = positions[positions < group_of.shape[0]]
         counts = torch.bincount(group_of[counted], minlength=num_groups).float()
-        return counts / max(1, positions.shape[0])
+        return counts / max(1, len(heads))
 
     def keep(self, local_index: torch.Tensor) -> None:
         """Keep only the entries at `local_index` `(num_kv_heads, n_kept)` (sorted per head).
@@ -150,6 +251,7 @@ class KVLayer(CacheLayerMixin):
         The pruned layer is copied into exactly-sized storage so the full-length buffer is
         freed at once: this is what keeps the prefill's peak near the compressed size.
         """
+        self._dense_only("keep")
         local_index = local_index.to(self.device)
         keys, values = self.view()
         gather = local_index[None, :, :, None]  # (1, num_kv_heads, n_kept, 1)
@@ -163,6 +265,7 @@ class KVLayer(CacheLayerMixin):
     def place(self, rope_positions: torch.Tensor) -> None:
         """Record where RoPE now places each entry, `rope_positions` `(num_kv_heads, length)` (a
         re-indexed read), in a buffer as wide as the others so later appends land in it."""
+        self._dense_only("place")
         if self.rope is None or self.rope.shape[1] != self.positions.shape[1]:
             self.rope = self.positions.new_empty(self.positions.shape)
         self.rope[:, : self.length] = rope_positions.to(self.rope.device)
@@ -191,12 +294,22 @@ class KVLayer(CacheLayerMixin):
                 buffer[:, :n] = buffer[:, start:stop].clone()
         self.length = n
 
-    def keep_positions(self, positions: torch.Tensor) -> None:
-        """Keep the entries whose original positions are `positions` `(num_kv_heads, n_kept)`.
+    def keep_positions(self, positions: torch.Tensor | list[torch.Tensor]) -> None:
+        """Keep the entries whose original positions are `positions` `(num_kv_heads, n_kept)`, or
+        per KV head `(n_h,)` each (a list): heads of unequal lengths leave the layer packed.
 
         Every requested position must be stored in that head; positions are kept sorted, so
         this is a search per head, not a scan.
         """
+        if isinstance(positions, (list, tuple)):
+            if len({p.shape[0] for p in positions}) == 1 and self.heads is None:
+                positions = torch.stack(list(positions))
+            else:
+                self._keep_per_head(list(positions))
+                return
+        if self.heads is not None:
+            self._keep_per_head(list(positions.unbind(0)))
+            return
         stored = self.kept_positions().contiguous()
         positions = positions.to(stored.device)
         local_index = torch.searchsorted(stored, positions)
@@ -205,7 +318,36 @@ class KVLayer(CacheLayerMixin):
             raise KvcliError("internal: a method asked to keep a token that the layer no longer holds")
         self.keep(local_index)
 
+    def _keep_per_head(self, positions: list[torch.Tensor]) -> None:
+        """keep_positions with `(n_h,)` positions per KV head: each head's entries are copied into
+        a storage of its own, exactly sized, and the layer's full-length buffers are freed."""
+        if len(positions) != self.num_kv_heads:
+            raise KvcliError("internal: one list of kept positions per KV head")
+        reindexed = self.reindexed
+        heads = []
+        for h, wanted in enumerate(positions):
+            keys, values, stored, rope = self.head_entries(h)
+            head = KVLayer()
+            head.load(keys, values, stored[None], rope[None] if reindexed else None)
+            head.keep_positions(wanted.reshape(1, -1))
+            heads.append(head)
+        lengths = {head.length for head in heads}
+        self.base = None
+        if len(lengths) == 1:  # equal after all: the dense layout
+            self.heads = None
+            rope = None if all(head.rope is None for head in heads) else torch.cat([head.rope_positions() for head in heads])
+            self.load(torch.cat([head.keys for head in heads], dim=1), torch.cat([head.values for head in heads], dim=1),
+                      torch.cat([head.positions for head in heads]), rope)
+            return
+        self.heads = heads
+        self.device, self.dtype = heads[0].device, heads[0].dtype
+        self.keys = self.values = self.positions = self.rope = None
+        self.length = max(lengths)
+        self.is_initialized = True
+
     def get_seq_length(self) -> int:
+        if self.heads is not None:
+            return max(head.get_seq_length() for head in self.heads)
         return self.base.length if self.base is not None else self.length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -217,12 +359,16 @@ class KVLayer(CacheLayerMixin):
 
     def nbytes(self) -> int:
         """Bytes held by the live entries (keys and values); a fork's untouched layer holds none of its own."""
+        if self.heads is not None:
+            return sum(head.nbytes() for head in self.heads)
         if not self.is_initialized or self.base is not None:
             return 0
         return self.length * self.entry_nbytes()
 
     def entry_nbytes(self) -> int:
         """Bytes of one token's keys and values over the layer's KV heads, read from the stored tensors."""
+        if self.heads is not None:
+            return sum(head.entry_nbytes() for head in self.heads)
         if self.base is not None:
             return self.base.entry_nbytes()
         if not self.is_initialized:
@@ -278,6 +424,10 @@ class KVCache(Cache):
             layer.append(key_states, value_states, step.positions)
         else:
             layer.append(key_states, value_states, step.original, rope_positions=step.positions)
+        if layer.packed:
+            # kvcli's attention function reads a packed layer per head from the step's cache
+            # (attention.attend_heads); the model is handed empty keys and values, never a padded copy
+            return key_states[:, :, :0], value_states[:, :, :0]
         return layer.view()
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -287,9 +437,8 @@ class KVCache(Cache):
         """Make room for `extra` more entries per layer, exactly: decoding a known number of
         tokens then never doubles a layer's storage (which a CUDA allocator would keep)."""
         for layer in self.layers:
-            if layer.is_initialized:
-                # a sliding-window layer drops an entry for each it takes: one row of room is all it needs
-                layer._reserve(layer.length + (extra if layer.window is None else min(extra, 1)), exact=True)
+            # a sliding-window layer drops an entry for each it takes: one row of room is all it needs
+            layer.reserve_more(extra if layer.window is None else min(extra, 1))
 
     def fork(self) -> KVCache:
         """A cache that reads as this one and copies each layer only when a step first writes to it.
@@ -308,7 +457,11 @@ class KVCache(Cache):
         copy = KVCache(self.num_layers, self.windows)
         copy.peak_nbytes = self.peak_nbytes  # what making the copied cache cost is part of its story
         for source, target in zip(self.layers, copy.layers):
-            if source.is_initialized:
+            if source.packed:
+                entries = [source.head_entries(h) for h in range(source.num_kv_heads)]
+                rope = [e[3].clone() for e in entries] if source.reindexed else None
+                target.load_heads([e[0].clone() for e in entries], [e[1].clone() for e in entries], [e[2].clone() for e in entries], rope)
+            elif source.is_initialized:
                 keys, values = source.view()
                 rope = None if source.rope is None else source.rope_positions().clone()
                 target.load(keys.clone(), values.clone(), source.kept_positions().clone(), rope)
@@ -339,8 +492,13 @@ class KVCache(Cache):
         return [i for i, layer in enumerate(self.layers) if layer.window is None]
 
     def retained_per_layer(self) -> list[int]:
-        """Tokens held per layer (window and generated tokens included)."""
-        return [layer.length for layer in self.layers]
+        """Tokens held per layer (window and generated tokens included): the mean over its KV heads,
+        rounded, where a per-head split left them unequal (`head_lengths` has each head's)."""
+        return [layer.length if not layer.packed else round(layer.mean_length()) for layer in self.layers]
+
+    def head_lengths(self) -> list[list[int]]:
+        """Entries held per layer and KV head."""
+        return [layer.head_lengths() for layer in self.layers]
 
     def nbytes(self) -> int:
         """Bytes of keys and values held over all layers."""

@@ -216,6 +216,7 @@ def prefill(
                 probe_len = probe_ids.shape[1]
             if compression is not None:
                 compressor = compression.compressor() if compressor is None else compressor.next_step()
+                compressor.last_step = stop == prompt_len  # heads are split unevenly at the last step only
             if reindex is None:
                 logits = forward(model, cache, step_ids, start, compressor, probe_len, on_layer)
             else:

@@ -139,9 +139,10 @@ def kept_scores(cache, prompt_len: int) -> dict[int, float]:
     its most-kept passages by."""
     totals = torch.zeros(prompt_len, dtype=torch.float32)
     for layer in cache.layers:
-        positions = layer.kept_positions().cpu()  # (num_kv_heads, n_kept)
+        heads = layer.head_positions()  # (n_kept,) per KV head
+        positions = torch.cat(heads).cpu()
         inside = positions[positions < prompt_len]
-        totals += torch.bincount(inside, minlength=prompt_len)[:prompt_len].float() / positions.shape[0]
+        totals += torch.bincount(inside, minlength=prompt_len)[:prompt_len].float() / len(heads)
     where = torch.nonzero(totals > 0).flatten().tolist()
     return dict(zip(where, totals[where].tolist()))
 

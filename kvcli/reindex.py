@@ -37,47 +37,66 @@ class _Computed:
 
 
 class Reindexer:
-    """Packs a cache's layers just before the next chunk, re-rotating the keys that move."""
+    """Packs a cache's layers just before the next chunk, re-rotating the keys that move.
+
+    A layer whose heads hold different numbers of entries (a per-head split) is packed head by
+    head: each head's entries end right before P, as a dense layer's do."""
 
     def __init__(self, layout: list[LayerRotary | None]) -> None:
         self.layout = layout  # per layer, from rope.rotary_layout(config); None: a NoPE layer
         self.packs = 0
         self.top = 0  # where the last pack put the next chunk: entries placed from here on were fed since
-        self.computed: list[_Computed | None] = [None] * len(layout)
+        # (layer, None) for a dense layer, (layer, head) for each head of a packed one
+        self.computed: dict[tuple[int, int | None], _Computed] = {}
 
     def pack(self, cache) -> int:
         """Move every layer's entries to the positions right before P; return P, where the next token goes."""
-        top = max(layer.length for layer in cache.layers)
+        top = max(layer.get_seq_length() for layer in cache.layers)
         for i, (layer, rotary) in enumerate(zip(cache.layers, self.layout, strict=True)):
-            n = layer.length
-            heads = layer.kept_positions().shape[0]
-            target = torch.arange(top - n, top, device=layer.keys.device).expand(heads, -1)  # (num_kv_heads, n)
-            if rotary is not None:
-                computed = self._computed(i, layer)
-                if not torch.equal(layer.rope_positions(), target):
-                    keys, _ = layer.view()
-                    keys.copy_(rerotate(computed.keys, computed.at, target, rotary))
-            layer.place(target)
+            units = [(h, head) for h, head in enumerate(layer.heads)] if layer.packed else [(None, layer)]
+            for h, unit in units:
+                n = unit.length
+                positions = unit.kept_positions()
+                target = torch.arange(top - n, top, device=positions.device).expand(positions.shape[0], -1)  # (num_kv_heads, n)
+                if rotary is not None:
+                    computed = self._computed((i, h), unit)
+                    if not torch.equal(unit.rope_positions(), target):
+                        keys, _ = unit.view()
+                        keys.copy_(rerotate(computed.keys, computed.at, target, rotary))
+                unit.place(target)
+            if layer.packed:
+                self.computed.pop((i, None), None)  # its heads keep their own records now
         self.packs += 1
         self.top = top
         return top
 
-    def _computed(self, i: int, layer) -> _Computed:
-        """Layer i's kept keys as computed: the entries fed since the last pack as they are now, the
-        older ones from the last pack's record (found by original position: both are sorted per head)."""
+    def _previous(self, key: tuple[int, int | None]) -> _Computed | None:
+        """The last pack's record for `key`; a head of a layer packed dense last time reads its row of the layer's."""
+        if key in self.computed:
+            return self.computed[key]
+        layer, h = key
+        whole = self.computed.get((layer, None))
+        if h is None or whole is None:
+            return None
+        return _Computed(whole.keys[:, h : h + 1], whole.at[h : h + 1], whole.positions[h : h + 1])
+
+    def _computed(self, key: tuple[int, int | None], layer) -> _Computed:
+        """A layer's (or a packed layer's head's) kept keys as computed: the entries fed since the last
+        pack as they are now, the older ones from the last pack's record (found by original position:
+        both are sorted per head)."""
         keys, _ = layer.view()
         at = layer.rope_positions()
         positions = layer.kept_positions()
-        previous = self.computed[i]
+        previous = self._previous(key)
         if previous is None:
             keys, at = keys.clone(), at.clone()  # the cache's own buffers are rotated in place
         else:
             old = at < self.top  # (num_kv_heads, n): entries placed by an earlier pack, not fed since
-            found = torch.searchsorted(previous.positions, positions).clamp(max=previous.positions.shape[1] - 1)
+            found = torch.searchsorted(previous.positions.contiguous(), positions.contiguous()).clamp(max=previous.positions.shape[1] - 1)
             if not torch.equal(previous.positions.gather(1, found)[old], positions[old]):
                 raise KvcliError("internal: a packed entry is missing from the keys the re-indexing rotates from")
             gather = found[None, :, :, None].expand(-1, -1, -1, keys.shape[3])  # (1, num_kv_heads, n, head_dim)
             keys = torch.where(old[None, :, :, None], previous.keys.gather(2, gather), keys)
             at = torch.where(old, previous.at.gather(1, found), at)
-        self.computed[i] = _Computed(keys, at, positions.clone())
-        return self.computed[i]
+        self.computed[key] = _Computed(keys, at, positions.clone())
+        return self.computed[key]

@@ -19,8 +19,8 @@ Differences from the reference code (snu-mllab/KVzip, kvpress's KVzipPress), all
 - every chunk scores every entry (the max over chunks), and no first tokens are forced in as
   attention sinks: a sink already draws the most attention;
 - budgets are split by kvcli's methods (equal per layer, PyramidKV's ramp, DynamicKV's
-  re-division); there is no global top-k over heads, since every KV head of a layer holds the
-  same number of entries in kvcli's cache.
+  re-division), and over heads by the method's `head_split`: equal per head unless asked;
+  `--param head_split=global` is KVzip's one top-k over every layer and head.
 """
 
 from __future__ import annotations

@@ -121,6 +121,18 @@ class RunStats:
         return data
 
 
+def heads_summary(head_lengths: list[list[int]], windows: list[int | None] | None = None) -> dict | None:
+    """How unevenly a per-head split kept the global layers' KV heads, for `extra.heads`: the
+    fewest and most entries one head held, and every layer's heads; None when each layer's heads
+    held the same number (the equal split)."""
+    windows = windows or [None] * len(head_lengths)
+    kept = [lengths for lengths, window in zip(head_lengths, windows) if window is None and lengths]
+    if all(len(set(lengths)) <= 1 for lengths in kept):
+        return None
+    flat = [n for lengths in kept for n in lengths]
+    return {"min": min(flat), "max": max(flat), "per_layer": head_lengths}
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
@@ -264,6 +276,9 @@ def render(stats: RunStats, every_layer: bool = False) -> Group:
         facts.add_row("budget", f"not compressed: {stats.note}")
     if sliding:
         facts.add_row("sliding", sliding)
+    heads = stats.extra.get("heads")
+    if heads:
+        facts.add_row("heads", f"KV heads kept {heads['min']}-{heads['max']} tokens each (split unevenly; the budget is their mean)")
     kept_pct = 100 * stats.kv_bytes_kept / stats.kv_bytes_full if stats.kv_bytes_full else 100.0
     facts.add_row(
         "KV cache",

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import KvcliError
+
 STEP_KWARG = "kvcli_step"
 
 
@@ -61,6 +63,9 @@ class Step:
             # The peak is now: this layer holds its full new KV, not yet compressed. Without a
             # compressor or a sliding layer the cache only grows, so its final size is its peak.
             cache.peak_nbytes = max(cache.peak_nbytes, cache.nbytes())
+        if self.compressor is not None and cache.layers[layer_idx].packed:
+            raise KvcliError("internal: a layer whose heads hold different numbers of entries cannot be compressed again "
+                             "(a read in chunks splits heads at its last step only)")
         if self.compressor is not None:
             # Every layer is shown; a compressor leaves sliding-window layers (attn.sliding_window) alone.
             keys, _ = cache.layers[layer_idx].view()

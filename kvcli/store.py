@@ -5,8 +5,9 @@ A `.kvc` file holds a document prefix (the prompt up to the question), of one of
 per layer, chosen without the questions) or `full` (`kvcli read`: every entry, plus each
 layer's last queries, so each later question is compressed query-aware, exactly as one pass
 would). Metadata says which model made it, with which method, from which sources. Loading refuses a file made with another model (another
-architecture, or other weights of the same one such as a fine-tune) or format version, and one
-whose bytes do not match the checksum written with it.
+architecture, or other weights of the same one such as a fine-tune) or an older format version
+than 3, and one whose bytes do not match the checksum written with it. A layer whose KV heads hold
+different numbers of entries (a per-head split) is stored packed, with no padding (format 4).
 
 The checksum (`sha256` in the metadata) covers everything the loader reads: the metadata itself
 (every field but the checksum, as canonical JSON), and each tensor's name, dtype, shape and
@@ -33,7 +34,12 @@ from .errors import InputError
 
 # 2: the metadata must hold `weights_fingerprint` (format 1 files only had the config hash).
 # 3: the checksum covers the metadata and each tensor's dtype and shape (format 2's covered the tensors' bytes only).
-FORMAT_VERSION = 3
+# 4: a layer whose KV heads hold different numbers of entries (a per-head split) is stored packed:
+#    `layer.{i}.head_lengths` (num_kv_heads,) and every head's entries one after another, keys and
+#    values `(sum of lengths, head_dim)`, positions (and rope) `(sum of lengths,)`. Dense layers are
+#    written as in format 3, so a format 3 file reads as a format 4 one without packed layers.
+FORMAT_VERSION = 4
+_READABLE = (3, FORMAT_VERSION)
 _MAGIC = "kvcli-kv-cache"
 _OLDER = {
     1: "which does not record the model's weights",
@@ -79,6 +85,9 @@ def storage_dtype(name: str | None) -> torch.dtype | None:
 def _tensors(cache: KVCache, dtype: torch.dtype | None = None, extras: dict[str, list[torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
     tensors = {}
     for i, layer in enumerate(cache.layers):
+        if layer.packed:
+            tensors.update(_packed_tensors(i, layer, dtype))
+            continue
         keys, values = layer.view()
         if dtype is not None:
             keys, values = keys.to(dtype), values.to(dtype)
@@ -93,6 +102,38 @@ def _tensors(cache: KVCache, dtype: torch.dtype | None = None, extras: dict[str,
                 tensor = tensor.to(dtype)
             tensors[f"layer.{i}.{name}"] = tensor.contiguous().cpu()
     return tensors
+
+
+def _packed_tensors(i: int, layer, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """A packed layer's tensors: its heads' entries one after another, and each head's length."""
+    entries = [layer.head_entries(h) for h in range(layer.num_kv_heads)]
+    keys = torch.cat([e[0][0, 0] for e in entries])  # (sum of head lengths, head_dim)
+    values = torch.cat([e[1][0, 0] for e in entries])
+    if dtype is not None:
+        keys, values = keys.to(dtype), values.to(dtype)
+    tensors = {
+        f"layer.{i}.keys": keys.contiguous().cpu(),
+        f"layer.{i}.values": values.contiguous().cpu(),
+        f"layer.{i}.positions": torch.cat([e[2] for e in entries]).to(torch.int32).contiguous().cpu(),
+        f"layer.{i}.head_lengths": torch.tensor(layer.head_lengths(), dtype=torch.int32),
+    }
+    if layer.reindexed:
+        tensors[f"layer.{i}.rope"] = torch.cat([e[3] for e in entries]).to(torch.int32).contiguous().cpu()
+    return tensors
+
+
+def _load_packed(layer, path: Path, i: int, lengths: torch.Tensor, keys, values, positions, rope) -> None:
+    """Give `layer` the packed entries read from the file, split into its heads by `lengths`."""
+    sizes = [int(n) for n in lengths.tolist()]
+    total = sum(sizes)
+    shapes_ok = (lengths.dim() == 1 and min(sizes, default=-1) >= 0 and keys.dim() == 2 and values.dim() == 2
+                 and keys.shape[0] == values.shape[0] == total and positions.shape == (total,)
+                 and (rope is None or rope.shape == (total,)))
+    if not shapes_ok:
+        raise InputError(f"{path} is corrupted (layer {i}'s heads do not add up); compress the documents again")
+    split = lambda t: [part[None, None] for part in t.split(sizes)]  # noqa: E731  (1, 1, n_h, head_dim) per head
+    layer.load_heads(split(keys), split(values), list(positions.to(torch.long).split(sizes)),
+                     None if rope is None else list(rope.to(torch.long).split(sizes)))
 
 
 class _Checksum:
@@ -249,6 +290,10 @@ def load_cache(
         except KeyError:
             raise InputError(f"{path} is corrupted (layer {i} is missing); compress the documents again") from None
         rope = tensors.pop(f"layer.{i}.rope", None)
+        lengths = tensors.pop(f"layer.{i}.head_lengths", None)
+        if lengths is not None:
+            _load_packed(cache.layers[i], path, i, lengths, keys, values, positions, rope)
+            continue
         cache.layers[i].load(keys, values, positions.to(torch.long), None if rope is None else rope.to(torch.long))
     extras = {}
     for name in ("tail_queries", "accumulated"):
@@ -269,7 +314,7 @@ def _check_made_with(meta: dict, path: Path, config_hash: str, model_name: str, 
     version = meta.get("format_version")
     if isinstance(version, int) and version in _OLDER:
         raise InputError(f"{path} was written by an older kvcli in cache format {version}, {_OLDER[version]}; compress the documents again")
-    if version != FORMAT_VERSION:
+    if version not in _READABLE:
         raise InputError(f"{path} was written in cache format {version}, this kvcli reads format {FORMAT_VERSION}; compress the documents again")
     if meta.get("config_hash") != config_hash:
         raise InputError(f"{path} was made with model {meta.get('model')!r}, not {model_name!r}; pass -m {meta.get('model')} or compress again with this model")

@@ -212,3 +212,23 @@ def test_peer_llamacpp_ratios_are_kvcli_medians_over_llama_medians():
     assert summary["ratios"]["decode_tokens_per_s"] == 0.5  # 5 against 10 tokens/s
     assert summary["ratios"]["peak_rss_bytes"] == 3.0 and summary["ratios"]["prompt_tokens"] == 1.0
     assert peer.table(rows, summary).splitlines()[-1].startswith("| kvcli / llama.cpp | | 1.00 | 2.00x | 0.50x |")
+
+
+def test_head_split_asks_every_setting_from_one_repeat(tiny_model, home, one_thread):
+    """head_split derives every (method, split, ratio) cache from one repeat and asks each question after it, the full prefix first."""
+    from kvcli.models import load_model
+    from kvcli.reading import Reader
+
+    _script("reuse_check")  # head_split takes its facts from reuse_check, beside it
+    head_split = _script("head_split")
+    reader = Reader(load_model(tiny_model))
+    document = ". ".join(f"w{i % 60} w{(7 * i) % 60}" for i in range(80)) + "."
+    facts = [("", "w1?", "w7"), ("", "w2?", "w14")]
+    settings = head_split.parse_settings("snapkv:equal,snapkv:global")
+    result = head_split.run(reader, document, facts, settings, [0.3], max_new_tokens=2)
+    assert [row["setting"] for row in result["rows"]] == ["full (reused prefix)", "snapkv:equal", "snapkv:global"]
+    full, equal, split = result["rows"]
+    assert full["kv_bytes_kept"] == result["kv_bytes_full"] > equal["kv_bytes_kept"]
+    assert equal["packed_layers"] == 0 and len(equal["answers"]) == 2
+    assert split["kv_bytes_kept"] == equal["kv_bytes_kept"]  # the same budget's bytes, however the heads split it
+    assert "| `snapkv:global` |" in head_split.table(result, [0.3])

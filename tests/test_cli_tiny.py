@@ -384,3 +384,28 @@ def test_read_leaves_the_run_options_it_is_given_as_they_were(tiny, home, doc, t
     read.__wrapped__.__wrapped__([str(doc)], str(tmp_path / "doc.kvc"), save_dtype="auto", all_query_scores=False,
                                  max_context=None, system=None, run=run_options)
     assert (tmp_path / "doc.kvc").exists() and repr(run_options) == before
+
+
+def test_a_per_head_split_is_saved_reused_and_reported(tiny, home, doc, tmp_path):
+    """`compress --param head_split=global` saves heads of unequal lengths; `ask --cache` answers from them and
+    reports how uneven they are; `inspect --layers --plot` draws the split cache."""
+    kvc = tmp_path / "doc.kvc"
+    made = run("compress", doc, "-o", kvc, "-m", tiny, "--method", "snapkv", "--ratio", "0.2", "--param", "head_split=global", "--json")
+    assert made.exit_code == 0, made.stderr
+    stats = json.loads(made.stdout)["stats"]
+    heads = stats["extra"]["heads"]
+    assert heads["min"] < heads["max"] and stats["method_params"]["head_split"] == "global"
+    assert sum(map(sum, heads["per_layer"])) == round(0.2 * stats["prompt_tokens"] * 2) * 2  # the budget's mean over layers and heads
+    asked = run("ask", "--cache", kvc, "w1?", "-m", tiny, "--max-new-tokens", "3", "--json")
+    assert asked.exit_code == 0, asked.stderr
+    answered = json.loads(asked.stdout)["stats"]
+    grown = answered["extra"]["heads"]
+    assert answered["read"] == "saved" and grown["min"] - heads["min"] == grown["max"] - heads["max"] > 0  # the question, in every head
+    shown = run("ask", "--cache", kvc, "w1?", "-m", tiny, "--max-new-tokens", "3")
+    assert "KV heads kept" in shown.stderr
+    pytest.importorskip("matplotlib")
+    picture = tmp_path / "split.png"
+    drawn = run("inspect", doc, "-m", tiny, "--method", "snapkv", "--param", "head_split=adaptive", "--ratio", "0.2",
+                "--layers", "--plot", picture)
+    assert drawn.exit_code == 0, drawn.stderr
+    assert picture.stat().st_size > 0

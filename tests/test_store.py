@@ -59,7 +59,7 @@ def test_round_trip_keeps_every_layer(tmp_path):
     path = tmp_path / "doc.kvc"
     save_cache(path, cache, META)
     loaded = load_cache(path, "abc", "m", weights_fingerprint="w1")
-    assert loaded.meta["format_version"] == FORMAT_VERSION == 3 and loaded.meta["weights_fingerprint"] == "w1"
+    assert loaded.meta["format_version"] == FORMAT_VERSION == 4 and loaded.meta["weights_fingerprint"] == "w1"
     assert loaded.prompt_tokens == 40 and loaded.meta["method"] == "dynamickv"
     for a, b in zip(cache.layers, loaded.cache.layers):
         assert torch.equal(a.kept_positions(), b.kept_positions())

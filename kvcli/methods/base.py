@@ -218,6 +218,58 @@ def keep_window_and_top(scores: torch.Tensor, n_kept: int, positions: torch.Tens
     return positions.gather(1, local)
 
 
+HEAD_SPLITS = ("equal", "adaptive", "global")
+
+
+def keep_split(scores: torch.Tensor, n_kept: int, positions: torch.Tensor, window_size: int) -> list[torch.Tensor]:
+    """Per KV head, the positions `(n_h,)` kept when a layer's `n_kept` x num_kv_heads entries
+    (windows included) go to the top scores of all its heads together (Ada-KV's adaptive split):
+    every head keeps its last `window_size` entries, and a head whose scores stand out keeps more.
+
+    `scores` `(num_kv_heads, k_len - window_size)` rate the entries outside the window.
+    """
+    num_kv_heads, k_len = positions.shape
+    window = min(window_size, k_len)
+    n_top = max(0, min(n_kept, k_len) - window) * num_kv_heads
+    winners = scores.flatten().topk(n_top).indices  # over every head's entries at once
+    return split_winners(winners, scores.shape[1], positions, window)
+
+
+def split_winners(winners: torch.Tensor, width: int, positions: torch.Tensor, window: int) -> list[torch.Tensor]:
+    """The positions kept per KV head: each head's `winners` (flat indices into its `width` scored
+    entries, heads one after another) in position order, then its last `window` entries."""
+    num_kv_heads, k_len = positions.shape
+    head_of = winners // max(1, width)
+    kept = []
+    for h in range(num_kv_heads):
+        local = (winners[head_of == h] - h * width).sort().values
+        local = torch.cat([local, torch.arange(k_len - window, k_len, device=positions.device)])
+        kept.append(positions[h, local])
+    return kept
+
+
+def keep_global(layers: list[tuple[torch.Tensor, torch.Tensor]], total: int, window_size: int) -> list[list[torch.Tensor]]:
+    """Per layer and KV head, the positions kept by one top-k over every layer and head (KVzip's
+    split): `layers` holds each layer's (scores `(num_kv_heads, k_len - window)`, positions
+    `(num_kv_heads, k_len)`); `total` entries per head are kept in all, summed over layers (windows
+    included), so the mean over heads and layers is the budget's. Every head keeps its window."""
+    windows = [min(window_size, positions.shape[1]) for _, positions in layers]
+    num_kv_heads = layers[0][1].shape[0]
+    # Layers may sit on different devices (a model split by a device_map): rank on the last one's.
+    device = layers[-1][0].device
+    flat = torch.cat([scores.flatten().to(device) for scores, _ in layers])
+    n_top = min(max(0, total - sum(windows)) * num_kv_heads, flat.numel())
+    winners = flat.topk(n_top).indices
+    kept = []
+    start = 0
+    for (scores, positions), window in zip(layers, windows):
+        size = scores.numel()
+        mine = winners[(winners >= start) & (winners < start + size)] - start
+        kept.append(split_winners(mine.to(positions.device), scores.shape[1], positions, window))
+        start += size
+    return kept
+
+
 @dataclass(frozen=True)
 class Compression:
     """What a compressing read needs: the method, its budget for this prompt, the model's profile."""
@@ -239,6 +291,34 @@ class Compressor:
         self.plan = plan
         self.profile = profile  # the model's RetrievalProfile, for methods that need one
         self.layer_budgets = method.layer_budgets(plan)
+        # How a layer's budget is split over its KV heads (`Method.head_split`). A read in chunks
+        # splits per head at its last step only (`prefill` sets `last_step`): a layer whose heads
+        # hold different numbers of entries is never compressed again.
+        self.last_step = True
+        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # the global split's layers, held until the last
+
+    @property
+    def head_split(self) -> str:
+        return self.method.head_split if self.last_step else "equal"
+
+    def select(self, layer: int, scores: torch.Tensor, positions: torch.Tensor) -> dict[int, torch.Tensor | list[torch.Tensor]]:
+        """The positions kept `{layer: (num_kv_heads, n_kept) or (n_h,) per head}` by the method's
+        head split, from a layer's `scores` `(num_kv_heads, k_len - window)`: at once, or for
+        every layer at the last one under the global split."""
+        n_kept = self.layer_budgets[layer]
+        window_size = self.method.window_size
+        split = self.head_split
+        if split == "equal":
+            return {layer: keep_window_and_top(scores, n_kept, positions, window_size)}
+        if split == "adaptive":
+            return {layer: keep_split(scores, n_kept, positions, window_size)}
+        self.pending[layer] = (scores, positions)
+        if layer < self.plan.num_layers - 1:
+            return {}
+        layers = sorted(self.pending)
+        kept = keep_global([self.pending[j] for j in layers], sum(self.layer_budgets[j] for j in layers), window_size)
+        self.pending.clear()
+        return dict(zip(layers, kept))
 
     def next_step(self) -> Compressor:
         """The compressor for the next prefill step of the same read (a chunked read's next chunk):
@@ -247,9 +327,7 @@ class Compressor:
 
     def observe(self, obs: LayerObservation) -> dict[int, torch.Tensor]:
         """Positions to keep `{layer_idx: (num_kv_heads, n_kept)}` after seeing layer `obs.layer_idx`."""
-        scores = self.method.scores(obs)
-        n_kept = self.layer_budgets[obs.layer_idx]
-        return {obs.layer_idx: keep_window_and_top(scores, n_kept, obs.positions, self.method.window_size)}
+        return self.select(obs.layer_idx, self.method.scores(obs), obs.positions)
 
     def prune(self, cache, obs: LayerObservation) -> None:
         """Observe model layer `obs.layer_idx` of `cache` and prune the layers the method decides.
@@ -308,11 +386,22 @@ class Method:
     selects_by_scores: ClassVar[bool] = True  # kept tokens outside the window are the top of `scores`
     chunks_from_tokens: ClassVar[int | None] = None  # prompts this long may be read in chunks by `prefill_chunk`
 
+    # The splits of a layer's budget over its KV heads this method can use (HEAD_SPLITS); a method
+    # whose choices depend on equal heads (a cross-layer re-division, carried scores) has "equal" only.
+    head_splits: ClassVar[tuple[str, ...]] = HEAD_SPLITS
+
     window_size: int = 8
     kernel_size: int = 7
     pooling: str = "avg"
+    # How each layer's budget goes to its KV heads: `equal` (the same number each), `adaptive`
+    # (the top scores of all the layer's heads together, Ada-KV), `global` (one top-k over every
+    # layer and head, KVzip; the layers are held in full until the last is scored). The budget is
+    # the mean over layers and heads either way; uneven heads are stored without padding.
+    head_split: str = "equal"
 
     def __post_init__(self) -> None:
+        if self.head_split not in self.head_splits:
+            raise BudgetError(f"--param head_split={self.head_split}: {self.name} splits heads {' or '.join(self.head_splits)}")
         if self.window_size < 1:
             raise BudgetError(f"--window must be at least 1, got {self.window_size}")
         if self.kernel_size < 1:
@@ -367,13 +456,14 @@ class Method:
         return None
 
     def params(self) -> dict:
-        """The method's knobs and their values, for reports."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The method's knobs and their values, for reports (`head_split` where it has a choice)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "head_split" or len(self.head_splits) > 1}
 
 
 __all__ = [
     "DEFAULT_MIN_KEEP",
     "DEFAULT_RATIO",
+    "HEAD_SPLITS",
     "Budget",
     "BudgetPlan",
     "Compression",
@@ -381,6 +471,9 @@ __all__ = [
     "LayerObservation",
     "Method",
     "field",
+    "keep_global",
+    "keep_split",
+    "split_winners",
     "keep_window_and_top",
     "plan_budget",
     "pool_scores",

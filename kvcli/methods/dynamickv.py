@@ -7,7 +7,9 @@ times the average per-layer budget). Every `period` layers, and at the last laye
 scores of all layers seen so far are pooled, a global top-k of `average x layers seen x heads`
 entries is taken, and the whole model's budget is re-divided among the seen layers in
 proportion to where the winners fall; each layer is trimmed to its share, keeping its
-best-scored candidates. Layers that matter for this prompt keep more.
+best-scored candidates. Layers that matter for this prompt keep more. With `head_split=adaptive`
+a layer's share x KV heads goes to the best candidates of all its heads together (Ada-KV's split
+within the layer; the candidates themselves are each head's top ones, equal per head).
 
 Knobs: `max_multiple` (a layer's candidates, times the mean), `min_multiple` (the least a layer
 keeps, times the mean), `period` (layers between re-divisions) and `interim_budget`: what a
@@ -40,7 +42,7 @@ import torch
 
 from ..errors import BudgetError
 from .allocation import allocate
-from .base import BudgetPlan, Compressor, LayerObservation, Method
+from .base import BudgetPlan, Compressor, LayerObservation, Method, split_winners
 
 
 @dataclass
@@ -50,6 +52,7 @@ class DynamicKV(Method):
     name = "dynamickv"
     summary = "task-aware per-layer budgets, re-divided every few layers"
     paper = "https://arxiv.org/abs/2412.14838"
+    head_splits = ("equal", "adaptive")  # a re-division already is a top-k over layers and heads: no global split
 
     max_multiple: float = 10.0
     min_multiple: float = 0.1
@@ -107,6 +110,7 @@ class DynamicKVCompressor(Compressor):
         self.positions: dict[int, torch.Tensor] = {}  # layer -> (num_kv_heads, k_len)
         self.allocations: list[list[int]] = []  # each re-division's shares, for reports
         self.counts: list[list[int]] = []  # each re-division's global top-k winners per layer
+        self.held: dict[int, torch.Tensor] = {}  # adaptive: layer -> (num_kv_heads, k_len - window) bool, the entries it holds
 
     def observe(self, obs: LayerObservation) -> dict[int, torch.Tensor]:
         layer = obs.layer_idx
@@ -144,7 +148,7 @@ class DynamicKVCompressor(Compressor):
         layer_of = torch.searchsorted(sizes.cumsum(0), winners, right=True)
         counts = torch.bincount(layer_of, minlength=len(layers)).tolist()
         self.counts.append(counts)
-        caps = [self.candidates[j].shape[1] for j in layers]
+        caps = [self._cap(j) for j in layers]
         floor = math.ceil(self.method.min_multiple * self.average)
         total = self.shared_total
         if self.method.interim_budget == "seen":
@@ -154,9 +158,28 @@ class DynamicKVCompressor(Compressor):
         decisions = {}
         for j, share in zip(layers, shares):
             if share < caps[j]:
-                self.candidates[j] = self.candidates[j][:, :share]
-                decisions[j] = self._kept(j)
+                decisions[j] = self._trim(j, share)
         return decisions
+
+    def _trim(self, layer: int, share: int) -> torch.Tensor | list[torch.Tensor]:
+        """Trim a layer to `share` entries per head outside its window: each head its best
+        candidates, or (adaptive) share x heads entries to the best of what all its heads hold."""
+        if self.head_split != "adaptive":
+            self.candidates[layer] = self.candidates[layer][:, :share]
+            return self._kept(layer)
+        scores = self.scores[layer]  # (num_kv_heads, k_len - window)
+        held = self.held.get(layer)
+        if held is None:
+            held = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, self.candidates[layer], True)
+        winners = scores.masked_fill(~held, float("-inf")).flatten().topk(share * scores.shape[0]).indices
+        self.held[layer] = torch.zeros_like(held).flatten().scatter_(0, winners, True).view_as(held)
+        positions = self.positions[layer]
+        return split_winners(winners, scores.shape[1], positions, min(self.method.window_size, positions.shape[1]))
+
+    def _cap(self, layer: int) -> int:
+        """Entries per head (the mean, adaptive) a layer holds outside its window: the most a re-division can leave it."""
+        held = self.held.get(layer)
+        return self.candidates[layer].shape[1] if held is None else int(held.sum()) // held.shape[0]
 
     def report(self) -> dict:
         return {"redivisions": len(self.allocations)}

@@ -39,7 +39,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import BudgetError
-from .base import BudgetPlan, Compressor, LayerObservation, Method, pool_scores
+from .base import BudgetPlan, Compressor, LayerObservation, Method, split_winners, pool_scores
 
 # Live reads of prompts this long or longer are chunked so that the layers held in full until the
 # last evidence head never hold more than PEAK_LAYERS layers' full KV of the prompt.
@@ -57,6 +57,7 @@ class EvidenceKV(Method):
     needs_profile = True
     selects_by_scores = False
     chunks_from_tokens: ClassVar[int | None] = CHUNK_FROM_TOKENS
+    head_splits = ("equal", "adaptive")  # the shared evidence is one ranking for every layer: no global top-k
 
     shared_fraction: float = 1.0
     num_heads: int = 8
@@ -127,7 +128,7 @@ class EvidenceCompressor(Compressor):
             # The evidence lives on the first evidence layer's device; later layers may be elsewhere.
             self.evidence.index_add_(0, positions[kv_head].to(self.evidence.device), (row / row.sum().clamp_min(1e-12)).to(self.evidence.device))
 
-    def _decide(self, layer: int, own: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _decide(self, layer: int, own: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         k_len = positions.shape[1]
         window = min(self.method.window_size, k_len)
         k = k_len - window
@@ -137,6 +138,13 @@ class EvidenceCompressor(Compressor):
         shared = evidence.topk(n_shared, dim=-1).indices
         own = own.clone()
         own.scatter_(1, shared, float("-inf"))
+        if self.head_split == "adaptive":
+            # every head keeps the shared tokens; the rest of the layer's budget goes to the top own
+            # scores of all its heads together, so a head whose scores stand out keeps more
+            heads = positions.shape[0]
+            rest = own.flatten().topk((n_rest - n_shared) * heads).indices
+            offsets = torch.arange(heads, device=positions.device)[:, None] * k
+            return split_winners(torch.cat([(shared + offsets).flatten(), rest]), k, positions, window)
         rest = own.topk(n_rest - n_shared, dim=-1).indices
         window_index = torch.arange(k, k_len, device=positions.device).expand(positions.shape[0], -1)
         local = torch.cat([torch.cat([shared, rest], dim=-1).sort(dim=-1).values, window_index], dim=-1)

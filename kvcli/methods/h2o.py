@@ -46,6 +46,7 @@ class H2O(Method):
     name = "h2o"
     summary = "heavy hitters by attention over the whole prompt, plus recent tokens"
     paper = "https://arxiv.org/abs/2306.14048"
+    head_splits = ("equal",)  # see Method.head_splits
     needs_accumulated = True
 
     recent_size: int | None = None

@@ -35,6 +35,7 @@ class StreamingLLM(Method):
     name = "streamingllm"
     summary = "attention sinks plus the most recent tokens"
     paper = "https://arxiv.org/abs/2309.17453"
+    head_splits = ("equal",)  # see Method.head_splits
 
     n_sink: int = 4
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from ..generate import decode
 from ..models.checkpoints import kvcli_home
 from ..speed import TIMED_READS, names, record_read
-from ..stats import RunStats, peak_memory_bytes
+from ..stats import RunStats, heads_summary, peak_memory_bytes
 from .reader import Options, Reader, Reading
 
 STOP_EOS = "end of sequence"
@@ -65,13 +65,14 @@ def run_stats(reader: Reader, reading: Reading) -> RunStats:
     grows every layer by the tokens it generates (`add_answer` fills in the rest)."""
     state = reading.state
     retained = state.cache.retained_per_layer()
+    kept = sum(layer.mean_length() for layer in state.cache.layers)  # exact where a per-head split left heads unequal
     prompt_len = state.prompt_len
     stats = RunStats(
         model=reader.lm.name,
         method=reading.method.name,
         method_params=reading.method.params(),
-        ratio=sum(retained) / (reader.num_layers * prompt_len),
-        budget=sum(retained) / reader.num_layers,
+        ratio=kept / (reader.num_layers * prompt_len),
+        budget=kept / reader.num_layers,
         prompt_tokens=prompt_len,
         compressed=state.compressed,
         note=reading.note,
@@ -89,6 +90,9 @@ def run_stats(reader: Reader, reading: Reading) -> RunStats:
         dtype=str(reader.lm.dtype).removeprefix("torch."),
         weights=reader.lm.weights or str(reader.lm.dtype).removeprefix("torch."),
     )
+    heads = heads_summary(state.cache.head_lengths(), state.cache.windows)
+    if heads is not None:
+        stats.extra["heads"] = heads
     if reading.prefix is not None:
         stats.extra["prefix"] = reading.prefix
     if reading.past is not None:

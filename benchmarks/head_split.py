@@ -1,0 +1,144 @@
+"""Per-head budgets on the question-agnostic ten-fact document: equal vs adaptive vs global split.
+
+    python benchmarks/head_split.py -m qwen2.5-coder-0.5b --length 3000 --ratios 0.1,0.2,0.3 --json head_split.json
+
+One document of real prose with the ten facts of benchmarks/reuse_check.py hidden at evenly
+spread depths (the rows of docs/results.md's repeat-scorer section) is read once with the full
+cache and scored once by the repeat scorer (kvcli/repeat.py, as `kvcli compress` does by
+default). Every (method, `head_split`, ratio) cache is derived from that one repeat, and each of
+the ten questions is asked after it (greedy, `--max-new-tokens`), as `kvcli compress` + `kvcli ask
+--cache` would; a fact is found when the answer contains its expected word (decoding stops
+there: the greedy tokens after it cannot unfind it). The full reused
+prefix answers the same questions for reference. Per setting it also reports the KV bytes kept,
+the fewest and most tokens one head kept, and the decode rate (tokens/s over the ten answers;
+one run on a shared CPU: read it as a ratio between settings of the same run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from reuse_check import FACTS, build_document  # benchmarks/ is on sys.path when a script in it runs
+
+DEFAULT_SETTINGS = "snapkv:equal,snapkv:adaptive,snapkv:global,dynamickv:equal,dynamickv:adaptive,evidencekv:equal"
+
+
+def parse_settings(text: str) -> list[tuple[str, str]]:
+    """`"snapkv:adaptive,evidencekv:equal"` -> [("snapkv", "adaptive"), ("evidencekv", "equal")]."""
+    settings = []
+    for item in text.split(","):
+        name, _, split = item.strip().partition(":")
+        settings.append((name, split or "equal"))
+    return settings
+
+
+def run(reader, document: str, facts, settings: list[tuple[str, str]], ratios: list[float], max_new_tokens: int,
+        on_row=None) -> dict:
+    """Every setting at every ratio, from one repeat of `document`; the full reused prefix first."""
+    from kvcli.generate import decode
+    from kvcli.methods import Budget, make_method
+    from kvcli.reading import Options, Reused
+
+    options = Options(max_new_tokens=max_new_tokens)
+    mode = Reused(reader, document, options, scorer="repeat")
+    started = time.perf_counter()
+    repeated = mode.repeat()
+    rows = []
+
+    def ask_all(label: str, method, split: str, ratio: float | None) -> None:
+        prefix = mode.derive(repeated, method, Budget(ratio=ratio) if ratio is not None else Budget(ratio=1.0))
+        prefix.charged = True
+        cache = prefix.state.cache
+        lengths = [n for layer in cache.head_lengths() for n in layer]
+        answers, tokens, decode_s = [], 0, 0.0
+        for _, question, expected in facts:
+            state = prefix.ask(reader, question, options).state
+            out: list[int] = []
+            text = ""
+            with reader.decoding():
+                steps = decode(reader.model, state, max_new_tokens, reader.eos_ids)
+                out.append(next(steps, None))  # from the question's prefill: not a decode step
+                started_decode = time.perf_counter()
+                while out[-1] is not None and expected not in (text := reader.tokenizer.decode(out)).lower():
+                    out.append(next(steps, None))
+                if out[-1] is None:
+                    out.pop()
+                    text = reader.tokenizer.decode(out)
+                decode_s += time.perf_counter() - started_decode
+            tokens += max(0, len(out) - 1)
+            answers.append(text.strip())
+        row = {
+            "setting": label, "method": method.name, "head_split": split, "ratio": ratio,
+            "found": sum(expected in text.lower() for text, (_, _, expected) in zip(answers, facts)),
+            "kv_bytes_kept": cache.nbytes(), "head_min": min(lengths), "head_max": max(lengths),
+            "packed_layers": sum(layer.packed for layer in cache.layers),
+            "decode_tokens_per_s": round(tokens / decode_s, 2) if decode_s > 0 else None, "answers": answers,
+        }
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
+    ask_all("full (reused prefix)", make_method("full"), "equal", None)
+    for ratio in ratios:
+        for name, split in settings:
+            ask_all(f"{name}:{split}", make_method(name, head_split=split), split, ratio)
+    return {
+        "prompt_tokens": mode.prompt.prefix_len, "repeat_prefill_s": round(repeated.state.seconds, 1),
+        "repeat_s": round(repeated.repeat_s, 1), "total_s": round(time.perf_counter() - started, 1),
+        "kv_bytes_full": repeated.state.cache.nbytes(), "rows": rows,
+    }
+
+
+def table(result: dict, ratios: list[float]) -> str:
+    """Markdown: facts found per setting and ratio, with the head spread and decode rate."""
+    by = {(row["setting"], row["ratio"]): row for row in result["rows"]}
+    labels = list(dict.fromkeys(row["setting"] for row in result["rows"] if row["ratio"] is not None))
+    full = next(row for row in result["rows"] if row["ratio"] is None)
+    head = "| facts found of 10 (tokens per head, fewest-most; decode tokens/s) | " + " | ".join(f"ratio {r:g}" for r in ratios) + " |"
+    lines = [head, "| --- |" + " --- |" * len(ratios),
+             "| the full reused prefix | " + " | ".join(f"{full['found']}" for _ in ratios) + " |"]
+    for label in labels:
+        cells = []
+        for ratio in ratios:
+            row = by[(label, ratio)]
+            cells.append(f"{row['found']} ({row['head_min']}-{row['head_max']}; {row['decode_tokens_per_s']})")
+        lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-m", "--model", default=None, help="model (default: kvcli's embedded default)")
+    parser.add_argument("--length", type=int, default=3000, help="document tokens before the facts (reuse_check's)")
+    parser.add_argument("--ratios", default="0.1,0.2,0.3")
+    parser.add_argument("--settings", default=DEFAULT_SETTINGS, help="METHOD:SPLIT,... (split: equal, adaptive, global)")
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--json", default=None, help="write the result here too")
+    args = parser.parse_args(argv)
+
+    from kvcli.models import load_model
+    from kvcli.reading import Reader
+
+    lm = load_model(args.model)
+    reader = Reader(lm)
+    document = build_document(lm.tokenizer, args.length)
+    ratios = [float(r) for r in args.ratios.split(",")]
+
+    def show(row: dict) -> None:
+        print(f"{row['setting']} @ {row['ratio']}: {row['found']}/10, heads {row['head_min']}-{row['head_max']}, "
+              f"{row['kv_bytes_kept']:,} B, {row['decode_tokens_per_s']} tok/s", file=sys.stderr, flush=True)
+
+    result = run(reader, document, FACTS, parse_settings(args.settings), ratios, args.max_new_tokens, on_row=show)
+    result.update(model=lm.name, length=args.length, max_new_tokens=args.max_new_tokens)
+    print(table(result, ratios))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

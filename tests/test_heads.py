@@ -1,0 +1,350 @@
+"""Per-head budgets: KV heads of one layer holding different numbers of entries, stored without padding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvcli.attention import LayerAttention, attend, attend_heads
+from kvcli.cache import KVCache, KVLayer
+from kvcli.errors import BudgetError, InputError
+from kvcli.generate import capture, decode, forward, new_cache, prefill
+from kvcli.methods import configure, make_method, plan_budget
+from kvcli.methods.base import keep_global, keep_split
+from kvcli.reindex import Reindexer
+from kvcli.rope import rotary_layout
+from kvcli.stats import heads_summary
+from kvcli.step import Step
+from kvcli.store import load_cache, save_cache
+from methodutil import squeeze, tiny_llama
+
+NUM_KV_HEADS, HEAD_DIM = 2, 4
+META = {"model": "m", "config_hash": "abc", "weights_fingerprint": "w1", "dtype": "float32", "method": "snapkv",
+        "method_params": {}, "prompt_tokens": 40}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def states(q_len: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values `(1, NUM_KV_HEADS, q_len, HEAD_DIM)` whose entries encode (head, position)."""
+    head = torch.arange(NUM_KV_HEADS)[:, None, None] * 1000.0
+    position = torch.arange(offset, offset + q_len)[None, :, None].float()
+    keys = (head + position).expand(NUM_KV_HEADS, q_len, HEAD_DIM)[None].clone()
+    return keys, -keys
+
+
+def packed_layer(n: int = 20, kept=((0, 5, 19), (1, 2, 3, 4, 8, 9, 19))) -> KVLayer:
+    layer = KVLayer()
+    layer.append(*states(n), torch.arange(n))
+    layer.keep_positions([torch.tensor(k) for k in kept])
+    return layer
+
+
+def test_unequal_heads_are_packed_and_hold_the_sum_of_their_lengths():
+    """Keeping different numbers per head stores each head's entries exactly: bytes are the sum of the head lengths, no padding."""
+    layer = packed_layer()
+    assert layer.packed and layer.head_lengths() == [3, 7] and layer.mean_length() == 5
+    entry = 2 * HEAD_DIM * 4  # keys and values of one head, float32
+    assert layer.nbytes() == (3 + 7) * entry
+    assert layer.entry_nbytes() == NUM_KV_HEADS * entry  # one token over every head, as for a dense layer
+    for h, kept in enumerate(([0, 5, 19], [1, 2, 3, 4, 8, 9, 19])):
+        keys, values, positions, _ = layer.head_entries(h)
+        assert keys.shape == (1, 1, len(kept), HEAD_DIM) and positions.tolist() == kept
+        assert keys[0, 0, :, 0].tolist() == [h * 1000.0 + p for p in kept] and torch.equal(values, -keys)
+    with pytest.raises(Exception, match="per head"):
+        layer.view()
+
+
+def test_equal_heads_stay_dense():
+    """Per-head lists of equal lengths keep the dense (1, H, n, D) layout, as the equal split always did."""
+    layer = KVLayer()
+    layer.append(*states(10), torch.arange(10))
+    layer.keep_positions([torch.tensor([0, 9]), torch.tensor([3, 9])])
+    assert not layer.packed and layer.view()[0].shape == (1, NUM_KV_HEADS, 2, HEAD_DIM)
+    assert layer.kept_positions().tolist() == [[0, 9], [3, 9]]
+
+
+def test_a_packed_layer_pruned_to_equal_heads_is_dense_again():
+    """A packed layer whose heads are pruned to equal lengths goes back to the dense layout, entries intact."""
+    layer = packed_layer()
+    layer.keep_positions([torch.tensor([5, 19]), torch.tensor([8, 19])])
+    assert not layer.packed and layer.kept_positions().tolist() == [[5, 19], [8, 19]]
+    assert layer.view()[0][0, :, :, 0].tolist() == [[5.0, 19.0], [1008.0, 1019.0]]
+
+
+def padded_reference(query, heads, attn: LayerAttention) -> torch.Tensor:
+    """Attention over the heads padded at the front to the longest and masked, in float64."""
+    _, num_heads, q_len, _ = query.shape
+    group = num_heads // len(heads)
+    longest = max(k.shape[2] for k, _ in heads)
+    out = torch.empty(1, q_len, num_heads, heads[0][1].shape[-1], dtype=torch.float64)
+    for j in range(num_heads):
+        key, value = heads[j // group]
+        n = key.shape[2]
+        pad = longest - n
+        keys = torch.cat([torch.zeros(pad, key.shape[3], dtype=torch.float64), key[0, 0].double()])
+        values = torch.cat([torch.zeros(pad, value.shape[3], dtype=torch.float64), value[0, 0].double()])
+        logits = query[0, j].double() @ keys.T * attn.scaling  # (q_len, longest)
+        rows = torch.arange(q_len)[:, None] + (longest - q_len)
+        visible = (torch.arange(longest)[None, :] <= rows) & (torch.arange(longest)[None, :] >= pad)
+        logits = logits.masked_fill(~visible, float("-inf"))
+        if attn.sinks is not None:
+            logits = torch.cat([logits, attn.sinks[j].double().expand(q_len, 1)], dim=1)
+        probs = logits.softmax(dim=-1)[:, :longest]
+        out[0, :, j] = probs @ values
+    return out
+
+
+@pytest.mark.parametrize("q_len", [1, 3])
+@pytest.mark.parametrize("sinks", [False, True])
+def test_attention_over_packed_heads_equals_padded_and_masked(q_len, sinks):
+    """Each KV head attending over its own entries gives what attention over the heads padded to the longest and masked gives."""
+    gen = torch.Generator().manual_seed(0)
+    heads = [(torch.randn(1, 1, n, 8, generator=gen), torch.randn(1, 1, n, 8, generator=gen)) for n in (5, 11)]
+    query = torch.randn(1, 4, q_len, 8, generator=gen)
+    attn = LayerAttention(scaling=8**-0.5, sinks=torch.randn(4, generator=gen) if sinks else None)
+    out = attend_heads(query, heads, attn)
+    assert out.shape == (1, q_len, 4, 8)
+    torch.testing.assert_close(out.double(), padded_reference(query, heads, attn), atol=1e-5, rtol=0)
+
+
+def test_attention_over_equal_packed_heads_equals_dense_attention():
+    """Heads of equal length attended one at a time give the dense layout's attention."""
+    gen = torch.Generator().manual_seed(1)
+    keys, values = torch.randn(1, 2, 9, 8, generator=gen), torch.randn(1, 2, 9, 8, generator=gen)
+    query = torch.randn(1, 4, 3, 8, generator=gen)
+    heads = [(keys[:, h : h + 1], values[:, h : h + 1]) for h in range(2)]
+    torch.testing.assert_close(attend_heads(query, heads, 0.3), attend(query, keys, values, 0.3), atol=1e-6, rtol=0)
+
+
+def test_decode_appends_one_entry_to_every_head():
+    """A decode step through the cache appends the new token to every head of a packed layer and hands the model no padded keys."""
+    cache = KVCache(1)
+    cache.layers[0] = packed_layer()
+    before = cache.nbytes()
+    cache.reserve(5)  # room in every head, exactly: the appends then write in place
+    assert [head.capacity for head in cache.layers[0].heads] == [3 + 5, 7 + 5]
+    step = Step(cache=cache, positions=torch.tensor([20]))
+    with cache.feeding(step):
+        keys, values = cache.update(*states(1, offset=20), 0)
+    assert keys.shape[2] == 0 and values.shape[2] == 0
+    layer = cache.layers[0]
+    assert layer.head_lengths() == [4, 8] and cache.nbytes() == before + layer.entry_nbytes()
+    assert [p.tolist()[-1] for p in layer.head_positions()] == [20, 20]
+    assert layer.head_entries(1)[0][0, 0, -1, 0] == 1020.0
+    assert [head.capacity for head in layer.heads] == [3 + 5, 7 + 5]
+
+
+def test_fork_of_a_packed_layer_copies_only_when_written():
+    """A fork of a packed cache reads as its base, holds no bytes of its own, and a step copies each head without changing the base."""
+    base = KVCache(1)
+    base.layers[0] = packed_layer()
+    before = [e[0].clone() for e in (base.layers[0].head_entries(h) for h in range(2))]
+    fork = base.fork()
+    assert fork.nbytes() == 0 and fork.layers[0].head_lengths() == [3, 7]
+    step = Step(cache=fork, positions=torch.tensor([20, 21]))
+    with fork.feeding(step):
+        fork.update(*states(2, offset=20), 0)
+    assert fork.layers[0].head_lengths() == [5, 9] and base.layers[0].head_lengths() == [3, 7]
+    for h in range(2):
+        assert torch.equal(base.layers[0].head_entries(h)[0], before[h])
+        assert fork.layers[0].head_positions()[h].tolist()[-2:] == [20, 21]
+    clone = fork.clone()
+    assert clone.layers[0].head_lengths() == [5, 9] and clone.nbytes() == fork.nbytes()
+
+
+def test_reindexing_packs_each_head_right_before_the_next_chunk():
+    """Re-indexing a packed layer places each head's entries at the positions right before P, P the most any head holds."""
+    cache = KVCache(2)
+    cache.layers[0] = packed_layer()
+    cache.layers[1].append(*states(4), torch.arange(4))
+    top = Reindexer([None, None]).pack(cache)
+    assert top == 7
+    assert [head.rope_positions()[0].tolist() for head in cache.layers[0].heads] == [[4, 5, 6], list(range(0, 7))]
+    assert cache.layers[1].rope_positions()[0].tolist() == [3, 4, 5, 6]
+
+
+def test_a_packed_cache_round_trips_through_a_kvc_file(tmp_path):
+    """A .kvc keeps each head's entries of a packed layer exactly, with the bytes of the kept entries only."""
+    cache = KVCache(2)
+    cache.layers[0] = packed_layer()
+    cache.layers[1].append(*states(4), torch.arange(4))
+    path = tmp_path / "doc.kvc"
+    save_cache(path, cache, META)
+    loaded = load_cache(path, "abc", "m", weights_fingerprint="w1").cache
+    assert loaded.layers[0].packed and loaded.layers[0].head_lengths() == [3, 7] and not loaded.layers[1].packed
+    for h in range(2):
+        for a, b in zip(cache.layers[0].head_entries(h), loaded.layers[0].head_entries(h)):
+            assert torch.equal(a, b)
+    assert loaded.nbytes() == cache.nbytes()
+    assert path.stat().st_size < cache.nbytes() + 4096  # the tensors hold no padding (the rest: header and positions)
+
+
+def test_a_format_3_file_still_loads():
+    """A .kvc written by kvcli's format 3 (before packed layers; tests/data/format3.kvc) loads as before."""
+    saved = load_cache(Path(__file__).parent / "data" / "format3.kvc", "abc", "m", weights_fingerprint="w1")
+    assert saved.meta["format_version"] == 3 and saved.cache.retained_per_layer() == [5, 8, 11]
+    assert not any(layer.packed for layer in saved.cache.layers)
+
+
+def test_head_lengths_that_do_not_add_up_are_refused(tmp_path, monkeypatch):
+    """A packed layer whose head lengths do not match its entries (checksum intact) is refused as damaged, in one line."""
+    import kvcli.store as store
+
+    cache = KVCache(1)
+    cache.layers[0] = packed_layer()
+    written = store._packed_tensors
+
+    def wrong(i, layer, dtype):
+        tensors = written(i, layer, dtype)
+        tensors[f"layer.{i}.head_lengths"] = torch.tensor([3, 6], dtype=torch.int32)
+        return tensors
+
+    monkeypatch.setattr(store, "_packed_tensors", wrong)
+    path = tmp_path / "doc.kvc"
+    save_cache(path, cache, META)
+    with pytest.raises(InputError, match="corrupted .layer 0's heads do not add up"):
+        load_cache(path, "abc", "m")
+
+
+def test_adaptive_split_takes_the_top_scores_of_all_heads():
+    """The adaptive split keeps the layer's n_kept x heads entries: every head its window, the rest the best scores of any head."""
+    positions = torch.arange(12).expand(2, -1)
+    scores = torch.zeros(2, 10)
+    scores[1, [0, 3, 5, 7]] = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    scores[0, 9] = 2.5
+    kept = keep_split(scores, 4, positions, window_size=2)  # 2 outside the window per head on average: 4 in all
+    assert [k.tolist() for k in kept] == [[9, 10, 11], [0, 3, 5, 10, 11]]
+
+
+def test_global_split_keeps_the_total_over_layers_and_heads():
+    """The global split keeps total x heads entries over all layers, each head at least its window, the best scores anywhere."""
+    positions = torch.arange(10).expand(2, -1)
+    low, high = torch.zeros(2, 8), torch.zeros(2, 8)
+    high[0] = torch.arange(1, 9).float()  # layer 1 head 0 holds every high score
+    kept = keep_global([(low, positions), (high, positions)], total=2 * 5, window_size=2)
+    lengths = [[len(k) for k in layer] for layer in kept]
+    assert sum(map(sum, lengths)) == 2 * 5 * 2  # the budget's mean, over every layer and head
+    assert kept[1][0].tolist() == list(range(10))  # all eight scored entries and the window
+    assert min(map(min, lengths)) >= 2  # every head keeps its window
+
+
+def test_head_split_is_a_knob_with_its_choices():
+    """head_split is a --param of the scoring methods; an unknown split or one a method cannot use is refused in one line."""
+    assert configure(["snapkv"], ["head_split=adaptive"])[0].head_split == "adaptive"
+    assert "head_split" in make_method("evidencekv").params() and "head_split" not in make_method("h2o").params()
+    with pytest.raises(BudgetError, match="head_split=sideways"):
+        configure(["snapkv"], ["head_split=sideways"])
+    with pytest.raises(BudgetError, match="evidencekv splits heads equal or adaptive"):
+        make_method("evidencekv", head_split="global")
+
+
+def test_heads_summary_says_how_uneven_the_split_was():
+    """The report's heads summary gives the fewest and most entries one global layer's head kept; None when every layer is even."""
+    assert heads_summary([[4, 4], [6, 6]]) is None
+    assert heads_summary([[2, 9], [6, 6], [30, 30]], [None, None, 31]) == {"min": 2, "max": 9, "per_layer": [[2, 9], [6, 6], [30, 30]]}
+
+
+# --- on a tiny random grouped-query Llama -------------------------------------------------------
+
+PROMPT_LEN, NUM_LAYERS = 80, 4
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llama(NUM_LAYERS)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 128, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
+
+
+def compression(name: str, split: str, ratio: float = 0.25, **params):
+    method = make_method(name, head_split=split, **params)
+    return squeeze(method, plan_budget(PROMPT_LEN, NUM_LAYERS, window_size=method.window_size, ratio=ratio))
+
+
+@pytest.mark.parametrize("name,split,params", [
+    ("snapkv", "adaptive", {}), ("snapkv", "global", {}), ("pyramidkv", "adaptive", {}), ("dynamickv", "adaptive", {"period": 2}),
+    ("evidencekv", "adaptive", {"shared_fraction": 0.5}),  # all shared (the default): every head keeps the same evidence
+])
+def test_live_split_equals_replayed_and_keeps_the_budget(tiny, ids, name, split, params):
+    """A per-head split live keeps, per head, what Capture.derive keeps, decodes the same tokens, and holds the budget's entries exactly."""
+    squeezed = compression(name, split, **params)
+    live = prefill(tiny, ids, squeezed)
+    derived = capture(tiny, ids, 8).derive(squeezed)
+    assert any(layer.packed for layer in live.cache.layers), "the split should leave some heads unequal on random weights"
+    for a, b in zip(live.cache.layers, derived.cache.layers):
+        assert [p.tolist() for p in a.head_positions()] == [p.tolist() for p in b.head_positions()]
+    kept = sum(sum(layer.head_lengths()) for layer in live.cache.layers)
+    assert kept == squeezed.plan.total * NUM_KV_HEADS
+    per_entry = live.cache.layers[0].entry_nbytes() // NUM_KV_HEADS
+    assert live.cache.nbytes() == kept * per_entry
+    assert list(decode(tiny, live, 8, set())) == list(decode(tiny, derived, 8, set()))
+
+
+def test_a_split_read_in_chunks_past_the_context_packs_each_head(tiny, ids):
+    """Read in re-indexed chunks with the adaptive split, layer 0's heads hold the keys the model computes at their packed positions."""
+    squeezed = compression("snapkv", "adaptive", ratio=0.3)
+    state = prefill(tiny, ids, squeezed, chunk_size=32, reindex=Reindexer(rotary_layout(tiny.config)))
+    layer = state.cache.layers[0]
+    assert layer.packed
+    fresh = new_cache(tiny)
+    for h in range(NUM_KV_HEADS):
+        keys, _, kept, placed = layer.head_entries(h)
+        assert int(placed[-1]) == state.next_position - 1
+        fresh = new_cache(tiny)
+        with torch.inference_mode():
+            forward(tiny, fresh, ids[:, kept], 0, positions=placed)
+        torch.testing.assert_close(keys[0, 0], fresh.layers[0].view()[0][0, h], atol=1e-5, rtol=0)
+    assert len(list(decode(tiny, state, 4, set()))) == 4
+
+
+def test_the_repeat_scorer_splits_globally(tiny, ids):
+    """Ranking a full cache by per-entry scores with the global split keeps total x heads entries over the layers, unevenly."""
+    from kvcli.repeat import keep_by_scores
+
+    state = prefill(tiny, ids)
+    gen = torch.Generator().manual_seed(2)
+    scores = [torch.rand(NUM_KV_HEADS, 2, PROMPT_LEN, generator=gen) * (i + 1) for i in range(NUM_LAYERS)]  # deeper layers score higher
+    squeezed = compression("snapkv", "global")
+    keep_by_scores(state.cache, scores, squeezed)
+    lengths = state.cache.head_lengths()
+    assert sum(map(sum, lengths)) == squeezed.plan.total * NUM_KV_HEADS
+    assert sum(lengths[-1]) > sum(lengths[0])
+
+
+def test_a_split_cache_survives_a_kvc_round_trip_and_decodes_alike(tiny, ids, tmp_path):
+    """A packed cache saved and loaded decodes the same tokens as the cache it was saved from."""
+    from kvcli.generate import Prefill
+
+    state = prefill(tiny, ids, compression("snapkv", "adaptive"))
+    path = tmp_path / "doc.kvc"
+    save_cache(path, state.cache, META)
+    loaded = Prefill(cache=load_cache(path, "abc", "m").cache, logits=state.logits, prompt_len=PROMPT_LEN, seconds=0.0)
+    assert any(layer.packed for layer in loaded.cache.layers)
+    assert list(decode(tiny, loaded, 8, set())) == list(decode(tiny, state, 8, set()))
+
+
+def test_the_equal_split_leaves_every_layer_dense(tiny, ids):
+    """The equal split (the default) leaves every layer in the dense layout, as before per-head budgets."""
+    state = prefill(tiny, ids, compression("snapkv", "equal"))
+    assert not any(layer.packed for layer in state.cache.layers)
+
+
+@pytest.mark.parametrize("split", ["adaptive", "global"])
+def test_read_once_splits_heads_as_one_pass(tiny, ids, split):
+    """A question fed after a full prefix read once keeps, per head, what one pass over prefix + question keeps, the prefix untouched."""
+    from kvcli.generate import ask_after, read_prefix
+
+    squeezed = compression("snapkv", split)
+    whole = prefill(tiny, ids, squeezed)
+    prefix = read_prefix(tiny, ids[:, :-10], window_size=8)
+    before = prefix.state.cache.nbytes()
+    once = ask_after(tiny, prefix, ids[:, -10:], squeezed)
+    for a, b in zip(once.cache.layers, whole.cache.layers):
+        assert [p.tolist() for p in a.head_positions()] == [p.tolist() for p in b.head_positions()]
+    assert prefix.state.cache.nbytes() == before and not any(layer.packed for layer in prefix.state.cache.layers)
