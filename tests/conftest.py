@@ -66,7 +66,7 @@ def embedded_parts(name: str) -> list[Path]:
         pytest.skip(str(err))
 
 
-def _engine(name: str):
+def _engine(name: str, dtype: str = "auto"):
     from kvcli.models import load_model
     from kvcli.reading import Reader
 
@@ -74,7 +74,7 @@ def _engine(name: str):
     os.environ.setdefault("KVCLI_HOME", str(_model_home()))
     pinned = os.environ.pop("KVCLI_CPU_BF16")  # loaded as a user's run on this CPU loads it
     try:
-        return Reader(load_model(name))
+        return Reader(load_model(name, dtype=dtype))
     finally:
         os.environ["KVCLI_CPU_BF16"] = pinned
 
@@ -83,6 +83,19 @@ def _engine(name: str):
 def qwen():
     """The default embedded model (Qwen2.5-Coder-0.5B-Instruct), loaded once."""
     return _engine("qwen2.5-coder-0.5b")
+
+
+@pytest.fixture(scope="session")
+def qwen_float32():
+    """The default embedded model with float32 weights, for tests that compare two computations
+    of the same numbers exactly (in bfloat16, two kernels may round a near-tie apart)."""
+    return _engine("qwen2.5-coder-0.5b", "float32")
+
+
+@pytest.fixture(scope="session")
+def smollm_float32():
+    """SmolLM2 with float32 weights (see qwen_float32)."""
+    return _engine("smollm2-135m", "float32")
 
 
 @pytest.fixture(scope="session")

@@ -159,17 +159,17 @@ def test_the_report_and_json_name_the_weights_and_the_dtype(tmp_path, home):
 
 
 @pytest.mark.model
-def test_the_default_model_answers_the_same_with_int8_weights(qwen):
+def test_the_default_model_answers_the_same_with_int8_weights(qwen, qwen_float32):
     """On the default model, int8 weights (bfloat16 compute) answer planted facts as float32 weights do, greedy, token for token over the answer's first words."""
     from helpers_text import prose, with_needle
 
     from kvcli.methods import make_method
-    from kvcli.reading import Options, Reader, answer
+    from kvcli.reading import Options, answer
     from kvcli.reading.policy import choose
 
     if qwen.lm.weights != "int8":
         pytest.skip("this CPU has no bfloat16 instructions: auto loads float32 weights here")
-    float_reader = Reader(load_model("qwen2.5-coder-0.5b", dtype="float32"))
+    float_reader = qwen_float32
     facts = [
         ("The combination of the harbour office safe is 4-7-2-9.", "What is the combination of the harbour office safe?"),
         ("The lighthouse keeper's cat is named Admiral Pickles.", "What is the lighthouse keeper's cat named?"),
