@@ -3,16 +3,19 @@
 A decode step reads every weight of the model to compute one token, so its speed is the speed of
 matrix-vector products over the weights' bytes; a prefill is large matrix products, bound by
 arithmetic. On a CPU with bfloat16 instructions (AVX-512 BF16, AMX) neither is best in float32:
-measured on this project's 2-core AMD EPYC (benchmarks/cpu_products.py), a 1 x 896 by 896 x 4864
-product ran at 7 GFLOP/s in float32, 23 in bfloat16 and 37 from int8 weights with bfloat16 inputs
-(torch's `_weight_int8pack_mm`); a 4096-row product at 148 GFLOP/s in float32 and 307 in bfloat16.
+measured on this project's 2-core AMD EPYC at 2 threads (benchmarks/cpu_products.py, weights
+streamed as a decode step reads them), a 1 x 896 by 896 x 4864 product ran at 5.8 GFLOP/s in
+float32, 13.8 in bfloat16 and 24.2 from int8 weights with bfloat16 inputs (torch's
+`_weight_int8pack_mm`); a 4,096-row product at 124 GFLOP/s in float32, 336 in bfloat16 and 128
+on the int8 kernel.
 
 So each linear layer keeps its weight once, as int8 with one bfloat16 scale per output channel
 (half of bfloat16's bytes, a quarter of float32's), and picks its product by the rows it is given:
 up to `INT8_ROWS` rows (a decode step, a short question) go through the int8 kernel; more rows (a
 prefill) widen the weight to bfloat16 for that one product (a few milliseconds against the
-product's hundreds) and multiply in bfloat16. The model's other tensors (norms, biases, an
-embedding that is not tied to the output head) stay in the model's dtype.
+product's hundreds) and multiply in bfloat16. A plain embedding table is int8 per row too (tied
+to the output head, it is the head's table); the other tensors (norms, biases, an embedding
+class that computes more than a lookup) stay in the model's dtype.
 
 Rounding to 8 bits per channel moves each weight by at most half a step (the channel's largest
 magnitude / 254); GGUF weights were 4-6 bits already. tests/test_weights.py checks the products
@@ -32,7 +35,8 @@ from torch import nn
 from ..errors import ModelError
 
 # Products with at most this many rows use the int8 kernel (decode); more rows widen the weight
-# to bfloat16 for the product (prefill). Past a few dozen rows the int8 kernel loses to bfloat16.
+# to bfloat16 for the product (prefill). At 4,096 rows the int8 kernel ran at 0.4x bfloat16's
+# speed (benchmarks/cpu_products.py); where between 1 and 4,096 they cross was not measured.
 INT8_ROWS = 16
 
 # The dtype products are computed in: the int8 kernel's inputs, and the widened weights.
