@@ -156,13 +156,13 @@ def quantize_model(model: nn.Module) -> int:
     embedding = model.get_input_embeddings()
     head = model.get_output_embeddings()
     tied = (
-        type(embedding) is nn.Embedding and isinstance(head, nn.Linear)
+        type(embedding) is nn.Embedding and type(head) is nn.Linear
         and embedding.weight.data_ptr() == head.weight.data_ptr() and head.bias is None
     )
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
+            if type(child) is nn.Linear:  # a subclass (a quantized or custom layer) computes something else: left alone
                 setattr(parent, name, Int8Linear.of(child))
                 replaced += 1
     if type(embedding) is nn.Embedding:  # a subclass (Gemma's scaled embedding) computes more than a lookup: left as it is
@@ -189,10 +189,17 @@ def mlp_in_blocks(model: nn.Module, rows: int = MLP_ROWS) -> int:
 
 
 def _blocked(forward, rows: int):
-    def blocked(hidden_states: torch.Tensor) -> torch.Tensor:
-        if hidden_states.shape[-2] <= rows:
+    whole = []  # set once the module turns out to return more than a tensor (gpt-oss's MLP is a mixture of experts)
+
+    def blocked(hidden_states: torch.Tensor, *args, **kwargs):
+        if hidden_states.shape[-2] <= rows or args or kwargs or whole:
+            return forward(hidden_states, *args, **kwargs)
+        parts = hidden_states.split(rows, dim=-2)
+        first = forward(parts[0])
+        if not isinstance(first, torch.Tensor):
+            whole.append(True)
             return forward(hidden_states)
-        return torch.cat([forward(part) for part in hidden_states.split(rows, dim=-2)], dim=-2)
+        return torch.cat([first, *(forward(part) for part in parts[1:])], dim=-2)
 
     return blocked
 
@@ -263,7 +270,7 @@ def load_quantized(folder: Path, dtype: torch.dtype) -> nn.Module:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
+            if type(child) is nn.Linear:
                 setattr(parent, name, Int8Linear(child.in_features, child.out_features, child.bias is not None, dtype, device="meta"))
     state = _read_tensors(folder / QUANTIZED_FILE)
     embedding = model.get_input_embeddings()
