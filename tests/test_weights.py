@@ -210,3 +210,29 @@ def test_every_architecture_runs_with_int8_weights(name):
     # int8 by 0.18); a wrong scale or a mangled table moves them by about 1
     assert (state.logits.float() - expected).norm() / expected.norm() < 0.25
     assert len(list(decode(model, state, 4, set()))) == 4
+
+
+@pytest.mark.parametrize("in_features", [24, 72, 100])
+@pytest.mark.parametrize("rows", [1, 2, INT8_ROWS])
+def test_widths_the_int8_kernel_mishandles_take_the_widened_product(in_features, rows):
+    """A layer whose input width is no multiple of 16 (torch's int8 kernel gave wrong numbers and crashed there) still computes the rounded weight's product, as does a strided input."""
+    torch.manual_seed(6)
+    module = Int8Linear.of(nn.Linear(in_features, 40, bias=False))
+    inputs = torch.randn(rows, in_features)
+    exact = inputs @ module.dequantized().float().T
+    assert torch.allclose(module(inputs), exact, rtol=2e-2, atol=2e-2 * exact.abs().mean().item())
+    wide = Int8Linear.of(nn.Linear(64, 40, bias=False))
+    strided = torch.randn(1, 64, rows).transpose(1, 2)  # (1, rows, 64), its last dimension not contiguous
+    expected = strided @ wide.dequantized().float().T
+    assert torch.allclose(wide(strided), expected, rtol=2e-2, atol=2e-2 * expected.abs().mean().item())
+
+
+def test_a_device_map_keeps_float_weights():
+    """With --device-map, `int8` is refused in one line and `auto` on a CPU is float32 (the map places float weights), with no int8."""
+    from kvcli.errors import ModelError
+    from kvcli.models import resolve_precision
+
+    with pytest.raises(ModelError, match="--device-map"):
+        resolve_precision("int8", "cpu", "auto")
+    assert resolve_precision("auto", "cpu", "auto") == (torch.float32, None)
+    assert resolve_precision("bfloat16", "cpu", "auto") == (torch.bfloat16, None)

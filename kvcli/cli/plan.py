@@ -46,7 +46,7 @@ def plan(
     """
     import torch
 
-    from ..models import kvcli_home, resolve_device, resolve_dtype, resolve_weights
+    from ..models import kvcli_home, resolve_device, resolve_precision
     from ..models.describe import describe_model
     from ..prompt import check_question
     from ..reading.layout import Layout
@@ -63,8 +63,7 @@ def plan(
     if question is not None:
         check_question(question)
     device = resolve_device(run.device)
-    dtype = resolve_dtype(run.dtype, device)
-    stored = resolve_weights(run.dtype, device)  # 'int8', or None: the weights are held in `dtype`
+    dtype, stored = resolve_precision(run.dtype, device, run.device_map)  # stored: 'int8', or None (weights in `dtype`)
     doc = read_documents(list(paths), screen, include or (), exclude or ())
     quiet_transformers()
     with screen.status("reading the model's config and tokenizer") as update:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from ..errors import ModelError
 from .catalog import ModelEntry, list_models
 from .checkpoints import CONVERSION_FORMAT, kvcli_home
-from .device import default_attn_implementation, resolve_device, resolve_dtype, resolve_weights
+from .device import default_attn_implementation, resolve_device, resolve_dtype, resolve_precision, resolve_weights
 from .embedded import DEFAULT_MODEL, EMBEDDED, EmbeddedModel
 from .identity import config_hash, weights_fingerprint
 from .load import LoadedModel, _looks_like_path, load_model  # noqa: F401 (private, importable as before)
@@ -44,6 +44,7 @@ __all__ = [
     "load_model",
     "resolve_device",
     "resolve_dtype",
+    "resolve_precision",
     "resolve_weights",
     "weights_fingerprint",
 ]

@@ -77,6 +77,19 @@ def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def resolve_precision(dtype: str, device: torch.device | str, device_map=None) -> tuple[torch.dtype, str | None]:
+    """(the compute dtype, how the weights are stored: 'int8' or None) for `--dtype` on `device`.
+    A device map places float weights (accelerate moves them between devices and disk): `int8`
+    is refused with one, and `auto` on a CPU is float32 there, as before int8 weights."""
+    if device_map is not None:
+        if dtype == INT8:
+            raise ModelError("--dtype int8 cannot be combined with --device-map (the map places float weights): use --dtype auto")
+        if dtype == "auto" and torch.device(device).type == "cpu":
+            return torch.float32, None
+        return resolve_dtype(dtype, device), None
+    return resolve_dtype(dtype, device), resolve_weights(dtype, device)
+
+
 def resolve_weights(dtype: str, device: torch.device | str) -> str | None:
     """How the weights are stored when not in the compute dtype: 'int8' for `--dtype int8`, and
     for 'auto' on a CPU with bfloat16 instructions, where int8 weights decode and prefill faster

@@ -30,8 +30,7 @@ from .device import (
     placement_kwargs,
     resolve_device,
     resolve_device_map,
-    resolve_dtype,
-    resolve_weights,
+    resolve_precision,
 )
 from .embedded import DEFAULT_MODEL, EMBEDDED
 from .identity import config_hash
@@ -84,8 +83,7 @@ def load_model(
     report = progress or (lambda message: None)
     device_map = resolve_device_map(device_map, device)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    weights = None if device_map is not None else resolve_weights(dtype, torch_device)
+    torch_dtype, weights = resolve_precision(dtype, torch_device, device_map)
 
     converted = False
     from_hub = False

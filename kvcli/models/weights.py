@@ -39,6 +39,11 @@ from ..errors import ModelError
 # speed (benchmarks/cpu_products.py); where between 1 and 4,096 they cross was not measured.
 INT8_ROWS = 16
 
+# torch's int8 kernel (2.13, CPU) reads its rows in blocks of 16: other widths gave wrong numbers at
+# one row and crashed (segfault) at 2-16 (found in review, issue 27). Those layers widen the
+# weight to bfloat16 for every product instead; common checkpoints' widths are multiples of 16.
+KERNEL_IN_FEATURES = 16
+
 # The dtype products are computed in: the int8 kernel's inputs, and the widened weights.
 PRODUCT_DTYPE = torch.bfloat16
 
@@ -97,8 +102,8 @@ class Int8Linear(nn.Module):
         return self.qweight.to(PRODUCT_DTYPE) * self.scale[:, None]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        rows = hidden_states.reshape(-1, self.in_features).to(PRODUCT_DTYPE)  # (tokens, in_features)
-        if rows.shape[0] <= INT8_ROWS:
+        rows = hidden_states.reshape(-1, self.in_features).to(PRODUCT_DTYPE).contiguous()  # (tokens, in_features)
+        if rows.shape[0] <= INT8_ROWS and self.in_features % KERNEL_IN_FEATURES == 0:
             out = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scale)
         else:
             out = F.linear(rows, self.dequantized())
