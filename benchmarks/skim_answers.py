@@ -15,18 +15,16 @@ one run on a quiet machine).
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
 from dataclasses import fields
 
-from kvcli.eval import niah_rows
 from kvcli.methods import DEFAULT_METHOD, Budget, make_method
 from kvcli.models import load_model
 from kvcli.reading import Options, Reader, answer
 from kvcli.reading.policy import choose
 from kvcli.reading.skim import Skimming
-from skim_filter import ALL, haystack_text
+from skim_filter import haystack_text, needle_documents
 
 
 def variant(spec: str) -> Skimming:
@@ -55,31 +53,27 @@ def main() -> None:
     reader = Reader(lm)
     method = make_method(args.method)
     text = haystack_text(args.haystack)
-    rng = random.Random(1)
     names = ["one pass"] + args.variants.split(";")
     budget = Budget(tokens=args.budget) if args.budget else Budget()
     right = {name: 0 for name in names}
     same = {name: 0 for name in names}
     seconds: dict[str, list[float]] = {name: [] for name in names}
     cases = 0
-    for length in map(int, args.lengths.split(",")):
-        for depth in map(float, args.depths.split(",")):
-            fact, question, expected = ALL[rng.randrange(len(ALL))]
-            offset = rng.randrange(0, max(1, len(text) - 6 * length))
-            (row,) = niah_rows(text[offset:], fact, question, expected, [length], [depth], lm.tokenizer)
-            cases += 1
-            first = None
-            for name in names:
-                skim = None if name == "one pass" else variant(name)
-                options = Options(budget=budget, max_new_tokens=24, skim=skim)
-                mode = choose(reader, row.context, options, method, [question])
-                reading = mode.read(question, method)
-                said = answer(reader, reading, options).text
-                first = said if first is None else first
-                right[name] += expected.lower() in said.lower()
-                same[name] += said == first
-                seconds[name].append(reading.state.seconds)
-                print(f"{length} {depth} {name}: {reading.mode} {reading.state.seconds:.1f}s {said[:60]!r}", file=sys.stderr, flush=True)
+    lengths, depths = [int(x) for x in args.lengths.split(",")], [float(x) for x in args.depths.split(",")]
+    for length, depth, row, _, question, expected in needle_documents(text, lengths, depths, lm.tokenizer, seed=1):
+        cases += 1
+        first = None
+        for name in names:
+            skim = None if name == "one pass" else variant(name)
+            options = Options(budget=budget, max_new_tokens=24, skim=skim)
+            mode = choose(reader, row.context, options, method, [question])
+            reading = mode.read(question, method)
+            said = answer(reader, reading, options).text
+            first = said if first is None else first
+            right[name] += expected.lower() in said.lower()
+            same[name] += said == first
+            seconds[name].append(reading.state.seconds)
+            print(f"{length} {depth} {name}: {reading.mode} {reading.state.seconds:.1f}s {said[:60]!r}", file=sys.stderr, flush=True)
     print(f"model {lm.name}; method {method.name} at {budget.label}; {cases} needle documents ({args.lengths} tokens x depths {args.depths}); "
           f"haystack {args.haystack or 'pydoc topics'}")
     print("| read | right | same answer as one pass | median prefill s |")

@@ -76,6 +76,19 @@ def haystack_text(path: str | None) -> str:
     return "\n\n".join(topics[name] for name in sorted(topics, reverse=True))
 
 
+def needle_documents(text: str, lengths: list[int], depths: list[float], tokenizer, seed: int, facts: int = len(ALL)):
+    """One needle document per (length, depth), lengths outermost: a fact drawn from the first
+    `facts` of ALL, hidden at `depth` in `length` tokens of `text` from a drawn offset (the same
+    draws for the same seed). Yields (length, depth, niah row, fact, question, expected answer)."""
+    rng = random.Random(seed)
+    for length in lengths:
+        for depth in depths:
+            fact, question, expected = ALL[rng.randrange(facts)]
+            offset = rng.randrange(0, max(1, len(text) - 6 * length))
+            (row,) = niah_rows(text[offset:], fact, question, expected, [length], [depth], tokenizer)
+            yield length, depth, row, fact, question, expected
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-m", "--model", default=None)
@@ -94,7 +107,6 @@ def main() -> None:
     profile = reader.profile()
     compressed = reader.attention.compressed_layers
     text = haystack_text(args.haystack)
-    rng = random.Random(0)
     lengths = [int(x) for x in args.lengths.split(",")]
     depths = [float(x) for x in args.depths.split(",")]
     configs = [(d, h, s, t) for d in args.filter_depths.split(",") for h in map(int, args.heads.split(","))
@@ -103,36 +115,32 @@ def main() -> None:
     cases = 0
     deepest = max(layer for d, h, _, _ in configs
                   for layer, _ in filter_heads(profile, compressed, Skimming(depth=None if d == "auto" else float(d), heads=h)))
-    for length in lengths:
-        for depth in depths:
-            fact, question, answer = ALL[rng.randrange(args.facts)]
-            offset = rng.randrange(0, max(1, len(text) - 6 * length))
-            (row,) = niah_rows(text[offset:], fact, question, answer, [length], [depth], lm.tokenizer)
-            prompt = build_prompt(lm.tokenizer, row.context, question, max_context=1 << 30)
-            at = row.context.index(fact)
-            start = at + re.search(rf"\b{re.escape(answer)}\b", fact).start()
-            offsets = [prompt.doc_offset(p) for p in range(len(prompt))]
-            needle = [p for p in range(len(prompt) - 1) if offsets[p] is not None and offsets[p + 1] is not None
-                      and offsets[p] < start + len(answer) and offsets[p + 1] > start]
-            if not needle:
-                raise SystemExit(f"internal: the answer {answer!r} has no tokens in the prompt")
-            rec = Recorder(deepest)
-            cache = new_cache(lm.model)
-            with torch.inference_mode():
-                try:
-                    forward(lm.model, cache, prompt.ids, 0, skim=rec)
-                except FilterDone:
-                    pass
-            n, tail, head = len(prompt), len(prompt) - prompt.prefix_len, _head(prompt)
-            starts = run_starts(prompt)
-            cases += 1
-            for config in configs:
-                d, h, s, t = config
-                heads = filter_heads(profile, compressed, Skimming(depth=None if d == "auto" else float(d), heads=h))
-                scores = sum(rec.rows[layer][head_] for layer, head_ in heads)
-                chosen = set(choose_tokens(scores, head, tail, t, s, starts if s == 0 else None).tolist())
-                hits[config] += all(p in chosen for p in needle)
-            print(f"{length} tokens, depth {depth}: needle tokens {needle[:3]}..", file=sys.stderr, flush=True)
+    for length, depth, row, fact, question, answer in needle_documents(text, lengths, depths, lm.tokenizer, seed=0, facts=args.facts):
+        prompt = build_prompt(lm.tokenizer, row.context, question, max_context=1 << 30)
+        at = row.context.index(fact)
+        start = at + re.search(rf"\b{re.escape(answer)}\b", fact).start()
+        offsets = [prompt.doc_offset(p) for p in range(len(prompt))]
+        needle = [p for p in range(len(prompt) - 1) if offsets[p] is not None and offsets[p + 1] is not None
+                  and offsets[p] < start + len(answer) and offsets[p + 1] > start]
+        if not needle:
+            raise SystemExit(f"internal: the answer {answer!r} has no tokens in the prompt")
+        rec = Recorder(deepest)
+        cache = new_cache(lm.model)
+        with torch.inference_mode():
+            try:
+                forward(lm.model, cache, prompt.ids, 0, skim=rec)
+            except FilterDone:
+                pass
+        n, tail, head = len(prompt), len(prompt) - prompt.prefix_len, _head(prompt)
+        starts = run_starts(prompt)
+        cases += 1
+        for config in configs:
+            d, h, s, t = config
+            heads = filter_heads(profile, compressed, Skimming(depth=None if d == "auto" else float(d), heads=h))
+            scores = sum(rec.rows[layer][head_] for layer, head_ in heads)
+            chosen = set(choose_tokens(scores, head, tail, t, s, starts if s == 0 else None).tolist())
+            hits[config] += all(p in chosen for p in needle)
+        print(f"{length} tokens, depth {depth}: needle tokens {needle[:3]}..", file=sys.stderr, flush=True)
     print(f"model {lm.name}; {cases} needle documents ({args.lengths} tokens x depths {args.depths}); "
           f"haystack {args.haystack or 'pydoc topics'}")
     print("| filter depth | layers read | heads | span | tokens | needle chosen |")
