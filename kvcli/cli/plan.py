@@ -47,6 +47,7 @@ def plan(
     import torch
 
     from ..models import kvcli_home, resolve_device, resolve_precision
+    from ..models.device import precision_name
     from ..models.describe import describe_model
     from ..prompt import check_question
     from ..reading.layout import Layout
@@ -81,7 +82,7 @@ def plan(
     peak = None if weights is None or read_plan.kv_peak is None else weights + read_plan.kv_peak
     available, total = device_memory(device)
     kv = KVBytes.of(described.config, dtype)
-    speed = measured_speed(kvcli_home(), described.name, *names(device, dtype if stored is None else f"{stored} weights, {str(dtype).removeprefix('torch.')}"))
+    speed = measured_speed(kvcli_home(), described.name, *names(device, precision_name(dtype, stored)))
     data = {
         "model": described.name,
         "source": described.source,

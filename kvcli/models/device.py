@@ -77,6 +77,12 @@ def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def precision_name(dtype: torch.dtype, weights: str | None) -> str:
+    """How reports and speed records name a model's numbers: 'float32', or 'int8 weights, bfloat16'."""
+    name = str(dtype).removeprefix("torch.")
+    return name if weights is None else f"{weights} weights, {name}"
+
+
 def resolve_precision(dtype: str, device: torch.device | str, device_map=None) -> tuple[torch.dtype, str | None]:
     """(the compute dtype, how the weights are stored: 'int8' or None) for `--dtype` on `device`.
     A device map places float weights (accelerate moves them between devices and disk): `int8`

@@ -28,6 +28,7 @@ from .device import (
     fingerprint,
     placement,
     placement_kwargs,
+    precision_name,
     resolve_device,
     resolve_device_map,
     resolve_precision,
@@ -61,8 +62,7 @@ class LoadedModel:
     @property
     def precision(self) -> str:
         """What the report calls the model's numbers: 'float32', or 'int8 weights, bfloat16'."""
-        name = str(self.dtype).removeprefix("torch.")
-        return name if self.weights is None else f"{self.weights} weights, {name}"
+        return precision_name(self.dtype, self.weights)
 
 
 def load_model(
@@ -129,7 +129,8 @@ def load_model(
         attn_implementation = attn_implementation or _attention_for(
             AutoConfig.from_pretrained(source, **extra), spec, default_attn_implementation(torch_device, torch_dtype), trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-        if weights is not None and is_quantized(Path(source)):
+        quantized = weights is not None and is_quantized(Path(source))  # already int8 on disk
+        if quantized:
             model = load_quantized(Path(source), torch_dtype)  # a converted GGUF: never holds float weights
             model.set_attn_implementation(attn_implementation)
         else:
@@ -161,15 +162,12 @@ def load_model(
     else:
         torch_device = execution_device(model)  # where the input ids go: the embedding's device
     model.eval()
-    if weights is not None and not is_quantized(Path(source)):
-        fingerprint_of = fingerprint(model)  # of the checkpoint's weights, whatever form they are kept in
-        quantize_model(model)
-        cast_floats(model, torch_dtype)  # the norms, biases and any untied embedding
-    elif weights is not None:
-        fingerprint_of = saved_fingerprint(Path(source))
-    else:
-        fingerprint_of = fingerprint(model)
+    # the fingerprint is the checkpoint's float weights', whatever form they are kept in
+    fingerprint_of = saved_fingerprint(Path(source)) if quantized else fingerprint(model)
     if weights is not None:
+        if not quantized:
+            quantize_model(model)
+            cast_floats(model, torch_dtype)  # the norms, biases and any untied embedding
         mlp_in_blocks(model)
 
     load_s = time.perf_counter() - start

@@ -154,6 +154,18 @@ class Int8Embedding(nn.Module):
         return (qweight[input_ids].to(PRODUCT_DTYPE) * scale[input_ids][..., None]).to(self.dtype)
 
 
+def _replace_linears(model: nn.Module, make) -> int:
+    """Replace every plain `nn.Linear` of `model` by `make(linear)`, one at a time; returns how many.
+    A subclass (a quantized or custom layer) computes something else: left alone."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, make(child))
+                replaced += 1
+    return replaced
+
+
 def quantize_model(model: nn.Module) -> int:
     """Replace every `nn.Linear` of `model` by its `Int8Linear`, one at a time (the float weight
     is freed as its int8 form is made), and a plain `nn.Embedding` by an `Int8Embedding` (tied to
@@ -164,12 +176,7 @@ def quantize_model(model: nn.Module) -> int:
         type(embedding) is nn.Embedding and type(head) is nn.Linear
         and embedding.weight.data_ptr() == head.weight.data_ptr() and head.bias is None
     )
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:  # a subclass (a quantized or custom layer) computes something else: left alone
-                setattr(parent, name, Int8Linear.of(child))
-                replaced += 1
+    replaced = _replace_linears(model, Int8Linear.of)
     if type(embedding) is nn.Embedding:  # a subclass (Gemma's scaled embedding) computes more than a lookup: left as it is
         model.set_input_embeddings(Int8Embedding.of(embedding, model.get_output_embeddings() if tied else None))
     return replaced
@@ -273,10 +280,7 @@ def load_quantized(folder: Path, dtype: torch.dtype) -> nn.Module:
     config = AutoConfig.from_pretrained(folder)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, Int8Linear(child.in_features, child.out_features, child.bias is not None, dtype, device="meta"))
+    _replace_linears(model, lambda linear: Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, dtype, device="meta"))
     state = _read_tensors(folder / QUANTIZED_FILE)
     embedding = model.get_input_embeddings()
     prefix = next(name for name, module in model.named_modules() if module is embedding)
