@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import attention
+from . import attention, heap
 from .attention import ModelAttention, UnsupportedAttention, accumulated_attention
 from .cache import KVCache
 from .methods import Compression, Compressor, LayerObservation
@@ -223,6 +223,7 @@ def prefill(
                 logits = forward(model, cache, step_ids, position, compressor, probe_len, on_layer, original_start=start)
                 position = reindex.pack(cache)
             chunks.append((start, stop))
+    heap.release()  # the prompt's activations are freed: what stays resident is the cache
     return Prefill(
         cache=cache, logits=logits, prompt_len=prompt_len, seconds=time.perf_counter() - started,
         compression=compression, compressor=compressor, chunks=chunks,

@@ -35,6 +35,7 @@ LAYERS = {
     "plot": "reports",
     "store": "store",
     "atomic": "base",
+    "heap": "base",
     "speed": "store",
     "errors": "base",
     "defaults": "base",

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from .. import __version__
+from .. import __version__, heap
 from .ask import ask, summarize
 from .batch import batch
 from .chat import chat
@@ -75,24 +75,6 @@ def readable_arguments() -> None:
     TyperArgument._kvcli_readable = True
 
 
-def _return_freed_memory() -> None:
-    """Ask glibc to give large freed buffers back to the system at once.
-
-    Compression frees each layer's full KV right after its attention; with glibc's default
-    thresholds those buffers stay resident, so the process's memory would not show the saving.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_mmap_threshold = -3
-        libc.mallopt(m_mmap_threshold, 128 * 1024)
-    except (OSError, AttributeError):
-        pass
-
-
 def main() -> None:
-    _return_freed_memory()
+    heap.tune()  # freed activation buffers reused while reading (kvcli/heap.py)
     app()
