@@ -24,6 +24,7 @@ against float32 and the embedded model's answers against its float32 answers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -85,6 +86,7 @@ class Int8Linear(nn.Module):
         self.qweight = nn.Parameter(torch.empty((out_features, in_features), dtype=torch.int8, device=device), requires_grad=False)
         self.scale = nn.Parameter(torch.empty((out_features,), dtype=PRODUCT_DTYPE, device=device), requires_grad=False)
         self.bias = nn.Parameter(torch.empty((out_features,), dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.widened: torch.Tensor | None = None  # `dequantized()`, held while an MLP reads a prefill in blocks (`widened_once`)
 
     @classmethod
     def of(cls, linear: nn.Linear) -> Int8Linear:
@@ -106,7 +108,7 @@ class Int8Linear(nn.Module):
         if rows.shape[0] <= INT8_ROWS and self.in_features % KERNEL_IN_FEATURES == 0:
             out = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scale)
         else:
-            out = F.linear(rows, self.dequantized())
+            out = F.linear(rows, self.widened if self.widened is not None else self.dequantized())
         out = out.to(hidden_states.dtype).reshape(*hidden_states.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 
@@ -195,25 +197,40 @@ def mlp_in_blocks(model: nn.Module, rows: int = MLP_ROWS) -> int:
     changed = 0
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] == "mlp" and type(module).__name__.endswith("MLP"):
-            module.forward = _blocked(module.forward, rows)  # an instance attribute: the state dict keeps its names
+            module.forward = _blocked(module, module.forward, rows)  # an instance attribute: the state dict keeps its names
             changed += 1
     return changed
 
 
-def _blocked(forward, rows: int):
+def _blocked(module: nn.Module, forward, rows: int):
     whole = []  # set once the module turns out to return more than a tensor (gpt-oss's MLP is a mixture of experts)
 
     def blocked(hidden_states: torch.Tensor, *args, **kwargs):
         if hidden_states.shape[-2] <= rows or args or kwargs or whole:
             return forward(hidden_states, *args, **kwargs)
         parts = hidden_states.split(rows, dim=-2)
-        first = forward(parts[0])
-        if not isinstance(first, torch.Tensor):
-            whole.append(True)
-            return forward(hidden_states)
-        return torch.cat([first, *(forward(part) for part in parts[1:])], dim=-2)
+        with widened_once(module):
+            first = forward(parts[0])
+            if not isinstance(first, torch.Tensor):
+                whole.append(True)
+                return forward(hidden_states)
+            return torch.cat([first, *(forward(part) for part in parts[1:])], dim=-2)
 
     return blocked
+
+
+@contextlib.contextmanager
+def widened_once(module: nn.Module):
+    """Within the block, `module`'s int8 layers multiply by their weight widened once, not once
+    per block of rows (the widened weights, ~26 MB for a Qwen2.5-0.5B MLP, are freed after)."""
+    layers = [layer for layer in module.modules() if isinstance(layer, Int8Linear) and layer.widened is None]
+    try:
+        for layer in layers:
+            layer.widened = layer.dequantized()
+        yield
+    finally:
+        for layer in layers:
+            layer.widened = None
 
 
 def cast_floats(model: nn.Module, dtype: torch.dtype) -> None:
