@@ -1,6 +1,10 @@
 """How fast this CPU multiplies a model's weights in each form kvcli could keep them: float32,
-bfloat16, int8 per output channel (torch's `_weight_int8pack_mm`) and int4 in groups of 32
-(`_weight_int4pack_mm_for_cpu`), for a decode step (1 row) and a prefill (4,096 rows).
+bfloat16, int8 per output channel (torch's `_weight_int8pack_mm`), int4 in groups of 32
+(`_weight_int4pack_mm_for_cpu`), and int8 weights times int8 inputs (`int8xint8`: fbgemm's
+`quantized::linear_dynamic`, each input quantized per call with one scale for all its rows,
+the weight prepacked in fbgemm's layout), for a decode step (1 row) and a prefill (4,096 rows).
+It also times what the fbgemm form costs around its products: packing a weight (once per load)
+and unpacking it back to int8 (to widen it for a bfloat16 product).
 
     python benchmarks/cpu_products.py --threads 1 2
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +40,7 @@ def timed(calls, repeats: int) -> float:
 
 def forms(weights: list[torch.Tensor]) -> dict[str, list]:
     """Each weight in each form, as (kernel, arguments) pairs ready to call with an input."""
-    made: dict[str, list] = {"float32": [], "bfloat16": [], "int8": [], "int4": []}
+    made: dict[str, list] = {"float32": [], "bfloat16": [], "int8": [], "int4": [], "int8xint8": []}
     for weight in weights:
         made["float32"].append(lambda x, w=weight: F.linear(x.float(), w))
         made["bfloat16"].append(lambda x, w=weight.bfloat16(): F.linear(x, w))
@@ -49,7 +54,27 @@ def forms(weights: list[torch.Tensor]) -> dict[str, list]:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         scales_zeros = torch.stack([step, low + 8 * step], dim=-1).transpose(0, 1).contiguous().bfloat16()  # (groups, out, 2)
         made["int4"].append(lambda x, p=packed, sz=scales_zeros: torch.ops.aten._weight_int4pack_mm_for_cpu(x, p, GROUP, sz))
+        fbgemm = fbgemm_pack(qweight, scale)
+        made["int8xint8"].append(lambda x, p=fbgemm: torch.ops.quantized.linear_dynamic(x.float(), p, False))
     return made
+
+
+def fbgemm_pack(qweight: torch.Tensor, scale: torch.Tensor):
+    """The weight in fbgemm's prepacked layout (per-channel int8, zero points 0)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch 2.13 calls its quantized tensors deprecated
+        quantized = torch._make_per_channel_quantized_tensor(qweight, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(quantized, None)
+
+
+def fbgemm_costs(weights: list[torch.Tensor], repeats: int) -> str:
+    """ms to pack one weight into fbgemm's layout and to unpack it back to an int8 tensor."""
+    scale = weights[0].abs().amax(dim=1) / 127
+    qweight = (weights[0] / scale[:, None]).round().to(torch.int8)
+    pack = timed([lambda: fbgemm_pack(qweight, scale)], repeats)
+    packed = fbgemm_pack(qweight, scale)
+    unpack = timed([lambda: torch.ops.quantized.linear_unpack(packed)[0].int_repr()], repeats)
+    return f"fbgemm form of one {OUT_FEATURES}x{IN_FEATURES} weight: pack {pack * 1e3:.1f} ms, unpack to int8 {unpack * 1e3:.1f} ms"
 
 
 def main() -> None:
@@ -59,7 +84,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.manual_seed(0)
-    made = forms([torch.randn(OUT_FEATURES, IN_FEATURES) for _ in range(args.matrices)])
+    weights = [torch.randn(OUT_FEATURES, IN_FEATURES) for _ in range(args.matrices)]
+    made = forms(weights)
     print(f"torch {torch.__version__}; weights {OUT_FEATURES}x{IN_FEATURES}; GFLOP/s (ms per product)")
     print("| product | threads | " + " | ".join(made) + " |")
     print("| --- | --- |" + " --- |" * len(made))
@@ -72,6 +98,7 @@ def main() -> None:
                 seconds = timed([lambda c=c: c(inputs) for c in calls[:count]], args.repeats if rows == 1 else 2)
                 cells.append(f"{2 * rows * IN_FEATURES * OUT_FEATURES / seconds / 1e9:.1f} ({seconds * 1e3:.2f})")
             print(f"| {label} | {threads} | " + " | ".join(cells) + " |")
+    print(fbgemm_costs(weights, args.repeats))
 
 
 if __name__ == "__main__":

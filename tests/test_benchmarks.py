@@ -232,3 +232,28 @@ def test_head_split_asks_every_setting_from_one_repeat(tiny_model, home, one_thr
     assert equal["packed_layers"] == 0 and len(equal["answers"]) == 2
     assert split["kv_bytes_kept"] == equal["kv_bytes_kept"]  # the same budget's bytes, however the heads split it
     assert "| `snapkv:global` |" in head_split.table(result, [0.3])
+
+
+def test_heap_policy_document_is_the_haystacks_start_in_whole_lines(tmp_path):
+    """heap_policy's documents: the haystack's first lines, about the asked tokens' characters."""
+    heap_policy = _script("heap_policy")
+    text = heap_policy.document(500, tmp_path).read_text(encoding="utf-8")
+    haystack = heap_policy.HAYSTACK.read_text(encoding="utf-8")
+    assert haystack.startswith(text) and text.endswith("\n")
+    assert 0.8 * 500 * heap_policy.CHARS_PER_TOKEN < len(text) <= 500 * heap_policy.CHARS_PER_TOKEN
+
+
+def test_cpu_products_fbgemm_form_multiplies_the_int8_weight():
+    """cpu_products' int8xint8 column: fbgemm's packed weight times a row is the int8 weight's
+    product within its input's 8-bit rounding, and unpacks to the same int8 values."""
+    cpu_products = _script("cpu_products")
+    torch.manual_seed(0)
+    weight = torch.randn(64, 32)
+    scale = weight.abs().amax(dim=1) / 127
+    qweight = (weight / scale[:, None]).round().to(torch.int8)
+    packed = cpu_products.fbgemm_pack(qweight, scale)
+    row = torch.randn(1, 32)
+    exact = row @ (qweight.float() * scale[:, None]).T
+    out = torch.ops.quantized.linear_dynamic(row, packed, False)
+    assert ((out - exact).norm() / exact.norm()).item() < 0.03
+    assert torch.equal(torch.ops.quantized.linear_unpack(packed)[0].int_repr(), qweight)
