@@ -1,6 +1,7 @@
 """Per-head budgets on the question-agnostic ten-fact document: equal vs adaptive vs global split.
 
     python benchmarks/head_split.py -m qwen2.5-coder-0.5b --length 3000 --ratios 0.1,0.2,0.3 --json head_split.json
+    python benchmarks/head_split.py --settings snapkv:global,snapkv:global:0.2,dynamickv:adaptive:0.2
 
 One document of real prose with the ten facts of benchmarks/reuse_check.py hidden at evenly
 spread depths (the rows of docs/results.md's repeat-scorer section) is read once with the full
@@ -27,13 +28,19 @@ from reuse_check import FACTS, build_document  # benchmarks/ is on sys.path when
 DEFAULT_SETTINGS = "snapkv:equal,snapkv:adaptive,snapkv:global,dynamickv:equal,dynamickv:adaptive,evidencekv:equal"
 
 
-def parse_settings(text: str) -> list[tuple[str, str]]:
-    """`"snapkv:adaptive,evidencekv:equal"` -> [("snapkv", "adaptive"), ("evidencekv", "equal")]."""
+def parse_settings(text: str) -> list[tuple[str, str, float]]:
+    """`"snapkv:global:0.2,evidencekv:equal"` -> [("snapkv", "global", 0.2), ("evidencekv", "equal", 0.0)]:
+    method, `head_split` and `head_floor` (default 0)."""
     settings = []
     for item in text.split(","):
-        name, _, split = item.strip().partition(":")
-        settings.append((name, split or "equal"))
+        name, _, rest = item.strip().partition(":")
+        split, _, floor = rest.partition(":")
+        settings.append((name, split or "equal", float(floor or 0.0)))
     return settings
+
+
+def label_of(name: str, split: str, floor: float) -> str:
+    return f"{name}:{split}" + (f", floor {floor:g}" if floor else "")
 
 
 def run(reader, document: str, facts, settings: list[tuple[str, str]], ratios: list[float], max_new_tokens: int,
@@ -72,7 +79,7 @@ def run(reader, document: str, facts, settings: list[tuple[str, str]], ratios: l
             tokens += max(0, len(out) - 1)
             answers.append(text.strip())
         row = {
-            "setting": label, "method": method.name, "head_split": split, "ratio": ratio,
+            "setting": label, "method": method.name, "head_split": split, "head_floor": method.head_floor, "ratio": ratio,
             "found": sum(expected in text.lower() for text, (_, _, expected) in zip(answers, facts)),
             "kv_bytes_kept": cache.nbytes(), "head_min": min(lengths), "head_max": max(lengths),
             "packed_layers": sum(layer.packed for layer in cache.layers),
@@ -84,8 +91,8 @@ def run(reader, document: str, facts, settings: list[tuple[str, str]], ratios: l
 
     ask_all("full (reused prefix)", make_method("full"), "equal", None)
     for ratio in ratios:
-        for name, split in settings:
-            ask_all(f"{name}:{split}", make_method(name, head_split=split), split, ratio)
+        for name, split, floor in settings:
+            ask_all(label_of(name, split, floor), make_method(name, head_split=split, head_floor=floor), split, ratio)
     return {
         "prompt_tokens": mode.prompt.prefix_len, "repeat_prefill_s": round(repeated.state.seconds, 1),
         "repeat_s": round(repeated.repeat_s, 1), "total_s": round(time.perf_counter() - started, 1),
@@ -115,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-m", "--model", default=None, help="model (default: kvcli's embedded default)")
     parser.add_argument("--length", type=int, default=3000, help="document tokens before the facts (reuse_check's)")
     parser.add_argument("--ratios", default="0.1,0.2,0.3")
-    parser.add_argument("--settings", default=DEFAULT_SETTINGS, help="METHOD:SPLIT,... (split: equal, adaptive, global)")
+    parser.add_argument("--settings", default=DEFAULT_SETTINGS, help="METHOD:SPLIT[:FLOOR],... (split: equal, adaptive, global; FLOOR: --param head_floor)")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--json", default=None, help="write the result here too")
     args = parser.parse_args(argv)

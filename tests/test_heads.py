@@ -231,6 +231,34 @@ def test_global_split_keeps_the_total_over_layers_and_heads():
     assert min(map(min, lengths)) >= 2  # every head keeps its window
 
 
+def test_a_head_floor_keeps_every_head_a_share_of_an_equal_split():
+    """With head_floor, a head whose scores are all low still keeps that share of an equal split's
+    entries (its own best), the others take the rest, and the layer keeps the same total."""
+    positions = torch.arange(22).expand(2, -1)
+    scores = torch.zeros(2, 20)
+    scores[0] = torch.arange(100, 120).float()  # head 0 outscores head 1 everywhere
+    scores[1, [4, 9]] = torch.tensor([2.0, 1.0])
+    bare = keep_split(scores, 12, positions, window_size=2)  # 10 per head outside the window on average
+    assert [len(k) for k in bare] == [22, 2]  # head 1: its window alone
+    floored = keep_split(scores, 12, positions, window_size=2, head_floor=0.2)
+    assert [len(k) for k in floored] == [20, 4]
+    assert floored[1].tolist() == [4, 9, 20, 21]  # its own two best, then its window
+    low = torch.zeros(2, 8)
+    low[1, 3] = 1.0
+    high = torch.arange(1, 17).float().reshape(2, 8)
+    kept = keep_global([(low, positions[:, :10]), (high, positions[:, :10])], total=2 * 5, window_size=2, floors=[1, 1])
+    lengths = [[len(k) for k in layer] for layer in kept]
+    assert sum(map(sum, lengths)) == 2 * 5 * 2 and min(map(min, lengths)) >= 3  # window plus one, every head of every layer
+    assert 3 in kept[0][1].tolist()  # layer 0 head 1's best
+
+
+def test_a_head_floor_never_raises_an_entry_ruled_out():
+    """An entry scored -inf (dynamickv: not held; evidencekv: kept already as shared) stays out under a floor."""
+    from kvcli.methods.base import floored
+    scores = torch.tensor([[3.0, float("-inf"), float("-inf"), 1.0]])
+    assert floored(scores, 3).tolist() == [[float("inf"), float("-inf"), float("-inf"), float("inf")]]
+
+
 def test_head_split_is_a_knob_with_its_choices():
     """head_split is a --param of the scoring methods; an unknown split or one a method cannot use is refused in one line."""
     assert configure(["snapkv"], ["head_split=adaptive"])[0].head_split == "adaptive"
@@ -239,6 +267,10 @@ def test_head_split_is_a_knob_with_its_choices():
         configure(["snapkv"], ["head_split=sideways"])
     with pytest.raises(BudgetError, match="evidencekv splits heads equal or adaptive"):
         make_method("evidencekv", head_split="global")
+    assert configure(["snapkv"], ["head_split=global", "head_floor=0.2"])[0].head_floor == 0.2
+    assert "head_floor" in make_method("snapkv").params() and "head_floor" not in make_method("h2o").params()
+    with pytest.raises(BudgetError, match="head_floor must be between 0 and 1"):
+        make_method("snapkv", head_floor=1.5)
 
 
 def test_heads_summary_says_how_uneven_the_split_was():
@@ -270,6 +302,8 @@ def compression(name: str, split: str, ratio: float = 0.25, **params):
 @pytest.mark.parametrize("name,split,params", [
     ("snapkv", "adaptive", {}), ("snapkv", "global", {}), ("pyramidkv", "adaptive", {}), ("dynamickv", "adaptive", {"period": 2}),
     ("evidencekv", "adaptive", {"shared_fraction": 0.5}),  # all shared (the default): every head keeps the same evidence
+    ("snapkv", "global", {"head_floor": 0.5}), ("dynamickv", "adaptive", {"period": 2, "head_floor": 0.5}),
+    ("evidencekv", "adaptive", {"shared_fraction": 0.5, "head_floor": 0.5}),
 ])
 def test_live_split_equals_replayed_and_keeps_the_budget(tiny, ids, name, split, params):
     """A per-head split live keeps, per head, what Capture.derive keeps, decodes the same tokens, and holds the budget's entries exactly."""

@@ -221,16 +221,36 @@ def keep_window_and_top(scores: torch.Tensor, n_kept: int, positions: torch.Tens
 HEAD_SPLITS = ("equal", "adaptive", "global")
 
 
-def keep_split(scores: torch.Tensor, n_kept: int, positions: torch.Tensor, window_size: int) -> list[torch.Tensor]:
+def floored(scores: torch.Tensor, floor: int) -> torch.Tensor:
+    """`scores` `(num_kv_heads, n)` with each head's `floor` best raised to +inf, so that a top-k
+    over several heads at once (the adaptive and global splits) gives every head at least those
+    (Ada-KV's safeguard): without it a few heads can take a layer's whole budget and the others
+    keep their window alone."""
+    floor = min(floor, scores.shape[-1])
+    if floor <= 0:
+        return scores
+    top = scores.topk(floor, dim=-1)
+    # an entry scored -inf is one the caller ruled out (not held, or kept already): never raised
+    return scores.scatter(-1, top.indices, torch.where(top.values > float("-inf"), float("inf"), top.values))
+
+
+def head_floor_entries(head_floor: float, n_kept: int, k_len: int, window: int) -> int:
+    """Entries outside its window each head is sure to keep: `head_floor` of an equal split's."""
+    return round(head_floor * max(0, min(n_kept, k_len) - window))
+
+
+def keep_split(scores: torch.Tensor, n_kept: int, positions: torch.Tensor, window_size: int, head_floor: float = 0.0) -> list[torch.Tensor]:
     """Per KV head, the positions `(n_h,)` kept when a layer's `n_kept` x num_kv_heads entries
     (windows included) go to the top scores of all its heads together (Ada-KV's adaptive split):
-    every head keeps its last `window_size` entries, and a head whose scores stand out keeps more.
+    every head keeps its last `window_size` entries and `head_floor` of an equal split's other
+    entries, and a head whose scores stand out keeps more.
 
     `scores` `(num_kv_heads, k_len - window_size)` rate the entries outside the window.
     """
     num_kv_heads, k_len = positions.shape
     window = min(window_size, k_len)
     n_top = max(0, min(n_kept, k_len) - window) * num_kv_heads
+    scores = floored(scores, head_floor_entries(head_floor, n_kept, k_len, window))
     winners = scores.flatten().topk(n_top).indices  # over every head's entries at once
     return split_winners(winners, scores.shape[1], positions, window)
 
@@ -248,16 +268,19 @@ def split_winners(winners: torch.Tensor, width: int, positions: torch.Tensor, wi
     return kept
 
 
-def keep_global(layers: list[tuple[torch.Tensor, torch.Tensor]], total: int, window_size: int) -> list[list[torch.Tensor]]:
+def keep_global(layers: list[tuple[torch.Tensor, torch.Tensor]], total: int, window_size: int,
+                floors: list[int] | None = None) -> list[list[torch.Tensor]]:
     """Per layer and KV head, the positions kept by one top-k over every layer and head (KVzip's
     split): `layers` holds each layer's (scores `(num_kv_heads, k_len - window)`, positions
     `(num_kv_heads, k_len)`); `total` entries per head are kept in all, summed over layers (windows
-    included), so the mean over heads and layers is the budget's. Every head keeps its window."""
+    included), so the mean over heads and layers is the budget's. Every head keeps its window and,
+    with `floors` (one per layer), that many of its best other entries."""
     windows = [min(window_size, positions.shape[1]) for _, positions in layers]
     num_kv_heads = layers[0][1].shape[0]
     # Layers may sit on different devices (a model split by a device_map): rank on the last one's.
     device = layers[-1][0].device
-    flat = torch.cat([scores.flatten().to(device) for scores, _ in layers])
+    floors = floors or [0] * len(layers)
+    flat = torch.cat([floored(scores, floor).flatten().to(device) for (scores, _), floor in zip(layers, floors)])
     n_top = min(max(0, total - sum(windows)) * num_kv_heads, flat.numel())
     winners = flat.topk(n_top).indices
     kept = []
@@ -310,13 +333,16 @@ class Compressor:
         split = self.head_split
         if split == "equal":
             return {layer: keep_window_and_top(scores, n_kept, positions, window_size)}
+        head_floor = self.method.head_floor
         if split == "adaptive":
-            return {layer: keep_split(scores, n_kept, positions, window_size)}
+            return {layer: keep_split(scores, n_kept, positions, window_size, head_floor)}
         self.pending[layer] = (scores, positions)
         if layer < self.plan.num_layers - 1:
             return {}
         layers = sorted(self.pending)
-        kept = keep_global([self.pending[j] for j in layers], sum(self.layer_budgets[j] for j in layers), window_size)
+        floors = [head_floor_entries(head_floor, self.layer_budgets[j], self.pending[j][1].shape[1], min(window_size, self.pending[j][1].shape[1]))
+                  for j in layers]
+        kept = keep_global([self.pending[j] for j in layers], sum(self.layer_budgets[j] for j in layers), window_size, floors)
         self.pending.clear()
         return dict(zip(layers, kept))
 
@@ -398,10 +424,15 @@ class Method:
     # layer and head, KVzip; the layers are held in full until the last is scored). The budget is
     # the mean over layers and heads either way; uneven heads are stored without padding.
     head_split: str = "equal"
+    # Under the adaptive and global splits, the share of an equal split's entries (outside the
+    # window) every head keeps whatever the others score (Ada-KV's safeguard); 0: none.
+    head_floor: float = 0.0
 
     def __post_init__(self) -> None:
         if self.head_split not in self.head_splits:
             raise BudgetError(f"--param head_split={self.head_split}: {self.name} splits heads {' or '.join(self.head_splits)}")
+        if not 0.0 <= self.head_floor <= 1.0:
+            raise BudgetError(f"--param head_floor must be between 0 and 1, got {self.head_floor}")
         if self.window_size < 1:
             raise BudgetError(f"--window must be at least 1, got {self.window_size}")
         if self.kernel_size < 1:
@@ -457,7 +488,7 @@ class Method:
 
     def params(self) -> dict:
         """The method's knobs and their values, for reports (`head_split` where it has a choice)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "head_split" or len(self.head_splits) > 1}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("head_split", "head_floor") or len(self.head_splits) > 1}
 
 
 __all__ = [
@@ -472,6 +503,8 @@ __all__ = [
     "Method",
     "field",
     "keep_global",
+    "floored",
+    "head_floor_entries",
     "keep_split",
     "split_winners",
     "keep_window_and_top",
