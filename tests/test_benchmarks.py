@@ -116,6 +116,7 @@ def test_profile_decode_profiles_a_compressed_cache(tiny_model, home, one_thread
 def test_needle_sweep_scores_every_variant_from_one_capture(tiny_model, home, one_thread, monkeypatch, capsys):
     """needle_sweep answers each fact x depth with every variant (knobs and a wider window included) and counts them."""
     _script("reuse_check")  # needle_sweep takes its facts from reuse_check, beside it
+    _script("skim_filter")  # and the pydoc haystack from skim_filter
     needle_sweep = _script("needle_sweep")
     variants = "snapkv;h2o;full;dynamickv:max_multiple=5;snapkv:window_size=12"
     monkeypatch.setattr(sys, "argv", ["needle_sweep.py", "-m", tiny_model, "--length", "80", "--depths", "0.5",
@@ -126,6 +127,11 @@ def test_needle_sweep_scores_every_variant_from_one_capture(tiny_model, home, on
     assert all(len(line.split()[2]) == 5 for line in lines[:3])  # one mark per variant
     counted = [line.split()[0] for line in lines if line.endswith("/3")]
     assert counted == variants.split(";")
+    monkeypatch.setattr(sys, "argv", ["needle_sweep.py", "-m", tiny_model, "--length", "80", "--depths", "0.5", "--facts", "1",
+                                      "--budgets", "16", "--max-new-tokens", "2", "--variants", "snapkv:head_split=global", "--distractor"])
+    needle_sweep.main()
+    summary = capsys.readouterr().out.splitlines()[-1].split()
+    assert summary[0] == "snapkv:head_split=global" and summary[-3:-1] == ["the", "distractor"]
 
 
 def test_kvpress_crosscheck_kvcli_side_keeps_kvpress_counts(tiny_model, home, one_thread):
@@ -257,3 +263,14 @@ def test_cpu_products_fbgemm_form_multiplies_the_int8_weight():
     out = torch.ops.quantized.linear_dynamic(row, packed, False)
     assert ((out - exact).norm() / exact.norm()).item() < 0.03
     assert torch.equal(torch.ops.quantized.linear_unpack(packed)[0].int_repr(), qweight)
+
+
+def test_needle_sweep_puts_the_distractor_after_a_sentence_end():
+    """needle_sweep's distractor goes in whole, right after the first sentence end past the asked place; at the end when none follows."""
+    _script("reuse_check")
+    _script("skim_filter")
+    needle_sweep = _script("needle_sweep")
+    text = needle_sweep.with_distractor("One. Two three. Four.", "Decoy here.", 5)
+    assert text == "One. Two three. Decoy here. Four."
+    assert needle_sweep.with_distractor("No end", "Decoy.", 0) == "No end Decoy.\n"
+    assert set(needle_sweep.DISTRACTORS) == {expected for _, _, expected in needle_sweep.FACTS}
