@@ -5,16 +5,16 @@ of the default model: ~650 MB per layer, in buffers of 1-30 MB). Below glibc's m
 freed buffer goes back to the heap and the next one reuses it; above it, every buffer is a fresh
 mapping whose pages fault in one by one and are returned on free. kvcli used to pin the
 threshold at 128 KiB so that the process's resident memory followed its live tensors exactly;
-on this project's 2-core virtual machine that cost 4.4 million page faults and a quarter of the
-prefill (`python benchmarks/heap_policy.py`, docs/results.md "The allocator and the prefill"):
-19.2 s against 13.8 s for the same 4,243 tokens.
+on this project's 2-core virtual machine that cost ~3.9 million page faults and a fifth to a
+quarter of the prefill (`python benchmarks/heap_policy.py`, docs/results.md "Session 10: the
+allocator, and the same comparison again"): 17.5 s against 13.8 s for the same 3,977 tokens.
 
 `tune()` sets the threshold to 32 MiB (glibc's own ceiling for its dynamic threshold: every
 activation buffer of a prompt up to ~8K tokens is reused) and the trim threshold to 64 MiB (the
 heap's free top is given back past that); `release()` gives back the heap's free pages after a
 prefill (`malloc_trim`), so memory held between reads (a chat, a batch) is what is live. The
-price is fragmentation while reading: the peak resident memory was 73-190 MiB higher in the
-measurements above. Elsewhere (not glibc, not Linux) both are no-ops, and so is `tune()` where
+price is fragmentation while reading: the peak resident memory was 78-164 MiB higher in the
+same measurements (4K and 8K tokens). Elsewhere (not glibc, not Linux) both are no-ops, and so is `tune()` where
 the environment sets glibc's own `MALLOC_MMAP_THRESHOLD_` or `MALLOC_TRIM_THRESHOLD_` (the
 person's choice: `MALLOC_MMAP_THRESHOLD_=131072` is the old behaviour).
 """

@@ -17,6 +17,7 @@ from kvcli.models import load_model
 from kvcli.models.identity import weights_fingerprint
 from kvcli.models.weights import (
     INT8_ROWS,
+    cast_floats,
     Int8Embedding,
     Int8Linear,
     load_quantized,
@@ -103,6 +104,29 @@ def test_mlps_fed_in_blocks_compute_the_same_numbers():
         assert mlp_in_blocks(model, rows=4) == 2
         blocked = model(ids).logits
     assert torch.allclose(whole, blocked, rtol=1e-5, atol=1e-6)
+
+
+def test_int8_mlps_fed_in_blocks_widen_each_weight_once_and_free_it():
+    """An int8 MLP read in blocks widens each weight once for all its blocks, not once per block,
+    and holds no widened weight afterwards (the numbers: the test above)."""
+    model = tiny(False)
+    quantize_model(model)
+    cast_floats(model, torch.bfloat16)
+    ids = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(4))
+    widened = []
+    original = Int8Linear.dequantized
+    with torch.inference_mode():
+        whole = model(ids).logits
+        mlp_in_blocks(model, rows=17)  # blocks above INT8_ROWS: every block widens
+        try:
+            Int8Linear.dequantized = lambda self: widened.append(self) or original(self)
+            blocked = model(ids).logits
+        finally:
+            Int8Linear.dequantized = original
+    mlp_layers = [layer for name, layer in model.named_modules() if ".mlp." in name and isinstance(layer, Int8Linear)]
+    assert sorted(map(id, (w for w in widened if w in mlp_layers))) == sorted(map(id, mlp_layers))  # once each, not per block
+    assert all(layer.widened is None for layer in model.modules() if isinstance(layer, Int8Linear))
+    assert torch.isfinite(blocked).all() and blocked.shape == whole.shape
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -194,7 +218,6 @@ def test_every_architecture_runs_with_int8_weights(name):
     from test_architectures import models, prompt
 
     from kvcli.generate import decode, prefill
-    from kvcli.models.weights import cast_floats
 
     reference, _ = models(name)
     model = copy.deepcopy(reference)

@@ -8,7 +8,6 @@ once, `output.py` owns the terminal (messages, progress, reports, exit codes), a
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Annotated
 
 import typer
