@@ -331,19 +331,10 @@ class KVLayer(CacheLayerMixin):
             head.load(keys, values, stored[None], rope[None] if reindexed else None)
             head.keep_positions(wanted.reshape(1, -1))
             heads.append(head)
-        lengths = {head.length for head in heads}
         self.base = None
-        if len(lengths) == 1:  # equal after all: the dense layout
-            self.heads = None
-            rope = None if all(head.rope is None for head in heads) else torch.cat([head.rope_positions() for head in heads])
-            self.load(torch.cat([head.keys for head in heads], dim=1), torch.cat([head.values for head in heads], dim=1),
-                      torch.cat([head.positions for head in heads]), rope)
-            return
-        self.heads = heads
-        self.device, self.dtype = heads[0].device, heads[0].dtype
-        self.keys = self.values = self.positions = self.rope = None
-        self.length = max(lengths)
-        self.is_initialized = True
+        # packed, or the dense layout again where the heads came out equal after all
+        self.load_heads([head.keys for head in heads], [head.values for head in heads], [head.positions[0] for head in heads],
+                        [head.rope_positions()[0] for head in heads] if reindexed else None)
 
     def get_seq_length(self) -> int:
         if self.heads is not None:
