@@ -239,6 +239,13 @@ def head_floor_entries(head_floor: float, n_kept: int, k_len: int, window: int) 
     return round(head_floor * max(0, min(n_kept, k_len) - window))
 
 
+def joint_top(scores: torch.Tensor, per_head: int, head_floor: float = 0.0) -> torch.Tensor:
+    """Flat indices (heads one after another) of the `per_head` x num_kv_heads best of `scores`
+    `(num_kv_heads, n)` taken over every head at once (Ada-KV's adaptive split), each head first
+    sure of `head_floor` x `per_head` of its own best."""
+    return floored(scores, round(head_floor * per_head)).flatten().topk(per_head * scores.shape[0]).indices
+
+
 def keep_split(scores: torch.Tensor, n_kept: int, positions: torch.Tensor, window_size: int, head_floor: float = 0.0) -> list[torch.Tensor]:
     """Per KV head, the positions `(n_h,)` kept when a layer's `n_kept` x num_kv_heads entries
     (windows included) go to the top scores of all its heads together (Ada-KV's adaptive split):
@@ -247,11 +254,9 @@ def keep_split(scores: torch.Tensor, n_kept: int, positions: torch.Tensor, windo
 
     `scores` `(num_kv_heads, k_len - window_size)` rate the entries outside the window.
     """
-    num_kv_heads, k_len = positions.shape
+    k_len = positions.shape[1]
     window = min(window_size, k_len)
-    n_top = max(0, min(n_kept, k_len) - window) * num_kv_heads
-    scores = floored(scores, head_floor_entries(head_floor, n_kept, k_len, window))
-    winners = scores.flatten().topk(n_top).indices  # over every head's entries at once
+    winners = joint_top(scores, max(0, min(n_kept, k_len) - window), head_floor)
     return split_winners(winners, scores.shape[1], positions, window)
 
 
@@ -505,6 +510,7 @@ __all__ = [
     "keep_global",
     "floored",
     "head_floor_entries",
+    "joint_top",
     "keep_split",
     "split_winners",
     "keep_window_and_top",

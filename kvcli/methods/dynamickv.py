@@ -42,7 +42,7 @@ import torch
 
 from ..errors import BudgetError
 from .allocation import allocate
-from .base import BudgetPlan, Compressor, LayerObservation, Method, floored, split_winners
+from .base import BudgetPlan, Compressor, LayerObservation, Method, joint_top, split_winners
 
 
 @dataclass
@@ -171,8 +171,7 @@ class DynamicKVCompressor(Compressor):
         held = self.held.get(layer)
         if held is None:
             held = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, self.candidates[layer], True)
-        candidates = floored(scores.masked_fill(~held, float("-inf")), round(self.method.head_floor * share))
-        winners = candidates.flatten().topk(share * scores.shape[0]).indices
+        winners = joint_top(scores.masked_fill(~held, float("-inf")), share, self.method.head_floor)
         self.held[layer] = torch.zeros_like(held).flatten().scatter_(0, winners, True).view_as(held)
         positions = self.positions[layer]
         return split_winners(winners, scores.shape[1], positions, min(self.method.window_size, positions.shape[1]))

@@ -39,7 +39,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import BudgetError
-from .base import BudgetPlan, Compressor, LayerObservation, Method, floored, split_winners, pool_scores
+from .base import BudgetPlan, Compressor, LayerObservation, Method, joint_top, split_winners, pool_scores
 
 # Live reads of prompts this long or longer are chunked so that the layers held in full until the
 # last evidence head never hold more than PEAK_LAYERS layers' full KV of the prompt.
@@ -142,7 +142,7 @@ class EvidenceCompressor(Compressor):
             # every head keeps the shared tokens; the rest of the layer's budget goes to the top own
             # scores of all its heads together, so a head whose scores stand out keeps more
             heads = positions.shape[0]
-            rest = floored(own, round(self.method.head_floor * (n_rest - n_shared))).flatten().topk((n_rest - n_shared) * heads).indices
+            rest = joint_top(own, n_rest - n_shared, self.method.head_floor)
             offsets = torch.arange(heads, device=positions.device)[:, None] * k
             return split_winners(torch.cat([(shared + offsets).flatten(), rest]), k, positions, window)
         rest = own.topk(n_rest - n_shared, dim=-1).indices
