@@ -20,7 +20,7 @@ from kvcli.methods import DEFAULT_METHOD, Budget, make_method
 from kvcli.models import load_model
 from kvcli.reading import Options, Reader, answer
 from kvcli.reading.policy import choose
-from skim_filter import haystack_text, needle_documents  # benchmarks/ is on sys.path when a script in it runs
+from skim_filter import AnswerTally, haystack_text, needle_documents  # benchmarks/ is on sys.path when a script in it runs
 
 
 def main() -> None:
@@ -37,30 +37,24 @@ def main() -> None:
     readers = {dtype: Reader(load_model(args.model, dtype=dtype, device="cpu")) for dtype in dtypes}
     first = readers[dtypes[0]]
     text = haystack_text(args.haystack)
-    right = {dtype: 0 for dtype in dtypes}
-    same = {dtype: 0 for dtype in dtypes}
-    seconds: dict[str, list[float]] = {dtype: [] for dtype in dtypes}
-    cases = 0
+    tally = AnswerTally(dtypes)
     options = Options(budget=Budget(), max_new_tokens=args.max_new_tokens)
     lengths, depths = [int(x) for x in args.lengths.split(",")], [float(x) for x in args.depths.split(",")]
     for length, depth, row, _, question, expected in needle_documents(text, lengths, depths, first.tokenizer, seed=1):
-        cases += 1
-        reference = None
+        tally.case()
         for dtype, reader in readers.items():
             method = make_method(args.method)
             reading = choose(reader, row.context, options, method, [question]).read(question, method)
             said = answer(reader, reading, options).text
-            reference = said if reference is None else reference
-            right[dtype] += expected.lower() in said.lower()
-            same[dtype] += said == reference
-            seconds[dtype].append(reading.state.seconds)
+            tally.add(dtype, said, expected, reading.state.seconds)
             print(f"{length} {depth} {dtype}: {reading.state.seconds:.1f}s {said[:70]!r}", file=sys.stderr, flush=True)
-    print(f"model {first.lm.name}; method {args.method} at the default ratio; {cases} needle documents "
+    print(f"model {first.lm.name}; method {args.method} at the default ratio; {tally.cases} needle documents "
           f"({args.lengths} tokens x depths {args.depths}); haystack {args.haystack or 'pydoc topics'}")
     print(f"| --dtype | loaded as | right | same answer as {dtypes[0]} | median prefill s |")
     print("| --- | --- | --- | --- | --- |")
     for dtype, reader in readers.items():
-        print(f"| {dtype} | {reader.lm.precision} | {right[dtype]}/{cases} | {same[dtype]}/{cases} | {statistics.median(seconds[dtype]):.1f} |")
+        print(f"| {dtype} | {reader.lm.precision} | {tally.right[dtype]}/{tally.cases} | {tally.same[dtype]}/{tally.cases} "
+              f"| {statistics.median(tally.seconds[dtype]):.1f} |")
 
 
 if __name__ == "__main__":

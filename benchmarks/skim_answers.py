@@ -24,7 +24,7 @@ from kvcli.models import load_model
 from kvcli.reading import Options, Reader, answer
 from kvcli.reading.policy import choose
 from kvcli.reading.skim import Skimming
-from skim_filter import haystack_text, needle_documents
+from skim_filter import AnswerTally, haystack_text, needle_documents
 
 
 def variant(spec: str) -> Skimming:
@@ -55,31 +55,24 @@ def main() -> None:
     text = haystack_text(args.haystack)
     names = ["one pass"] + args.variants.split(";")
     budget = Budget(tokens=args.budget) if args.budget else Budget()
-    right = {name: 0 for name in names}
-    same = {name: 0 for name in names}
-    seconds: dict[str, list[float]] = {name: [] for name in names}
-    cases = 0
+    tally = AnswerTally(names)
     lengths, depths = [int(x) for x in args.lengths.split(",")], [float(x) for x in args.depths.split(",")]
     for length, depth, row, _, question, expected in needle_documents(text, lengths, depths, lm.tokenizer, seed=1):
-        cases += 1
-        first = None
+        tally.case()
         for name in names:
             skim = None if name == "one pass" else variant(name)
             options = Options(budget=budget, max_new_tokens=24, skim=skim)
             mode = choose(reader, row.context, options, method, [question])
             reading = mode.read(question, method)
             said = answer(reader, reading, options).text
-            first = said if first is None else first
-            right[name] += expected.lower() in said.lower()
-            same[name] += said == first
-            seconds[name].append(reading.state.seconds)
+            tally.add(name, said, expected, reading.state.seconds)
             print(f"{length} {depth} {name}: {reading.mode} {reading.state.seconds:.1f}s {said[:60]!r}", file=sys.stderr, flush=True)
-    print(f"model {lm.name}; method {method.name} at {budget.label}; {cases} needle documents ({args.lengths} tokens x depths {args.depths}); "
+    print(f"model {lm.name}; method {method.name} at {budget.label}; {tally.cases} needle documents ({args.lengths} tokens x depths {args.depths}); "
           f"haystack {args.haystack or 'pydoc topics'}")
     print("| read | right | same answer as one pass | median prefill s |")
     print("| --- | --- | --- | --- |")
     for name in names:
-        print(f"| {name} | {right[name]}/{cases} | {same[name]}/{cases} | {statistics.median(seconds[name]):.1f} |")
+        print(f"| {name} | {tally.right[name]}/{tally.cases} | {tally.same[name]}/{tally.cases} | {statistics.median(tally.seconds[name]):.1f} |")
 
 
 if __name__ == "__main__":

@@ -89,6 +89,29 @@ def needle_documents(text: str, lengths: list[int], depths: list[float], tokeniz
             yield length, depth, row, fact, question, expected
 
 
+class AnswerTally:
+    """Per setting (a dtype, a skim variant), over the needle documents: answers holding the
+    expected word, answers word for word those of the document's first setting (the reference),
+    and the prefills' seconds. `case()` starts a document; `add` counts one setting's answer."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.right = {name: 0 for name in names}
+        self.same = {name: 0 for name in names}
+        self.seconds: dict[str, list[float]] = {name: [] for name in names}
+        self.cases = 0
+        self._reference: str | None = None
+
+    def case(self) -> None:
+        self.cases += 1
+        self._reference = None
+
+    def add(self, name: str, said: str, expected: str, seconds: float) -> None:
+        self._reference = said if self._reference is None else self._reference
+        self.right[name] += expected.lower() in said.lower()
+        self.same[name] += said == self._reference
+        self.seconds[name].append(seconds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-m", "--model", default=None)

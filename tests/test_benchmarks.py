@@ -274,3 +274,18 @@ def test_needle_sweep_puts_the_distractor_after_a_sentence_end():
     assert text == "One. Two three. Decoy here. Four."
     assert needle_sweep.with_distractor("No end", "Decoy.", 0) == "No end Decoy.\n"
     assert set(needle_sweep.DISTRACTORS) == {expected for _, _, expected in needle_sweep.FACTS}
+
+
+def test_answer_tally_counts_right_and_same_as_each_documents_first_setting():
+    """skim_filter.AnswerTally (dtype_answers, skim_answers): right = the expected word in the answer,
+    same = the answer word for word the document's first setting's, per document."""
+    _script("reuse_check")
+    tally = _script("skim_filter").AnswerTally(["a", "b"])
+    tally.case()
+    tally.add("a", "The Owl.", "owl", 1.0)
+    tally.add("b", "a frog", "owl", 2.0)
+    tally.case()
+    tally.add("a", "no idea", "owl", 3.0)
+    tally.add("b", "no idea", "owl", 4.0)
+    assert (tally.cases, tally.right, tally.same) == (2, {"a": 1, "b": 0}, {"a": 2, "b": 1})
+    assert tally.seconds == {"a": [1.0, 3.0], "b": [2.0, 4.0]}

@@ -13,7 +13,8 @@ So each linear layer keeps its weight once, as int8 with one bfloat16 scale per 
 (half of bfloat16's bytes, a quarter of float32's), and picks its product by the rows it is given:
 up to `INT8_ROWS` rows (a decode step, a short question) go through the int8 kernel; more rows (a
 prefill) widen the weight to bfloat16 for that one product (a few milliseconds against the
-product's hundreds) and multiply in bfloat16. A plain embedding table is int8 per row too (tied
+product's hundreds; an MLP reading a prefill in blocks widens its weights once for all of them)
+and multiply in bfloat16. A plain embedding table is int8 per row too (tied
 to the output head, it is the head's table); the other tensors (norms, biases, an embedding
 class that computes more than a lookup) stay in the model's dtype.
 
