@@ -1,10 +1,14 @@
 """How fast this CPU multiplies a model's weights in each form kvcli could keep them: float32,
 bfloat16, int8 per output channel (torch's `_weight_int8pack_mm`), int4 in groups of 32
-(`_weight_int4pack_mm_for_cpu`), and int8 weights times int8 inputs (`int8xint8`: fbgemm's
-`quantized::linear_dynamic`, each input quantized per call with one scale for all its rows,
-the weight prepacked in fbgemm's layout), for a decode step (1 row) and a prefill (4,096 rows).
+(`_weight_int4pack_mm_for_cpu`), and int8 weights times int8 inputs two ways: `int8xint8`,
+fbgemm's `quantized::linear_dynamic` (each input quantized per call with one scale for all its
+rows, the weight prepacked in fbgemm's layout), and `int8xint8 (_int_mm)`, torch's `_int_mm` on
+the int8 weight as kvcli stores it (no prepacking; each input row quantized with its own scale,
+the int32 result scaled back, all timed), for a decode step (1 row) and a prefill (4,096 rows).
 It also times what the fbgemm form costs around its products: packing a weight (once per load)
-and unpacking it back to int8 (to widen it for a bfloat16 product).
+and unpacking it back to int8 (to widen it for a bfloat16 product), and how fast this machine
+reads the decode products' int8 weights without multiplying them (the memory's speed, against
+which a decode product's GB/s of weight is measured).
 
     python benchmarks/cpu_products.py --threads 1 2
 
@@ -40,7 +44,7 @@ def timed(calls, repeats: int) -> float:
 
 def forms(weights: list[torch.Tensor]) -> dict[str, list]:
     """Each weight in each form, as (kernel, arguments) pairs ready to call with an input."""
-    made: dict[str, list] = {"float32": [], "bfloat16": [], "int8": [], "int4": [], "int8xint8": []}
+    made: dict[str, list] = {"float32": [], "bfloat16": [], "int8": [], "int4": [], "int8xint8": [], "int8xint8 (_int_mm)": []}
     for weight in weights:
         made["float32"].append(lambda x, w=weight: F.linear(x.float(), w))
         made["bfloat16"].append(lambda x, w=weight.bfloat16(): F.linear(x, w))
@@ -56,7 +60,25 @@ def forms(weights: list[torch.Tensor]) -> dict[str, list]:
         made["int4"].append(lambda x, p=packed, sz=scales_zeros: torch.ops.aten._weight_int4pack_mm_for_cpu(x, p, GROUP, sz))
         fbgemm = fbgemm_pack(qweight, scale)
         made["int8xint8"].append(lambda x, p=fbgemm: torch.ops.quantized.linear_dynamic(x.float(), p, False))
+        made["int8xint8 (_int_mm)"].append(lambda x, q=qweight, s=scale.bfloat16(): int_mm(x, q, s))
     return made
+
+
+def int_mm(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`rows` `(n, in)` times the int8 weight `(out, in)` on `torch._int_mm`: each row quantized to
+    int8 with its own scale, the int32 products scaled back to bfloat16."""
+    wide = rows.float()
+    row_scale = wide.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127
+    codes = (wide / row_scale).round_().to(torch.int8)
+    return (torch._int_mm(codes, qweight.t()).float() * row_scale * scale).bfloat16()
+
+
+def read_speed(weights: list[torch.Tensor], repeats: int) -> float:
+    """GB/s at which this machine reads the int8 decode weights without multiplying them (a
+    max over each, 8 bytes at a time): the memory's speed, which bounds a decode product."""
+    codes = [(w * 20).round().clamp(-127, 127).to(torch.int8).view(torch.int64) for w in weights]
+    seconds = timed([lambda c=c: c.max() for c in codes], repeats)
+    return codes[0].numel() * 8 / seconds / 1e9
 
 
 def fbgemm_pack(qweight: torch.Tensor, scale: torch.Tensor):
@@ -105,6 +127,10 @@ def main() -> None:
                 seconds = timed([lambda c=c: c(inputs) for c in calls[:count]], args.repeats if rows == 1 else 2)
                 cells.append(f"{2 * rows * IN_FEATURES * OUT_FEATURES / seconds / 1e9:.1f} ({seconds * 1e3:.2f})")
             print(f"| {label} | {threads} | " + " | ".join(cells) + " |")
+        one_row = torch.randn(1, IN_FEATURES).bfloat16()
+        int8_decode = timed([lambda c=c: c(one_row) for c in made["int8"]], args.repeats)
+        print(f"{threads} thread(s): reading the {args.matrices} int8 weights {read_speed(weights, args.repeats):.1f} GB/s; "
+              f"the int8 decode product reads them at {IN_FEATURES * OUT_FEATURES / int8_decode / 1e9:.1f} GB/s")
     print(fbgemm_costs(weights, args.repeats))
 
 

@@ -14,6 +14,10 @@ per call) and multiplies int8 by int8. Three runs of the same prefill and greedy
   projections, the output head);
 - `all`: fbgemm for every int8 layer.
 
+A fourth run, `normed, _int_mm`, multiplies the `normed` layers on `torch._int_mm` instead:
+the int8 weight as kvcli stores it (nothing prepacked), each input row quantized with its own
+scale (benchmarks/cpu_products.py's `int_mm`).
+
 Reported: ms per decode step, whether the greedy tokens equal `int8`'s, and (from a separate
 pass) each layer shape's relative error against the int8-weight product on the same inputs
 (bias excluded). The layers are packed lazily, outside the timed steps. Run alone.
@@ -49,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     reader = Reader(load_model(DEFAULT_MODEL, device="cpu", dtype="int8"))
     hidden = reader.model.config.hidden_size
     original = W.Int8Linear.forward
-    state = {"mode": "int8", "errors": None}
+    from cpu_products import int_mm
+
+    state = {"mode": "int8", "kernel": "fbgemm", "errors": None}
 
     def packed(layer):
         if not hasattr(layer, "_fbgemm"):
@@ -65,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = hidden_states.reshape(-1, layer.in_features)
         if rows.shape[0] > W.INT8_ROWS or not chosen(layer):
             return original(layer, hidden_states)
-        out = torch.ops.quantized.linear_dynamic(rows.float(), packed(layer), False)
+        if state["kernel"] == "int_mm":
+            out = int_mm(rows, layer.qweight, layer.scale).float()
+        else:
+            out = torch.ops.quantized.linear_dynamic(rows.float(), packed(layer), False)
         if state["errors"] is not None:
             reference = original(layer, hidden_states).reshape(out.shape).float()
             if layer.bias is not None:
@@ -78,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     ids = prose_ids(reader.tokenizer, args.length)
     compression, _ = reader.compression(make_method("evidencekv"), Budget(ratio=0.22), args.length)
 
-    def run(mode: str) -> tuple[float, list]:
-        state["mode"] = mode
+    def run(mode: str, kernel: str = "fbgemm") -> tuple[float, list]:
+        state["mode"], state["kernel"] = mode, kernel
         warm = prefill(reader.model, ids[:, :64])
         list(decode(reader.model, warm, 4, set()))  # packs the chosen layers, outside the timing
         read = prefill(reader.model, ids, compression)
@@ -94,10 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     print("| products | ms per step | vs int8 | same tokens as int8 |")
     print("| --- | --- | --- | --- |")
     print(f"| int8 (kvcli) | {base_ms:.1f} | 1.00x | - |")
-    for mode in ("normed", "all"):
-        ms, tokens = run(mode)
-        same = sum(a == b for a, b in zip(tokens, base_tokens))
-        print(f"| fbgemm, {mode} | {ms:.1f} | {base_ms / ms:.2f}x | {'all' if tokens == base_tokens else f'{same} of {len(tokens)}'} |")
+    for mode, kernel in (("normed", "fbgemm"), ("all", "fbgemm"), ("normed", "int_mm")):
+        ms, tokens = run(mode, kernel)
+        same = next((i for i, (a, b) in enumerate(zip(tokens, base_tokens)) if a != b), len(tokens))
+        label = f"fbgemm, {mode}" if kernel == "fbgemm" else f"{mode}, _int_mm"
+        print(f"| {label} | {ms:.1f} | {base_ms / ms:.2f}x | {'all' if tokens == base_tokens else f'the first {same} of {len(tokens)}'} |")
     state["errors"] = {}
     run("all")
     print("\n| layer (out x in) | median relative error | largest |")

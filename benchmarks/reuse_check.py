@@ -66,7 +66,11 @@ def prose(tokenizer, n_tokens: int) -> str:
 
 def build_document(tokenizer, length: int, facts=FACTS) -> str:
     """About `length` tokens of prose with every fact hidden at evenly spread depths."""
-    text = prose(tokenizer, length)
+    return hide_facts(prose(tokenizer, length), facts)
+
+
+def hide_facts(text: str, facts) -> str:
+    """`text` with every fact put in at evenly spread depths, each at a sentence start."""
     for i, (fact, _, _) in enumerate(facts):
         depth = (i + 0.5) / len(facts)
         at = text.rfind(". ", 0, int(len(text) * depth))

@@ -263,6 +263,23 @@ def test_cpu_products_fbgemm_form_multiplies_the_int8_weight():
     out = torch.ops.quantized.linear_dynamic(row, packed, False)
     assert ((out - exact).norm() / exact.norm()).item() < 0.03
     assert torch.equal(torch.ops.quantized.linear_unpack(packed)[0].int_repr(), qweight)
+    # the _int_mm column: each row quantized on its own, the weight as kvcli stores it
+    rows = torch.randn(3, 32)
+    out = cpu_products.int_mm(rows.bfloat16(), qweight, scale.bfloat16()).float()
+    exact = rows.bfloat16().float() @ (qweight.float() * scale.bfloat16().float()[:, None]).T
+    assert out.shape == (3, 64) and ((out - exact).norm() / exact.norm()).item() < 0.03
+
+
+def test_head_split_settings_take_a_floor_and_other_knobs():
+    """head_split's METHOD:SPLIT[:FLOOR][:KEY=VALUE] settings; a knob the method lacks fails as --param does."""
+    _script("reuse_check")
+    head_split = _script("head_split")
+    assert head_split.parse_settings("snapkv:global:0.5:kernel_size=31,evidencekv") == [
+        ("snapkv", "global", 0.5, {"kernel_size": "31"}), ("evidencekv", "equal", 0.0, {})]
+    assert head_split.parse_settings("dynamickv:adaptive:pooling=max")[0] == ("dynamickv", "adaptive", 0.0, {"pooling": "max"})
+    assert head_split.label_of("snapkv", "global", 0.5, {"kernel_size": "31"}) == "snapkv:global, floor 0.5, kernel_size=31"
+    assert head_split.holds("The treasurer keeps a TIN box.", "tin") and head_split.holds("walrus: indigo-walrus-17", "indigo-walrus-17")
+    assert not head_split.holds("The spare minutes of every meeting", "tin")
 
 
 def test_needle_sweep_puts_the_distractor_after_a_sentence_end():
