@@ -409,3 +409,40 @@ def test_a_per_head_split_is_saved_reused_and_reported(tiny, home, doc, tmp_path
                 "--layers", "--plot", picture)
     assert drawn.exit_code == 0, drawn.stderr
     assert picture.stat().st_size > 0
+
+
+def test_question_agnostic_reads_default_to_the_measured_method(tiny, home, doc, tmp_path, monkeypatch):
+    """Without --method, `ask --reuse` and `compress` rank by the repeat with AGNOSTIC_METHOD and its knobs
+    (the user's --param over them); a method the user names, even the default's, or sets in KVCLI_METHOD,
+    is kept, and so is the default method for query-aware reads, the instruction scorer and a document
+    past the positions (the instruction probes its chunks)."""
+    from kvcli.defaults import AGNOSTIC_METHOD, AGNOSTIC_PARAMS, DEFAULT_METHOD
+
+    def stats(*args):
+        result = run("ask", doc, "w1?", "-m", tiny, "--ratio", "0.2", "--max-new-tokens", "2", "--json", *args)
+        assert result.exit_code == 0, result.stderr
+        return json.loads(result.stdout)["stats"]
+
+    knobs = dict(item.split("=") for item in AGNOSTIC_PARAMS)
+    reused = stats("--reuse")
+    assert reused["method"] == AGNOSTIC_METHOD and reused["extra"]["scorer"] == "repeat"
+    assert {key: str(reused["method_params"][key]) for key in knobs} == {"head_split": "adaptive", "head_floor": "0.2", "kernel_size": "1"}
+    assert stats("--reuse", "--param", "head_floor=0.5")["method_params"]["head_floor"] == 0.5
+    one_line_error(run("ask", doc, "w1?", "-m", tiny, "--reuse", "--param", "shared_fraction=0.5"), "shared_fraction", "--method")
+    assert stats("--reuse", "--method", "evidencekv", "--param", "shared_fraction=0.5")["method"] == "evidencekv"
+    assert stats("--reuse", "--method", DEFAULT_METHOD)["method"] == DEFAULT_METHOD
+    assert stats("--reuse", "--scorer", "instruction")["method"] == DEFAULT_METHOD
+    assert stats()["method"] == DEFAULT_METHOD
+    monkeypatch.setenv("KVCLI_METHOD", "snapkv")
+    assert stats("--reuse")["method"] == "snapkv"
+    monkeypatch.delenv("KVCLI_METHOD")
+    kvc = tmp_path / "doc.kvc"
+    made = run("compress", doc, "-o", kvc, "-m", tiny, "--ratio", "0.2", "--json")
+    assert made.exit_code == 0, made.stderr
+    assert json.loads(made.stdout)["stats"]["method"] == AGNOSTIC_METHOD
+    long_doc = tmp_path / "long.txt"
+    long_doc.write_text(words(2400))
+    past = run("compress", long_doc, "-o", kvc, "-m", tiny, "--max-context", "600", "--budget", "64", "--json")
+    assert past.exit_code == 0, past.stderr
+    stats = json.loads(past.stdout)["stats"]
+    assert stats["method"] == DEFAULT_METHOD and stats["extra"]["scorer"] == "instruction"

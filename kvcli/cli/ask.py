@@ -112,6 +112,7 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
         raise InputError("--compare reads query-aware; drop --cache or --reuse")
     if run.skim and (cache or reuse):
         raise InputError(f"--skim reads the documents for each question; {'a saved cache was read already' if cache else '--reuse reads them without the questions'}: drop --skim or {'--cache' if cache else '--reuse'}")
+    agnostic = run.agnostic_method() if reuse else None  # checked before anything slow
     started = start(run, None if cache else files, include, exclude)
     screen, method, options, doc, reader = started.screen, started.method, started.options, started.doc, started.reader
     saved = None
@@ -122,7 +123,8 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
     if sources:
         prepare(reader, method, screen, why="--sources")
     mode = choose(reader, None if cache else doc.text, options, method, questions, reuse=reuse, compare=compare,
-                  saved=saved, past=past, scorer=scorer)
+                  saved=saved, past=past, scorer=scorer, agnostic=agnostic)
+    method = mode.method or method  # a reused prefix's: the agnostic default's where the repeat ranks it
     several, first = len(questions) > 1, None
     for index, question in enumerate(questions):
         mode.check(question, method)

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ..defaults import DEFAULT_METHOD
 from ..errors import InputError, KvcliError
 from .options import COMPRESSION, GENERATION, MODEL, SKIM, RunOptions, shared
 from .output import EXIT_INTERRUPTED, Screen, err, is_out_of_memory, out_of_memory, say, user_errors
@@ -102,7 +103,7 @@ def batch(
 
         import_ray()  # says how to install it before anything slow
     screen = Screen(quiet)
-    jobs = read_jobs(jobs_file, run.method, run.param, run.window, run.options())
+    jobs = read_jobs(jobs_file, run.method or DEFAULT_METHOD, run.param, run.window, run.options())
     if sources:  # an answer without its passages is not what --sources asks for: keyed apart
         jobs = [dataclasses.replace(job, sources=sources) for job in jobs]
     answers = AnswersFile(output)

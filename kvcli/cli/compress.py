@@ -28,9 +28,10 @@ def compress(
     """Compress documents once and save the cache, to answer many questions later with --cache.
 
     The cache is question-agnostic: tokens are ranked by the attention the model pays them while
-    repeating the document (--scorer repeat: a second, longer pass over the document), so it keeps specific facts
-    less well than `kvcli ask` does (docs/results.md), though far better than a generic
-    instruction's attention. Example: kvcli compress report.pdf -o report.kvc --ratio 0.3
+    repeating the document (--scorer repeat: a second, longer pass over the document) and, unless
+    --method names a method, kept by dynamickv with each layer's budget split over its heads by
+    their scores (docs/methods.md), so it keeps specific facts less well than `kvcli ask` does
+    (docs/results.md), though far better than a generic instruction's attention. Example: kvcli compress report.pdf -o report.kvc --ratio 0.3
     """
     from ..reading import Reused, run_stats
     from ..reading.prefix import pick_scorer
@@ -38,10 +39,12 @@ def compress(
 
     target = check_target(output)
     scorer = pick_scorer(scorer, run.make_method(), run.chunk_size)
+    agnostic = run.agnostic_method()  # checked before anything slow
     started = start(run, files, include or (), exclude or ())
     screen, method, options, doc, reader = started.screen, started.method, started.options, started.doc, started.reader
     screen.warn("a saved cache is compressed without knowing the questions: it suits summaries and broad questions, and often loses specific facts (docs/results.md)")
     mode = Reused(reader, doc.text, options, scorer)
+    method = mode.method_for(method, agnostic)
     warn_prompt(reader, options, mode.prompt, screen)
     with screen.layers(reader.num_layers, "compress") as on_layer:
         prefix = mode.read(method, on_layer=on_layer)

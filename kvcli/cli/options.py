@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from ..defaults import DEFAULT_METHOD, DEFAULT_SKIM_TOKENS
+from ..defaults import AGNOSTIC_METHOD, AGNOSTIC_PARAMS, DEFAULT_METHOD, DEFAULT_SKIM_TOKENS
 
 if TYPE_CHECKING:  # torch, imported only when a command runs
     from ..reading import Options
@@ -37,7 +37,7 @@ GROUPS: dict[str, list[tuple[str, object, object]]] = {
         ("trust_remote_code", Annotated[bool, typer.Option("--trust-remote-code", help="Allow a hub model's own code to run.")], False),
     ],
     COMPRESSION: [
-        ("method", Annotated[str, typer.Option("--method", envvar="KVCLI_METHOD", metavar="NAME", help="Compression method (`kvcli methods` lists them and their knobs).")], DEFAULT_METHOD),
+        ("method", Annotated[Optional[str], typer.Option("--method", envvar="KVCLI_METHOD", metavar="NAME", help=f"Compression method (`kvcli methods` lists them and their knobs) [default: {DEFAULT_METHOD}; a question-agnostic cache ranked by the repeat (compress, ask --reuse): {AGNOSTIC_METHOD} with {', '.join(AGNOSTIC_PARAMS)}].", show_default=False)], None),
         ("ratio", Annotated[Optional[float], typer.Option("--ratio", metavar="R", help="Fraction of the prompt's KV entries kept, summed over the layers that compress (sliding-window layers keep their window), in (0, 1] [default: 0.1, at least --min-keep tokens per layer].", show_default=False)], None),
         ("budget", Annotated[Optional[int], typer.Option("--budget", metavar="N", help="Mean tokens kept per layer that compresses, window included (instead of --ratio).", show_default=False)], None),
         ("min_keep", Annotated[Optional[int], typer.Option("--min-keep", metavar="N", help="Fewest tokens kept per layer under the default ratio (all of a shorter prompt), so short documents answer as the full cache does; with --ratio, only when given; 0: no floor [default: 1024].", show_default=False)], None),
@@ -77,7 +77,7 @@ class RunOptions:
     dtype: str = "auto"
     threads: str = "auto"
     trust_remote_code: bool = False
-    method: str = DEFAULT_METHOD
+    method: str | None = None  # None: not given (DEFAULT_METHOD, or AGNOSTIC_METHOD for a question-agnostic read)
     ratio: float | None = None
     budget: int | None = None
     min_keep: int | None = None
@@ -103,7 +103,22 @@ class RunOptions:
         """The method with --window and --param applied; a knob it lacks is an error."""
         from ..methods import configure
 
-        return configure([self.method], self.param, self.window)[0]
+        return configure([self.method or DEFAULT_METHOD], self.param, self.window)[0]
+
+    def agnostic_method(self):
+        """The method of a question-agnostic prefix the repeat ranks (`Reused.method_for`), when
+        neither --method nor KVCLI_METHOD names one: `AGNOSTIC_METHOD` with `AGNOSTIC_PARAMS`,
+        under the user's --param; else None (the named method reads every way)."""
+        from ..errors import BudgetError
+        from ..methods import configure
+
+        if self.method is not None:
+            return None
+        try:
+            return configure([AGNOSTIC_METHOD], [*AGNOSTIC_PARAMS, *(self.param or [])], self.window)[0]
+        except BudgetError as error:
+            raise BudgetError(f"{error}; a question-agnostic cache is made by {AGNOSTIC_METHOD} unless --method names another: "
+                              "add --method for the knobs of another method") from None
 
     def options(self) -> Options:
         """How to read and answer, checked (the budget, the chunk size and --max-new-tokens)."""

@@ -37,6 +37,7 @@ class Mode:
     bar = "layers"  # the progress `read` reports: "layers" (on_layer), "sections" (on_section), "" (none worth a bar)
     extra: dict = {}  # added to every answer's report (a prefix's scorer and what it cost)
     preparing = ""  # what `prepare` still has to read, for its progress bar ("": nothing)
+    method: Method | None = None  # the method the mode chose itself (a reused prefix's), else the command's
 
     def prompt(self, question: str) -> Prompt | None:
         """The prompt whose cut or length the command warns about before reading (None: nothing to say)."""
@@ -247,12 +248,13 @@ def one_capture_serves(query: QueryAware, question: str, method: Method, budget:
 
 def choose(reader: Reader, text: str | None, options: Options, method: Method, questions: list[str] | None, *,
            reuse: bool = False, compare: bool = False, saved=None, past: str = "compressed",
-           scorer: str = DEFAULT_SCORER) -> Mode:
+           scorer: str = DEFAULT_SCORER, agnostic: Method | None = None) -> Mode:
     """How to read `text` for `questions` (None: not known yet, as in `chat`, which may ask many).
 
     The rules, in order:
     - a saved cache (`saved`: a `ReadOnce` over a full `.kvc`, or a compressed `Prefix`) is read after;
-    - `reuse`: one question-agnostic prefix for every question;
+    - `reuse`: one question-agnostic prefix for every question, compressed by `agnostic` (the
+      default method of such a prefix, when the user named none) where the repeat ranks it;
     - past the positions, with `past="sections"`: section by section (`summarize`);
     - `compare`: the read below as it would be, beside a full read that is possible;
     - several questions (or unknown ones), no --chunk-size, within the positions: read once,
@@ -264,7 +266,8 @@ def choose(reader: Reader, text: str | None, options: Options, method: Method, q
     if saved is not None:
         return Once(saved) if isinstance(saved, ReadOnce) else Prefixed(reader, options, prefix=saved)
     if reuse:
-        return Prefixed(reader, options, reused=Reused(reader, text, options, scorer), method=method)
+        reused = Reused(reader, text, options, scorer)
+        return Prefixed(reader, options, reused=reused, method=reused.method_for(method, agnostic))
     query = QueryAware(reader, text, options)
     longest = QUESTION_ROOM if questions is None else max(questions, key=lambda q: len(reader.tokenizer(q)["input_ids"]))
     is_past = options.fit == "reindex" and query.past_window(longest)

@@ -122,6 +122,13 @@ class Reused:
     def ids(self):
         return self.prompt.ids[:, : self.prompt.prefix_len].to(self.reader.device)
 
+    def method_for(self, method: Method, agnostic: Method | None) -> Method:
+        """What compresses this prefix: `agnostic` (the default of a question-agnostic cache, when
+        the user named no method) where the repeat ranks it, else `method`. Past the positions the
+        instruction probes each chunk (`read`), a read `method` was measured in and that keeps each
+        layer within the positions; the agnostic default moves budget between layers freely."""
+        return agnostic if agnostic is not None and self.scorer == "repeat" and not self.past_window else method
+
     def read(self, method: Method, budget: Budget | None = None, chunk_size: int | None = None,
              on_layer: Callable[[int], None] | None = None) -> Prefix:
         """Compress the prefix live. In chunks, the generic instruction probes every chunk, as
