@@ -430,6 +430,7 @@ def test_question_agnostic_reads_default_to_the_measured_method(tiny, home, doc,
     assert stats("--reuse", "--param", "head_floor=0.5")["method_params"]["head_floor"] == 0.5
     one_line_error(run("ask", doc, "w1?", "-m", tiny, "--reuse", "--param", "shared_fraction=0.5"), "shared_fraction", "--method")
     assert stats("--reuse", "--method", "evidencekv", "--param", "shared_fraction=0.5")["method"] == "evidencekv"
+    assert stats("--reuse", "--scorer", "instruction", "--param", "shared_fraction=0.5")["method"] == DEFAULT_METHOD
     assert stats("--reuse", "--method", DEFAULT_METHOD)["method"] == DEFAULT_METHOD
     assert stats("--reuse", "--scorer", "instruction")["method"] == DEFAULT_METHOD
     assert stats()["method"] == DEFAULT_METHOD

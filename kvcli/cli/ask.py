@@ -112,7 +112,7 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
         raise InputError("--compare reads query-aware; drop --cache or --reuse")
     if run.skim and (cache or reuse):
         raise InputError(f"--skim reads the documents for each question; {'a saved cache was read already' if cache else '--reuse reads them without the questions'}: drop --skim or {'--cache' if cache else '--reuse'}")
-    agnostic = run.agnostic_method() if reuse else None  # checked before anything slow
+    agnostic = run.agnostic_method() if reuse and scorer == "repeat" else None  # checked before anything slow
     started = start(run, None if cache else files, include, exclude)
     screen, method, options, doc, reader = started.screen, started.method, started.options, started.doc, started.reader
     saved = None

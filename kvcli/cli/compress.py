@@ -39,7 +39,7 @@ def compress(
 
     target = check_target(output)
     scorer = pick_scorer(scorer, run.make_method(), run.chunk_size)
-    agnostic = run.agnostic_method()  # checked before anything slow
+    agnostic = run.agnostic_method() if scorer == "repeat" else None  # checked before anything slow
     started = start(run, files, include or (), exclude or ())
     screen, method, options, doc, reader = started.screen, started.method, started.options, started.doc, started.reader
     screen.warn("a saved cache is compressed without knowing the questions: it suits summaries and broad questions, and often loses specific facts (docs/results.md)")
