@@ -89,6 +89,7 @@ class RunStats:
     layer_windows: list[int | None] = field(default_factory=list)
     dtype: str = ""  # what the model computed in, its activations and KV cache: float32, bfloat16, float16
     weights: str = ""  # how its linear layers' weights were stored: the dtype, or int8 (kvcli/models/weights.py)
+    int8_kernel: str = ""  # int8 weights: the kernel of their decode products, "kvcli" or "torch" (kvcli/models/int8_kernel.py)
 
     def _global(self) -> list[int]:
         windows = self.layer_windows or [None] * len(self.retained_per_layer)
@@ -251,7 +252,8 @@ def render(stats: RunStats, every_layer: bool = False) -> Group:
     facts.add_column(style="bold", no_wrap=True)
     facts.add_column()
     params = ", ".join(f"{k}={v}" for k, v in stats.method_params.items())
-    numbers = stats.dtype if stats.weights in ("", stats.dtype) else f"{stats.weights} weights, {stats.dtype}"
+    kernel = f" ({stats.int8_kernel} kernel)" if stats.int8_kernel else ""  # what multiplied the int8 weights in decode
+    numbers = stats.dtype if stats.weights in ("", stats.dtype) else f"{stats.weights} weights{kernel}, {stats.dtype}"
     facts.add_row("model", f"{stats.model} ({numbers})" if numbers else stats.model)
     facts.add_row("method", f"{stats.method} ({params})" if params else stats.method)
     prompt = Text(f"{stats.prompt_tokens} tokens")

@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from kvcli.cli import app
-from kvcli.models import load_model
+from kvcli.models import int8_kernel, load_model
 from kvcli.models.identity import weights_fingerprint
 from kvcli.models.weights import (
     INT8_ROWS,
@@ -175,11 +175,14 @@ def test_the_report_and_json_name_the_weights_and_the_dtype(tmp_path, home):
     result = runner.invoke(app, ["ask", str(doc), "w1 w2", "-m", str(folder), "--dtype", "int8", "--max-new-tokens", "3", "--json"])
     assert result.exit_code == 0, result.output
     stats = json.loads(result.stdout)["stats"]
-    assert (stats["dtype"], stats["weights"]) == ("bfloat16", "int8")
+    kernel = int8_kernel.name()  # kvcli's where it builds and runs (tests/test_int8_kernel.py), else torch's
+    assert (stats["dtype"], stats["weights"], stats["int8_kernel"]) == ("bfloat16", "int8", kernel)
+    plain = runner.invoke(app, ["ask", str(doc), "w1 w2", "-m", str(folder), "--dtype", "float32", "--max-new-tokens", "3", "--json"])
+    assert plain.exit_code == 0 and json.loads(plain.stdout)["stats"]["int8_kernel"] == ""
     plain = runner.invoke(app, ["ask", str(doc), "w1 w2", "-m", str(folder), "--dtype", "float32", "--max-new-tokens", "3"])
     assert plain.exit_code == 0 and "(float32)" in plain.stderr
     report = runner.invoke(app, ["ask", str(doc), "w1 w2", "-m", str(folder), "--dtype", "int8", "--max-new-tokens", "3"])
-    assert report.exit_code == 0 and "(int8 weights, bfloat16)" in report.stderr
+    assert report.exit_code == 0 and f"(int8 weights ({kernel} kernel), bfloat16)" in report.stderr
 
 
 @pytest.mark.model

@@ -35,7 +35,8 @@ from .device import (
 )
 from .embedded import DEFAULT_MODEL, EMBEDDED
 from .identity import config_hash
-from .weights import cast_floats, is_quantized, load_quantized, mlp_in_blocks, quantize_model, saved_fingerprint
+from . import int8_kernel
+from .weights import block_for_decode, cast_floats, is_quantized, load_quantized, mlp_in_blocks, quantize_model, saved_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ def load_model(
     device_map = resolve_device_map(device_map, device)
     torch_device = resolve_device(device)
     torch_dtype, weights = resolve_precision(dtype, torch_device, device_map)
+    if weights is not None:
+        int8_kernel.name()  # builds kvcli's int8 kernel once; KVCLI_INT8_KERNEL=kvcli where it cannot run: one line, before any weight loads
 
     converted = False
     from_hub = False
@@ -169,6 +172,7 @@ def load_model(
             quantize_model(model)
             cast_floats(model, torch_dtype)  # the norms, biases and any untied embedding
         mlp_in_blocks(model)
+        block_for_decode(model)  # where kvcli's int8 kernel runs: its fastest layout, in place
 
     load_s = time.perf_counter() - start
     logger.info("loaded %s on %s as %s in %.1f s (converted: %s)", spec, torch_device, torch_dtype, load_s, converted)

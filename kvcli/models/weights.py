@@ -11,7 +11,9 @@ on the int8 kernel.
 
 So each linear layer keeps its weight once, as int8 with one bfloat16 scale per output channel
 (half of bfloat16's bytes, a quarter of float32's), and picks its product by the rows it is given:
-up to `INT8_ROWS` rows (a decode step, a short question) go through the int8 kernel; more rows (a
+up to `INT8_ROWS` rows (a decode step, a short question) go through an int8 kernel (kvcli's own,
+kvcli/models/int8_kernel.py, twice torch's speed at batch one where it builds and runs; else
+torch's); more rows (a
 prefill) widen the weight to bfloat16 for that one product (a few milliseconds against the
 product's hundreds; an MLP reading a prefill in blocks widens its weights once for all of them)
 and multiply in bfloat16. A plain embedding table is int8 per row too (tied
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelError
+from . import int8_kernel
 
 # Products with at most this many rows use the int8 kernel (decode); more rows widen the weight
 # to bfloat16 for the product (prefill). At 4,096 rows the int8 kernel ran at 0.4x bfloat16's
@@ -88,6 +91,7 @@ class Int8Linear(nn.Module):
         self.scale = nn.Parameter(torch.empty((out_features,), dtype=PRODUCT_DTYPE, device=device), requires_grad=False)
         self.bias = nn.Parameter(torch.empty((out_features,), dtype=dtype, device=device), requires_grad=False) if bias else None
         self.widened: torch.Tensor | None = None  # `dequantized()`, held while an MLP reads a prefill in blocks (`widened_once`)
+        self.blocked = False  # `qweight`'s bytes in kvcli's kernel's blocked layout (`block_for_decode`), not row-major
 
     @classmethod
     def of(cls, linear: nn.Linear) -> Int8Linear:
@@ -100,14 +104,32 @@ class Int8Linear(nn.Module):
             module.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
         return module
 
+    def row_major(self) -> torch.Tensor:
+        """The int8 weight `(out_features, in_features)` row-major (a copy when it is blocked)."""
+        return int8_kernel.from_blocked(self.qweight) if self.blocked else self.qweight
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the int8 weight, `(*ids.shape, in_features)` (a tied embedding's lookup)."""
+        return int8_kernel.blocked_rows(self.qweight, ids) if self.blocked else self.qweight[ids]
+
+    def block_for_decode(self) -> bool:
+        """Reorder the weight in place into the blocked layout that kvcli's kernel reads fastest,
+        where that kernel runs and takes this shape; returns whether it is blocked."""
+        if not self.blocked and int8_kernel.can_block(self.qweight):
+            int8_kernel.to_blocked(self.qweight.data)
+            self.blocked = True
+        return self.blocked
+
     def dequantized(self) -> torch.Tensor:
         """The weight as the products see it, `(out_features, in_features)` bfloat16."""
-        return self.qweight.to(PRODUCT_DTYPE) * self.scale[:, None]
+        return self.row_major().to(PRODUCT_DTYPE) * self.scale[:, None]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         rows = hidden_states.reshape(-1, self.in_features).to(PRODUCT_DTYPE).contiguous()  # (tokens, in_features)
-        if rows.shape[0] <= INT8_ROWS and self.in_features % KERNEL_IN_FEATURES == 0:
-            out = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scale)
+        if rows.shape[0] <= INT8_ROWS and (out := int8_kernel.rows_product(rows, self.qweight, self.scale, self.blocked)) is not None:
+            pass  # kvcli's kernel (any width): 1.4-3x torch's speed at batch one where it runs
+        elif rows.shape[0] <= INT8_ROWS and self.in_features % KERNEL_IN_FEATURES == 0:
+            out = torch.ops.aten._weight_int8pack_mm(rows, self.row_major(), self.scale)
         else:
             out = F.linear(rows, self.widened if self.widened is not None else self.dequantized())
         out = out.to(hidden_states.dtype).reshape(*hidden_states.shape[:-1], self.out_features)
@@ -142,19 +164,22 @@ class Int8Embedding(nn.Module):
             module.scale = nn.Parameter(scale, requires_grad=False)
         return module
 
-    def table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(int8 rows, their scales): the head's when tied."""
-        owner = self.tied_to[0] if self.tied_to else self
-        return owner.qweight, owner.scale
-
     @property
     def weight(self) -> torch.Tensor:
-        """The int8 table, for code that asks the embedding for its device or its shape."""
-        return self.table()[0]
+        """The int8 table (the head's when tied, maybe in its blocked layout), for code that asks
+        the embedding for its device or its shape."""
+        return (self.tied_to[0] if self.tied_to else self).qweight
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        qweight, scale = self.table()
-        return (qweight[input_ids].to(PRODUCT_DTYPE) * scale[input_ids][..., None]).to(self.dtype)
+        owner = self.tied_to[0] if self.tied_to else self
+        rows = owner.rows(input_ids) if self.tied_to else self.qweight[input_ids]
+        return (rows.to(PRODUCT_DTYPE) * owner.scale[input_ids][..., None]).to(self.dtype)
+
+
+def block_for_decode(model: nn.Module) -> int:
+    """Reorder every int8 weight kvcli's kernel can read blocked (`Int8Linear.block_for_decode`),
+    after the model is loaded and never before `save_quantized`; returns how many."""
+    return sum(module.block_for_decode() for module in model.modules() if isinstance(module, Int8Linear))
 
 
 def _replace_linears(model: nn.Module, make) -> int:
@@ -264,6 +289,8 @@ def save_quantized(model: nn.Module, folder: Path, fingerprint: str) -> None:
     is `identity.weights_fingerprint` of the float weights it was made from (`saved_fingerprint`)."""
     from safetensors.torch import save_file
 
+    if any(getattr(module, "blocked", False) for module in model.modules()):
+        raise ValueError("save_quantized needs row-major int8 weights: save before block_for_decode")
     folder.mkdir(parents=True, exist_ok=True)
     model.config.architectures = [type(model).__name__]  # as save_pretrained writes it (part of the config's hash)
     save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(folder / QUANTIZED_FILE),

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from ..generate import decode
 from ..models.checkpoints import kvcli_home
+from ..models.int8_kernel import name as int8_kernel_name
 from ..speed import TIMED_READS, names, record_read
 from ..stats import RunStats, heads_summary, peak_memory_bytes
 from .reader import Options, Reader, Reading
@@ -89,6 +90,7 @@ def run_stats(reader: Reader, reading: Reading) -> RunStats:
         read=reading.mode,
         dtype=str(reader.lm.dtype).removeprefix("torch."),
         weights=reader.lm.weights or str(reader.lm.dtype).removeprefix("torch."),
+        int8_kernel=int8_kernel_name() if reader.lm.weights == "int8" else "",
     )
     heads = heads_summary(state.cache.head_lengths(), state.cache.windows)
     if heads is not None:
