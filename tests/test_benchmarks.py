@@ -306,3 +306,19 @@ def test_answer_tally_counts_right_and_same_as_each_documents_first_setting():
     tally.add("b", "no idea", "owl", 4.0)
     assert (tally.cases, tally.right, tally.same) == (2, {"a": 1, "b": 0}, {"a": 2, "b": 1})
     assert tally.seconds == {"a": [1.0, 3.0], "b": [2.0, 4.0]}
+
+
+def test_dtype_answers_int8_torch_multiplies_on_torch_s_kernel(monkeypatch):
+    """`--dtypes int8:torch` loads `--dtype int8` and, while it reads and answers, kvcli's int8
+    kernel declines every product (torch's computes them); other dtypes leave it in place."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    dtype_answers = _script("dtype_answers")
+    from kvcli.models import int8_kernel
+
+    qweight = torch.randint(-127, 128, (16, 32), dtype=torch.int8)
+    row, scale = torch.randn(1, 32).bfloat16(), torch.ones(16).bfloat16()
+    with dtype_answers.on_kernel("int8:torch"):
+        assert int8_kernel.rows_product(row, qweight, scale) is None
+    with dtype_answers.on_kernel("int8"):
+        assert (int8_kernel.rows_product(row, qweight, scale) is None) == (int8_kernel.name() == int8_kernel.TORCH)
+    assert "int8:torch".removesuffix(dtype_answers.TORCH_KERNEL) == "int8" and dtype_answers.kernel_name("int8:torch") == "torch"
