@@ -14,7 +14,8 @@ machine reads the same bytes without multiplying them (a max over them, 8 bytes 
 
 `--ask N`: N alternating pairs of `kvcli ask samples/python_exceptions.txt QUESTION --json
 --max-new-tokens 64` as a user runs it, with KVCLI_INT8_KERNEL=torch and with kvcli's kernel:
-decode tokens/s of each and whether the answers are the same text. Run alone.
+decode tokens/s of each and whether the answers are the same text (where not, how many
+characters they share from the start). Run alone.
 """
 
 from __future__ import annotations
@@ -104,7 +105,19 @@ def ask(pairs: int, threads: int) -> None:
     print(f"`kvcli ask` decode tokens/s, {pairs} alternating pairs: torch {', '.join(f'{r:.2f}' for r in rates['torch'])}; "
           f"kvcli {', '.join(f'{r:.2f}' for r in rates['kvcli'])}; "
           f"ratio of medians {rates['kvcli'][len(rates['kvcli']) // 2] / rates['torch'][len(rates['torch']) // 2]:.2f}x; "
-          f"answers {'the same text' if answers['torch'] == answers['kvcli'] and len(answers['torch']) == 1 else 'DIFFER'}")
+          f"answers: {compare(answers)}")
+
+
+def compare(answers: dict[str, set]) -> str:
+    """Whether each kernel answered one text in every run, and how far the two agree from the start."""
+    if any(len(texts) != 1 for texts in answers.values()):
+        return "a kernel answered differently between its own runs"
+    ours, theirs = next(iter(answers["kvcli"])), next(iter(answers["torch"]))
+    if ours == theirs:
+        return "the same text"
+    common = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    return (f"each kernel the same text in every run; they differ after {common} characters in common "
+            f"(torch's: {theirs[common:common + 40]!r}..., kvcli's: {ours[common:common + 40]!r}...)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@ for Qwen2.5-0.5B on this project's 2-core EPYC with torch's kernel), and torch's
 the weights there at 9-14 GB/s, against the ~28-33 GB/s at which the machine reads them without
 multiplying. The C kernel reads a weight as one stream: loaded, each int8 weight whose shape is a
 multiple of 16 is reordered in place into blocks of 16 output channels (`to_blocked`,
-`Int8Linear.block_for_decode`, ~0.1 s for the default model), which the kernel reads front to
+`Int8Linear.block_for_decode`, part of the report's load time), which the kernel reads front to
 back; other shapes are read row-major, row by row. `python benchmarks/int8_kernel.py` times both
 against torch's per shape (docs/results.md, "Session 12"). The numbers are torch's kernel's: the
 int8 weight widened to float32, summed in float32 (in another order), rounded once to bfloat16.

@@ -11,11 +11,12 @@
      stored as K/16 tiles of 16 rows x 16 columns, so that one block is read as one stream, front to
      back (Int8Linear.block_for_decode reorders a loaded weight in place).
 
-   Why: at batch one torch's kernel read this project's 2-core EPYC's weights at 11-13 GB/s for
-   the attention and MLP-input shapes, about half of what the memory gives. Read in the blocked
-   layout (one stream per thread, 16 float32 accumulators, one vector of the row per 16 weights)
-   the same products ran at 30-48 GB/s; row by row at 19-31; several row-major rows at once no
-   faster than torch's (benchmarks/int8_kernel.py).
+   Why: at batch one torch's kernel read this project's 2-core EPYC's weights at 10-13 GB/s for
+   the attention, MLP-input and output-head shapes, while the machine reads them at ~30-35 GB/s
+   without multiplying. In the blocked layout (one stream per thread, 16 float32 accumulators, one
+   vector of the input per 16 weights) the same products ran at 23-31 GB/s, row by row at 19-31
+   (benchmarks/int8_kernel.py; docs/results.md, "Session 12"); several row-major rows read at
+   once ran about as fast as torch's.
 
    Built by kvcli/models/int8_kernel.py with the C compiler it finds, once per machine; threads
    through OpenMP (the libgomp torch already loaded, so the threads are torch's). */
