@@ -26,6 +26,7 @@ from ..atomic import take_new_file, writing
 from ..errors import ModelError
 from .convert import convert_gguf
 from .embedded import EmbeddedModel
+from .home import kvcli_home  # re-exported: callers name it from here
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +35,6 @@ CONVERSION_FORMAT = 1
 META_FILE = "kvcli.json"
 
 _HASH_CHUNK = 8 << 20
-
-
-def kvcli_home() -> Path:
-    """Root of kvcli's on-disk cache: `$KVCLI_HOME`, else `~/.cache/kvcli`."""
-    return Path(os.environ.get("KVCLI_HOME") or Path.home() / ".cache" / "kvcli").expanduser()
 
 
 def home_writing():

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError
+from .home import kvcli_home
 
 SOURCE = Path(__file__).with_name("int8_rows.c")
 FLAGS = ("-O3", "-mavx512f", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
@@ -65,8 +66,6 @@ def _compiler() -> str | None:
 def _build(compiler: str) -> Path:
     """The shared library, compiled into KVCLI_HOME/kernels (a temporary folder if that cannot be
     written), named by a hash of the source, the flags and the compiler, so a change rebuilds it."""
-    from .checkpoints import kvcli_home
-
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + compiler.encode() + version.encode()).hexdigest()[:16]
     name = f"int8_rows-{key}.so"

@@ -12,13 +12,12 @@ on the int8 kernel.
 So each linear layer keeps its weight once, as int8 with one bfloat16 scale per output channel
 (half of bfloat16's bytes, a quarter of float32's), and picks its product by the rows it is given:
 up to `INT8_ROWS` rows (a decode step, a short question) go through an int8 kernel (kvcli's own,
-kvcli/models/int8_kernel.py, twice torch's speed at batch one where it builds and runs; else
-torch's); more rows (a
-prefill) widen the weight to bfloat16 for that one product (a few milliseconds against the
-product's hundreds; an MLP reading a prefill in blocks widens its weights once for all of them)
-and multiply in bfloat16. A plain embedding table is int8 per row too (tied
-to the output head, it is the head's table); the other tensors (norms, biases, an embedding
-class that computes more than a lookup) stay in the model's dtype.
+kvcli/models/int8_kernel.py, where it builds and runs, with the weight reordered into its blocked
+layout at load; else torch's); more rows (a prefill) widen the weight to bfloat16 for that one
+product (a few milliseconds against the product's hundreds; an MLP reading a prefill in blocks
+widens its weights once for all of them) and multiply in bfloat16. A plain embedding table is
+int8 per row too (tied to the output head, it is the head's table); the other tensors (norms,
+biases, an embedding class that computes more than a lookup) stay in the model's dtype.
 
 Rounding to 8 bits per channel moves each weight by at most half a step (the channel's largest
 magnitude / 254); GGUF weights were 4-6 bits already. tests/test_weights.py checks the products
@@ -127,7 +126,7 @@ class Int8Linear(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         rows = hidden_states.reshape(-1, self.in_features).to(PRODUCT_DTYPE).contiguous()  # (tokens, in_features)
         if rows.shape[0] <= INT8_ROWS and (out := int8_kernel.rows_product(rows, self.qweight, self.scale, self.blocked)) is not None:
-            pass  # kvcli's kernel (any width): 1.4-3x torch's speed at batch one where it runs
+            pass  # kvcli's kernel (any width), where it runs: 1.9-2.7x torch's on the large weights at batch one
         elif rows.shape[0] <= INT8_ROWS and self.in_features % KERNEL_IN_FEATURES == 0:
             out = torch.ops.aten._weight_int8pack_mm(rows, self.row_major(), self.scale)
         else:
