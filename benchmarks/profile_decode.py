@@ -5,6 +5,7 @@ steps and prints the operators that took the most time (self time, so nested cal
 counted twice), with their share of the profiled wall time.
 
     python benchmarks/profile_decode.py --model smollm2-135m --length 500 --steps 16 --threads 1
+    python benchmarks/profile_decode.py --method snapkv --param head_split=adaptive --length 4600 --threads 1
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length", type=int, default=2000, help="prompt length in tokens (default 2000)")
     parser.add_argument("--method", default="dynamickv", help="kvcli method (default dynamickv)")
     parser.add_argument("--ratio", type=float, default=0.05, help="fraction of the KV kept (default 0.05)")
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a knob of the method, as kvcli's --param (repeatable)")
     parser.add_argument("--steps", type=int, default=32, help="decode steps profiled (default 32)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: torch's default here)")
     parser.add_argument("--dtype", default="auto", help="kvcli --dtype: auto, int8, float32, bfloat16 (default auto)")
@@ -34,14 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     from bench import prose_ids  # the script's own folder is on sys.path when run as a script
 
     from kvcli.generate import decode, prefill
-    from kvcli.methods import Budget, make_method
+    from kvcli.methods import Budget, configure
     from kvcli.models import DEFAULT_MODEL, load_model
     from kvcli.reading import Reader
     from torch.profiler import ProfilerActivity, profile
 
     torch.set_num_threads(args.threads)
     reader = Reader(load_model(args.model or DEFAULT_MODEL, device="cpu", dtype=args.dtype))
-    method = make_method(args.method)
+    method = configure([args.method], args.param)[0]
     ids = prose_ids(reader.tokenizer, args.length)
     compression, _ = reader.compression(method, Budget(ratio=args.ratio), args.length)  # None: the full cache
 
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - started
 
     kept = state.cache.nbytes() / 2**20
-    print(f"{args.method}@{args.ratio:g} on {args.length} tokens ({kept:.1f} MiB KV kept), {args.steps} steps, {args.threads} thread(s): "
+    print(f"{args.method}{'(' + ','.join(args.param) + ')' if args.param else ''}@{args.ratio:g} on {args.length} tokens ({kept:.1f} MiB KV kept), {args.steps} steps, {args.threads} thread(s): "
           f"{args.steps / wall:.2f} tokens/s, {1000 * wall / args.steps:.1f} ms per step under the profiler")
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total_us = wall * 1e6
