@@ -237,7 +237,7 @@ def kvcli_attention(module, query, key, value, attention_mask, scaling=None, dro
         raise UnsupportedAttention("kvcli's attention runs one sequence at a time (batch size 1)")
     layer = step.cache.layers[module.layer_idx] if step is not None else None
     if layer is not None and layer.packed:  # KV heads of unequal lengths: the cache handed the model no keys
-        out = attend_heads(query, [layer.head_entries(h)[:2] for h in range(layer.num_kv_heads)], attn)
+        out = attend_heads(query, layer.head_views(), attn)
     else:
         out = attend(query, key, value, attn)
     if step is not None:  # None: not driven by kvcli (e.g. `model.generate` on a prepared model)

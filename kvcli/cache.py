@@ -184,6 +184,14 @@ class KVLayer(CacheLayerMixin):
         lengths = self.head_lengths()
         return sum(lengths) / len(lengths) if lengths else 0.0
 
+    def head_views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each KV head's keys and values `(1, 1, n_h, head_dim)`, without their positions (what a
+        decode step's attention reads, every layer, every step)."""
+        if self.heads is not None:
+            return [head.view() for head in self.heads]
+        keys, values = self.view()
+        return [(keys[:, h : h + 1], values[:, h : h + 1]) for h in range(keys.shape[1])]
+
     def head_entries(self, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """KV head h's keys and values `(1, 1, n_h, head_dim)`, original positions and RoPE positions `(n_h,)`."""
         if self.heads is not None:

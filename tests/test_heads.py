@@ -382,3 +382,20 @@ def test_read_once_splits_heads_as_one_pass(tiny, ids, split):
     for a, b in zip(once.cache.layers, whole.cache.layers):
         assert [p.tolist() for p in a.head_positions()] == [p.tolist() for p in b.head_positions()]
     assert prefix.state.cache.nbytes() == before and not any(layer.packed for layer in prefix.state.cache.layers)
+
+
+def test_head_views_are_the_head_entries_keys_and_values():
+    """`head_views` (what decode attends) is `head_entries` without the positions, packed or dense."""
+    torch.manual_seed(0)
+    packed, dense = KVLayer(), KVLayer()
+    lengths = (3, 5)
+    packed.load_heads([torch.randn(1, 1, n, 8) for n in lengths], [torch.randn(1, 1, n, 8) for n in lengths],
+                      [torch.arange(n) for n in lengths])
+    dense.load(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), torch.arange(4).expand(2, -1))
+    for layer in (packed, dense):
+        views = layer.head_views()
+        assert len(views) == 2
+        for h, (keys, values) in enumerate(views):
+            entries = layer.head_entries(h)
+            assert torch.equal(keys, entries[0]) and torch.equal(values, entries[1])
+    assert packed.packed and [k.shape[2] for k, _ in packed.head_views()] == [3, 5]
