@@ -217,3 +217,9 @@ def test_a_kernel_asked_for_that_cannot_run_is_one_line_before_the_load(fresh, h
         assert result.exit_code != 0 and result.exception is None or isinstance(result.exception, SystemExit), result.output
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and f"KVCLI_INT8_KERNEL={value}" in lines[0] and says in lines[0], result.stderr
+
+
+def test_a_shape_the_blocked_layout_does_not_take_is_an_internal_error_not_a_memory_one(kernel):
+    qweight, scale = weights(7, 100)
+    with pytest.raises(RuntimeError, match=r"internal: .*refused a \(7, 100\) weight as blocked \(status -2\)"):
+        int8_kernel.rows_product(torch.randn(1, 100).bfloat16(), qweight, scale, blocked=True)

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError
+from .cpu import cpu_flags
 from .home import kvcli_home
 
 SOURCE = Path(__file__).with_name("int8_rows.c")
@@ -45,15 +46,6 @@ KVCLI, TORCH = "kvcli", "torch"  # what the report and --json (`int8_kernel`) na
 
 class KernelUnavailable(ModelError):
     """KVCLI_INT8_KERNEL=kvcli where kvcli's kernel cannot run: the one line says why."""
-
-
-def _cpu_has_avx512f() -> bool:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512f" in flags
 
 
 def _compiler() -> str | None:
@@ -95,7 +87,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         return None, "KVCLI_INT8_KERNEL=torch"
     if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
         return None, f"built for x86-64 Linux only (this is {sys.platform} {platform.machine()})"
-    if not _cpu_has_avx512f():
+    if "avx512f" not in cpu_flags():
         return None, "this CPU has no AVX-512F"
     compiler = _compiler()
     if compiler is None:
@@ -138,8 +130,10 @@ def rows_product(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     function = library.kvcli_int8_blocked if blocked else library.kvcli_int8_rows
     status = function(rows.data_ptr(), qweight.data_ptr(), scale.data_ptr(), out.data_ptr(),
                       rows.shape[0], qweight.shape[0], qweight.shape[1], torch.get_num_threads())
-    if status != 0:
+    if status == -1:
         raise MemoryError(f"kvcli's int8 kernel could not allocate {rows.numel() * 4} bytes for its rows")
+    if status != 0:
+        raise RuntimeError(f"internal: kvcli's int8 kernel refused a {tuple(qweight.shape)} weight as {'blocked' if blocked else 'row-major'} (status {status})")
     return out
 
 

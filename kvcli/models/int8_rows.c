@@ -53,12 +53,20 @@ static inline float row_dot(const float *x, const int8_t *w, int64_t K) {
     return sum;
 }
 
-/* Returns 0, or -1 if the rows' float32 copy could not be allocated (nothing is written then). */
+/* The M x K bfloat16 input rows as float32, in memory the caller frees; NULL if none was left. */
+static float *widened_rows(const uint16_t *x, int64_t M, int64_t K) {
+    float *rows = malloc((size_t)(M * K) * sizeof(float));
+    if (rows != NULL)
+        for (int64_t i = 0; i < M * K; i++) rows[i] = bf16_to_float(x[i]);
+    return rows;
+}
+
+/* Both products return 0, or -1 if the rows' float32 copy could not be allocated (nothing is
+   written then); the blocked one -2 for a shape it does not take. */
 int kvcli_int8_rows(const uint16_t *x, const int8_t *w, const uint16_t *scale, uint16_t *out,
                     int64_t M, int64_t N, int64_t K, int threads) {
-    float *rows = malloc((size_t)(M * K) * sizeof(float));
+    float *rows = widened_rows(x, M, K);
     if (rows == NULL) return -1;
-    for (int64_t i = 0; i < M * K; i++) rows[i] = bf16_to_float(x[i]);
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const int8_t *row = w + n * K;
@@ -76,9 +84,8 @@ int kvcli_int8_rows(const uint16_t *x, const int8_t *w, const uint16_t *scale, u
 int kvcli_int8_blocked(const uint16_t *x, const int8_t *w, const uint16_t *scale, uint16_t *out,
                        int64_t M, int64_t N, int64_t K, int threads) {
     if (N % BLOCK != 0 || K % BLOCK != 0) return -2;
-    float *rows = malloc((size_t)(M * K) * sizeof(float));
+    float *rows = widened_rows(x, M, K);
     if (rows == NULL) return -1;
-    for (int64_t i = 0; i < M * K; i++) rows[i] = bf16_to_float(x[i]);
     const int64_t blocks = N / BLOCK, tiles = K / BLOCK;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; b++) {

@@ -37,6 +37,7 @@ from torch import nn
 
 from ..errors import ModelError
 from . import int8_kernel
+from .cpu import cpu_flags
 
 # Products with at most this many rows use the int8 kernel (decode); more rows widen the weight
 # to bfloat16 for the product (prefill). At 4,096 rows the int8 kernel ran at 0.4x bfloat16's
@@ -60,11 +61,7 @@ def cpu_has_bf16() -> bool:
     override = os.environ.get("KVCLI_CPU_BF16", "").strip()
     if override in ("0", "1"):
         return override == "1"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
-    except OSError:
-        return False
+    flags = cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
@@ -169,10 +166,13 @@ class Int8Embedding(nn.Module):
         the embedding for its device or its shape."""
         return (self.tied_to[0] if self.tied_to else self).qweight
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of its own int8 table (an untied embedding's table is never blocked)."""
+        return self.qweight[ids]
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        owner = self.tied_to[0] if self.tied_to else self
-        rows = owner.rows(input_ids) if self.tied_to else self.qweight[input_ids]
-        return (rows.to(PRODUCT_DTYPE) * owner.scale[input_ids][..., None]).to(self.dtype)
+        owner = self.tied_to[0] if self.tied_to else self  # the head (`Int8Linear.rows`: blocked or not) or itself
+        return (owner.rows(input_ids).to(PRODUCT_DTYPE) * owner.scale[input_ids][..., None]).to(self.dtype)
 
 
 def block_for_decode(model: nn.Module) -> int:
