@@ -55,6 +55,25 @@ def label_of(name: str, split: str, floor: float, knobs: dict[str, str] | None =
     return f"{name}:{split}" + (f", floor {floor:g}" if floor else "") + "".join(f", {k}={v}" for k, v in (knobs or {}).items())
 
 
+def query_aware_found(reader, document: str, facts, method_name: str, ratios: list[float], max_new_tokens: int) -> dict[float, list[bool]]:
+    """Per ratio, which facts a query-aware read of `document` finds (`kvcli ask --ratio R
+    --method M`, one prefill per question): the issue's reference for a question-agnostic cache.
+    Each question's prefill is captured once and every ratio derived from it (the same cache)."""
+    from kvcli.methods import Budget, make_method
+    from kvcli.reading import Options, QueryAware, answer
+
+    options = Options(max_new_tokens=max_new_tokens)
+    method = make_method(method_name)
+    mode = QueryAware(reader, document, options)
+    found: dict[float, list[bool]] = {ratio: [] for ratio in ratios}
+    for _, question, expected in facts:
+        captured = mode.capture(question, method.window_size, method.needs_accumulated)
+        for ratio in ratios:
+            text = answer(reader, mode.derive(captured, question, method, Budget(ratio=ratio)), options).text
+            found[ratio].append(holds(text, expected))
+    return found
+
+
 def run(reader, document: str, facts, settings: list[tuple[str, str]], ratios: list[float], max_new_tokens: int,
         on_row=None) -> dict:
     """Every setting at every ratio, from one repeat of `document`; the full reused prefix first."""
@@ -93,6 +112,7 @@ def run(reader, document: str, facts, settings: list[tuple[str, str]], ratios: l
         row = {
             "setting": label, "method": method.name, "head_split": split, "head_floor": method.head_floor, "ratio": ratio,
             "found": sum(holds(text, expected) for text, (_, _, expected) in zip(answers, facts)),
+            "found_facts": [holds(text, expected) for text, (_, _, expected) in zip(answers, facts)],
             "kv_bytes_kept": cache.nbytes(), "head_min": min(lengths), "head_max": max(lengths),
             "packed_layers": sum(layer.packed for layer in cache.layers),
             "decode_tokens_per_s": round(tokens / decode_s, 2) if decode_s > 0 else None, "answers": answers,
@@ -121,11 +141,19 @@ def table(result: dict, ratios: list[float]) -> str:
     head = f"| facts found of {len(full['answers'])} (tokens per head, fewest-most; decode tokens/s) | " + " | ".join(f"ratio {r:g}" for r in ratios) + " |"
     lines = [head, "| --- |" + " --- |" * len(ratios),
              "| the full reused prefix | " + " | ".join(f"{full['found']}" for _ in ratios) + " |"]
+    if result.get("query_aware"):
+        asked = result["query_aware"]
+        lines.append(f"| query-aware reads (`kvcli ask --ratio R --method {asked['method']}`) | "
+                     + " | ".join(str(sum(asked["found"][str(r)])) for r in ratios) + " |")
     for label in labels:
         cells = []
         for ratio in ratios:
             row = by[(label, ratio)]
-            cells.append(f"{row['found']} ({row['head_min']}-{row['head_max']}; {row['decode_tokens_per_s']})")
+            of = ""
+            if result.get("query_aware"):
+                asked = result["query_aware"]["found"][str(ratio)]
+                of = f" [{sum(a and b for a, b in zip(asked, row['found_facts']))} of {sum(asked)}]"
+            cells.append(f"{row['found']}{of} ({row['head_min']}-{row['head_max']}; {row['decode_tokens_per_s']})")
         lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -139,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pydoc", action="store_true",
                         help="hide the ten facts in CPython's pydoc topics (prose kvcli was not tuned on) instead of samples/haystack.txt")
     parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--query-aware", default=None, metavar="METHOD",
+                        help="also ask each question in a query-aware read at each ratio with METHOD (evidencekv: kvcli ask's default); "
+                             "the table then gives each setting's facts found [of those the query-aware read found]")
     parser.add_argument("--json", default=None, help="write the result here too")
     args = parser.parse_args(argv)
 
@@ -161,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['kv_bytes_kept']:,} B, {row['decode_tokens_per_s']} tok/s", file=sys.stderr, flush=True)
 
     result = run(reader, document, FACTS, parse_settings(args.settings), ratios, args.max_new_tokens, on_row=show)
+    if args.query_aware:
+        found = query_aware_found(reader, document, FACTS, args.query_aware, ratios, args.max_new_tokens)
+        result["query_aware"] = {"method": args.query_aware, "found": {str(r): f for r, f in found.items()}}
+        print(f"query-aware ({args.query_aware}): " + ", ".join(f"{r:g}: {sum(f)}/{len(f)}" for r, f in found.items()), file=sys.stderr, flush=True)
     result.update(model=lm.name, length=args.length, max_new_tokens=args.max_new_tokens, haystack="pydoc topics" if args.pydoc else "samples/haystack.txt")
     print(table(result, ratios))
     if args.json:

@@ -238,6 +238,15 @@ def test_head_split_asks_every_setting_from_one_repeat(tiny_model, home, one_thr
     assert equal["packed_layers"] == 0 and len(equal["answers"]) == 2
     assert split["kv_bytes_kept"] == equal["kv_bytes_kept"]  # the same budget's bytes, however the heads split it
     assert "| `snapkv:global` |" in head_split.table(result, [0.3])
+    # the reference: which facts a query-aware read at the same ratio finds, and the count of those each setting found
+    asked = head_split.query_aware_found(reader, document, facts, "snapkv", [0.3], max_new_tokens=2)
+    assert list(asked) == [0.3] and len(asked[0.3]) == 2 and all(isinstance(found, bool) for found in asked[0.3])
+    asked[0.3] = [True, False]
+    result["query_aware"] = {"method": "snapkv", "found": {"0.3": asked[0.3]}}
+    equal["found_facts"] = [True, True]
+    table = head_split.table(result, [0.3])
+    assert "| query-aware reads (`kvcli ask --ratio R --method snapkv`) | 1 |" in table
+    assert f"| `snapkv:equal` | {equal['found']} [1 of 1] (" in table
 
 
 def test_heap_policy_document_is_the_haystacks_start_in_whole_lines(tmp_path):
