@@ -194,13 +194,16 @@ def prefill(
     and the cache is compressed after each, so it never holds more than the budget plus one
     chunk; `probe_ids` (the question) are fed after each chunk but the last so the chunk is
     scored against the question, then dropped. The last `tail` tokens (the question, when it
-    is the prompt's end) stay together in the last chunk, so its observation window is whole.
+    is the prompt's end; at least `compression.question`) stay together in the last chunk, so its
+    observation window is whole and the question is kept whole.
     With `reindex` (a `reindex.Reindexer`) the prompt is read in chunks whatever its length and
     the kept entries are packed before each next chunk, so positions stay below budget + chunk + probe.
     An `on_layer` with a `chunk` method hears of each chunk before it is fed (`announce_chunk`).
     """
     cache = new_cache(model)
     prompt_len = input_ids.shape[1]
+    if compression is not None:  # a question kept whole is read whole, in the last chunk
+        tail = max(tail, compression.question)
     bounds = chunk_bounds(prompt_len, chunk_size, compression is not None, tail, reindex is not None)
     compressor = None
     chunks: list[tuple[int, int]] = []

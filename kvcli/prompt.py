@@ -49,6 +49,11 @@ class Prompt:
         return self.ids.shape[1]
 
     @property
+    def question_len(self) -> int:
+        """Tokens from the question on (the chat template's closing included): what a query-aware read keeps whole."""
+        return len(self) - self.prefix_len
+
+    @property
     def doc_end(self) -> int:
         """Index of the first token after the document (where an instruction or the question starts)."""
         end = self.doc_start + len(self.doc_text)

@@ -173,7 +173,7 @@ def read_compression(compression: Compression | None, continued: int) -> Compres
     plan = compression.plan
     if plan.total >= continued * plan.num_layers:
         return None
-    return Compression(compression.method, BudgetPlan(plan.num_layers, continued, plan.total), compression.profile)
+    return Compression(compression.method, BudgetPlan(plan.num_layers, continued, plan.total), compression.profile, compression.question)
 
 
 def skim_prefill(

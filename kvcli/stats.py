@@ -273,7 +273,10 @@ def render(stats: RunStats, every_layer: bool = False) -> Group:
             budget.append(f" ({stats.note})", style="yellow")
         facts.add_row("budget", budget)
         if stats.window_text:
-            facts.add_row("window", Text(f"covers {stats.window_text!r}"))
+            window = Text(f"covers {stats.window_text!r}")
+            if stats.extra.get("question_kept_whole"):
+                window.append(f"; the question's {stats.extra['question_kept_whole']} tokens before it kept whole, beside the budget")
+            facts.add_row("window", window)
     else:
         facts.add_row("budget", f"not compressed: {stats.note}")
     if sliding:

@@ -104,3 +104,63 @@ def test_chunked_prefill_meets_budget(tiny_model, prompt, name):
         positions = layer.kept_positions()
         assert torch.equal(positions[:, -method.window_size :], window.expand(positions.shape[0], -1))
         assert (positions < PROMPT_LEN).all() and (positions[:, 1:] > positions[:, :-1]).all()
+
+
+QUESTION = 20  # the prompt's last tokens taken as the question in the tests below
+
+
+@pytest.mark.parametrize("name", [name for name, cls in REGISTRY.items() if cls.compresses])
+def test_question_kept_whole_beside_the_budget(tiny_model, prompt, captured, name):
+    """A compression told the prompt ends in a question keeps all of it in every layer and head, beside the
+    plan's total, its tokens before the window never candidates; live and replayed keep the same cache."""
+    from dataclasses import replace
+
+    method = build(name, NUM_LAYERS, tiny_model.config.num_attention_heads)
+    plan = plan_budget(PROMPT_LEN - (QUESTION - method.window_size), NUM_LAYERS, window_size=method.window_size, ratio=RATIO)
+    compression = replace(squeeze(method, plan), question=QUESTION)
+    assert compression.kept_whole == QUESTION - method.window_size
+    live = prefill(tiny_model, prompt, compression)
+    derived = captured.derive(compression)
+    assert_same_cache(live.cache, derived.cache)
+    extra = QUESTION - method.window_size
+    assert sum(live.cache.retained_per_layer()) == plan.total + extra * NUM_LAYERS
+    question = torch.arange(PROMPT_LEN - QUESTION, PROMPT_LEN)
+    for layer in live.cache.layers:
+        for positions in layer.head_positions():
+            assert torch.equal(positions[-QUESTION:], question) and (positions[1:] > positions[:-1]).all()
+    assert list(decode(tiny_model, live, 8, set())) == list(decode(tiny_model, derived, 8, set()))
+    # without the question's tokens before the window to keep, the same plan keeps fewer of them
+    plain = prefill(tiny_model, prompt, squeeze(method, plan)).cache
+    assert sum(plain.retained_per_layer()) == plan.total
+    assert any(not torch.isin(question, positions).all() for layer in plain.layers for positions in layer.head_positions())
+
+
+@pytest.mark.parametrize("split", ["adaptive", "global"])
+def test_question_kept_whole_with_unequal_heads(tiny_model, prompt, captured, split):
+    """Under a per-head split the question is kept whole in every head too, each head still sorted."""
+    from dataclasses import replace
+
+    method = make_method("snapkv", head_split=split)
+    plan = plan_budget(PROMPT_LEN - (QUESTION - method.window_size), NUM_LAYERS, window_size=method.window_size, ratio=RATIO)
+    cache = captured.derive(replace(squeeze(method, plan), question=QUESTION)).cache
+    question = torch.arange(PROMPT_LEN - QUESTION, PROMPT_LEN)
+    for layer in cache.layers:
+        for positions in layer.head_positions():
+            assert torch.equal(positions[-QUESTION:], question) and (positions[1:] > positions[:-1]).all()
+    assert sum(sum(lengths) for lengths in cache.head_lengths()) == (plan.total + (QUESTION - method.window_size) * NUM_LAYERS) * 2
+
+
+def test_question_kept_whole_at_the_last_chunk_only(tiny_model, prompt):
+    """A chunked read keeps the question whole after its last chunk; the probes fed after earlier chunks are never kept."""
+    from dataclasses import replace
+
+    method = make_method("snapkv")
+    plan = plan_budget(PROMPT_LEN - (QUESTION - method.window_size), NUM_LAYERS, window_size=method.window_size, ratio=RATIO)
+    compression = replace(squeeze(method, plan), question=QUESTION)
+    probe = prompt[:, -QUESTION:]
+    state = prefill(tiny_model, prompt, compression, chunk_size=24, probe_ids=probe, tail=QUESTION)
+    assert sum(state.cache.retained_per_layer()) == plan.total + (QUESTION - method.window_size) * NUM_LAYERS
+    for layer in state.cache.layers:
+        positions = layer.kept_positions()
+        assert torch.equal(positions[:, -QUESTION:], torch.arange(PROMPT_LEN - QUESTION, PROMPT_LEN).expand(2, -1))
+        assert (positions < PROMPT_LEN).all() and (positions[:, 1:] > positions[:, :-1]).all()

@@ -81,12 +81,15 @@ def test_token_counts_are_the_tokenizers_and_the_readers(short, short_reader, do
     assert plan.prompt_tokens == len(QueryAware(short_reader, doc.text, options).prompt("w1 w2?"))
 
 
-@pytest.mark.parametrize(("method", "budget", "chunk_size"), [("snapkv", 24, None), ("pyramidkv", 30, None), ("dynamickv", 16, None), ("snapkv", 24, 40)])
-def test_chunks_past_the_window_are_what_the_reader_reads(short, short_reader, docs, method, budget, chunk_size):
+@pytest.mark.parametrize(("method", "budget", "chunk_size", "question"), [
+    ("snapkv", 24, None, "w1 w2?"), ("pyramidkv", 30, None, "w1 w2?"), ("dynamickv", 16, None, "w1 w2?"), ("snapkv", 24, 40, "w1 w2?"),
+    ("snapkv", 24, None, "w3 w4 w5 w6 w7 w8 w9 w10 w11 w12 w13 w14?")])
+def test_chunks_past_the_window_are_what_the_reader_reads(short, short_reader, docs, method, budget, chunk_size, question):
     """Past a 128-position window, the plan's mode, chunk count, chunk size, budget and kept bytes equal what QueryAware.read does on the loaded model, and the KV the engine held at its largest (prefill and answer) is no more than the plan's peak."""
     options = Options(budget=Budget(tokens=budget), max_new_tokens=4, chunk_size=chunk_size)
-    plan, doc = plan_of(short, docs, "w1 w2?", options, method)
-    reading = QueryAware(short_reader, doc.text, options).read("w1 w2?", make_method(method))
+    plan, doc = plan_of(short, docs, question, options, method)
+    reading = QueryAware(short_reader, doc.text, options).read(question, make_method(method))
+    assert (reading.state.compression.kept_whole > 0) == (question != "w1 w2?")  # the long question is kept whole
     assert reading.mode == plan.mode == "reindexed"
     assert plan.chunks == len(reading.state.chunks) == reading.past["chunks"] and plan.chunks > 3
     assert plan.chunk_size == reading.past["chunk_size"]
@@ -119,10 +122,12 @@ def test_reading_within_the_window_matches_the_reader(tmp_path, short_reader, ch
     doc = tmp_path / "doc.txt"
     doc.write_text(words(300))
     options = Options(budget=Budget(tokens=24), max_new_tokens=4, chunk_size=chunk_size)
-    for method in ("full", "snapkv"):
-        plan, document = plan_of(folder, [str(doc)], "w1?", options, method)
-        reading = QueryAware(reader, document.text, options).read("w1?", make_method(method))
+    long_question = " ".join(f"w{i}" for i in range(10, 40)) + "?"  # kept whole beside the budget (methods.base.Compression)
+    for method, question in (("full", "w1?"), ("snapkv", "w1?"), ("snapkv", long_question)):
+        plan, document = plan_of(folder, [str(doc)], question, options, method)
+        reading = QueryAware(reader, document.text, options).read(question, make_method(method))
         assert plan.mode == reading.mode and plan.chunks == len(reading.state.chunks)
+        assert (reading.state.compressed and reading.state.compression.kept_whole > 0) == (question == long_question)
         assert plan.kv_kept == reading.state.cache.nbytes()
         answer(reader, reading, options)
         assert reading.state.cache.kv_peak_nbytes <= plan.kv_peak

@@ -122,6 +122,34 @@ def test_chunked_query_read_keeps_the_budget(reader):
     assert sum(reading.state.cache.retained_per_layer()) == plan.total
 
 
+LONG_QUESTION = " ".join(f"w{i}" for i in range(10, 40)) + "?"  # more tokens than any observation window
+
+
+@pytest.mark.parametrize("name", ["snapkv", "dynamickv", "evidencekv"])
+def test_a_query_aware_read_keeps_its_question_whole_beside_the_budget(reader, name):
+    """--budget B in a query-aware read keeps B tokens per layer of the document (window included) and the whole
+    question beside them, one pass, in chunks or read once; none of the question's tokens is dropped."""
+    from kvcli.reading import ReadOnce
+
+    options = Options(budget=Budget(tokens=24), max_new_tokens=4)
+    document = words(300)
+    method = make_method(name)
+    mode = QueryAware(reader, document, options)
+    prompt = mode.prompt(LONG_QUESTION)
+    question = prompt.question_len
+    assert question > 2 * method.window_size
+    one_pass = mode.read(LONG_QUESTION, method)
+    chunked = QueryAware(reader, document, Options(budget=Budget(tokens=24), chunk_size=64)).read(LONG_QUESTION, method)
+    once = ReadOnce(reader, document, options, accumulated=method.needs_accumulated).read(LONG_QUESTION, method)
+    for reading in (one_pass, chunked, once):
+        assert sum(reading.state.cache.retained_per_layer()) == (24 + question - method.window_size) * reader.num_layers
+        for layer in reading.state.cache.layers:
+            kept = layer.kept_positions()
+            assert torch.equal(kept[:, -question:], torch.arange(len(prompt) - question, len(prompt)).expand(kept.shape[0], -1))
+    for a, b in zip(once.state.cache.layers, one_pass.state.cache.layers, strict=True):  # what one pass keeps, as read once
+        assert torch.equal(a.kept_positions(), b.kept_positions())
+
+
 # --- prompts that fit -----------------------------------------------------------------------------
 
 

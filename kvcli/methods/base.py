@@ -298,17 +298,41 @@ def keep_global(layers: list[tuple[torch.Tensor, torch.Tensor]], total: int, win
     return kept
 
 
+def with_tail(positions: torch.Tensor | list[torch.Tensor], tail: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+    """Kept `positions` (`(num_kv_heads, n)`, or `(n_h,)` per head) and the `tail` `(num_kv_heads, m)`
+    after them: the prompt's last entries, later than any other, so each head stays sorted."""
+    if isinstance(positions, (list, tuple)):
+        return [torch.cat([kept, tail[h].to(kept.device)]) for h, kept in enumerate(positions)]
+    return torch.cat([positions, tail.to(positions.device)], dim=1)
+
+
 @dataclass(frozen=True)
 class Compression:
-    """What a compressing read needs: the method, its budget for this prompt, the model's profile."""
+    """What a compressing read needs: the method, its budget for this prompt, the model's profile,
+    and how many of the prompt's last tokens are the question.
+
+    A query-aware read keeps its question whole, beside the budget (`plan`, made for the prompt
+    without the question's tokens before the observation window): the window's queries score as
+    always, and the question's earlier tokens are never candidates, so at a small budget the
+    question does not crowd the document out (docs/methods.md#budgets). A question-agnostic
+    prefix has no question (0): the question fed after it is kept whole too.
+    """
 
     method: Method
     plan: BudgetPlan
     profile: object = None  # RetrievalProfile when `method.needs_profile`
+    question: int = 0  # the prompt's last tokens that are the question (its chat template's closing included)
+
+    @property
+    def kept_whole(self) -> int:
+        """The question's tokens before the observation window: kept, beside the budget."""
+        return max(0, self.question - self.method.window_size)
 
     def compressor(self) -> Compressor:
         """A fresh compressor: one per prefill step (a chunked read starts one per chunk)."""
-        return self.method.compressor(self.plan, self.profile)
+        compressor = self.method.compressor(self.plan, self.profile)
+        compressor.kept_whole = self.kept_whole
+        return compressor
 
 
 class Compressor:
@@ -324,6 +348,9 @@ class Compressor:
         # hold different numbers of entries is never compressed again.
         self.last_step = True
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # the global split's layers, held until the last
+        # The prompt's last entries kept beside the budget at the last step (`Compression.kept_whole`:
+        # a query-aware read's question before its window); they are not candidates.
+        self.kept_whole = 0
 
     @property
     def head_split(self) -> str:
@@ -354,7 +381,12 @@ class Compressor:
     def next_step(self) -> Compressor:
         """The compressor for the next prefill step of the same read (a chunked read's next chunk):
         a fresh one, unless the method carries something from step to step (H2O's scores)."""
-        return self.method.compressor(self.plan, self.profile)
+        return self.carry_to(self.method.compressor(self.plan, self.profile))
+
+    def carry_to(self, following: Compressor) -> Compressor:
+        """`following`, the next step's compressor, told what every step of this read shares."""
+        following.kept_whole = self.kept_whole
+        return following
 
     def observe(self, obs: LayerObservation) -> dict[int, torch.Tensor]:
         """Positions to keep `{layer_idx: (num_kv_heads, n_kept)}` after seeing layer `obs.layer_idx`."""
@@ -373,8 +405,12 @@ class Compressor:
             raise BudgetError(f"internal: layer {obs.layer_idx} is a sliding-window layer, which no method compresses") from None
         if len(compressed) != self.plan.num_layers:
             raise BudgetError(f"internal: the plan is for {self.plan.num_layers} layers, the cache compresses {len(compressed)}")
+        whole = min(self.kept_whole, obs.k_len) if self.last_step else 0
+        tail = obs.positions[:, obs.k_len - whole :]  # (num_kv_heads, whole): the same positions in every layer
+        if whole:
+            obs = obs.drop_tail(whole)
         for target, positions in self.observe(replace(obs, layer_idx=rank)).items():
-            cache.layers[compressed[target]].keep_positions(positions)
+            cache.layers[compressed[target]].keep_positions(with_tail(positions, tail) if whole else positions)
 
     def observe_live(self, cache, layer_idx: int, query, keys, attn, probe_len: int = 0,
                      accumulated_before=None, queries_before=None) -> None:
@@ -513,6 +549,7 @@ __all__ = [
     "joint_top",
     "keep_split",
     "split_winners",
+    "with_tail",
     "keep_window_and_top",
     "plan_budget",
     "pool_scores",

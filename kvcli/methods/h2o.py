@@ -91,7 +91,7 @@ class H2OCompressor(Compressor):
         self._probe_scores: torch.Tensor | None = None  # set by observe_live for the observe it calls
 
     def next_step(self) -> H2OCompressor:
-        return H2OCompressor(self.method, self.plan, self.kept_scores)
+        return self.carry_to(H2OCompressor(self.method, self.plan, self.kept_scores))
 
     def observe_live(self, cache, layer_idx: int, query, keys, attn, probe_len: int = 0,
                      accumulated_before=None, queries_before=None) -> None:

@@ -102,7 +102,7 @@ class ReadOnce:
                 + f"; {method.name} with --window {method.window_size} needs it read again"
                 + ("" if not method.needs_accumulated else " (kvcli read --all-query-scores)")
             )
-        compression, note = self.reader.compression(method, budget or self.options.budget, n + suffix.shape[1])
+        compression, note = self.reader.compression(method, budget or self.options.budget, n + suffix.shape[1], suffix.shape[1])
         with self.reader.prefilling():
             state = ask_after(self.reader.model, prefix, suffix.to(self.reader.device), compression, on_layer)
         tail = (self.tail_ids + suffix[0].tolist())[-method.window_size :]

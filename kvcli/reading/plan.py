@@ -119,7 +119,8 @@ def make_plan(layout: Layout, doc, question: str, options, method: Method, dtype
     sources, document_tokens = source_tokens(layout.tokenizer, doc)
     query = QueryAware(layout, doc.text, options)
     prompt = query.prompt(question)
-    n, tail = len(prompt), len(prompt) - prompt.prefix_len
+    n, tail = len(prompt), prompt.question_len
+    whole = max(0, tail - method.window_size) if method.compresses else 0  # the question kept beside the budget (Compression)
     budget, note, chunk, refused = None, "", None, ""
     if query.past_window(question):
         mode = "reindexed"
@@ -129,7 +130,7 @@ def make_plan(layout: Layout, doc, question: str, options, method: Method, dtype
         except KvcliError as err:
             refused, chunks = str(err), 0
     else:
-        budget, note = layout.budget_plan(method, options.budget, n)
+        budget, note = layout.budget_plan(method, options.budget, n - whole)
         chunk = options.chunk_size
         if chunk is None and budget is not None and method.needs_profile:  # what QueryAware.read picks
             if profile is not None:
@@ -138,7 +139,7 @@ def make_plan(layout: Layout, doc, question: str, options, method: Method, dtype
                 note = (note + "; " if note else "") + (
                     f"{method.name} may read this prompt in chunks (by the model's retrieval-head profile, computed on the "
                     "first read): the prefill peak below assumes one pass, an upper bound")
-        chunks = prefill_steps(n, chunk, budget is not None)
+        chunks = prefill_steps(n, chunk, budget is not None, tail=tail)  # the question in the last chunk, whole
         mode = "chunked" if chunks > 1 else "query"
         chunk = chunk if chunks > 1 else None
 
@@ -150,7 +151,7 @@ def make_plan(layout: Layout, doc, question: str, options, method: Method, dtype
     full = kv.entry * (num_global * n + held)
     kept = peak = prefill = None
     if not refused:
-        kept = full if budget is None else kv.entry * (budget.total + held)
+        kept = full if budget is None else kv.entry * (budget.total + whole * num_global + held)
         # One pass: every layer whole bounds it (evidencekv holds most layers whole until its evidence
         # heads are seen). In chunks: each layer holds at most what one layer may keep, one chunk and
         # the question probing it (dynamickv holds a layer's candidates until it re-divides).

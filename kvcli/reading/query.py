@@ -52,7 +52,7 @@ class QueryAware:
         prompt = self.prompt(question)
         if self._past(prompt):
             return self._read_past(prompt, method, budget or self.options.budget, chunk_size, on_layer)
-        compression, note = reader.compression(method, budget or self.options.budget, len(prompt))
+        compression, note = reader.compression(method, budget or self.options.budget, len(prompt), prompt.question_len)
         chunk_size = self._chunks(prompt, compression, chunk_size)
         probe = prompt.ids[:, prompt.prefix_len :] if chunk_size and compression is not None else None
         with reader.prefilling():
@@ -69,14 +69,14 @@ class QueryAware:
         prompt = self.prompt(question)
         if self._past(prompt):
             return self.reader.context_limit(self.options)
-        compression, _ = self.reader.compression(method, budget or self.options.budget, len(prompt))
+        compression, _ = self.reader.compression(method, budget or self.options.budget, len(prompt), prompt.question_len)
         chunk = self._chunks(prompt, compression, chunk_size)
         return chunk if chunk and compression is not None and chunk < len(prompt) else None  # else one pass (`chunk_bounds`)
 
     def _chunks(self, prompt: Prompt, compression, chunk_size: int | None) -> int | None:
         chunk_size = chunk_size if chunk_size is not None else self.options.chunk_size
         if chunk_size is None and compression is not None:  # a long prompt in chunks where the method needs them for its peak (evidencekv)
-            chunk_size = compression.method.prefill_chunk(compression.plan, compression.profile, len(prompt) - prompt.prefix_len)
+            chunk_size = compression.method.prefill_chunk(compression.plan, compression.profile, prompt.question_len)
         return chunk_size
 
     def check(self, question: str, method: Method, budget: Budget | None = None) -> None:
@@ -84,14 +84,14 @@ class QueryAware:
         every token, a RoPE that cannot move, or a budget leaving no room for a chunk."""
         prompt = self.prompt(question)
         if self._past(prompt):
-            self.reader.plan_past(self.options, method, budget or self.options.budget, len(prompt), len(prompt) - prompt.prefix_len)
+            self.reader.plan_past(self.options, method, budget or self.options.budget, len(prompt), prompt.question_len, question=prompt.question_len)
 
     def _read_past(self, prompt: Prompt, method: Method, budget: Budget, chunk_size: int | None, on_layer) -> Reading:
         """Read a prompt longer than the context: in chunks, compressing after each, the question
         probing every chunk, kept keys re-indexed so that no position reaches the context's end."""
         reader = self.reader
         question = prompt.ids[:, prompt.prefix_len :]
-        compression, note, chunk, layout = reader.plan_past(self.options, method, budget, len(prompt), question.shape[1], chunk_size)
+        compression, note, chunk, layout = reader.plan_past(self.options, method, budget, len(prompt), question.shape[1], chunk_size, question=question.shape[1])
         n, limit = len(prompt), reader.context_limit(self.options)
         with reader.prefilling():
             state = prefill(
@@ -110,7 +110,7 @@ class QueryAware:
     def derive(self, captured: Capture, question: str, method: Method, budget: Budget | None = None) -> Reading:
         """The cache a live `read` would keep, replayed from `captured` (the same cache, tested)."""
         prompt = self.prompt(question)
-        compression, note = self.reader.compression(method, budget or self.options.budget, len(prompt))
+        compression, note = self.reader.compression(method, budget or self.options.budget, len(prompt), prompt.question_len)
         return self._reading(prompt, captured.derive(compression), method, "query", note)
 
     def _reading(self, prompt: Prompt, state, method: Method, mode: str, note: str) -> Reading:

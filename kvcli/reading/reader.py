@@ -110,11 +110,14 @@ class Reader(Layout):
                 ids.add(tid)
         return ids
 
-    def plan_past(self, options: Options, method: Method, budget: Budget, n: int, reserved: int, chunk_size: int | None = None):
+    def plan_past(self, options: Options, method: Method, budget: Budget, n: int, reserved: int, chunk_size: int | None = None,
+                  question: int = 0):
         """(compression, note, chunk size, rotary layout) to read `n` tokens past the positions the
-        model reads (`Layout.past_chunking`); an InputError for what cannot be read so."""
+        model reads (`Layout.past_chunking`), `reserved` positions kept free after every chunk; the
+        last `question` tokens are a question, kept whole (`Compression`). An InputError for what
+        cannot be read so."""
         plan, note, chunk, layout, method = self.past_chunking(options, method, budget, n, reserved, chunk_size)
-        return Compression(method, plan, self.profile() if method.needs_profile else None), note, chunk, layout
+        return Compression(method, plan, self.profile() if method.needs_profile else None, question=question), note, chunk, layout
 
     def profile(self, progress: Callable[[int, int], None] | None = None):
         """The model's retrieval-head profile, loaded or computed once per reader."""
@@ -125,10 +128,13 @@ class Reader(Layout):
                 self._profile = load_or_compute_profile(self.lm, progress=progress)
         return self._profile
 
-    def compression(self, method: Method, budget: Budget, prompt_len: int) -> tuple[Compression | None, str]:
+    def compression(self, method: Method, budget: Budget, prompt_len: int, question: int = 0) -> tuple[Compression | None, str]:
         """What a prompt of `prompt_len` tokens keeps under `method` and `budget`, and a note
-        when that is not what was asked for (None: the full cache)."""
-        plan, note = self.budget_plan(method, budget, prompt_len)
+        when that is not what was asked for (None: the full cache). The prompt's last `question`
+        tokens are a question, kept whole beside the budget (`Compression`): the budget is planned
+        for the prompt without those before the observation window."""
+        whole = max(0, min(question, prompt_len) - method.window_size) if method.compresses else 0
+        plan, note = self.budget_plan(method, budget, prompt_len - whole)
         if plan is None:
             return None, note
-        return Compression(method, plan, self.profile() if method.needs_profile else None), note
+        return Compression(method, plan, self.profile() if method.needs_profile else None, question=question), note

@@ -144,14 +144,14 @@ class Skim:
             return reading
         note, reindex, chunk, filtering = "", None, None, None
         if past:
-            compression, note, chunk, layout = reader.plan_past(options, method, budget, n, tail)
+            compression, note, chunk, layout = reader.plan_past(options, method, budget, n, tail, question=tail)
             limit = reader.context_limit(options)
             room = limit - options.max_new_tokens - max(head, SINK_TOKENS) - tail
             if plan.tokens > room:  # read packed, the chosen tokens and the answer stay within the positions
                 plan = replace(plan, tokens=max(0, room))
             reindex = Reindexer(layout[: plan.stop_layer + 1])
         else:
-            compression, note = reader.compression(method, budget, n)
+            compression, note = reader.compression(method, budget, n, tail)
             chunk = options.chunk_size if compression is not None else None
             if chunk is None and n > FILTER_CHUNK:
                 # a long prompt in chunks (its filter layers' KV kept whole): one pass would hold every
