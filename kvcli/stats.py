@@ -269,14 +269,14 @@ def render(stats: RunStats, every_layer: bool = False) -> Group:
         if sliding and stats.global_ratio is not None:
             budget = Text(f"global layers {stats.global_budget:.1f} tokens/layer = ratio {stats.global_ratio:.4f}; "
                           f"all layers {stats.budget:.1f} tokens/layer = ratio {stats.ratio:.4f}")
+        whole = stats.extra.get("question_kept_whole", 0)
+        if whole:  # a query-aware read's question, kept whole beside the budget (methods.base.Compression)
+            budget.append(f", with the question's first {whole} tokens kept whole beside the budget")
         if stats.note:
             budget.append(f" ({stats.note})", style="yellow")
         facts.add_row("budget", budget)
         if stats.window_text:
-            window = Text(f"covers {stats.window_text!r}")
-            if stats.extra.get("question_kept_whole"):
-                window.append(f"; the question's {stats.extra['question_kept_whole']} tokens before it kept whole, beside the budget")
-            facts.add_row("window", window)
+            facts.add_row("window", Text(f"covers {stats.window_text!r}"))
     else:
         facts.add_row("budget", f"not compressed: {stats.note}")
     if sliding:

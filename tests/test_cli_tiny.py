@@ -89,6 +89,19 @@ def test_report_and_json_say_why_the_answer_stopped(tiny, home, doc):
     assert "3 tokens, stopped at --max-new-tokens" in text.stderr
 
 
+def test_a_long_question_is_kept_whole_beside_the_budget(tiny, home, doc):
+    """ask --budget N with a question longer than the window keeps N tokens per layer and the question's first
+    words besides, and the report and --json say how many."""
+    question = " ".join(f"w{i}" for i in range(5, 25)) + "?"
+    made = run("ask", doc, question, "-m", tiny, "--method", "snapkv", "--budget", "24", "--max-new-tokens", "2", "--json")
+    assert made.exit_code == 0, made.stderr
+    stats = json.loads(made.stdout)["stats"]
+    whole = stats["extra"]["question_kept_whole"]
+    assert whole > 10 and stats["retained_per_layer"] == [24 + whole] * len(stats["retained_per_layer"])
+    shown = run("ask", doc, question, "-m", tiny, "--method", "snapkv", "--budget", "24", "--max-new-tokens", "2")
+    assert f"with the question's first {whole} tokens kept whole beside the budget" in " ".join(shown.stderr.split())
+
+
 def test_first_evidencekv_run_says_it_computes_the_profile(tiny, home, doc):
     """The first evidencekv run on a model without a profile says so on stderr; the second finds it cached."""
     first = run("ask", doc, "w1?", "-m", tiny, "--max-new-tokens", "2")
