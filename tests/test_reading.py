@@ -114,12 +114,19 @@ def test_chunked_reuse_probes_every_chunk_with_the_instruction(reader, monkeypat
 
 
 def test_chunked_query_read_keeps_the_budget(reader):
-    """A chunked query-aware read keeps exactly the budget and says it was read in chunks."""
+    """A chunked query-aware read keeps exactly the budget (of the document: the prompt before the question)
+    and the question, and says it was read in chunks."""
+    from kvcli.methods import question_plan
+
     options = Options(budget=Budget(ratio=0.25), chunk_size=64)
-    reading = QueryAware(reader, words(300), options).read("w5?", make_method("snapkv"))
+    mode = QueryAware(reader, words(300), options)
+    reading = mode.read("w5?", make_method("snapkv"))
     assert reading.mode == "chunked" and len(reading.state.chunks) > 1
-    plan, _ = options.budget.plan(reading.state.prompt_len, reader.num_layers, 8)
-    assert sum(reading.state.cache.retained_per_layer()) == plan.total
+    question = mode.prompt("w5?").question_len
+    plan, _ = question_plan(options.budget, reading.state.prompt_len, reader.num_layers, 8, question)
+    document, _ = options.budget.plan(reading.state.prompt_len - question, reader.num_layers, 0)
+    assert reading.state.compression.plan == plan and plan.total == document.total + min(8, question) * reader.num_layers
+    assert sum(reading.state.cache.retained_per_layer()) == document.total + question * reader.num_layers
 
 
 LONG_QUESTION = " ".join(f"w{i}" for i in range(10, 40)) + "?"  # more tokens than any observation window
@@ -127,8 +134,8 @@ LONG_QUESTION = " ".join(f"w{i}" for i in range(10, 40)) + "?"  # more tokens th
 
 @pytest.mark.parametrize("name", ["snapkv", "dynamickv", "evidencekv"])
 def test_a_query_aware_read_keeps_its_question_whole_beside_the_budget(reader, name):
-    """--budget B in a query-aware read keeps B tokens per layer of the document (window included) and the whole
-    question beside them, one pass, in chunks or read once; none of the question's tokens is dropped."""
+    """--budget B in a query-aware read keeps B tokens per layer of the document and the whole question beside
+    them, one pass, in chunks or read once; none of the question's tokens is dropped."""
     from kvcli.reading import ReadOnce
 
     options = Options(budget=Budget(tokens=24), max_new_tokens=4)
@@ -142,7 +149,7 @@ def test_a_query_aware_read_keeps_its_question_whole_beside_the_budget(reader, n
     chunked = QueryAware(reader, document, Options(budget=Budget(tokens=24), chunk_size=64)).read(LONG_QUESTION, method)
     once = ReadOnce(reader, document, options, accumulated=method.needs_accumulated).read(LONG_QUESTION, method)
     for reading in (one_pass, chunked, once):
-        assert sum(reading.state.cache.retained_per_layer()) == (24 + question - method.window_size) * reader.num_layers
+        assert sum(reading.state.cache.retained_per_layer()) == (24 + question) * reader.num_layers
         for layer in reading.state.cache.layers:
             kept = layer.kept_positions()
             assert torch.equal(kept[:, -question:], torch.arange(len(prompt) - question, len(prompt)).expand(kept.shape[0], -1))
@@ -258,8 +265,11 @@ def test_a_document_four_times_the_positions_reads_without_passing_them(reader, 
         hook.remove()
     assert reading.mode == "reindexed" and reading.state.prompt_len > 4 * limit
     assert max(fed) < limit and len(fed) > 4
-    plan, _ = options.budget.plan(reading.state.prompt_len, reader.num_layers, method.window_size)
-    assert sum(reading.state.cache.retained_per_layer()) == plan.total + 5 * reader.num_layers  # 5 decode steps
+    plan = reading.state.compression.plan
+    question = mode.prompt("w5 w6?").question_len
+    assert plan.total == (96 + min(method.window_size, question)) * reader.num_layers  # the document's 96, the window's question tokens
+    kept = plan.total + reading.state.compression.kept_whole * reader.num_layers
+    assert sum(reading.state.cache.retained_per_layer()) == kept + 5 * reader.num_layers  # 5 decode steps
     for layer in reading.state.cache.layers:
         kept = layer.kept_positions()
         assert (kept[:, 1:] > kept[:, :-1]).all() and (kept[:, -6] == reading.state.prompt_len - 1).all()

@@ -138,6 +138,23 @@ class Budget:
         return BudgetPlan(num_layers=num_layers, prompt_len=prompt_len, total=total), note
 
 
+def question_plan(budget: Budget, prompt_len: int, num_layers: int, window_size: int, question: int = 0) -> tuple[BudgetPlan | None, str]:
+    """`budget.plan` for a prompt whose last `question` tokens are a question kept whole
+    (`Compression`): the budget is the document's, the prompt before the question (`--budget N`
+    keeps N of its tokens per layer, a ratio is of its tokens), and the method's observation
+    window, the question's end, is kept beside it with the question's other tokens. The plan's
+    prompt is what the method sees as candidates and window (the question's tokens before the
+    window are neither), its total the budget plus the window's question tokens per layer."""
+    if question <= 0:
+        return budget.plan(prompt_len, num_layers, window_size)
+    window = min(window_size, question)
+    # a question shorter than the window leaves the window's first tokens in the document: they count in its budget
+    plan, note = budget.plan(prompt_len - question, num_layers, window_size - window)
+    if plan is None:
+        return None, note
+    return BudgetPlan(num_layers=num_layers, prompt_len=prompt_len - (question - window), total=plan.total + window * num_layers), note
+
+
 def plan_budget(prompt_len: int, num_layers: int, *, window_size: int, ratio: float | None = None, budget: int | None = None,
                 min_keep: int | None = None) -> BudgetPlan | None:
     """`Budget(ratio, budget, min_keep).plan(...)` without its note; None when the prompt already fits."""
@@ -311,11 +328,10 @@ class Compression:
     """What a compressing read needs: the method, its budget for this prompt, the model's profile,
     and how many of the prompt's last tokens are the question.
 
-    A query-aware read keeps its question whole, beside the budget (`plan`, made for the prompt
-    without the question's tokens before the observation window): the window's queries score as
-    always, and the question's earlier tokens are never candidates, so at a small budget the
-    question does not crowd the document out (docs/methods.md#budgets). A question-agnostic
-    prefix has no question (0): the question fed after it is kept whole too.
+    A query-aware read keeps its question whole, beside the budget (`question_plan`): the
+    window's queries score as always, and the question's tokens are never candidates, so at a
+    small budget the question does not crowd the document out (docs/methods.md). A
+    question-agnostic prefix has no question (0): the question fed after it is kept whole too.
     """
 
     method: Method
@@ -552,5 +568,6 @@ __all__ = [
     "with_tail",
     "keep_window_and_top",
     "plan_budget",
+    "question_plan",
     "pool_scores",
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from ..attention import ModelAttention
 from ..errors import InputError
 from ..generate import chunk_bounds
-from ..methods import Budget, BudgetPlan, Method
+from ..methods import Budget, BudgetPlan, Method, question_plan
 from ..prompt import Prompt, build_prompt
 
 DEFAULT_PAST_CHUNK = 2048  # tokens per chunk when reading past the context, unless --chunk-size says
@@ -58,17 +58,19 @@ class Layout:
             self._layout = rotary_layout(self.config)
         return self._layout
 
-    def budget_plan(self, method: Method, budget: Budget, prompt_len: int) -> tuple[BudgetPlan | None, str]:
+    def budget_plan(self, method: Method, budget: Budget, prompt_len: int, question: int = 0) -> tuple[BudgetPlan | None, str]:
         """What a prompt of `prompt_len` tokens keeps under `method` and `budget` (None: the full
-        cache), and a note when that is not what was asked for."""
+        cache), and a note when that is not what was asked for. Its last `question` tokens are a
+        question, kept whole beside the budget (`methods.question_plan`)."""
         if not method.compresses:
             return None, "method full keeps every token"
         if self.attention.cannot_compress():
             return None, self.attention.cannot_compress()
         # --ratio and --budget are of the global layers: sliding-window layers keep their window (docs/models.md)
-        return budget.plan(prompt_len, len(self.attention.compressed_layers), method.window_size)
+        return question_plan(budget, prompt_len, len(self.attention.compressed_layers), method.window_size, question)
 
-    def past_chunking(self, options, method: Method, budget: Budget, n: int, reserved: int, chunk_size: int | None = None):
+    def past_chunking(self, options, method: Method, budget: Budget, n: int, reserved: int, chunk_size: int | None = None,
+                      question: int = 0):
         """(budget plan, note, chunk size, rotary layout, method) to read `n` tokens past the positions
         the model reads, `reserved` of them kept free after every chunk (the question; the answer's
         room is added here); an InputError for what cannot be read so. The method is `method`, or
@@ -85,7 +87,7 @@ class Layout:
         if method.compresses:
             layout = self.rotary_layout()  # a RoPE that cannot move is refused first
             # the --min-keep floor leaves at least half the free positions to the chunks
-            plan, note = self.budget_plan(method, budget.at_most(max(0, free // 2)), n)
+            plan, note = self.budget_plan(method, budget.at_most(max(0, free // 2)), n, question)
         if plan is None:
             raise InputError(
                 f"the prompt is {n:,} tokens, longer than the {limit:,} positions the model reads (with room for the answer); "

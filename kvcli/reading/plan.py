@@ -125,12 +125,12 @@ def make_plan(layout: Layout, doc, question: str, options, method: Method, dtype
     if query.past_window(question):
         mode = "reindexed"
         try:
-            budget, note, chunk, _, method = layout.past_chunking(options, method, options.budget, n, tail)
+            budget, note, chunk, _, method = layout.past_chunking(options, method, options.budget, n, tail, question=tail)
             chunks = prefill_steps(n, chunk, True, tail=tail, reindexed=True)
         except KvcliError as err:
             refused, chunks = str(err), 0
     else:
-        budget, note = layout.budget_plan(method, options.budget, n - whole)
+        budget, note = layout.budget_plan(method, options.budget, n, tail)
         chunk = options.chunk_size
         if chunk is None and budget is not None and method.needs_profile:  # what QueryAware.read picks
             if profile is not None:

@@ -116,7 +116,7 @@ class Reader(Layout):
         model reads (`Layout.past_chunking`), `reserved` positions kept free after every chunk; the
         last `question` tokens are a question, kept whole (`Compression`). An InputError for what
         cannot be read so."""
-        plan, note, chunk, layout, method = self.past_chunking(options, method, budget, n, reserved, chunk_size)
+        plan, note, chunk, layout, method = self.past_chunking(options, method, budget, n, reserved, chunk_size, question)
         return Compression(method, plan, self.profile() if method.needs_profile else None, question=question), note, chunk, layout
 
     def profile(self, progress: Callable[[int, int], None] | None = None):
@@ -131,10 +131,9 @@ class Reader(Layout):
     def compression(self, method: Method, budget: Budget, prompt_len: int, question: int = 0) -> tuple[Compression | None, str]:
         """What a prompt of `prompt_len` tokens keeps under `method` and `budget`, and a note
         when that is not what was asked for (None: the full cache). The prompt's last `question`
-        tokens are a question, kept whole beside the budget (`Compression`): the budget is planned
-        for the prompt without those before the observation window."""
-        whole = max(0, min(question, prompt_len) - method.window_size) if method.compresses else 0
-        plan, note = self.budget_plan(method, budget, prompt_len - whole)
+        tokens are a question, kept whole beside the budget (`Compression`): the budget is the
+        document's, the prompt before the question (`methods.question_plan`)."""
+        plan, note = self.budget_plan(method, budget, prompt_len, question)
         if plan is None:
             return None, note
         return Compression(method, plan, self.profile() if method.needs_profile else None, question=question), note
