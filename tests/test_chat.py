@@ -150,9 +150,9 @@ def test_up_arrow_recalls_the_last_question(short):
 def test_ratio_changes_what_the_next_answer_keeps(folder, short):
     """/ratio 0.3 triples the kept share in the next summary line, and that answer is `ask --ratio 0.3`'s."""
     assert "ratio 0.3" in short["ratio"]
-    assert short["kept"][0] == pytest.approx(10, abs=1)
+    assert short["kept"][0] == pytest.approx(10, abs=2)  # 10% of the document, and the question kept whole
     answer, kept = short["after_ratio"]
-    assert kept == pytest.approx(30, abs=1)
+    assert kept == pytest.approx(30, abs=2)
     assert answer == ask(folder, QUESTIONS[0], "--max-new-tokens", "6", "--ratio", "0.3")
 
 

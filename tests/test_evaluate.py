@@ -426,7 +426,7 @@ def test_eval_predictions_are_what_ask_prints(smollm, model_home, monkeypatch, t
     data.write_text(json.dumps({"_id": "r", "context": read_documents([str(document)]).text, "input": question, "answers": ["x"]}) + "\n")
     common = ["-m", "smollm2-135m", "--max-new-tokens", "12", "--json", "--quiet"]
     evaluated = runner.invoke(app, [
-        "eval", "--data", str(data), "--methods", "snapkv", "--budgets", "48", "--modes", "query,reuse,chunked",
+        "eval", "--data", str(data), "--methods", "snapkv", "--budgets", "32", "--modes", "query,reuse,chunked",
         "--chunk-size", "128", *common,
     ])
     assert evaluated.exit_code == 0, evaluated.output
@@ -434,7 +434,7 @@ def test_eval_predictions_are_what_ask_prints(smollm, model_home, monkeypatch, t
     assert sorted(samples) == ["chunked", "query", "reuse"] and all(s["compressed"] for s in samples.values())
     asked = {}
     for mode, flags in {"query": [], "reuse": ["--reuse", "--scorer", "instruction"], "chunked": ["--chunk-size", "128"]}.items():
-        result = runner.invoke(app, ["ask", str(document), question, "--method", "snapkv", "--budget", "48", *flags, *common])
+        result = runner.invoke(app, ["ask", str(document), question, "--method", "snapkv", "--budget", "32", *flags, *common])
         assert result.exit_code == 0, result.output
         (line,) = result.stdout.splitlines()
         asked[mode] = json.loads(line)["answer"]

@@ -83,9 +83,10 @@ def test_json_and_report_show_the_floor(tiny, home, tmp_path, method):
     stats = ask(doc, "w1?", "-m", tiny, "--method", method)
     assert not stats["compressed"] and f"below --min-keep {DEFAULT_MIN_KEEP}" in stats["note"]
     floored = ask(doc, "w1?", "-m", tiny, "--method", method, "--min-keep", "100")
-    assert floored["compressed"] and sum(floored["retained_per_layer"]) == 200 and "--min-keep" in floored["note"]
+    assert floored["compressed"] and sum(floored["retained_per_layer"]) == 2 * (100 + 4) and "--min-keep" in floored["note"]
     bare = ask(doc, "w1?", "-m", tiny, "--method", method, "--min-keep", "0")
-    assert sum(bare["retained_per_layer"]) == round(DEFAULT_RATIO * bare["prompt_tokens"] * 2)
+    # the default ratio of the document (the prompt less the 4-token question), and the question kept whole
+    assert sum(bare["retained_per_layer"]) == round(DEFAULT_RATIO * (bare["prompt_tokens"] - 4) * 2) + 2 * 4
     report = runner.invoke(app, ["ask", str(doc), "w1?", "-m", tiny, "--method", method, "--max-new-tokens", "2"])
     assert report.exit_code == 0 and f"below --min-keep {DEFAULT_MIN_KEEP}" in report.stderr
 
@@ -106,7 +107,7 @@ def test_past_the_context_leaves_room_for_chunks(tiny, home, tmp_path):
     doc.write_text(words(2400))
     stats = ask(doc, "w1?", "-m", tiny, "--method", "snapkv", "--max-context", "600")
     assert stats["read"] == "reindexed" and stats["compressed"]
-    assert max(stats["retained_per_layer"]) <= 300
+    assert max(stats["retained_per_layer"]) <= 300 + 4  # half the free positions, and the 4-token question kept whole
 
 
 def test_batch_jobs_keep_the_command_lines_floor(tiny, home, tmp_path):
@@ -120,7 +121,7 @@ def test_batch_jobs_keep_the_command_lines_floor(tiny, home, tmp_path):
                                  "--max-new-tokens", "2"])
     assert result.exit_code == 0, result.stderr
     row = json.loads(out.read_text().splitlines()[0])
-    assert sum(row["stats"]["retained_per_layer"]) == 200, row
+    assert sum(row["stats"]["retained_per_layer"]) == 2 * (100 + 4), row  # the question "w1?" (4 tokens) kept beside the floor
 
 
 def test_help_states_the_default_floor():
