@@ -353,7 +353,8 @@ def test_ask_reports_what_sliding_layers_and_global_layers_keep(tmp_path, home):
     stats = ask_json(folder, tmp_path, "--method", "snapkv", "--ratio", "0.25")
     assert stats["compressed"] and stats["layer_windows"] == [WINDOW, WINDOW, None, WINDOW]
     retained, n = stats["retained_per_layer"], stats["prompt_tokens"]
-    assert [retained[i] for i in (0, 1, 3)] == [WINDOW - 1] * 3 and retained[2] == round(0.25 * n)
+    question = stats["extra"]["question_tokens"]  # kept whole beside the document's budget
+    assert [retained[i] for i in (0, 1, 3)] == [WINDOW - 1] * 3 and retained[2] == round(0.25 * (n - question)) + question
     assert stats["global_ratio"] == pytest.approx(retained[2] / n)
     entry = 2 * 2 * 16 * 4  # keys and values, 2 KV heads of 16 dims, float32
     assert stats["kv_bytes_full"] == entry * (n + 3 * (WINDOW - 1)) and stats["kv_bytes_kept"] == entry * sum(retained)

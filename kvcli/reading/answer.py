@@ -95,9 +95,10 @@ def run_stats(reader: Reader, reading: Reading) -> RunStats:
     heads = heads_summary(state.cache.head_lengths(), state.cache.windows)
     if heads is not None:
         stats.extra["heads"] = heads
-    whole = state.compression.kept_whole if state.compressed and state.compression is not None else 0
-    if whole:  # the question's tokens before the window, kept beside the budget (methods.base.Compression)
-        stats.extra["question_kept_whole"] = whole
+    if state.compressed and state.compression is not None and state.compression.question:
+        stats.extra["question_tokens"] = state.compression.question  # kept whole, beside the document's budget
+        if state.compression.kept_whole:  # the question's tokens before the window (methods.base.Compression)
+            stats.extra["question_kept_whole"] = state.compression.kept_whole
     if reading.prefix is not None:
         stats.extra["prefix"] = reading.prefix
     if reading.past is not None:
