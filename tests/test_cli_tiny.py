@@ -58,7 +58,7 @@ def test_short_document_with_default_settings_answers(tiny, home, tmp_path):
     # the document's part of the 8-token window (the question "w1?" and the template's closing are its other 4) and one
     # token more, then the question
     assert stats["compressed"] and stats["retained_per_layer"] == [9, 9]
-    assert "no more than the 4-token window: kept 5 per layer" in stats["note"]
+    assert "no more than the window's 4 tokens before the question: kept 5 per layer and the question's last 4 beside them" in stats["note"]
 
 
 def test_question_that_is_a_file_is_refused(tiny, home, doc, tmp_path):

@@ -6,7 +6,7 @@ import dataclasses
 
 from ..defaults import DEFAULT_METHOD
 from ..errors import BudgetError
-from .base import DEFAULT_MIN_KEEP, DEFAULT_RATIO, Budget, BudgetPlan, Compression, Compressor, LayerObservation, Method, plan_budget, question_plan
+from .base import DEFAULT_MIN_KEEP, DEFAULT_RATIO, Budget, BudgetPlan, Compression, Compressor, LayerObservation, Method, plan_budget, question_kept_whole, question_plan
 from .dynamickv import DynamicKV
 from .evidencekv import EvidenceKV
 from .full import Full
@@ -110,5 +110,6 @@ __all__ = [
     "make_method",
     "method_names",
     "plan_budget",
+    "question_kept_whole",
     "question_plan",
 ]

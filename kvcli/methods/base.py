@@ -101,12 +101,13 @@ class Budget:
         ratio = f"ratio {self.ratio if self.ratio is not None else DEFAULT_RATIO:g}"
         return f"{ratio}, min-keep {self.floor}" if self.floor else ratio
 
-    def plan(self, prompt_len: int, num_layers: int, window_size: int) -> tuple[BudgetPlan | None, str]:
+    def plan(self, prompt_len: int, num_layers: int, window_size: int, beside: int = 0) -> tuple[BudgetPlan | None, str]:
         """The tokens a prompt may keep, and a note when that is not what was asked for.
 
         None (with a note) when the prompt already fits. A ratio that would keep no more than
         the window keeps the window plus one token per layer instead, and says so: a short
-        document must simply work with the default settings.
+        document must simply work with the default settings. `beside`: the window's tokens that
+        are a question kept beside this prompt (`question_plan`), for the note.
         """
         self.check(window_size)
         note = ""
@@ -128,7 +129,13 @@ class Budget:
             if total < least:
                 if least >= prompt_len * num_layers:
                     return None, f"the {prompt_len}-token prompt is too short to compress below its {window_size}-token window"
-                note = f"{per_layer}, no more than the {window_size}-token window: kept {window_size + 1} per layer"
+                if not beside:
+                    note = f"{per_layer}, no more than the {window_size}-token window: kept {window_size + 1} per layer"
+                elif window_size:
+                    note = (f"{per_layer}, no more than the window's {window_size} tokens before the question: kept "
+                            f"{window_size + 1} per layer and the question's last {beside} beside them")
+                else:
+                    note = f"{per_layer}: kept 1 per layer and the question's last {beside} beside it"
                 return BudgetPlan(num_layers=num_layers, prompt_len=prompt_len, total=least), note
             if self.min_keep is None and self.ratio is not None and total < min(DEFAULT_MIN_KEEP, prompt_len) * num_layers:
                 note = (f"--ratio {ratio:g} keeps {total / num_layers:.0f} per layer, below --min-keep {DEFAULT_MIN_KEEP}, "
@@ -136,6 +143,12 @@ class Budget:
         if total >= prompt_len * num_layers:
             return None, f"the {prompt_len}-token prompt already fits the {self.label}"
         return BudgetPlan(num_layers=num_layers, prompt_len=prompt_len, total=total), note
+
+
+def question_kept_whole(question: int, window_size: int) -> int:
+    """How many of a query-aware read's `question` last tokens are kept whole beside the budget:
+    those before the observation window (the window's are scored and kept as every window is)."""
+    return max(0, question - window_size)
 
 
 def question_plan(budget: Budget, prompt_len: int, num_layers: int, window_size: int, question: int = 0) -> tuple[BudgetPlan | None, str]:
@@ -149,10 +162,11 @@ def question_plan(budget: Budget, prompt_len: int, num_layers: int, window_size:
         return budget.plan(prompt_len, num_layers, window_size)
     window = min(window_size, question)
     # a question shorter than the window leaves the window's first tokens in the document: they count in its budget
-    plan, note = budget.plan(prompt_len - question, num_layers, window_size - window)
+    plan, note = budget.plan(prompt_len - question, num_layers, window_size - window, beside=window)
     if plan is None:
         return None, note
-    return BudgetPlan(num_layers=num_layers, prompt_len=prompt_len - (question - window), total=plan.total + window * num_layers), note
+    kept_whole = question_kept_whole(question, window_size)
+    return BudgetPlan(num_layers=num_layers, prompt_len=prompt_len - kept_whole, total=plan.total + window * num_layers), note
 
 
 def plan_budget(prompt_len: int, num_layers: int, *, window_size: int, ratio: float | None = None, budget: int | None = None,
@@ -342,7 +356,7 @@ class Compression:
     @property
     def kept_whole(self) -> int:
         """The question's tokens before the observation window: kept, beside the budget."""
-        return max(0, self.question - self.method.window_size)
+        return question_kept_whole(self.question, self.method.window_size)
 
     def compressor(self) -> Compressor:
         """A fresh compressor: one per prefill step (a chunked read starts one per chunk)."""
@@ -422,8 +436,9 @@ class Compressor:
         if len(compressed) != self.plan.num_layers:
             raise BudgetError(f"internal: the plan is for {self.plan.num_layers} layers, the cache compresses {len(compressed)}")
         whole = min(self.kept_whole, obs.k_len) if self.last_step else 0
-        tail = obs.positions[:, obs.k_len - whole :]  # (num_kv_heads, whole): the same positions in every layer
+        tail = None
         if whole:
+            tail = obs.positions[:, obs.k_len - whole :]  # (num_kv_heads, whole): the same positions in every layer
             obs = obs.drop_tail(whole)
         for target, positions in self.observe(replace(obs, layer_idx=rank)).items():
             cache.layers[compressed[target]].keep_positions(with_tail(positions, tail) if whole else positions)
@@ -568,6 +583,7 @@ __all__ = [
     "with_tail",
     "keep_window_and_top",
     "plan_budget",
+    "question_kept_whole",
     "question_plan",
     "pool_scores",
 ]

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import KvcliError
-from ..methods import BudgetPlan, Method
+from ..methods import BudgetPlan, Method, question_kept_whole
 from .layout import Layout, prefill_steps
 from .query import QueryAware
 
@@ -120,7 +120,7 @@ def make_plan(layout: Layout, doc, question: str, options, method: Method, dtype
     query = QueryAware(layout, doc.text, options)
     prompt = query.prompt(question)
     n, tail = len(prompt), prompt.question_len
-    whole = max(0, tail - method.window_size) if method.compresses else 0  # the question kept beside the budget (Compression)
+    whole = question_kept_whole(tail, method.window_size) if method.compresses else 0  # the question kept beside the budget (Compression)
     budget, note, chunk, refused = None, "", None, ""
     if query.past_window(question):
         mode = "reindexed"

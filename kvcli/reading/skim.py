@@ -123,13 +123,13 @@ class Skim:
     def _continued(self, prompt: Prompt) -> int:
         """Tokens a skim of `prompt` reads through every layer: its opening (at least the sinks),
         --skim-tokens of the documents and the question (more than the prompt where it is short)."""
-        return max(_head(prompt), SINK_TOKENS) + self.skimming.tokens + len(prompt) - prompt.prefix_len
+        return max(_head(prompt), SINK_TOKENS) + self.skimming.tokens + prompt.question_len
 
     def read(self, question: str, method: Method, budget: Budget | None = None, on_layer=None) -> Reading:
         reader, options = self.reader, self.options
         prompt = self.prompt(question)
         budget = budget or options.budget
-        n, tail, head = len(prompt), len(prompt) - prompt.prefix_len, _head(prompt)
+        n, tail, head = len(prompt), prompt.question_len, _head(prompt)
         plan = self.plan()
         past = self.query.past_window(question)
         skipped = ""
