@@ -171,9 +171,10 @@ def read_compression(compression: Compression | None, continued: int) -> Compres
     if compression is None:
         return None
     plan = compression.plan
-    if plan.total >= continued * plan.num_layers:
+    candidates = continued - compression.kept_whole  # the question's tokens before the window are kept beside the plan
+    if plan.total >= candidates * plan.num_layers:
         return None
-    return Compression(compression.method, BudgetPlan(plan.num_layers, continued, plan.total), compression.profile, compression.question)
+    return Compression(compression.method, BudgetPlan(plan.num_layers, candidates, plan.total), compression.profile, compression.question)
 
 
 def skim_prefill(

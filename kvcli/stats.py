@@ -269,9 +269,9 @@ def render(stats: RunStats, every_layer: bool = False) -> Group:
         if sliding and stats.global_ratio is not None:
             budget = Text(f"global layers {stats.global_budget:.1f} tokens/layer = ratio {stats.global_ratio:.4f}; "
                           f"all layers {stats.budget:.1f} tokens/layer = ratio {stats.ratio:.4f}")
-        whole = stats.extra.get("question_kept_whole", 0)
-        if whole:  # a query-aware read's question, kept whole beside the budget (methods.base.Compression)
-            budget.append(f", with the question's first {whole} tokens kept whole beside the budget")
+        question = stats.extra.get("question_tokens", 0)
+        if question:  # a query-aware read's question, kept whole beside the document's budget (methods.question_plan)
+            budget.append(f", the question's {question} tokens among them, kept whole beside the document's budget")
         if stats.note:
             budget.append(f" ({stats.note})", style="yellow")
         facts.add_row("budget", budget)

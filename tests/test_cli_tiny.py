@@ -102,7 +102,17 @@ def test_a_long_question_is_kept_whole_beside_the_budget(tiny, home, doc):
     whole = stats["extra"]["question_kept_whole"]
     assert whole > 10 and stats["retained_per_layer"] == [24 + whole + 8] * len(stats["retained_per_layer"])  # the window: the question's end
     shown = run("ask", doc, question, "-m", tiny, "--method", "snapkv", "--budget", "24", "--max-new-tokens", "2")
-    assert f"with the question's first {whole} tokens kept whole beside the budget" in " ".join(shown.stderr.split())
+    question_tokens = stats["extra"]["question_tokens"]
+    assert question_tokens == whole + 8 and stats["retained_per_layer"][0] == 24 + question_tokens
+    assert f"the question's {question_tokens} tokens among them, kept whole beside the document's budget" in " ".join(shown.stderr.split())
+
+
+def test_a_budget_within_the_window_is_refused_whatever_the_question(tiny, home, doc):
+    """--budget must be larger than the observation window whether the question fills the window or not."""
+    for question in ("w1?", " ".join(f"w{i}" for i in range(5, 25)) + "?"):
+        result = run("ask", doc, question, "-m", tiny, "--method", "snapkv", "--budget", "8", "--max-new-tokens", "2")
+        assert result.exit_code != 0
+        assert "--budget 8 is not larger than the observation window (8 tokens)" in " ".join(result.stderr.split())
 
 
 def test_first_evidencekv_run_says_it_computes_the_profile(tiny, home, doc):

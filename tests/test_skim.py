@@ -349,3 +349,22 @@ def test_every_method_compresses_what_a_skim_sends_on(tiny_model, prompt, name):
     if compression is not None:
         assert sum(kept) <= compression.plan.total
     assert len(list(decode(tiny_model, state, 4, set()))) == 4
+
+
+@pytest.mark.parametrize("name", ["snapkv", "pyramidkv", "dynamickv"])
+def test_a_skim_with_a_long_question_keeps_the_documents_budget_and_the_question(name):
+    """--budget N on a skim whose question is longer than the window: every method keeps N of the document's tokens
+    per layer on average and the whole question beside them, as a one-pass read does (pyramidkv's ramp included)."""
+    from kvcli.methods import Budget, Compression, make_method, question_plan
+
+    n, question, budget = 200, 30, 30
+    model = tiny_llama(NUM_LAYERS)
+    ids = torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(1))
+    method = make_method(name)
+    plan, _ = question_plan(Budget(tokens=budget), n, NUM_LAYERS, method.window_size, question)
+    compression = Compression(method, plan, None, question=question)
+    state, _ = skim_prefill(model, ids, compression, SkimPlan(HEADS, tokens=40), head=4, tail=question)
+    assert sum(state.cache.retained_per_layer()) == (budget + question) * NUM_LAYERS
+    for layer in state.cache.layers:
+        for positions in layer.head_positions():
+            assert set(range(n - question, n)) <= set(positions.tolist())  # the whole question, in every head

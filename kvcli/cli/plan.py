@@ -223,7 +223,10 @@ def _budget_line(p, method, options) -> str:
         return "full: every token kept"
     if p.budget is None:
         return f"{method.name} at {options.budget.label}: every token kept" + (f" ({p.budget_note})" if p.budget_note else "")
-    line = f"{method.name} at {options.budget.label}: {p.budget.average:,.1f} tokens per layer (ratio {p.budget.ratio:.4f}), at most {p.most_kept:,} in one layer"
+    line = f"{method.name} at {options.budget.label}: {p.tokens_per_layer:,.1f} tokens per layer (ratio {p.kept_ratio:.4f})"
+    if p.question_tokens:  # kept whole beside the document's budget (methods.question_plan)
+        line += f", the question's {p.question_tokens} among them"
+    line += f", at most {p.most_kept:,} in one layer"
     return line + (f" ({p.budget_note})" if p.budget_note else "")
 
 

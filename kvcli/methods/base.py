@@ -160,6 +160,7 @@ def question_plan(budget: Budget, prompt_len: int, num_layers: int, window_size:
     window are neither), its total the budget plus the window's question tokens per layer."""
     if question <= 0:
         return budget.plan(prompt_len, num_layers, window_size)
+    budget.check(window_size)  # --budget must pass the whole window, whatever the question's share of it
     window = min(window_size, question)
     # a question shorter than the window leaves the window's first tokens in the document: they count in its budget
     plan, note = budget.plan(prompt_len - question, num_layers, window_size - window, beside=window)

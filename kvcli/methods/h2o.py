@@ -7,7 +7,9 @@ queries, averaged over the query heads that share its KV head.
 
 Knobs:
 - `window_size`: the observation window, always kept: it is H2O's recent part;
-- `recent_size`: recent tokens kept unconditionally, window included; None keeps the window
+- `recent_size`: recent tokens kept unconditionally, window included (in a query-aware read
+  whose question is longer than the window, the question is kept whole beside the budget and
+  the recent tokens beyond the window are the document's last); None keeps the window
   only, so the rest of the budget goes to heavy hitters;
   `kernel_size` and `pooling` are inherited but unused (H2O does not smooth its scores).
 

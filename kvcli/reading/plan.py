@@ -86,7 +86,8 @@ class ReadPlan:
     dropped_tokens: int  # cut from the middle (--cut-middle)
     budget: BudgetPlan | None  # None: the full cache is kept
     budget_note: str  # why the cache is not compressed as asked, or ""
-    most_kept: int | None  # the most tokens one layer may keep
+    most_kept: int | None  # the most tokens one layer may keep (the question's included)
+    question_kept: int  # per compressed layer, beside the budget: the question's tokens before the window (the window's are in `budget`)
     method_params: dict  # the knobs the read runs with (past the context a method may hold less than asked)
     refused: str  # the one-line error a read would stop with, or ""
     dtype: str
@@ -102,10 +103,21 @@ class ReadPlan:
     def past(self) -> bool:
         return self.mode == "reindexed"
 
+    @property
+    def tokens_per_layer(self) -> float | None:
+        """What each compressed layer keeps: the document's budget and the whole question beside it."""
+        return None if self.budget is None else self.budget.average + self.question_kept
+
+    @property
+    def kept_ratio(self) -> float | None:
+        """`tokens_per_layer` as a share of the prompt, as the read's report gives it."""
+        return None if self.budget is None else self.tokens_per_layer / self.prompt_tokens
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data["budget"] = None if self.budget is None else {
-            "total": self.budget.total, "tokens_per_layer": self.budget.average, "ratio": self.budget.ratio,
+            "total": self.budget.total + self.question_kept * self.budget.num_layers,
+            "tokens_per_layer": self.tokens_per_layer, "ratio": self.kept_ratio,
         }
         return data
 
@@ -162,7 +174,8 @@ def make_plan(layout: Layout, doc, question: str, options, method: Method, dtype
         sources=sources, document_tokens=document_tokens, prompt_tokens=n, question_tokens=tail,
         answer_tokens=options.max_new_tokens, positions=layout.context_limit(options), trained_positions=layout.max_positions,
         mode=mode, chunks=chunks, chunk_size=chunk, dropped_tokens=prompt.dropped_tokens, budget=budget, budget_note=note,
-        most_kept=None if budget is None else method.most_kept(budget), method_params=method.params(), refused=refused,
+        most_kept=None if budget is None else method.most_kept(budget) + whole, question_kept=whole if budget is not None else 0,
+        method_params=method.params(), refused=refused,
         dtype=str(dtype).removeprefix("torch."), bytes_per_token=kv.every_layer(1), kv_full=full, kv_kept=kept,
         kv_peak=peak, kv_prefill=prefill, compressed_layers=num_global,
         sliding=Sliding(len(windows), sorted(set(windows)), kv.entry * held) if windows else None,
