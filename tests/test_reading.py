@@ -132,6 +132,20 @@ def test_chunked_query_read_keeps_the_budget(reader):
 LONG_QUESTION = " ".join(f"w{i}" for i in range(10, 40)) + "?"  # more tokens than any observation window
 
 
+def test_live_chunks_says_one_pass_where_the_prompt_before_the_question_fits_one_chunk(reader):
+    """The question stays in the last chunk: a chunk size between the prompt before the question and the whole
+    prompt reads one pass, and live_chunks (which decides whether one capture serves --compare and eval) says so."""
+    options = Options(budget=Budget(ratio=0.25))
+    mode = QueryAware(reader, words(300), options)
+    prompt = mode.prompt(LONG_QUESTION)
+    between = len(prompt) - prompt.question_len // 2
+    assert mode.live_chunks(LONG_QUESTION, make_method("snapkv"), chunk_size=between) is None
+    assert len(mode.read(LONG_QUESTION, make_method("snapkv"), chunk_size=between).state.chunks) == 1
+    shorter = len(prompt) - prompt.question_len - 10
+    assert mode.live_chunks(LONG_QUESTION, make_method("snapkv"), chunk_size=shorter) == shorter
+    assert len(mode.read(LONG_QUESTION, make_method("snapkv"), chunk_size=shorter).state.chunks) == 2
+
+
 @pytest.mark.parametrize("name", ["snapkv", "dynamickv", "evidencekv"])
 def test_a_query_aware_read_keeps_its_question_whole_beside_the_budget(reader, name):
     """--budget B in a query-aware read keeps B tokens per layer of the document and the whole question beside

@@ -111,6 +111,7 @@ class Budget:
         """
         self.check(window_size)
         note = ""
+        tokens = f"{prompt_len}-token prompt before the question" if beside else f"{prompt_len}-token prompt"
         if self.tokens is not None:
             total = self.tokens * num_layers
             floor = DEFAULT_MIN_KEEP if self.min_keep is None else self.min_keep
@@ -119,16 +120,16 @@ class Budget:
         else:
             ratio = DEFAULT_RATIO if self.ratio is None else self.ratio
             total = round(ratio * prompt_len * num_layers)
-            per_layer = f"ratio {ratio:g} would keep {total / num_layers:.1f} tokens per layer of this {prompt_len}-token prompt"
+            per_layer = f"ratio {ratio:g} would keep {total / num_layers:.1f} tokens per layer of this {tokens}"
             floor = self.floor if self.floor > window_size else 0  # a floor within the window: the window's own rule below
             if total < floor * num_layers:
                 if floor >= prompt_len:
-                    return None, f"kept all {prompt_len} tokens: below --min-keep {floor}"
+                    return None, f"kept all {prompt_len} tokens{' before the question' if beside else ''}: below --min-keep {floor}"
                 return BudgetPlan(num_layers=num_layers, prompt_len=prompt_len, total=floor * num_layers), f"{per_layer}: kept {floor} (--min-keep)"
             least = (window_size + 1) * num_layers
             if total < least:
                 if least >= prompt_len * num_layers:
-                    return None, f"the {prompt_len}-token prompt is too short to compress below its {window_size}-token window"
+                    return None, f"the {tokens} is too short to compress below its {window_size}-token window"
                 if not beside:
                     note = f"{per_layer}, no more than the {window_size}-token window: kept {window_size + 1} per layer"
                 elif window_size:
@@ -141,7 +142,7 @@ class Budget:
                 note = (f"--ratio {ratio:g} keeps {total / num_layers:.0f} per layer, below --min-keep {DEFAULT_MIN_KEEP}, "
                         "which floors only the default ratio unless given")
         if total >= prompt_len * num_layers:
-            return None, f"the {prompt_len}-token prompt already fits the {self.label}"
+            return None, f"the {tokens} already fits the {self.label}"
         return BudgetPlan(num_layers=num_layers, prompt_len=prompt_len, total=total), note
 
 

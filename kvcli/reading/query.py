@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..generate import Capture, capture, prefill
+from ..generate import Capture, capture, chunk_bounds, prefill
 from ..reindex import Reindexer
 from ..methods import Budget, Method
 from ..prompt import Prompt, window_text
@@ -71,7 +71,10 @@ class QueryAware:
             return self.reader.context_limit(self.options)
         compression, _ = self.reader.compression(method, budget or self.options.budget, len(prompt), prompt.question_len)
         chunk = self._chunks(prompt, compression, chunk_size)
-        return chunk if chunk and compression is not None and chunk < len(prompt) else None  # else one pass (`chunk_bounds`)
+        if not chunk or compression is None:
+            return None
+        # `prefill` keeps the question in the last chunk: a chunk size the prompt before it fits in is one pass
+        return chunk if len(chunk_bounds(len(prompt), chunk, True, tail=compression.question)) > 2 else None
 
     def _chunks(self, prompt: Prompt, compression, chunk_size: int | None) -> int | None:
         chunk_size = chunk_size if chunk_size is not None else self.options.chunk_size
