@@ -91,9 +91,13 @@ class RunStats:
     weights: str = ""  # how its linear layers' weights were stored: the dtype, or int8 (kvcli/models/weights.py)
     int8_kernel: str = ""  # int8 weights: the kernel of their decode products, "kvcli" or "torch" (kvcli/models/int8_kernel.py)
 
-    def _global(self) -> list[int]:
-        windows = self.layer_windows or [None] * len(self.retained_per_layer)
-        return [kept for kept, window in zip(self.retained_per_layer, windows) if window is None]
+    def _global(self) -> list[float]:
+        """Tokens each global layer kept: the exact mean over its KV heads where a per-head split left
+        them unequal (`retained_per_layer` rounds it), as `budget` counts them."""
+        heads = self.extra.get("heads")
+        kept = [sum(h) / len(h) if h else 0.0 for h in heads["per_layer"]] if heads else self.retained_per_layer
+        windows = self.layer_windows or [None] * len(kept)
+        return [n for n, window in zip(kept, windows) if window is None]
 
     @property
     def global_ratio(self) -> float | None:
@@ -223,11 +227,13 @@ class LayerBars:
         yield table
 
 
-def layers_summary(counts: list[int], windows: list[int | None] | None = None, every_layer: bool = False):
+def layers_summary(counts: list[int], windows: list[int | None] | None = None, every_layer: bool = False,
+                   unequal_heads: bool = False):
     """The report's layer part: one line when every layer kept nearly the same ("layers 0-23:
-    230-231 tokens each"), else a bar per run of nearly equal layers (per layer with `every_layer`)."""
+    230-231 tokens each"), else a bar per run of nearly equal layers (per layer with `every_layer`).
+    `unequal_heads`: a per-head split left some layer's KV heads unequal, so a count is their mean."""
     runs = layer_runs(counts, windows, every_layer)
-    head = "retained tokens per layer (window included)"
+    head = "retained tokens per layer (window included" + ("; a mean over KV heads)" if unequal_heads else ")")
     if len(runs) == 1 and not every_layer:
         run = runs[0]
         each = "tokens each" if run.low == run.high else "tokens"
@@ -300,7 +306,7 @@ def render(stats: RunStats, every_layer: bool = False) -> Group:
     )
     if stats.stopped is not None:
         facts.add_row("answer", f"{stats.decode_tokens} tokens, stopped at {'--max-new-tokens' if stats.stopped == 'max_new_tokens' else 'the end of sequence'}")
-    return Group(facts, layers_summary(stats.retained_per_layer, stats.layer_windows, every_layer))
+    return Group(facts, layers_summary(stats.retained_per_layer, stats.layer_windows, every_layer, bool(heads)))
 
 
 _READS = {

@@ -422,6 +422,8 @@ def test_a_per_head_split_is_saved_reused_and_reported(tiny, home, doc, tmp_path
     heads = stats["extra"]["heads"]
     assert heads["min"] < heads["max"] and stats["method_params"]["head_split"] == "global"
     assert sum(map(sum, heads["per_layer"])) == round(0.2 * stats["prompt_tokens"] * 2) * 2  # the budget's mean over layers and heads
+    # no sliding-window layers: the global layers' budget and ratio are the whole cache's, exact (not of rounded layer means)
+    assert stats["global_budget"] == pytest.approx(stats["budget"]) and stats["global_ratio"] == pytest.approx(stats["ratio"])
     asked = run("ask", "--cache", kvc, "w1?", "-m", tiny, "--max-new-tokens", "3", "--json")
     assert asked.exit_code == 0, asked.stderr
     answered = json.loads(asked.stdout)["stats"]

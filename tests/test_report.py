@@ -59,6 +59,16 @@ def test_equal_layers_are_one_line():
     assert layer_part(shown(render(stats([231] * 24)))) == ["retained tokens per layer (window included): layers 0-23: 231 tokens each"]
 
 
+def test_unequal_heads_are_counted_by_their_exact_mean():
+    """Where a per-head split left a layer's KV heads unequal, the layer's count is their mean (said so), and the
+    global layers' budget is the exact mean, not one of rounded layer counts."""
+    counts = stats([134, 64])
+    counts.budget = (133.5 + 64.5) / 2
+    counts.extra = {"heads": {"min": 64, "max": 143, "per_layer": [[124, 143], [64, 65]]}}
+    assert counts.global_budget == counts.budget == 99.0
+    assert layer_part(shown(render(counts)))[0] == "retained tokens per layer (window included; a mean over KV heads):"
+
+
 def test_nearly_equal_layers_are_one_range():
     """231 and 230 kept tokens (what a ratio rounds to) collapse into one range of counts."""
     assert layer_part(shown(render(stats([231] * 14 + [230] * 10)))) == [
