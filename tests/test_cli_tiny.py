@@ -469,6 +469,14 @@ def test_question_agnostic_reads_default_to_the_measured_method(tiny, home, doc,
     made = run("compress", doc, "-o", kvc, "-m", tiny, "--ratio", "0.2", "--json")
     assert made.exit_code == 0, made.stderr
     assert json.loads(made.stdout)["stats"]["method"] == AGNOSTIC_METHOD
+    # --param is checked against the method that reads with it: the agnostic default's own knobs are taken (the
+    # query-aware default lacks them), and a split it cannot make is refused in its name
+    assert stats("--reuse", "--param", "max_multiple=5")["method_params"]["max_multiple"] == 5
+    made = run("compress", doc, "-o", kvc, "-m", tiny, "--ratio", "0.2", "--param", "max_multiple=5", "--json")
+    assert made.exit_code == 0, made.stderr
+    assert json.loads(made.stdout)["stats"]["method_params"]["max_multiple"] == 5
+    for command in (["compress", doc, "-o", kvc], ["ask", doc, "w1?", "--reuse"]):
+        one_line_error(run(*command, "-m", tiny, "--param", "head_split=global"), f"{AGNOSTIC_METHOD} splits heads", "--method")
     long_doc = tmp_path / "long.txt"
     long_doc.write_text(words(2400))
     past = run("compress", long_doc, "-o", kvc, "-m", tiny, "--max-context", "600", "--budget", "64", "--json")

@@ -113,7 +113,7 @@ def answer_all(files: list[str], questions: list[str], run: RunOptions, *, cache
     if run.skim and (cache or reuse):
         raise InputError(f"--skim reads the documents for each question; {'a saved cache was read already' if cache else '--reuse reads them without the questions'}: drop --skim or {'--cache' if cache else '--reuse'}")
     agnostic = run.agnostic_method() if reuse and scorer == "repeat" else None  # checked before anything slow
-    started = start(run, None if cache else files, include, exclude)
+    started = start(run, None if cache else files, include, exclude, agnostic)
     screen, method, options, doc, reader = started.screen, started.method, started.options, started.doc, started.reader
     saved = None
     if cache:
@@ -277,7 +277,8 @@ def ask(
         raise InputError("--scorer ranks a question-agnostic cache's tokens; add --reuse or drop --scorer")
     from ..reading.prefix import pick_scorer  # after the arguments' checks: it imports transformers
 
-    scorer = pick_scorer(scorer, run.make_method(), run.chunk_size)
+    # a question-agnostic read checks --param against the method that reads with them
+    scorer = run.agnostic_scorer(scorer)[0] if reuse else pick_scorer(scorer, run.make_method(), run.chunk_size)
     answer_all(files, questions, run, cache=cache, reuse=reuse, compare=compare, include=include or (), exclude=exclude or (), scorer=scorer,
                sources=sources)
 

@@ -34,13 +34,11 @@ def compress(
     (docs/results.md), though far better than a generic instruction's attention. Example: kvcli compress report.pdf -o report.kvc --ratio 0.3
     """
     from ..reading import Reused, run_stats
-    from ..reading.prefix import pick_scorer
     from ..store import save_cache
 
     target = check_target(output)
-    scorer = pick_scorer(scorer, run.make_method(), run.chunk_size)
-    agnostic = run.agnostic_method() if scorer == "repeat" else None  # checked before anything slow
-    started = start(run, files, include or (), exclude or ())
+    scorer, agnostic = run.agnostic_scorer(scorer)  # checked before anything slow
+    started = start(run, files, include or (), exclude or (), agnostic)
     screen, method, options, doc, reader = started.screen, started.method, started.options, started.doc, started.reader
     screen.warn("a saved cache is compressed without knowing the questions: it suits summaries and broad questions, and often loses specific facts (docs/results.md)")
     mode = Reused(reader, doc.text, options, scorer)

@@ -99,11 +99,30 @@ class RunOptions:
     verbose: bool = False
     given: set[str] = field(default_factory=set)  # the options the user set (not left at their defaults)
 
-    def make_method(self):
-        """The method with --window and --param applied; a knob it lacks is an error."""
+    def make_method(self, agnostic=None):
+        """The method with --window and --param applied; a knob it lacks is an error. `agnostic`:
+        the question-agnostic default this command reads with (`agnostic_scorer`): where --param
+        names its knobs and not the default method's, it reads every way (past the positions too)."""
+        from ..errors import BudgetError
         from ..methods import configure
 
-        return configure([self.method or DEFAULT_METHOD], self.param, self.window)[0]
+        try:
+            return configure([self.method or DEFAULT_METHOD], self.param, self.window)[0]
+        except BudgetError:
+            if agnostic is None or self.method is not None:
+                raise
+            return agnostic
+
+    def agnostic_scorer(self, scorer: str | None):
+        """`(scorer, agnostic)` of a question-agnostic read (compress, ask --reuse): `--scorer` or
+        its default (`pick_scorer`), and the agnostic default method where the repeat ranks
+        without --method (`agnostic_method`), else None; checked before anything slow, each
+        --param against the method that will read with it."""
+        from ..reading.prefix import pick_scorer
+
+        agnostic = self.agnostic_method() if scorer != "instruction" and not self.chunk_size else None
+        scorer = pick_scorer(scorer, agnostic or self.make_method(), self.chunk_size)
+        return scorer, agnostic if scorer == "repeat" else None
 
     def agnostic_method(self):
         """The method of a question-agnostic prefix the repeat ranks (`Reused.method_for`), when

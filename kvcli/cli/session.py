@@ -101,10 +101,11 @@ class Started:
     reader: object  # reading.Reader
 
 
-def start(run: RunOptions, files: list[str] | None, include=(), exclude=()) -> Started:
-    """Check the options (before anything slow), read the documents, load the model, prepare the method."""
+def start(run: RunOptions, files: list[str] | None, include=(), exclude=(), agnostic=None) -> Started:
+    """Check the options (before anything slow), read the documents, load the model, prepare the
+    method (`agnostic`: a question-agnostic read's default, `RunOptions.make_method`)."""
     screen = Screen(run.quiet, run.json, run.verbose)
-    method = run.make_method()
+    method = run.make_method(agnostic)
     options = run.options()
     options.check(method)
     doc = read_documents(list(files), screen, include, exclude) if files is not None else None
