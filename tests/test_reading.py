@@ -250,6 +250,8 @@ def test_read_once_keeps_what_one_pass_keeps(reader, name):
         one_pass = QueryAware(reader, document, options).read(question, method)
         fed = once.read(question, method)
         assert fed.mode == "once" and fed.state.prompt_len == one_pass.state.prompt_len
+        # the full prefix is held beside the question's fork, whose layer copies it once: the peak counts both
+        assert fed.state.cache.kv_peak_nbytes >= prefix.cache.nbytes() + fed.state.cache.nbytes()
         for a, b in zip(fed.state.cache.layers, one_pass.state.cache.layers, strict=True):
             assert torch.equal(a.kept_positions(), b.kept_positions())
             for x, y in zip(a.view(), b.view()):

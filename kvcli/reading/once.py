@@ -105,6 +105,9 @@ class ReadOnce:
         compression, note = self.reader.compression(method, budget or self.options.budget, n + suffix.shape[1], suffix.shape[1])
         with self.reader.prefilling():
             state = ask_after(self.reader.model, prefix, suffix.to(self.reader.device), compression, on_layer)
+        # the full prefix stays held while the question's fork is read: its bytes are part of this read's peak
+        full = prefix.state.cache
+        state.cache.peak_nbytes = max(full.kv_peak_nbytes, full.nbytes() + state.cache.kv_peak_nbytes)
         tail = (self.tail_ids + suffix[0].tolist())[-method.window_size :]
         window = self.reader.tokenizer.decode(tail) if state.compressed else ""
         made = {"tokens": n, "kv_bytes": prefix.state.cache.nbytes(), "seconds": 0.0 if self.charged else prefix.state.seconds, "question_s": state.seconds}
