@@ -123,7 +123,8 @@ def test_run_eval_captures_once_per_row(tiny_reader, haystack, counted_captures,
         elif sample["budget"] == 16:
             assert sample["compressed"] is True
     data = json.loads(json.dumps(result.to_dict()))
-    assert list(data) == ["model", "metric", "modes", "chunk_size", "summary", "samples", "timing"]  # no niah without a grid
+    assert list(data) == ["model", "metric", "modes", "chunk_size", "method_params", "summary", "samples", "timing"]  # no niah without a grid
+    assert data["method_params"]["snapkv"]["window_size"] == 8 and set(data["method_params"]) == {"full", "snapkv", "h2o"}
     assert [(e["method"], e["budget"]) for e in data["summary"]] == [("full", None), ("snapkv", 16), ("snapkv", 10_000), ("h2o", 16), ("h2o", 10_000)]
     for entry in data["summary"]:
         assert entry.keys() == SUMMARY_KEYS and entry["n"] == len(rows)

@@ -24,11 +24,12 @@ class EvalResult:
     timing: dict = field(default_factory=dict)
     modes: list[str] = field(default_factory=lambda: ["query"])
     chunk_size: int | None = None
+    method_params: dict = field(default_factory=dict)  # each method's knobs, as it scored ({name: params})
 
     def to_dict(self) -> dict:
         out = {
             "model": self.model, "metric": self.metric, "modes": self.modes, "chunk_size": self.chunk_size,
-            "summary": self.summary, "samples": self.samples, "timing": self.timing,
+            "method_params": self.method_params, "summary": self.summary, "samples": self.samples, "timing": self.timing,
         }
         if self.niah is not None:
             out["niah"] = self.niah

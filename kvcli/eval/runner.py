@@ -142,6 +142,7 @@ def run_eval(reader, rows: Sequence[Row], config: EvalConfig, log: Path | None =
         },
         modes=list(config.modes),
         chunk_size=config.chunk_size if "chunked" in config.modes else None,
+        method_params={m.name: m.params() for m in config.methods},
     )
     if any(row.niah is not None for row in rows):
         result.niah = niah_grids(ordered, rows, settings)
