@@ -235,3 +235,15 @@ def test_dynamickv_budgets_follow_attention():
     _, _, held, _ = dynamickv_run(8, 400, 30, 0, peaked={0, 2, 5})
     counts = [held[i].shape[1] for i in range(8)]
     assert min(counts[i] for i in (0, 2, 5)) > max(counts[i] for i in (1, 3, 4, 6, 7)), counts
+
+
+def test_a_knob_that_changes_nothing_is_named_in_the_report_note(tmp_path):
+    """head_floor with the equal split, and evidencekv's head split at shared_fraction 1 (every head keeps the shared
+    evidence alone), change nothing: the method says so for the report instead of ignoring them silently."""
+    from kvcli.methods import configure
+
+    assert "acts only with head_split=adaptive or global" in configure(["snapkv"], ["head_floor=0.5"], None)[0].idle_knobs()
+    assert configure(["snapkv"], ["head_floor=0.5", "head_split=adaptive"], None)[0].idle_knobs() == ""
+    assert "splits nothing at shared_fraction=1" in configure(["evidencekv"], ["head_split=adaptive"], None)[0].idle_knobs()
+    assert configure(["evidencekv"], ["head_split=adaptive", "shared_fraction=0.5"], None)[0].idle_knobs() == ""
+    assert configure(["h2o"], [], None)[0].idle_knobs() == "" and configure(["dynamickv"], [], None)[0].idle_knobs() == ""

@@ -560,6 +560,12 @@ class Method:
         `probe_len` is the question fed after each chunk."""
         return None
 
+    def idle_knobs(self) -> str:
+        """A note naming a knob that is set but changes nothing in this setting (for the report), or ""."""
+        if self.head_floor and self.head_split == "equal" and len(self.head_splits) > 1:
+            return f"head_floor={self.head_floor:g} acts only with head_split=adaptive or global"
+        return ""
+
     def params(self) -> dict:
         """The method's knobs and their values, for reports (`head_split` where it has a choice)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("head_split", "head_floor") or len(self.head_splits) > 1}
