@@ -504,7 +504,9 @@ class Method:
 
     def __post_init__(self) -> None:
         if self.head_split not in self.head_splits:
-            raise BudgetError(f"--param head_split={self.head_split}: {self.name} splits heads {' or '.join(self.head_splits)}")
+            splits = self.head_splits
+            choices = splits[0] if len(splits) == 1 else f"{', '.join(splits[:-1])} or {splits[-1]}"
+            raise BudgetError(f"--param head_split={self.head_split}: {self.name} splits heads {choices}")
         if not 0.0 <= self.head_floor <= 1.0:
             raise BudgetError(f"--param head_floor must be between 0 and 1, got {self.head_floor}")
         if self.window_size < 1:
