@@ -148,6 +148,6 @@ def test_write_json_writes_the_result_dict(tmp_path):
     write_json(tmp_path / "r.json", result)
     data = json.loads((tmp_path / "r.json").read_text())
     assert data == json.loads(json.dumps(result.to_dict())) and "niah" not in data
-    assert list(data) == ["model", "metric", "modes", "chunk_size", "summary", "samples", "timing"]
+    assert list(data) == ["model", "metric", "modes", "chunk_size", "method_params", "summary", "samples", "timing"]
     result.niah = []
     assert result.to_dict()["niah"] == []
