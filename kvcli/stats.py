@@ -271,13 +271,13 @@ def render(stats: RunStats, every_layer: bool = False) -> Group:
     facts.add_row("read", _read_line(stats))
     sliding = _sliding_text(stats.layer_windows)
     if stats.compressed:
-        budget = Text(f"{stats.budget:.1f} tokens/layer = ratio {stats.ratio:.4f}")
-        if sliding and stats.global_ratio is not None:
-            budget = Text(f"global layers {stats.global_budget:.1f} tokens/layer = ratio {stats.global_ratio:.4f}; "
-                          f"all layers {stats.budget:.1f} tokens/layer = ratio {stats.ratio:.4f}")
         question = stats.extra.get("question_tokens", 0)
-        if question:  # a query-aware read's question, kept whole beside the document's budget (methods.question_plan)
-            budget.append(f", the question's {question} tokens among them, kept whole beside the document's budget")
+        # a query-aware read's question, kept whole beside the document's budget in every global layer (methods.question_plan)
+        among = f", the question's {question} tokens among them, kept whole beside the document's budget" if question else ""
+        budget = Text(f"{stats.budget:.1f} tokens/layer = ratio {stats.ratio:.4f}{among}")
+        if sliding and stats.global_ratio is not None:  # sliding-window layers keep their window, not the question
+            budget = Text(f"global layers {stats.global_budget:.1f} tokens/layer = ratio {stats.global_ratio:.4f}{among}; "
+                          f"all layers {stats.budget:.1f} tokens/layer = ratio {stats.ratio:.4f}")
         if stats.note:
             budget.append(f" ({stats.note})", style="yellow")
         facts.add_row("budget", budget)

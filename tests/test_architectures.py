@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -405,6 +406,10 @@ def test_text_report_marks_sliding_layers(tmp_path, home):
     assert result.exit_code == 0, result.stderr
     assert "2 sliding-window layers (▒) keep at most their last 11 tokens" in result.stderr
     assert "▒" * 3 in result.stderr and "global layers" in result.stderr
+    # the question is kept whole in the global layers only: the budget line says so there, not of all layers' mean
+    line = " ".join(result.stderr.split())
+    assert re.search(r"global layers [\d.]+ tokens/layer = ratio [\d.]+, the question's \d+ tokens among them, kept whole beside "
+                     r"the document's budget; all layers [\d.]+ tokens/layer = ratio [\d.]+( \(|$| )", line), line
 
 
 def test_every_way_of_reading_keeps_the_sliding_windows(tmp_path, home):

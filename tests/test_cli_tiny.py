@@ -475,6 +475,9 @@ def test_question_agnostic_reads_default_to_the_measured_method(tiny, home, doc,
     made = run("compress", doc, "-o", kvc, "-m", tiny, "--ratio", "0.2", "--param", "max_multiple=5", "--json")
     assert made.exit_code == 0, made.stderr
     assert json.loads(made.stdout)["stats"]["method_params"]["max_multiple"] == 5
+    # the equal split the user asks for drops the default's floor (which acts only on a split) instead of a note on it
+    equal = stats("--reuse", "--param", "head_split=equal")
+    assert equal["method_params"]["head_floor"] == 0.0 and "head_floor" not in equal["note"]
     for command in (["compress", doc, "-o", kvc], ["ask", doc, "w1?", "--reuse"]):
         one_line_error(run(*command, "-m", tiny, "--param", "head_split=global"), f"{AGNOSTIC_METHOD} splits heads", "--method")
     long_doc = tmp_path / "long.txt"

@@ -247,3 +247,5 @@ def test_a_knob_that_changes_nothing_is_named_in_the_report_note(tmp_path):
     assert "splits nothing at shared_fraction=1" in configure(["evidencekv"], ["head_split=adaptive"], None)[0].idle_knobs()
     assert configure(["evidencekv"], ["head_split=adaptive", "shared_fraction=0.5"], None)[0].idle_knobs() == ""
     assert configure(["h2o"], [], None)[0].idle_knobs() == "" and configure(["dynamickv"], [], None)[0].idle_knobs() == ""
+    # the note offers only the splits the method makes
+    assert configure(["dynamickv"], ["head_floor=0.3"], None)[0].idle_knobs().endswith("acts only with head_split=adaptive")

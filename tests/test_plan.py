@@ -129,6 +129,7 @@ def test_reading_within_the_window_matches_the_reader(tmp_path, short_reader, ch
         assert plan.mode == reading.mode and plan.chunks == len(reading.state.chunks)
         assert (reading.state.compressed and reading.state.compression.kept_whole > 0) == (question == long_question)
         assert plan.kv_kept == reading.state.cache.nbytes()
+        assert plan.budget_note == reading.note
         if plan.budget is not None:  # what `kvcli plan` prints per layer is what each layer keeps, the question's tokens included
             kept = reading.state.cache.retained_per_layer()
             assert plan.tokens_per_layer == pytest.approx(sum(kept) / len(kept)) and plan.most_kept >= max(kept)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
@@ -129,15 +129,18 @@ class RunOptions:
         neither --method nor KVCLI_METHOD names one: `AGNOSTIC_METHOD` with `AGNOSTIC_PARAMS`,
         under the user's --param; else None (the named method reads every way)."""
         from ..errors import BudgetError
-        from ..methods import configure
+        from ..methods import configure, parse_params
 
         if self.method is not None:
             return None
         try:
-            return configure([AGNOSTIC_METHOD], [*AGNOSTIC_PARAMS, *(self.param or [])], self.window)[0]
+            method = configure([AGNOSTIC_METHOD], [*AGNOSTIC_PARAMS, *(self.param or [])], self.window)[0]
         except BudgetError as error:
             raise BudgetError(f"{error}; a question-agnostic cache is made by {AGNOSTIC_METHOD} unless --method names another: "
                               "add --method for the knobs of another method") from None
+        if method.head_split == "equal" and "head_floor" not in parse_params(self.param or []):
+            method = replace(method, head_floor=0.0)  # the default's floor is for its split: the user chose none
+        return method
 
     def options(self) -> Options:
         """How to read and answer, checked (the budget, the chunk size and --max-new-tokens)."""

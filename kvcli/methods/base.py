@@ -565,7 +565,7 @@ class Method:
     def idle_knobs(self) -> str:
         """A note naming a knob that is set but changes nothing in this setting (for the report), or ""."""
         if self.head_floor and self.head_split == "equal" and len(self.head_splits) > 1:
-            return f"head_floor={self.head_floor:g} acts only with head_split=adaptive or global"
+            return f"head_floor={self.head_floor:g} acts only with head_split={' or '.join(s for s in self.head_splits if s != 'equal')}"
         return ""
 
     def params(self) -> dict:
