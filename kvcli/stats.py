@@ -336,16 +336,16 @@ def _read_line(stats: RunStats) -> str:
     past = stats.extra.get("past_window")
     if past and past.get("strategy") == "sections":
         line += (
-            f": document {past['prompt_tokens']:,} tokens = {past['prompt_tokens'] / past['positions']:.1f}x the model's "
-            f"{past['positions']:,} positions: {past['sections']} sections of up to {past['section_tokens']:,} tokens summarized "
+            f": document {past['prompt_tokens']:,} tokens = {past['prompt_tokens'] / past['positions']:.1f}x the "
+            f"{past['positions']:,}-position context: {past['sections']} sections of up to {past['section_tokens']:,} tokens summarized "
             f"with {past['section_method']} in {past['sections_s']:.1f}s, then their summaries"
             + (" read whole" if past.get("summaries_read") == "whole" else f" compressed with {past.get('summaries_read')}")
         )
         return line
     if past:
         line += (
-            f": document {past['prompt_tokens']:,} tokens = {past['prompt_tokens'] / past['positions']:.1f}x the model's "
-            f"{past['positions']:,} positions: read in {past['chunks']} chunks, positions re-indexed"
+            f": document {past['prompt_tokens']:,} tokens = {past['prompt_tokens'] / past['positions']:.1f}x the "
+            f"{past['positions']:,}-position context: read in {past['chunks']} chunks, positions re-indexed"
         )
         return line
     prefix = stats.extra.get("prefix")

@@ -255,7 +255,7 @@ def test_a_document_past_the_context_is_read_whole_by_default(tiny, home, tmp_pa
     assert past["positions"] == 600 and past["chunks"] >= 4
     assert stats["retained_per_layer"] == [64 + 4, 64 + 4]  # the document's 64 and the question, kept whole
     text = run("ask", long_doc, "w1?", *args)
-    assert "positions re-indexed" in text.stderr and "x the model's 600 positions" in text.stderr
+    assert "positions re-indexed" in text.stderr and "x the 600-position context" in text.stderr
     several = [json.loads(line) for line in run("ask", long_doc, "-q", "w1?", "-q", "w2?", *args, "--json").stdout.splitlines()]
     assert [r["stats"]["read"] for r in several] == ["reindexed", "reindexed"]
     one_line_error(run("ask", long_doc, "w1?", *args[:2], "--method", "full", "--max-context", "600"), "--method full", "--cut-middle")
