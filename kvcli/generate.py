@@ -168,6 +168,15 @@ def chunk_bounds(prompt_len: int, chunk_size: int | None, compressed: bool, tail
     return list(range(0, max(1, prompt_len - tail), chunk_size)) + [prompt_len]
 
 
+def prefill_bounds(prompt_len: int, chunk_size: int | None, compression: Compression | None, tail: int = 0,
+                   reindexed: bool = False) -> list[int]:
+    """Where `prefill` splits a prompt read under `compression` (`chunk_bounds`): a question kept
+    whole (`compression.question`) is read whole, in the last chunk, with the last `tail` tokens."""
+    if compression is not None:
+        tail = max(tail, compression.question)
+    return chunk_bounds(prompt_len, chunk_size, compression is not None, tail, reindexed)
+
+
 def announce_chunk(on_layer, index: int, count: int, start: int, stop: int, prompt_len: int) -> None:
     """Tell a progress callback that tokens start..stop of `prompt_len` (chunk `index` of `count`,
     from 0) are next, so it can show one bar over the whole read; a plain `on_layer(layer_idx)`
@@ -202,9 +211,7 @@ def prefill(
     """
     cache = new_cache(model)
     prompt_len = input_ids.shape[1]
-    if compression is not None:  # a question kept whole is read whole, in the last chunk
-        tail = max(tail, compression.question)
-    bounds = chunk_bounds(prompt_len, chunk_size, compression is not None, tail, reindex is not None)
+    bounds = prefill_bounds(prompt_len, chunk_size, compression, tail, reindex is not None)
     compressor = None
     chunks: list[tuple[int, int]] = []
     position = 0  # where the next chunk is fed (its start, unless re-indexed)

@@ -478,6 +478,8 @@ def test_question_agnostic_reads_default_to_the_measured_method(tiny, home, doc,
     # the equal split the user asks for drops the default's floor (which acts only on a split) instead of a note on it
     equal = stats("--reuse", "--param", "head_split=equal")
     assert equal["method_params"]["head_floor"] == 0.0 and "head_floor" not in equal["note"]
+    idle = stats("--method", "snapkv", "--param", "head_floor=0.5")["note"]  # a floor the equal split never uses: said once
+    assert idle.count("head_floor=0.5 acts only with head_split=adaptive or global") == 1
     for command in (["compress", doc, "-o", kvc], ["ask", doc, "w1?", "--reuse"]):
         one_line_error(run(*command, "-m", tiny, "--param", "head_split=global"), f"{AGNOSTIC_METHOD} splits heads", "--method")
     long_doc = tmp_path / "long.txt"

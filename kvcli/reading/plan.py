@@ -154,8 +154,6 @@ def make_plan(layout: Layout, doc, question: str, options, method: Method, dtype
         chunks = prefill_steps(n, chunk, budget is not None, tail=tail)  # the question in the last chunk, whole
         mode = "chunked" if chunks > 1 else "query"
         chunk = chunk if chunks > 1 else None
-    if budget is not None:  # as the read's note (Reader.compression)
-        note = "; ".join(part for part in (note, method.idle_knobs()) if part)
 
     kv = KVBytes.of(layout.config, dtype)
     attention = layout.attention  # which layers slide, predicted from the config

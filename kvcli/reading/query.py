@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..generate import Capture, capture, chunk_bounds, prefill
+from ..generate import Capture, capture, prefill, prefill_bounds
 from ..reindex import Reindexer
 from ..methods import Budget, Method
 from ..prompt import Prompt, window_text
@@ -73,8 +73,8 @@ class QueryAware:
         chunk = self._chunks(prompt, compression, chunk_size)
         if not chunk or compression is None:
             return None
-        # `prefill` keeps the question in the last chunk: a chunk size the prompt before it fits in is one pass
-        return chunk if len(chunk_bounds(len(prompt), chunk, True, tail=compression.question)) > 2 else None
+        # the question stays in the last chunk: a chunk size the prompt before it fits in is one pass
+        return chunk if len(prefill_bounds(len(prompt), chunk, compression)) > 2 else None
 
     def _chunks(self, prompt: Prompt, compression, chunk_size: int | None) -> int | None:
         chunk_size = chunk_size if chunk_size is not None else self.options.chunk_size

@@ -117,7 +117,6 @@ class Reader(Layout):
         last `question` tokens are a question, kept whole (`Compression`). An InputError for what
         cannot be read so."""
         plan, note, chunk, layout, method = self.past_chunking(options, method, budget, n, reserved, chunk_size, question)
-        note = "; ".join(part for part in (note, method.idle_knobs()) if part)
         return Compression(method, plan, self.profile() if method.needs_profile else None, question=question), note, chunk, layout
 
     def profile(self, progress: Callable[[int, int], None] | None = None):
@@ -137,5 +136,4 @@ class Reader(Layout):
         plan, note = self.budget_plan(method, budget, prompt_len, question)
         if plan is None:
             return None, note
-        note = "; ".join(part for part in (note, method.idle_knobs()) if part)
         return Compression(method, plan, self.profile() if method.needs_profile else None, question=question), note
