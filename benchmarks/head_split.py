@@ -109,10 +109,10 @@ def run(reader, document: str, facts, settings: list[tuple[str, str]], ratios: l
                 decode_s += time.perf_counter() - started_decode
             tokens += max(0, len(out) - 1)
             answers.append(text.strip())
+        found = [holds(text, expected) for text, (_, _, expected) in zip(answers, facts)]
         row = {
             "setting": label, "method": method.name, "head_split": split, "head_floor": method.head_floor, "ratio": ratio,
-            "found": sum(holds(text, expected) for text, (_, _, expected) in zip(answers, facts)),
-            "found_facts": [holds(text, expected) for text, (_, _, expected) in zip(answers, facts)],
+            "found": sum(found), "found_facts": found,
             "kv_bytes_kept": cache.nbytes(), "head_min": min(lengths), "head_max": max(lengths),
             "packed_layers": sum(layer.packed for layer in cache.layers),
             "decode_tokens_per_s": round(tokens / decode_s, 2) if decode_s > 0 else None, "answers": answers,
