@@ -132,8 +132,16 @@ def attend_heads(query: torch.Tensor, heads: list[tuple[torch.Tensor, torch.Tens
     query `(1, num_heads, q_len, head_dim)`; returns `(1, q_len, num_heads, head_dim)`.
     """
     attn = layer_attention(attn)
-    num_heads = query.shape[1]
+    _, num_heads, q_len, head_dim = query.shape
     group = num_heads // len(heads)
+    if q_len == 1 and attn.exact_in_sdpa and attn.sliding_window is None and not query.is_cuda:
+        # A decode step off CUDA (where flash-attn may take each call): the new token sees every
+        # entry, so each KV head's query heads are the rows of one SDPA call; no call of `attend`
+        # per head, whose checks would cost a packed layer more than its attention
+        rows = query.reshape(1, len(heads), group, head_dim)
+        outs = [F.scaled_dot_product_attention(rows[:, h : h + 1], key, value, scale=attn.scaling)
+                for h, (key, value) in enumerate(heads)]  # (1, 1, group, v_dim) each
+        return torch.cat(outs, dim=1).reshape(1, 1, num_heads, -1)
     outs = []
     for h, (key, value) in enumerate(heads):
         rows = slice(h * group, (h + 1) * group)

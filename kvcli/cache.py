@@ -6,8 +6,11 @@ KV heads usually hold the same number (each head its own tokens), stored as one 
 `(1, num_kv_heads, n, head_dim)` block; a method that splits a layer's budget unevenly over its
 heads (`head_split`, kvcli/methods/base.py) leaves the layer *packed*: one single-head layer per
 KV head, each exactly as long as what that head kept, so the bytes held are the sum of the head
-lengths with no padding to the longest. Decode appends one entry to every head either way, and
-`attention.attend_heads` attends a packed layer one KV head (with its query heads) at a time.
+lengths with no padding to the longest. Decode appends one entry to every head either way: a
+packed layer keeps its heads one after another in one buffer each for keys, values and positions,
+every head with room to grow (`_Pool`), so a step writes all its heads' new entries with one copy
+per buffer, as a dense layer does; `attention.attend_heads` attends a packed layer one KV head
+(with its query heads) at a time.
 Keys are stored post-RoPE,
 so kept tokens need no re-rotation and new tokens continue from the full prompt's positions;
 only a document read past the model's positions is re-indexed, and then each entry also
@@ -22,11 +25,62 @@ cache internals; the pinned transformers range in pyproject.toml is what they we
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .errors import KvcliError
+
+
+@dataclass(eq=False)
+class _Pool:
+    """A packed layer's storage: its KV heads one after another in one buffer each, head h's region
+    starting at `starts[h]`, so one decode step writes every head's new entry with one
+    `index_copy_` per buffer. Each head's `KVLayer` holds views of its own region (`views[h]`); a
+    head whose buffers were replaced since (a per-head keep, a re-indexed `place`) no longer holds
+    them, and the layer then pools its heads again before the next append."""
+
+    keys: torch.Tensor  # (1, 1, total, head_dim)
+    values: torch.Tensor  # (1, 1, total, v_dim)
+    positions: torch.Tensor  # (1, total) int64
+    rope: torch.Tensor | None  # (1, total) int64, where RoPE placed each entry; None: not re-indexed
+    starts: list[int]
+    views: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]
+    lengths: list[int]  # each head's length when the pool last wrote it
+
+    def __post_init__(self) -> None:
+        # the buffers as rows, made once: a decode step writes through these (making a view costs
+        # as much as the copy): keys/values `(total, 1, dim)`, the shape of one step's `(heads, 1, dim)`
+        self.rows_keys, self.rows_values = self.keys[0, 0].unsqueeze(1), self.values[0, 0].unsqueeze(1)
+        self.rows_positions = self.positions[0]
+        self.rows_rope = None if self.rope is None else self.rope[0]
+        # where each head's next entry goes
+        self.tails = torch.tensor([start + n for start, n in zip(self.starts, self.lengths, strict=True)], device=self.keys.device)
+
+    def holds(self, heads: list[KVLayer], more: int, rope: bool) -> bool:
+        """Whether every head still reads this pool's region, as long as the pool last left it
+        (so `tails` is where its next entry goes), with room for `more` entries."""
+        if rope and self.rope is None:
+            return False
+        for head, (keys, values, positions, head_rope) in zip(heads, self.views, strict=True):
+            if head.keys is not keys or head.values is not values or head.positions is not positions or head.rope is not head_rope:
+                return False
+            if head.base is not None or head.length + more > keys.shape[2]:
+                return False
+        return [head.length for head in heads] == self.lengths
+
+
+def _rows(states: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """New keys or values `(1, num_kv_heads, q_len, dim)` as rows `(num_kv_heads * q_len, 1, dim)`, head-major."""
+    rows = states[0] if states.shape[2] == 1 else states[0].reshape(-1, 1, states.shape[-1])
+    return rows if rows.dtype == dtype else rows.to(dtype)
+
+
+def _per_head(positions: torch.Tensor, num_heads: int, device) -> torch.Tensor:
+    """Positions `(q_len,)` once per KV head, head-major: `(num_heads * q_len,)`."""
+    positions = positions.to(device)
+    return positions.expand(num_heads) if positions.shape[0] == 1 else positions.repeat(num_heads)
 
 
 class KVLayer(CacheLayerMixin):
@@ -49,6 +103,7 @@ class KVLayer(CacheLayerMixin):
         # A packed layer (heads of unequal lengths): one single-KV-head layer per KV head, and
         # keys/values/positions of its own unused. None: the dense layout.
         self.heads: list[KVLayer] | None = None
+        self._pool: _Pool | None = None  # a packed layer's heads in one buffer each, once it appends
         if self.base is not None and self.base.heads is not None:
             # a fork of a packed layer forks each head: each copies itself on its first append
             self.heads = [KVLayer(base=head) for head in self.base.heads]
@@ -90,8 +145,8 @@ class KVLayer(CacheLayerMixin):
     def reserve_more(self, extra: int) -> None:
         """Make room for `extra` more entries in every head, exactly."""
         if self.heads is not None:
-            for head in self.heads:
-                head.reserve_more(extra)
+            if self._pool is None or not self._pool.holds(self.heads, extra, self.reindexed):
+                self._pool_heads(rooms=[extra] * len(self.heads))
         elif self.is_initialized and self.base is None:
             self._reserve(self.length + extra, exact=True)
 
@@ -114,9 +169,7 @@ class KVLayer(CacheLayerMixin):
                       grow(base.kept_positions(), positions), rope)
             return
         if self.heads is not None:
-            for h, head in enumerate(self.heads):
-                head.append(key_states[:, h : h + 1], value_states[:, h : h + 1], positions, rope_positions)
-            self.length = max(head.length for head in self.heads)
+            self._append_packed(key_states, value_states, positions, rope_positions)
             return
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -132,11 +185,72 @@ class KVLayer(CacheLayerMixin):
             self.rope[:, self.length : end] = (positions if rope_positions is None else rope_positions).to(self.rope.device)
         self.length = end
 
+    def _append_packed(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor,
+                       rope_positions: torch.Tensor | None) -> None:
+        """`append` to a packed layer: every head's `q_len` new entries land at the end of its
+        region of the pool, with one copy per buffer (the heads pooled again when one is full)."""
+        heads = self.heads
+        num_heads, q_len = key_states.shape[1], key_states.shape[2]
+        rope = rope_positions is not None or self.reindexed
+        if self._pool is None or not self._pool.holds(heads, q_len, rope):
+            # room to grow geometrically, as a dense layer's `_reserve`: each head its own length again
+            self._pool_heads(rooms=[max(q_len, 16, head.get_seq_length()) for head in heads], rope=rope)
+        pool = self._pool
+        index = pool.tails
+        if q_len > 1:
+            index = (index[:, None] + torch.arange(q_len, device=index.device)).reshape(-1)  # head-major, as the rows below
+        pool.rows_keys.index_copy_(0, index, _rows(key_states, pool.keys.dtype))
+        pool.rows_values.index_copy_(0, index, _rows(value_states, pool.values.dtype))
+        pool.rows_positions.index_copy_(0, index, _per_head(positions, num_heads, index.device))
+        if pool.rows_rope is not None:
+            placed = positions if rope_positions is None else rope_positions
+            pool.rows_rope.index_copy_(0, index, _per_head(placed, num_heads, index.device))
+        pool.tails.add_(q_len)
+        for head in heads:
+            head.length += q_len
+        pool.lengths = [length + q_len for length in pool.lengths]
+        self.length += q_len
+
+    def _pool_heads(self, rooms: list[int], rope: bool | None = None) -> None:
+        """Copy the packed heads' entries into one new buffer each (keys, values, positions and, when
+        re-indexed or `rope`, RoPE positions), head h with room for `rooms[h]` more; each head then
+        holds views of its region. A fork's heads are copied from their base here, never written to."""
+        heads = self.heads
+        rope = self.reindexed if rope is None else rope
+        lengths = [head.get_seq_length() for head in heads]
+        starts, stops, total = [], [], 0
+        for n, room in zip(lengths, rooms, strict=True):
+            starts.append(total)
+            total += n + room
+            stops.append(total)
+        first_keys, first_values = heads[0].view()
+        keys = first_keys.new_empty((1, 1, total, first_keys.shape[3]))
+        values = first_values.new_empty((1, 1, total, first_values.shape[3]))
+        positions = torch.empty((1, total), dtype=torch.long, device=keys.device)
+        rope_buffer = torch.empty((1, total), dtype=torch.long, device=keys.device) if rope else None
+        views = []
+        for head, start, stop, n in zip(heads, starts, stops, lengths, strict=True):
+            head_keys, head_values = head.view()
+            keys[:, :, start : start + n] = head_keys
+            values[:, :, start : start + n] = head_values
+            positions[:, start : start + n] = head.kept_positions()
+            if rope_buffer is not None:
+                rope_buffer[:, start : start + n] = head.rope_positions()
+            view = (keys[:, :, start:stop], values[:, :, start:stop], positions[:, start:stop],
+                    None if rope_buffer is None else rope_buffer[:, start:stop])
+            head.keys, head.values, head.positions, head.rope = view
+            head.base, head.length, head.is_initialized = None, n, True
+            head.device, head.dtype = keys.device, keys.dtype
+            views.append(view)
+        self._pool = _Pool(keys, values, positions, rope_buffer, starts, views, lengths)
+        self.length = max(lengths)
+
     def load(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor | None = None) -> None:
         """Take `keys`/`values` `(1, num_kv_heads, n, head_dim)`, `positions` `(num_kv_heads, n)` and
         (when re-indexed) where RoPE places each entry, `rope` `(num_kv_heads, n)`, as the layer."""
         self.device, self.dtype = keys.device, keys.dtype
         self.heads = None
+        self._pool = None
         self.keys, self.values, self.positions = keys, values, positions.to(keys.device)
         self.rope = None if rope is None else rope.to(keys.device)
         self.length = positions.shape[1]
@@ -151,6 +265,7 @@ class KVLayer(CacheLayerMixin):
                       None if rope is None else torch.stack([r.reshape(-1) for r in rope]))
             return
         self.heads = []
+        self._pool = None
         for h in range(len(positions)):
             head = KVLayer()
             head.load(keys[h], values[h], positions[h].reshape(1, -1), None if rope is None else rope[h].reshape(1, -1))

@@ -331,3 +331,17 @@ def test_dtype_answers_int8_torch_multiplies_on_torch_s_kernel(monkeypatch):
     with dtype_answers.on_kernel("int8"):
         assert (int8_kernel.rows_product(row, qweight, scale) is None) == (int8_kernel.name() == int8_kernel.TORCH)
     assert "int8:torch".removesuffix(dtype_answers.TORCH_KERNEL) == "int8" and dtype_answers.kernel_name("int8:torch") == "torch"
+
+
+def test_packed_step_times_every_layout_at_the_same_mean(capsys):
+    """packed_step's layouts keep the same mean entries per KV head (the same bytes), the packed ones
+    spread as the splits spread them, and each is timed as a decode step appends and attends."""
+    packed_step = _script("packed_step")
+    for kind in ("dense", "adaptive", "global"):
+        for kv_heads in (2, 8):
+            lengths = packed_step.head_lengths(kind, kv_heads, 230)
+            assert len(lengths) == kv_heads and sum(lengths) == 230 * kv_heads
+            assert (len(set(lengths)) == 1) == (kind == "dense")
+    assert packed_step.main(["--rounds", "2", "--steps", "3", "--kept", "20", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "dense     heads 20-20" in out and "adaptive  heads 8-32" in out and "global    heads 5-35" in out

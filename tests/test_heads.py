@@ -137,6 +137,51 @@ def test_decode_appends_one_entry_to_every_head():
     assert [head.capacity for head in layer.heads] == [3 + 5, 7 + 5]
 
 
+def expected_head(layer_before: KVLayer, h: int, new_positions: list[int]) -> tuple[list[int], torch.Tensor]:
+    """Head h's positions and keys after `new_positions` were appended to what `layer_before` held."""
+    keys, _, positions, _ = layer_before.head_entries(h)
+    new_keys = states(len(new_positions), offset=new_positions[0])[0][:, h : h + 1] if new_positions else keys[:, :, :0]
+    return positions.tolist() + new_positions, torch.cat([keys, new_keys], dim=2)
+
+
+def test_decode_steps_append_to_every_head_in_one_pooled_buffer():
+    """A packed layer's heads live one after another in one buffer per layer: decode steps within the
+    reserved room write in place (the same buffer), past it the heads move to a larger one, and
+    every head holds exactly its own entries and the new ones, as per-head appends would."""
+    layer = packed_layer()
+    before = packed_layer()
+    layer.reserve_more(3)
+    pool = layer._pool
+    assert pool is not None and pool.keys.shape[2] == (3 + 3) + (7 + 3)  # the sum of each head's length and room
+    for position in range(20, 23):
+        layer.append(*states(1, offset=position), torch.tensor([position]))
+    assert layer._pool is pool  # written in place
+    layer.append(*states(2, offset=23), torch.tensor([23, 24]))  # past the room: pooled again, larger
+    assert layer._pool is not pool and layer.head_lengths() == [3 + 5, 7 + 5] and layer.length == 12
+    assert layer.nbytes() == (8 + 12) * HEAD_DIM * 2 * 4
+    for h in range(2):
+        positions, keys = expected_head(before, h, list(range(20, 25)))
+        got_keys, got_values, got_positions, _ = layer.head_entries(h)
+        assert got_positions.tolist() == positions
+        assert torch.equal(got_keys, keys) and torch.equal(got_values, -keys)
+
+
+def test_a_pooled_layer_takes_a_reindexed_step_and_a_per_head_keep():
+    """A re-indexed step records where RoPE placed every head's entries; a head kept anew after
+    pooling is pooled again before the next step, with nothing lost or doubled."""
+    layer = packed_layer()
+    layer.append(*states(1, offset=20), torch.tensor([20]))  # pooled, not re-indexed
+    assert layer._pool.rope is None
+    layer.append(*states(1, offset=21), torch.tensor([21]), rope_positions=torch.tensor([9]))
+    assert [r.tolist()[-2:] for r in (layer.head_entries(h)[3] for h in range(2))] == [[20, 9], [20, 9]]
+    assert layer.head_entries(0)[3].tolist()[:3] == [0, 5, 19]  # the earlier entries where they were placed
+    layer.keep_positions([torch.tensor([0, 20, 21]), torch.tensor([1, 2, 3, 21])])
+    layer.append(*states(1, offset=22), torch.tensor([22]), rope_positions=torch.tensor([10]))
+    assert [layer.head_entries(h)[2].tolist() for h in range(2)] == [[0, 20, 21, 22], [1, 2, 3, 21, 22]]
+    assert [layer.head_entries(h)[3].tolist() for h in range(2)] == [[0, 20, 9, 10], [1, 2, 3, 9, 10]]
+    assert torch.equal(layer.head_entries(1)[0][0, 0, :, 0], torch.tensor([1001.0, 1002.0, 1003.0, 1021.0, 1022.0]))
+
+
 def test_fork_of_a_packed_layer_copies_only_when_written():
     """A fork of a packed cache reads as its base, holds no bytes of its own, and a step copies each head without changing the base."""
     base = KVCache(1)
