@@ -88,14 +88,17 @@ class Sections:
         # a section and its part instruction, plus the part summary, fit the context
         self.part_options = replace(options, max_new_tokens=min(PART_TOKENS, options.max_new_tokens), fit="cut")
 
-    def _part_options(self, method: Method, prompt_tokens: int) -> Options:
-        """Each section keeps the tokens per layer that one compressed read of the whole document
-        would (--ratio of the document, not of the section: a section at the document's ratio kept
-        70 of 700 tokens a layer and its summaries lost the facts), so the memory is that read's."""
-        plan, _ = self.reader.budget_plan(method, self.options.budget, prompt_tokens)
+    def _part_options(self, method: Method, prompt_tokens: int, question: int) -> Options:
+        """Each section keeps the document tokens per layer that one compressed read of the whole
+        document would (--ratio of the document, not of the section: a section at the document's ratio kept
+        70 of 700 tokens a layer and its summaries lost the facts), so the memory is that read's; as
+        that read keeps its last `question` tokens (the instruction) whole beside the budget, each
+        section keeps its own instruction whole beside these."""
+        plan, _ = self.reader.budget_plan(method, self.options.budget, prompt_tokens, question)
         if plan is None or self.options.budget.tokens is not None:
             return self.part_options
-        return replace(self.part_options, budget=Budget(tokens=max(1, round(plan.average))))
+        document = plan.average - min(method.window_size, question)  # the plan's total holds the window's question tokens
+        return replace(self.part_options, budget=Budget(tokens=max(method.window_size + 1, round(document))))
 
     def section_tokens(self) -> int:
         """The most document tokens one section holds: the context less the prompt around it and the summary's room."""
@@ -116,8 +119,9 @@ class Sections:
             if not whole.past_window(instruction):
                 break
             if prompt_tokens is None:
-                prompt_tokens = len(whole.prompt(instruction))
-                part_options = self._part_options(method, prompt_tokens)
+                prompt = whole.prompt(instruction)
+                prompt_tokens = len(prompt)
+                part_options = self._part_options(method, prompt_tokens, prompt.question_len)
             if rounds == MAX_ROUNDS or (shortest is not None and len(whole.prompt(instruction)) >= shortest):
                 limit = self.reader.context_limit(self.options)
                 raise InputError(
