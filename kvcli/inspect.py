@@ -12,9 +12,12 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from .stats import RunStats, heads_summary, layers_summary, mib
+
 
 _SPARK = " ▁▂▃▄▅▆▇█"
 OUTSIDE = "prompt (template, question)"
+SAVED_OUTSIDE = "prompt (template)"  # a saved cache's prompt stops before the question
 
 
 @dataclass
@@ -43,7 +46,7 @@ class Profile:
         }
 
 
-def _group_of_positions(prompt, doc, buckets: int) -> tuple[list[int], list[str], list[int | None], str]:
+def _group_of_positions(prompt, doc, buckets: int, outside_label: str = OUTSIDE) -> tuple[list[int], list[str], list[int | None], str]:
     """For every prompt position, the index of its group; and the groups' labels and pages."""
     labels: list[str] = []
     pages: list[int | None] = []
@@ -63,7 +66,7 @@ def _group_of_positions(prompt, doc, buckets: int) -> tuple[list[int], list[str]
                 labels.append(label)
                 pages.append(source.page)
     outside = len(labels)
-    labels.append(OUTSIDE)
+    labels.append(outside_label)
     pages.append(None)
     groups = []
     for position in range(len(prompt)):
@@ -78,9 +81,10 @@ def _group_of_positions(prompt, doc, buckets: int) -> tuple[list[int], list[str]
     return groups, labels, pages, by
 
 
-def retention_profile(cache, prompt, doc, buckets: int = 10) -> Profile:
-    """Split each layer's kept prompt tokens over the document's pages, files or position buckets."""
-    group_list, labels, pages, by = _group_of_positions(prompt, doc, buckets)
+def retention_profile(cache, prompt, doc, buckets: int = 10, outside_label: str = OUTSIDE) -> Profile:
+    """Split each layer's kept prompt tokens over the document's pages, files or position buckets;
+    the prompt's other tokens are one group, `outside_label`."""
+    group_list, labels, pages, by = _group_of_positions(prompt, doc, buckets, outside_label)
     group_of = torch.tensor(group_list, dtype=torch.long)
     group_tokens = torch.bincount(group_of, minlength=len(labels)).tolist()
     per_layer = [layer.kept_per_group(group_of, len(labels)).tolist() for layer in cache.layers]
@@ -189,3 +193,92 @@ def position_map(cache, prompt, doc, buckets: int = 200) -> PositionMap:
     edges = [-(-b * n // buckets) for b in range(buckets)] + [n]  # first index i with i * buckets // n == b
     by = "page" if any(s.page is not None for s in doc.sources) else ("file" if len(doc.sources) > 1 else "position")
     return PositionMap(rows, edges, boundaries if by != "position" else [], cut, n, by)
+
+
+class SavedPrompt:
+    """A saved cache's prompt as the profile reads a prompt: where each position's token starts in the
+    documents (`SourceMap.offsets`, -1 outside them). A saved file does not record a middle cut."""
+
+    cut_at = None
+    cut_len = 0
+
+    def __init__(self, offsets: list[int]) -> None:
+        self.offsets = offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def doc_offset(self, position: int) -> int | None:
+        offset = self.offsets[position]
+        return None if offset < 0 else offset
+
+
+def saved_stats(saved, file_bytes: int) -> RunStats:
+    """What a `.kvc` (`store.SavedCache`) holds, as a run's report counts it: kept per layer and
+    head, the bytes kept against the full cache of its prompt (its layers' windows as recorded).
+    Nothing was timed: no model ran."""
+    meta, cache = saved.meta, saved.cache
+    prompt_len = saved.prompt_tokens
+    kept = sum(layer.mean_length() for layer in cache.layers)
+    full = saved.kind == "full"
+    stats = RunStats(
+        model=str(meta.get("model", "?")),
+        method="full" if full else str(meta.get("method", "?")),
+        method_params={} if full else dict(meta.get("method_params") or {}),
+        ratio=kept / max(1, cache.num_layers * prompt_len),
+        budget=kept / max(1, cache.num_layers),
+        prompt_tokens=prompt_len,
+        compressed=bool(meta.get("compressed", False)) and not full,
+        note=str(meta.get("note") or ("a full prefix: each question is compressed query-aware when it is asked" if full else "")),
+        window_text=str(meta.get("window_text") or ""),
+        retained_per_layer=cache.retained_per_layer(),
+        layer_windows=cache.windows,
+        kv_bytes_full=cache.full_nbytes(prompt_len),
+        kv_bytes_kept=cache.nbytes(),
+        kv_bytes_peak=int(meta.get("kv_peak_bytes") or 0),
+        peak_memory_bytes=0,
+        load_s=0.0,
+        prefill_s=0.0,
+        read="saved",
+        dtype=str(meta.get("storage_dtype") or meta.get("dtype") or ""),
+    )
+    heads = heads_summary(cache.head_lengths(), cache.windows)
+    if heads is not None:
+        stats.extra["heads"] = heads
+    stats.extra["file"] = {"bytes": file_bytes, "kind": saved.kind, "format_version": meta.get("format_version"),
+                           "kvcli_version": meta.get("kvcli_version"), "windows_recorded": "layer_windows" in meta,
+                           "sources": [s.get("name") for s in meta.get("sources") or []]}
+    return stats
+
+
+def render_saved(path: str, stats: RunStats, every_layer: bool = False) -> Group:
+    """The report of `kvcli inspect FILE.kvc`: what the file holds, its budget and heads, the bytes kept, and the layers."""
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="bold", no_wrap=True)
+    facts.add_column()
+    file = stats.extra["file"]
+    made = "kvcli read: every token; each question compresses it query-aware" if file["kind"] == "full" else \
+        "kvcli compress: compressed without the questions"
+    facts.add_row("file", f"{path} ({mib(file['bytes'])}, cache format {file['format_version']}, kvcli {file['kvcli_version'] or '?'})")
+    facts.add_row("made by", made)
+    facts.add_row("model", f"{stats.model} ({stats.dtype})" if stats.dtype else stats.model)
+    params = ", ".join(f"{k}={v}" for k, v in stats.method_params.items())
+    facts.add_row("method", f"{stats.method} ({params})" if params else stats.method)
+    sources = file["sources"]
+    shown = ", ".join(sources[:3]) + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
+    facts.add_row("prompt", f"{stats.prompt_tokens} tokens" + (f" of {shown}" if shown else "") + " (the prompt before a question)")
+    if stats.compressed:
+        budget = Text(f"{stats.budget:.1f} tokens/layer = ratio {stats.ratio:.4f}")
+        if stats.note:
+            budget.append(f" ({stats.note})", style="yellow")
+        facts.add_row("budget", budget)
+    else:
+        facts.add_row("budget", f"not compressed: {stats.note}" if stats.note else "not compressed")
+    heads = stats.extra.get("heads")
+    if heads:
+        facts.add_row("heads", f"KV heads kept {heads['min']}-{heads['max']} tokens each (split unevenly; the budget is their mean)")
+    kept_pct = 100 * stats.kv_bytes_kept / stats.kv_bytes_full if stats.kv_bytes_full else 100.0
+    facts.add_row("KV cache", f"{mib(stats.kv_bytes_kept)} kept of {mib(stats.kv_bytes_full)} full ({kept_pct:.1f}%), "
+                              f"saved {mib(stats.kv_bytes_full - stats.kv_bytes_kept)}"
+                  + ("" if file["windows_recorded"] else " (counted as if every layer were global: this file does not record its sliding windows)"))
+    return Group(facts, layers_summary(stats.retained_per_layer, stats.layer_windows, every_layer, bool(heads)))

@@ -138,7 +138,8 @@ def heads_summary(head_lengths: list[list[int]], windows: list[int | None] | Non
     return {"min": min(flat), "max": max(flat), "per_layer": head_lengths}
 
 
-def _mib(n: int) -> str:
+def mib(n: int) -> str:
+    """Bytes as MiB, as the reports print them."""
     return f"{n / 2**20:,.1f} MiB"
 
 
@@ -293,10 +294,10 @@ def render(stats: RunStats, every_layer: bool = False) -> Group:
     kept_pct = 100 * stats.kv_bytes_kept / stats.kv_bytes_full if stats.kv_bytes_full else 100.0
     facts.add_row(
         "KV cache",
-        f"{_mib(stats.kv_bytes_kept)} kept of {_mib(stats.kv_bytes_full)} full ({kept_pct:.1f}%), "
-        f"saved {_mib(stats.kv_bytes_full - stats.kv_bytes_kept)}",
+        f"{mib(stats.kv_bytes_kept)} kept of {mib(stats.kv_bytes_full)} full ({kept_pct:.1f}%), "
+        f"saved {mib(stats.kv_bytes_full - stats.kv_bytes_kept)}",
     )
-    facts.add_row("memory", f"peak {_mib(stats.peak_memory_bytes)} (process); KV peak during prefill {_mib(stats.kv_bytes_peak)}")
+    facts.add_row("memory", f"peak {mib(stats.peak_memory_bytes)} (process); KV peak during prefill {mib(stats.kv_bytes_peak)}")
     rate = stats.decode_tokens_per_s
     facts.add_row(
         "time",
@@ -352,5 +353,5 @@ def _read_line(stats: RunStats) -> str:
     if prefix:
         paid = f", read in {prefix['seconds']:.2f}s by this question" if prefix["seconds"] else ", read earlier"
         many = f" for {prefix['questions']} questions" if prefix.get("questions") else ""
-        line += f"{many}: prefix {prefix['tokens']} tokens ({_mib(prefix['kv_bytes'])} full{paid}); question step {prefix['question_s']:.2f}s"
+        line += f"{many}: prefix {prefix['tokens']} tokens ({mib(prefix['kv_bytes'])} full{paid}); question step {prefix['question_s']:.2f}s"
     return line

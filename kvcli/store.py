@@ -4,7 +4,9 @@ A `.kvc` file holds a document prefix (the prompt up to the question), of one of
 (`meta["kind"]`): `compressed` (`kvcli compress`: the kept keys, values and original positions
 per layer, chosen without the questions) or `full` (`kvcli read`: every entry, plus each
 layer's last queries, so each later question is compressed query-aware, exactly as one pass
-would). Metadata says which model made it, with which method, from which sources. Loading refuses a file made with another model (another
+would). Metadata says which model made it, with which method, from which sources, and each
+layer's sliding window (`layer_windows`; files written before it are read with every layer global
+until a model gives its windows). Loading refuses a file made with another model (another
 architecture, or other weights of the same one such as a fine-tune) or an older format version
 than 3, and one whose bytes do not match the checksum written with it. A layer whose KV heads hold
 different numbers of entries (a per-head split) is stored packed, with no padding (format 4).
@@ -178,7 +180,8 @@ def save_cache(path: str | Path, cache: KVCache, meta: dict, dtype: torch.dtype 
         tensors[name] = tensor.contiguous().cpu()
     if dtype is not None:
         meta = dict(meta, storage_dtype=str(dtype).removeprefix("torch."))
-    header = dict(meta, format=_MAGIC, format_version=FORMAT_VERSION, num_layers=cache.num_layers)
+    # the layers' sliding windows, so that a file read without its model (`kvcli inspect FILE.kvc`) knows them
+    header = dict(meta, format=_MAGIC, format_version=FORMAT_VERSION, num_layers=cache.num_layers, layer_windows=cache.windows)
     header = json.loads(json.dumps(header, ensure_ascii=False))  # as the loader will read it back (tuples are lists)
     checksum = _Checksum(header)
     names = {dtype: name for name, dtype in _FILE_DTYPES.items()}
@@ -247,7 +250,7 @@ def _read_tensor(handle, path: Path, name: str, entry, data_start: int,
 
 def load_cache(
     path: str | Path,
-    config_hash: str,
+    config_hash: str | None,
     model_name: str,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
@@ -256,7 +259,8 @@ def load_cache(
     """Read a `.kvc` file, refusing one made with another model or format, or damaged.
 
     With `weights_fingerprint` (`LoadedModel.weights_fingerprint`), a file made with other weights
-    of the same architecture is refused too; `dtype` is the dtype the model was loaded in. Each
+    of the same architecture is refused too; `config_hash` None reads a file of any model (`kvcli
+    inspect FILE.kvc` shows what a file holds without loading one); `dtype` is the dtype the model was loaded in. Each
     tensor is read into its own storage and moved to `device` and `dtype` before the next is
     read, so loading holds about the file's size at its peak, not a copy of the file besides.
     """
@@ -295,6 +299,9 @@ def load_cache(
             _load_packed(cache.layers[i], path, i, lengths, keys, values, positions, rope)
             continue
         cache.layers[i].load(keys, values, positions.to(torch.long), None if rope is None else rope.to(torch.long))
+    windows = meta.get("layer_windows")  # files written before kvcli recorded them: the model's, when it answers
+    if isinstance(windows, list) and len(windows) == num_layers and all(w is None or isinstance(w, int) for w in windows):
+        cache.adopt_windows(windows)
     extras = {}
     for name in ("tail_queries", "accumulated"):
         if f"layer.0.{name}" in tensors:
@@ -316,6 +323,8 @@ def _check_made_with(meta: dict, path: Path, config_hash: str, model_name: str, 
         raise InputError(f"{path} was written by an older kvcli in cache format {version}, {_OLDER[version]}; compress the documents again")
     if version not in _READABLE:
         raise InputError(f"{path} was written in cache format {version}, this kvcli reads format {FORMAT_VERSION}; compress the documents again")
+    if config_hash is None:  # any model's file (read without one)
+        return
     if meta.get("config_hash") != config_hash:
         raise InputError(f"{path} was made with model {meta.get('model')!r}, not {model_name!r}; pass -m {meta.get('model')} or compress again with this model")
     stored = meta.get("weights_fingerprint")

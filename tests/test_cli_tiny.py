@@ -443,6 +443,62 @@ def test_a_per_head_split_is_saved_reused_and_reported(tiny, home, doc, tmp_path
                 "--layers", "--plot", picture)
     assert drawn.exit_code == 0, drawn.stderr
     assert picture.stat().st_size > 0
+    saved_picture = tmp_path / "saved.png"
+    drawn = run("inspect", kvc, "--plot", saved_picture)  # the saved cache itself, without a model
+    assert drawn.exit_code == 0, drawn.stderr
+    assert saved_picture.stat().st_size > 0
+
+
+def test_inspect_shows_a_saved_cache_without_loading_a_model(tiny, home, doc, tmp_path, monkeypatch):
+    """`kvcli inspect FILE.kvc` reads the file alone: what was kept per layer and KV head, the bytes
+    against the full cache, where in the document, as `compress` reported it; no model loads (the
+    session's start, which loads one, is made to fail), and flags that would change the read are
+    said to be ignored."""
+    import kvcli.cli.session
+
+    kvc = tmp_path / "doc.kvc"
+    made = run("compress", doc, "-o", kvc, "-m", tiny, "--method", "snapkv", "--ratio", "0.2", "--param", "head_split=global", "--json")
+    assert made.exit_code == 0, made.stderr
+    compressed = json.loads(made.stdout)["stats"]
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("inspect FILE.kvc loaded a model")
+
+    monkeypatch.setattr(kvcli.cli.session, "start", no_model)
+    shown = run("inspect", kvc, "--json")
+    assert shown.exit_code == 0, (shown.stderr, shown.exception)
+    data = json.loads(shown.stdout)
+    stats = data["stats"]
+    for key in ("method", "method_params", "prompt_tokens", "kv_bytes_kept", "kv_bytes_full", "retained_per_layer"):
+        assert stats[key] == compressed[key], key
+    assert stats["extra"]["heads"] == compressed["extra"]["heads"] and stats["ratio"] == pytest.approx(compressed["ratio"])
+    assert stats["read"] == "saved" and stats["extra"]["file"]["kind"] == "compressed"
+    assert stats["extra"]["file"]["bytes"] == kvc.stat().st_size and stats["extra"]["file"]["windows_recorded"]
+    groups = data["profile"]["groups"]
+    assert [g["label"] for g in groups][-1] == "prompt (template)"
+    assert sum(g["prompt_tokens"] for g in groups) == compressed["prompt_tokens"]
+    per_layer = data["profile"]["kept_per_layer_per_group"]
+    for kept, heads in zip(per_layer, compressed["extra"]["heads"]["per_layer"]):
+        assert sum(kept) == pytest.approx(sum(heads) / len(heads), abs=0.05)  # every kept entry is a prompt token, per head
+    text = run("inspect", kvc, "-q", "w1?", "--ratio", "0.5")
+    assert text.exit_code == 0, text.stderr
+    assert "kvcli compress" in text.stdout and "KV heads kept" in text.stdout and "kept share by" in text.stdout
+    assert "--question, --ratio ignored" in text.stderr
+    one_line_error(run("inspect", kvc, doc), "inspect a saved cache alone")
+    kvc.write_bytes(kvc.read_bytes()[:-10])
+    one_line_error(run("inspect", kvc), "truncated", "compress the documents again")
+
+
+def test_inspect_shows_a_saved_full_prefix(tiny, home, doc, tmp_path):
+    """A full prefix (`kvcli read`) is shown as every token kept, not compressed."""
+    kvc = tmp_path / "full.kvc"
+    assert run("read", doc, "-o", kvc, "-m", tiny).exit_code == 0
+    shown = run("inspect", kvc, "--no-layers", "--json")
+    assert shown.exit_code == 0, shown.stderr
+    stats = json.loads(shown.stdout)["stats"]
+    assert stats["method"] == "full" and not stats["compressed"] and stats["extra"]["file"]["kind"] == "full"
+    assert stats["kv_bytes_kept"] == stats["kv_bytes_full"] and stats["ratio"] == pytest.approx(1.0)
+    assert "profile" not in json.loads(shown.stdout)
 
 
 def test_question_agnostic_reads_default_to_the_measured_method(tiny, home, doc, tmp_path, monkeypatch):

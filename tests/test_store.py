@@ -252,3 +252,41 @@ def test_a_bfloat16_file_loads_into_the_models_dtype(tmp_path):
         assert torch.equal(a.kept_positions(), b.kept_positions())
         for x, y in zip(a.view(), b.view()):
             assert y.dtype == torch.float32 and torch.equal(x.bfloat16().float(), y)
+
+
+def test_a_file_records_its_sliding_windows_and_reads_without_its_model(tmp_path):
+    """The layers' sliding windows are saved (under the checksum) and given back on load; a file
+    without them (written before kvcli recorded them) loads with every layer global; `config_hash`
+    None reads a file of any model (what `kvcli inspect FILE.kvc` does), still checking its bytes."""
+    cache = small_cache()
+    cache.adopt_windows([None, 6, None])
+    path = tmp_path / "doc.kvc"
+    save_cache(path, cache, META)
+    assert load_cache(path, "abc", "m").cache.windows == [None, 6, None]
+    assert load_cache(path, None, "").cache.windows == [None, 6, None]  # another model's name and hash: no matter
+    rewrite_header(path, lambda meta: meta.update(layer_windows=[None, 7, None]))
+    with pytest.raises(InputError, match="corrupted"):
+        load_cache(path, None, "")
+    older = tmp_path / "older.kvc"
+    save_cache(older, small_cache(), META)
+    rewrite_header(older, lambda meta: meta.pop("layer_windows"))
+    resum(older)  # as an older kvcli wrote it: no windows, and a checksum over what it wrote
+    assert load_cache(older, None, "").cache.windows == [None, None, None]
+
+
+def resum(path) -> None:
+    """Write into a .kvc whose metadata a test edited the checksum it would have had when written so."""
+    from safetensors.torch import load_file
+
+    from kvcli.store import _FILE_DTYPES, _Checksum
+
+    tensors = load_file(path)
+    names = {dtype: name for name, dtype in _FILE_DTYPES.items()}
+
+    def fix(meta):
+        checksum = _Checksum(meta)
+        for name in sorted(tensors):
+            checksum.add(name, names[tensors[name].dtype], tensors[name])
+        meta["sha256"] = checksum.hexdigest()
+
+    rewrite_header(path, fix)
