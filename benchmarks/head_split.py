@@ -3,6 +3,7 @@
     python benchmarks/head_split.py -m qwen2.5-coder-0.5b --length 3000 --ratios 0.1,0.2,0.3 --json head_split.json
     python benchmarks/head_split.py --settings snapkv:global,snapkv:global:0.2,dynamickv:adaptive:0.2:kernel_size=1
     python benchmarks/head_split.py --pydoc --length 4000 --settings evidencekv:equal,dynamickv:adaptive:0.2:kernel_size=1
+    python benchmarks/head_split.py --haystack ../shared/data/leval/financial_qa.rows.jsonl --length 4000 --query-aware evidencekv
 
 One document of real prose with the ten facts of benchmarks/reuse_check.py hidden at evenly
 spread depths (the rows of docs/results.md's repeat-scorer section) is read once with the full
@@ -166,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", default=DEFAULT_SETTINGS, help="METHOD:SPLIT[:FLOOR][:KEY=VALUE...],... (split: equal, adaptive, global; FLOOR: --param head_floor; KEY=VALUE: another knob)")
     parser.add_argument("--pydoc", action="store_true",
                         help="hide the ten facts in CPython's pydoc topics (prose kvcli was not tuned on) instead of samples/haystack.txt")
+    parser.add_argument("--haystack", default=None, metavar="ROWS.jsonl[:N]",
+                        help="hide the ten facts in row N (default 0) of a rows file's `context` (an L-Eval set of ../shared/data: "
+                             "real documents no setting was chosen on), its first --length tokens, instead of samples/haystack.txt")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--query-aware", default=None, metavar="METHOD",
                         help="also ask each question in a query-aware read at each ratio with METHOD (evidencekv: kvcli ask's default); "
@@ -178,10 +182,18 @@ def main(argv: list[str] | None = None) -> int:
 
     lm = load_model(args.model)
     reader = Reader(lm)
-    if args.pydoc:
-        from skim_filter import haystack_text
+    if args.pydoc or args.haystack:
+        if args.haystack:
+            path, _, row = args.haystack.partition(":")
+            rows = Path(path).read_text(encoding="utf-8").splitlines()
+            text = json.loads(rows[int(row or 0)])["context"]
+        else:
+            from skim_filter import haystack_text
 
-        ids = lm.tokenizer(haystack_text(None)[: args.length * 8], add_special_tokens=False)["input_ids"][: args.length]
+            text = haystack_text(None)
+        ids = lm.tokenizer(text[: args.length * 8], add_special_tokens=False)["input_ids"][: args.length]
+        if len(ids) < args.length:
+            print(f"the haystack holds {len(ids):,} tokens, fewer than --length {args.length:,}", file=sys.stderr)
         document = hide_facts(lm.tokenizer.decode(ids), FACTS)
     else:
         document = build_document(lm.tokenizer, args.length)
@@ -196,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         found = query_aware_found(reader, document, FACTS, args.query_aware, ratios, args.max_new_tokens)
         result["query_aware"] = {"method": args.query_aware, "found": {str(r): f for r, f in found.items()}}
         print(f"query-aware ({args.query_aware}): " + ", ".join(f"{r:g}: {sum(f)}/{len(f)}" for r, f in found.items()), file=sys.stderr, flush=True)
-    result.update(model=lm.name, length=args.length, max_new_tokens=args.max_new_tokens, haystack="pydoc topics" if args.pydoc else "samples/haystack.txt")
+    result.update(model=lm.name, length=args.length, max_new_tokens=args.max_new_tokens, haystack=args.haystack or ("pydoc topics" if args.pydoc else "samples/haystack.txt"))
     print(table(result, ratios))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
