@@ -361,6 +361,25 @@ def test_ask_reports_what_sliding_layers_and_global_layers_keep(tmp_path, home):
     assert stats["kv_bytes_full"] == entry * (n + 3 * (WINDOW - 1)) and stats["kv_bytes_kept"] == entry * sum(retained)
 
 
+def test_inspect_a_saved_cache_knows_its_sliding_layers_without_the_model(tmp_path, home):
+    """A Gemma 3 cache saved by `compress` records its layers' windows: `inspect FILE.kvc`, which loads no
+    model, marks the sliding layers and counts the full cache as `compress` did."""
+    folder = save_folder("gemma3", tmp_path / "gemma3")
+    doc = tmp_path / "doc.txt"
+    doc.write_text(" ".join(f"w{(7 * i) % 60}" for i in range(120)))
+    kvc = tmp_path / "doc.kvc"
+    made = runner.invoke(app, ["compress", str(doc), "-o", str(kvc), "-m", str(folder), "--method", "snapkv", "--ratio", "0.25", "--json"])
+    assert made.exit_code == 0, made.stderr
+    compressed = json.loads(made.stdout)["stats"]
+    shown = runner.invoke(app, ["inspect", str(kvc), "--json"])
+    assert shown.exit_code == 0, shown.stderr
+    stats = json.loads(shown.stdout)["stats"]
+    assert stats["layer_windows"] == compressed["layer_windows"] == [WINDOW, WINDOW, None, WINDOW]
+    for key in ("kv_bytes_full", "kv_bytes_kept", "retained_per_layer", "global_ratio"):
+        assert stats[key] == pytest.approx(compressed[key]), key
+    assert "sliding window" in runner.invoke(app, ["inspect", str(kvc)]).stdout
+
+
 # qwen2: transformers picks Qwen2Tokenizer by the model type, which makes no tokens of the word-level
 # tokenizer these tests save (the next test); its RoPE is checked in test_rope.py
 @pytest.mark.parametrize("name", [name for name in COMPRESSIBLE if name != "qwen2"])
