@@ -12,12 +12,13 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from .stats import RunStats, heads_summary, layers_summary, mib
+from .stats import RunStats, add_kept_rows, heads_summary, layers_summary, mib
 
 
 _SPARK = " ▁▂▃▄▅▆▇█"
 OUTSIDE = "prompt (template, question)"
-SAVED_OUTSIDE = "prompt (template)"  # a saved cache's prompt stops before the question
+# a saved cache's prompt stops before the question; a compressed one's holds the instruction it was scored by
+SAVED_OUTSIDE = "prompt (template, instruction)"
 
 
 @dataclass
@@ -267,18 +268,6 @@ def render_saved(path: str, stats: RunStats, every_layer: bool = False) -> Group
     sources = file["sources"]
     shown = ", ".join(sources[:3]) + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
     facts.add_row("prompt", f"{stats.prompt_tokens} tokens" + (f" of {shown}" if shown else "") + " (the prompt before a question)")
-    if stats.compressed:
-        budget = Text(f"{stats.budget:.1f} tokens/layer = ratio {stats.ratio:.4f}")
-        if stats.note:
-            budget.append(f" ({stats.note})", style="yellow")
-        facts.add_row("budget", budget)
-    else:
-        facts.add_row("budget", f"not compressed: {stats.note}" if stats.note else "not compressed")
-    heads = stats.extra.get("heads")
-    if heads:
-        facts.add_row("heads", f"KV heads kept {heads['min']}-{heads['max']} tokens each (split unevenly; the budget is their mean)")
-    kept_pct = 100 * stats.kv_bytes_kept / stats.kv_bytes_full if stats.kv_bytes_full else 100.0
-    facts.add_row("KV cache", f"{mib(stats.kv_bytes_kept)} kept of {mib(stats.kv_bytes_full)} full ({kept_pct:.1f}%), "
-                              f"saved {mib(stats.kv_bytes_full - stats.kv_bytes_kept)}"
-                  + ("" if file["windows_recorded"] else " (counted as if every layer were global: this file does not record its sliding windows)"))
+    unknown = "" if file["windows_recorded"] else " (counted as if every layer were global: this file does not record its sliding windows)"
+    heads = add_kept_rows(facts, stats, kv_note=unknown)
     return Group(facts, layers_summary(stats.retained_per_layer, stats.layer_windows, every_layer, bool(heads)))

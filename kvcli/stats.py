@@ -252,24 +252,9 @@ def _sliding_text(windows: list[int | None]) -> str:
     return f"{count} sliding-window layer{'s' if count > 1 else ''} ({LayerBars.SLIDING}) keep at most their last {most} tokens, whatever the method"
 
 
-def render(stats: RunStats, every_layer: bool = False) -> Group:
-    """The compact report printed on stderr after an answer: one labelled fact per line, then the
-    layers (runs of nearly equal layers as one row, each layer its own with `every_layer`)."""
-    facts = Table.grid(padding=(0, 2))
-    facts.add_column(style="bold", no_wrap=True)
-    facts.add_column()
-    params = ", ".join(f"{k}={v}" for k, v in stats.method_params.items())
-    kernel = f" ({stats.int8_kernel} kernel)" if stats.int8_kernel else ""  # what multiplied the int8 weights in decode
-    numbers = stats.dtype if stats.weights in ("", stats.dtype) else f"{stats.weights} weights{kernel}, {stats.dtype}"
-    facts.add_row("model", f"{stats.model} ({numbers})" if numbers else stats.model)
-    facts.add_row("method", f"{stats.method} ({params})" if params else stats.method)
-    prompt = Text(f"{stats.prompt_tokens} tokens")
-    if stats.dropped_tokens:
-        prompt.append(f" ({stats.dropped_tokens} cut from the middle)", style="yellow")
-    facts.add_row("prompt", prompt)
-    if stats.extra.get("encodings"):  # documents that were not UTF-8, read in the encoding detected
-        facts.add_row("encoding", ", ".join(f"{name}: {encoding}" for name, encoding in stats.extra["encodings"].items()))
-    facts.add_row("read", _read_line(stats))
+def add_kept_rows(facts: Table, stats: RunStats, kv_note: str = "") -> dict | None:
+    """The report's rows of what the cache kept (budget, window, sliding layers, heads, KV bytes;
+    `kv_note` after the bytes), added to `facts`; the per-head summary, or None."""
     sliding = _sliding_text(stats.layer_windows)
     if stats.compressed:
         question = stats.extra.get("question_tokens", 0)
@@ -295,8 +280,30 @@ def render(stats: RunStats, every_layer: bool = False) -> Group:
     facts.add_row(
         "KV cache",
         f"{mib(stats.kv_bytes_kept)} kept of {mib(stats.kv_bytes_full)} full ({kept_pct:.1f}%), "
-        f"saved {mib(stats.kv_bytes_full - stats.kv_bytes_kept)}",
+        f"saved {mib(stats.kv_bytes_full - stats.kv_bytes_kept)}" + kv_note,
     )
+    return heads
+
+
+def render(stats: RunStats, every_layer: bool = False) -> Group:
+    """The compact report printed on stderr after an answer: one labelled fact per line, then the
+    layers (runs of nearly equal layers as one row, each layer its own with `every_layer`)."""
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="bold", no_wrap=True)
+    facts.add_column()
+    params = ", ".join(f"{k}={v}" for k, v in stats.method_params.items())
+    kernel = f" ({stats.int8_kernel} kernel)" if stats.int8_kernel else ""  # what multiplied the int8 weights in decode
+    numbers = stats.dtype if stats.weights in ("", stats.dtype) else f"{stats.weights} weights{kernel}, {stats.dtype}"
+    facts.add_row("model", f"{stats.model} ({numbers})" if numbers else stats.model)
+    facts.add_row("method", f"{stats.method} ({params})" if params else stats.method)
+    prompt = Text(f"{stats.prompt_tokens} tokens")
+    if stats.dropped_tokens:
+        prompt.append(f" ({stats.dropped_tokens} cut from the middle)", style="yellow")
+    facts.add_row("prompt", prompt)
+    if stats.extra.get("encodings"):  # documents that were not UTF-8, read in the encoding detected
+        facts.add_row("encoding", ", ".join(f"{name}: {encoding}" for name, encoding in stats.extra["encodings"].items()))
+    facts.add_row("read", _read_line(stats))
+    heads = add_kept_rows(facts, stats)
     facts.add_row("memory", f"peak {mib(stats.peak_memory_bytes)} (process); KV peak during prefill {mib(stats.kv_bytes_peak)}")
     rate = stats.decode_tokens_per_s
     facts.add_row(

@@ -377,7 +377,9 @@ def test_inspect_a_saved_cache_knows_its_sliding_layers_without_the_model(tmp_pa
     assert stats["layer_windows"] == compressed["layer_windows"] == [WINDOW, WINDOW, None, WINDOW]
     for key in ("kv_bytes_full", "kv_bytes_kept", "retained_per_layer", "global_ratio"):
         assert stats[key] == pytest.approx(compressed[key]), key
-    assert "sliding window" in runner.invoke(app, ["inspect", str(kvc)]).stdout
+    text = runner.invoke(app, ["inspect", str(kvc)]).stdout
+    assert "sliding window" in text and "3 sliding-window layers" in text
+    assert f"global layers {compressed['global_budget']:.1f} tokens/layer" in " ".join(text.split())  # the budget compress reported
 
 
 # qwen2: transformers picks Qwen2Tokenizer by the model type, which makes no tokens of the word-level

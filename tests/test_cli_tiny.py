@@ -475,7 +475,7 @@ def test_inspect_shows_a_saved_cache_without_loading_a_model(tiny, home, doc, tm
     assert stats["read"] == "saved" and stats["extra"]["file"]["kind"] == "compressed"
     assert stats["extra"]["file"]["bytes"] == kvc.stat().st_size and stats["extra"]["file"]["windows_recorded"]
     groups = data["profile"]["groups"]
-    assert [g["label"] for g in groups][-1] == "prompt (template)"
+    assert [g["label"] for g in groups][-1] == "prompt (template, instruction)"
     assert sum(g["prompt_tokens"] for g in groups) == compressed["prompt_tokens"]
     per_layer = data["profile"]["kept_per_layer_per_group"]
     for kept, heads in zip(per_layer, compressed["extra"]["heads"]["per_layer"]):
@@ -499,6 +499,8 @@ def test_inspect_shows_a_saved_full_prefix(tiny, home, doc, tmp_path):
     assert stats["method"] == "full" and not stats["compressed"] and stats["extra"]["file"]["kind"] == "full"
     assert stats["kv_bytes_kept"] == stats["kv_bytes_full"] and stats["ratio"] == pytest.approx(1.0)
     assert "profile" not in json.loads(shown.stdout)
+    profiled = run("inspect", kvc)  # every token kept: no profile to show, and it says so
+    assert profiled.exit_code == 0 and "kept share by" not in profiled.stdout and "keeps every token" in profiled.stderr
 
 
 def test_question_agnostic_reads_default_to_the_measured_method(tiny, home, doc, tmp_path, monkeypatch):

@@ -56,7 +56,7 @@ def inspect(
         plot_target = check_target(plot)  # before the model runs, so a typo costs nothing
     saved = _saved_file(files)
     if saved is not None:
-        _inspect_saved(saved, run, layers, buckets, passages, plot_target, question is not None)
+        _inspect_saved(saved, run, layers, buckets, passages, plot_target, question is not None, bool(include or exclude))
         return
     started = start(run, files, include or (), exclude or ())
     screen, method, options, doc, reader = started.screen, started.method, started.options, started.doc, started.reader
@@ -131,7 +131,7 @@ def most_kept(cache, source_map, count: int) -> list:
 
 def _saved_file(files: list[str]) -> str | None:
     """The saved cache to inspect, when one is given (alone), else None."""
-    saved = [f for f in files if Path(f).suffix == ".kvc"]
+    saved = [f for f in files if Path(f).suffix == ".kvc" and not Path(f).is_dir()]
     if not saved:
         return None
     if len(files) > 1:
@@ -139,16 +139,17 @@ def _saved_file(files: list[str]) -> str | None:
     return saved[0]
 
 
-def _inspect_saved(path: str, run: RunOptions, layers: bool, buckets: int, passages: int, plot_target, question: bool) -> None:
+def _inspect_saved(path: str, run: RunOptions, layers: bool, buckets: int, passages: int, plot_target, question: bool,
+                   globs: bool) -> None:
     """`kvcli inspect FILE.kvc`: the file as saved, read without a model (no weights load, nothing runs)."""
     from ..inspect import SAVED_OUTSIDE, SavedPrompt, position_map, render_saved, retention_profile, saved_stats
     from ..reading.cite import saved_source_map
     from ..store import load_cache
 
     screen = Screen(run.quiet, run.json)
-    flags = (("--question", question), *((flag, name in run.given) for flag, name in (
+    flags = (("--question", question), ("--include/--exclude", globs), *((flag, name in run.given) for flag, name in (
         ("--method", "method"), ("--ratio", "ratio"), ("--budget", "budget"), ("--param", "param"), ("--min-keep", "min_keep"),
-        ("--chunk-size", "chunk_size"))))
+        ("--window", "window"), ("--chunk-size", "chunk_size"), ("--max-context", "max_context"))))
     ignored = [flag for flag, given in flags if given]
     if ignored:
         screen.warn(f"{', '.join(ignored)} ignored: {path} is shown as it was saved")
@@ -156,7 +157,9 @@ def _inspect_saved(path: str, run: RunOptions, layers: bool, buckets: int, passa
     stats = saved_stats(saved, Path(path).stat().st_size)
     source_map = saved_source_map(saved)
     profile, kept = None, []
-    if source_map is None and (layers or plot_target is not None):
+    if saved.kind == "full" and (layers or plot_target is not None):
+        screen.note(f"{path} is a full prefix: it keeps every token, so there is no profile of what it kept")
+    elif source_map is None and (layers or plot_target is not None):
         screen.warn(f"{path} does not record where its tokens came from in the documents (saved by an older kvcli): "
                     "no profile over them; compress or read the documents again for one")
     elif source_map is not None:
