@@ -119,7 +119,10 @@ def test_shell_completion_completes_commands_and_options():
     """Shell completion offers the commands and a command's options; --show-completion prints the bash script."""
     assert complete("kvcli as") == ["ask"]
     assert complete("kvcli ask --rat") == ["--ratio"]
-    script = subprocess.run([sys.executable, "-c", "import sys; sys.argv = ['kvcli', '--show-completion', 'bash']; from kvcli.__main__ import main; main()"],
+    # run from bash, as a user would: typer finds the shell among the process's parents, and a test
+    # run detached from any shell (its parent gone) would have none
+    code = "import sys; sys.argv = ['kvcli', '--show-completion']; from kvcli.__main__ import main; main()"
+    script = subprocess.run(["bash", "-c", f'"{sys.executable}" -c "{code}"; exit $?'],  # not exec'd: bash stays its parent
                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=120)
     assert "_KVCLI_COMPLETE=complete_bash" in script.stdout and "complete " in script.stdout
 
