@@ -243,7 +243,7 @@ def _saved(reader, path: str, run: RunOptions, screen: Screen, method, options, 
     if saved.kind == "full":
         return saved_read_once(reader, saved, path, options, method, screen), method
     method = make_method(saved.meta["method"], **saved.meta.get("method_params", {}))
-    ignored = [flag for flag, name in (("--method", "method"), ("--ratio", "ratio"), ("--budget", "budget"), ("--chunk-size", "chunk_size"), ("--param", "param"), ("--min-keep", "min_keep")) if name in run.given]
+    ignored = run.given_flags("method", "ratio", "budget", "chunk_size", "param", "min_keep")
     if ignored:
         screen.warn(f"{', '.join(ignored)} ignored: {path} was compressed with {method.name} when it was saved")
     screen.warn(f"{path} was compressed without knowing the questions: specific facts are often lost (docs/results.md); `kvcli read` saves a cache that answers query-aware")

@@ -147,10 +147,8 @@ def _inspect_saved(path: str, run: RunOptions, layers: bool, buckets: int, passa
     from ..store import load_cache
 
     screen = Screen(run.quiet, run.json)
-    flags = (("--question", question), ("--include/--exclude", globs), *((flag, name in run.given) for flag, name in (
-        ("--method", "method"), ("--ratio", "ratio"), ("--budget", "budget"), ("--param", "param"), ("--min-keep", "min_keep"),
-        ("--window", "window"), ("--chunk-size", "chunk_size"), ("--max-context", "max_context"))))
-    ignored = [flag for flag, given in flags if given]
+    ignored = [flag for flag, given in (("--question", question), ("--include/--exclude", globs)) if given]
+    ignored += run.given_flags("method", "ratio", "budget", "param", "min_keep", "window", "chunk_size", "max_context")
     if ignored:
         screen.warn(f"{', '.join(ignored)} ignored: {path} is shown as it was saved")
     saved = load_cache(path, None, "")  # any model's file: its tensors and metadata, checked against its checksum

@@ -99,6 +99,10 @@ class RunOptions:
     verbose: bool = False
     given: set[str] = field(default_factory=set)  # the options the user set (not left at their defaults)
 
+    def given_flags(self, *names: str) -> list[str]:
+        """The flags of the options `names` that the user set, as typed (`chunk_size`: `--chunk-size`), in that order."""
+        return ["--" + name.replace("_", "-") for name in names if name in self.given]
+
     def make_method(self, agnostic=None):
         """The method with --window and --param applied; a knob it lacks is an error. `agnostic`:
         the question-agnostic default this command reads with (`agnostic_scorer`): where --param
@@ -152,7 +156,7 @@ class RunOptions:
 
         if self.chunk_size is not None and self.chunk_size < 1:
             raise InputError(f"--chunk-size must be a positive number of tokens, got {self.chunk_size}")
-        knobs = [flag for flag, name in (("--skim-tokens", "skim_tokens"), ("--skim-depth", "skim_depth")) if name in self.given]
+        knobs = self.given_flags("skim_tokens", "skim_depth")
         if knobs and not self.skim:
             raise InputError(f"{' and '.join(knobs)} set how --skim reads; add --skim or drop {' and '.join(knobs)}")
         skim = None
