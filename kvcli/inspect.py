@@ -12,7 +12,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from .stats import RunStats, add_kept_rows, heads_summary, layers_summary, mib
+from .stats import RunStats, add_kept_rows, fact_table, heads_summary, layers_summary, method_text, mib
 
 
 _SPARK = " ▁▂▃▄▅▆▇█"
@@ -254,17 +254,14 @@ def saved_stats(saved, file_bytes: int) -> RunStats:
 
 def render_saved(path: str, stats: RunStats, every_layer: bool = False) -> Group:
     """The report of `kvcli inspect FILE.kvc`: what the file holds, its budget and heads, the bytes kept, and the layers."""
-    facts = Table.grid(padding=(0, 2))
-    facts.add_column(style="bold", no_wrap=True)
-    facts.add_column()
+    facts = fact_table()
     file = stats.extra["file"]
     made = "kvcli read: every token; each question compresses it query-aware" if file["kind"] == "full" else \
         "kvcli compress: compressed without the questions"
     facts.add_row("file", f"{path} ({mib(file['bytes'])}, cache format {file['format_version']}, kvcli {file['kvcli_version'] or '?'})")
     facts.add_row("made by", made)
     facts.add_row("model", f"{stats.model} ({stats.dtype})" if stats.dtype else stats.model)
-    params = ", ".join(f"{k}={v}" for k, v in stats.method_params.items())
-    facts.add_row("method", f"{stats.method} ({params})" if params else stats.method)
+    facts.add_row("method", method_text(stats))
     sources = file["sources"]
     shown = ", ".join(sources[:3]) + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
     facts.add_row("prompt", f"{stats.prompt_tokens} tokens" + (f" of {shown}" if shown else "") + " (the prompt before a question)")

@@ -285,17 +285,28 @@ def add_kept_rows(facts: Table, stats: RunStats, kv_note: str = "") -> dict | No
     return heads
 
 
-def render(stats: RunStats, every_layer: bool = False) -> Group:
-    """The compact report printed on stderr after an answer: one labelled fact per line, then the
-    layers (runs of nearly equal layers as one row, each layer its own with `every_layer`)."""
+def fact_table() -> Table:
+    """The report's table: a bold label, then its fact, one per row."""
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="bold", no_wrap=True)
     facts.add_column()
+    return facts
+
+
+def method_text(stats: RunStats) -> str:
+    """The method and its knobs, as the report's method row gives them."""
     params = ", ".join(f"{k}={v}" for k, v in stats.method_params.items())
+    return f"{stats.method} ({params})" if params else stats.method
+
+
+def render(stats: RunStats, every_layer: bool = False) -> Group:
+    """The compact report printed on stderr after an answer: one labelled fact per line, then the
+    layers (runs of nearly equal layers as one row, each layer its own with `every_layer`)."""
+    facts = fact_table()
     kernel = f" ({stats.int8_kernel} kernel)" if stats.int8_kernel else ""  # what multiplied the int8 weights in decode
     numbers = stats.dtype if stats.weights in ("", stats.dtype) else f"{stats.weights} weights{kernel}, {stats.dtype}"
     facts.add_row("model", f"{stats.model} ({numbers})" if numbers else stats.model)
-    facts.add_row("method", f"{stats.method} ({params})" if params else stats.method)
+    facts.add_row("method", method_text(stats))
     prompt = Text(f"{stats.prompt_tokens} tokens")
     if stats.dropped_tokens:
         prompt.append(f" ({stats.dropped_tokens} cut from the middle)", style="yellow")
