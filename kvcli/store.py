@@ -265,7 +265,7 @@ def load_cache(
     read, so loading holds about the file's size at its peak, not a copy of the file besides.
     """
     path = Path(path)
-    if not path.is_file():
+    if not os.path.isfile(path):  # False for a name the system cannot look up (too long), as for a missing file
         raise InputError(f"cache file {path} does not exist; make one with `kvcli read FILES -o {path}` (answers query-aware) or `kvcli compress`")
     with open(path, "rb") as handle:
         meta, entries, data_start = _read_header(handle, path)

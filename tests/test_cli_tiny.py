@@ -485,6 +485,8 @@ def test_inspect_shows_a_saved_cache_without_loading_a_model(tiny, home, doc, tm
     assert "kvcli compress" in text.stdout and "KV heads kept" in text.stdout and "kept share by" in text.stdout
     assert "--question, --ratio ignored" in text.stderr
     one_line_error(run("inspect", kvc, doc), "inspect a saved cache alone")
+    one_line_error(run("inspect", "a" * 300 + ".kvc"), "does not exist")  # a name longer than the system looks up
+    one_line_error(run("ask", "--cache", "a" * 300 + ".kvc", "w1?", "-m", tiny), "does not exist")
     kvc.write_bytes(kvc.read_bytes()[:-10])
     one_line_error(run("inspect", kvc), "truncated", "compress the documents again")
 

@@ -3,6 +3,7 @@ Given a saved cache (`FILE.kvc`) it shows the same of that file, without loading
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -131,7 +132,7 @@ def most_kept(cache, source_map, count: int) -> list:
 
 def _saved_file(files: list[str]) -> str | None:
     """The saved cache to inspect, when one is given (alone), else None."""
-    saved = [f for f in files if Path(f).suffix == ".kvc" and not Path(f).is_dir()]
+    saved = [f for f in files if Path(f).suffix == ".kvc" and not os.path.isdir(f)]  # a name too long to look up is no folder
     if not saved:
         return None
     if len(files) > 1:
