@@ -335,6 +335,23 @@ def test_sections_stop_when_the_joined_summaries_never_fit(reader):
         Sections(reader, words(150, seed=2), options).read("w1 w2?", make_method("snapkv"), on_section=on_section)
 
 
+def test_sections_count_their_time_to_the_first_token_once(reader):
+    """The sections are read and summarized inside `Sections.read`, after the answer's clock starts:
+    the time to the first token holds them once (they were also charged to the reading, twice in all)."""
+    import time
+
+    from kvcli.reading import Sections
+    from kvcli.reading.answer import answer
+
+    options = Options(budget=Budget(tokens=64), max_new_tokens=4, max_context=200)
+    began = time.perf_counter()
+    reading = Sections(reader, words(600, seed=3), options).read("w1 w2?", make_method("snapkv"))
+    result = answer(reader, reading, options, started=began)
+    elapsed = time.perf_counter() - began
+    assert reading.mode == "sections" and reading.past["sections"] >= 3 and reading.past["sections_s"] > 0
+    assert result.ttft_s <= elapsed  # the first token came before the answer ended, whatever the machine's speed
+
+
 # --- the reading policy ---------------------------------------------------------------------------
 
 

@@ -150,8 +150,7 @@ class Sections:
                 kept += f" a section ({self.options.budget.label} of the whole document)"
         if reduce is not method:  # the note says what compressed the sections, not "method full keeps every token"
             reading.note = f"the sections were read with {method.name} at {kept}; their summaries whole"
-        reading.mode = "sections" if rounds else reading.mode
-        reading.charged_s += mapped_s
+        reading.mode = "sections" if rounds else reading.mode  # the sections' time is in this read's: nothing to charge
         if rounds:
             reading.past = {
                 "prompt_tokens": prompt_tokens,
