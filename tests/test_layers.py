@@ -38,6 +38,7 @@ LAYERS = {
     "heap": "base",
     "speed": "store",
     "errors": "base",
+    "native": "base",
     "defaults": "base",
     "__init__": "base",
     "__main__": "face",

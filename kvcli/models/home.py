@@ -1,12 +1,8 @@
-"""Where kvcli keeps what it makes on disk (converted models, profiles, built kernels): one place,
-with no imports from the rest of kvcli, so any module of the models layer can name it."""
+"""Where kvcli keeps what it makes on disk (converted models, profiles, built kernels): one place
+(kvcli/native.py, the base layer, as the engine's kernel needs it too), named here for the models layer."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+from ..native import kvcli_home
 
-
-def kvcli_home() -> Path:
-    """Root of kvcli's on-disk cache: `$KVCLI_HOME`, else `~/.cache/kvcli`."""
-    return Path(os.environ.get("KVCLI_HOME") or Path.home() / ".cache" / "kvcli").expanduser()
+__all__ = ["kvcli_home"]

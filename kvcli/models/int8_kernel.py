@@ -22,21 +22,14 @@ fails in one line instead of falling back.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from .. import native
 from ..errors import ModelError
-from .cpu import cpu_flags
-from .home import kvcli_home
 
 SOURCE = Path(__file__).with_name("int8_rows.c")
 FLAGS = ("-O3", "-mavx512f", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
@@ -48,54 +41,14 @@ class KernelUnavailable(ModelError):
     """KVCLI_INT8_KERNEL=kvcli where kvcli's kernel cannot run: the one line says why."""
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _build(compiler: str) -> Path:
-    """The shared library, compiled into KVCLI_HOME/kernels (a temporary folder if that cannot be
-    written), named by a hash of the source, the flags and the compiler, so a change rebuilds it."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + compiler.encode() + version.encode()).hexdigest()[:16]
-    name = f"int8_rows-{key}.so"
-    for folder in (kvcli_home() / "kernels", Path(tempfile.gettempdir()) / f"kvcli-kernels-{os.getuid()}"):
-        built = folder / name
-        if built.is_file():
-            return built
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=folder) as scratch:  # compiled beside, then renamed in: never half a file
-                partial = Path(scratch) / name
-                done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True, text=True, timeout=120)
-                if done.returncode != 0:
-                    last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-                    raise KernelUnavailable(f"{Path(compiler).name} could not build {SOURCE.name}: {last}")
-                os.replace(partial, built)
-            return built
-        except OSError:
-            continue
-    raise KernelUnavailable("no writable folder for the built kernel (KVCLI_HOME or the temporary folder)")
-
-
 @lru_cache(maxsize=1)
 def _library() -> tuple[ctypes.CDLL | None, str]:
     """(the loaded kernel, '') or (None, why not)."""
     if os.environ.get("KVCLI_INT8_KERNEL", "").strip() == TORCH:
         return None, "KVCLI_INT8_KERNEL=torch"
-    if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
-        return None, f"built for x86-64 Linux only (this is {sys.platform} {platform.machine()})"
-    if "avx512f" not in cpu_flags():
-        return None, "this CPU has no AVX-512F"
-    compiler = _compiler()
-    if compiler is None:
-        return None, "no C compiler (cc, gcc or clang; or $CC)"
-    try:
-        library = ctypes.CDLL(str(_build(compiler)))
-    except (KernelUnavailable, OSError, subprocess.SubprocessError) as error:
-        return None, str(error)
+    library, why = native.load(SOURCE, FLAGS)
+    if library is None:
+        return None, why
     for function in (library.kvcli_int8_rows, library.kvcli_int8_blocked):
         function.restype = ctypes.c_int
         function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
