@@ -4,13 +4,15 @@
     python benchmarks/packed_step.py --kv-heads 8 --heads 32 --head-dim 128 --kept 2000
 
 For one layer of the given shape, a decode step's append (`KVLayer.append`) and attention
-(`attention.attend` on a dense layer, `attention.attend_heads` on a packed one: what
+(`attention.attend` on a dense layer, `attention.attend_packed` on a packed one: what
 `kvcli_attention` calls) are timed for the same mean tokens per KV head: every head equal (the
 dense layout), and two packed layouts, heads spread as the adaptive and the global splits spread
 them in docs/results.md's decode runs (fewest ~0.4x and ~0.25x the mean). Rounds alternate the
 layouts; the median over rounds of each layout's mean step is printed, and its ratio to the
 dense layout's. Only the cache's share of a step: the model's weights, the larger share, are
-the same for every layout. Run it alone on the machine.
+the same for every layout. Packed layers' steps are attended by kvcli's kernel where it runs
+(kvcli/decode_kernel.py; `KVCLI_ATTENTION_KERNEL=sdpa` for SDPA per KV head, as before it). Run it
+alone on the machine.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kvcli.attention import LayerAttention, attend, attend_heads  # noqa: E402
+from kvcli import decode_kernel  # noqa: E402
+from kvcli.attention import LayerAttention, attend, attend_packed  # noqa: E402
 from kvcli.cache import KVLayer  # noqa: E402
 
 
@@ -65,10 +68,19 @@ def step_seconds(layer: KVLayer, steps: int, heads: int, head_dim: int, dtype: t
     for i in range(steps):
         layer.append(keys[i], values[i], positions[i])
         if layer.packed:
-            attend_heads(queries[i], layer.head_views(), attn)
+            attend_packed(queries[i], layer, attn)
         else:
             attend(queries[i], *layer.view(), attn)
     return (time.perf_counter() - began) / steps
+
+
+def packed_attention(dtype: torch.dtype, head_dim: int) -> str:
+    """What attends the packed layouts' steps here (what `decode_kernel.attend_pool` takes)."""
+    if decode_kernel.name() != decode_kernel.KVCLI:
+        return f"sdpa per KV head ({decode_kernel.why_not()})"
+    if dtype != torch.bfloat16 or head_dim % 32 or head_dim > 512:
+        return "sdpa per KV head (kvcli's kernel takes bfloat16 caches with head dims a multiple of 32)"
+    return "kvcli's kernel, one call per layer"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     dense = statistics.median(times["dense"])
     print(f"{args.kv_heads} KV heads, {args.heads} query heads, head dim {args.head_dim}, {args.kept} entries per KV head on average, "
           f"{args.dtype}, {args.threads} thread(s); median of {args.rounds} rounds of {args.steps} steps")
+    print(f"packed layers attended by {packed_attention(dtype, args.head_dim)}; dense layers by sdpa")
     for kind in kinds:
         median = statistics.median(times[kind])
         lengths = head_lengths(kind, args.kv_heads, args.kept)

@@ -24,7 +24,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
-from . import flash
+from . import decode_kernel, flash
 from .errors import KvcliError
 from .step import STEP_KWARG, step_of
 
@@ -151,6 +151,20 @@ def attend_heads(query: torch.Tensor, heads: list[tuple[torch.Tensor, torch.Tens
     return torch.cat(outs, dim=2)
 
 
+def attend_packed(query: torch.Tensor, layer, attn: LayerAttention | float) -> torch.Tensor:
+    """`attend_heads` over a packed `KVLayer`: a CPU decode step reads the layer's pool with
+    kvcli's kernel, every KV head in one call (kvcli/decode_kernel.py) where it runs."""
+    attn = layer_attention(attn)
+    if (query.shape[2] == 1 and attn.exact_in_sdpa and attn.sliding_window is None and query.dtype == torch.bfloat16
+            and not query.is_cuda and decode_kernel.name() == decode_kernel.KVCLI):
+        rows = layer.pooled_rows()
+        if rows is not None:
+            out = decode_kernel.attend_pool(query, *rows, attn.scaling)
+            if out is not None:
+                return out
+    return attend_heads(query, layer.head_views(), attn)
+
+
 def _attend_in_blocks(query, key, value, attn: LayerAttention, window: int | None) -> torch.Tensor:
     """`attend` for what SDPA cannot do (softcapping, sinks): the probabilities computed in
     float32, in query blocks so that the `(q_len, k_len)` matrix is never held whole."""
@@ -245,7 +259,7 @@ def kvcli_attention(module, query, key, value, attention_mask, scaling=None, dro
         raise UnsupportedAttention("kvcli's attention runs one sequence at a time (batch size 1)")
     layer = step.cache.layers[module.layer_idx] if step is not None else None
     if layer is not None and layer.packed:  # KV heads of unequal lengths: the cache handed the model no keys
-        out = attend_heads(query, layer.head_views(), attn)
+        out = attend_packed(query, layer, attn)
     else:
         out = attend(query, key, value, attn)
     if step is not None:  # None: not driven by kvcli (e.g. `model.generate` on a prepared model)

@@ -9,9 +9,9 @@ KV head, each exactly as long as what that head kept, so the bytes held are the 
 lengths with no padding to the longest. Decode appends one entry to every head either way: a
 packed layer keeps its heads one after another in one buffer each for keys, values and positions,
 every head with room to grow (`_Pool`), so a step writes all its heads' new entries with one copy
-per buffer, as a dense layer does; `attention.attend_heads` attends a packed layer one KV head
-(with its query heads) at a time.
-Keys are stored post-RoPE,
+per buffer, as a dense layer does; `attention.attend_packed` attends a CPU decode step over the
+pool in one call of kvcli's kernel (`pooled_rows`, kvcli/decode_kernel.py), and anything else one
+KV head (with its query heads) at a time (`attention.attend_heads`). Keys are stored post-RoPE,
 so kept tokens need no re-rotation and new tokens continue from the full prompt's positions;
 only a document read past the model's positions is re-indexed, and then each entry also
 records where RoPE now places it (`rope`). A sliding-window layer (`window`) is never
@@ -191,11 +191,13 @@ class KVLayer(CacheLayerMixin):
         region of the pool, with one copy per buffer (the heads pooled again when one is full)."""
         heads = self.heads
         num_heads, q_len = key_states.shape[1], key_states.shape[2]
-        rope = rope_positions is not None or self.reindexed
-        if self._pool is None or not self._pool.holds(heads, q_len, rope):
-            # room to grow geometrically, as a dense layer's `_reserve`: each head its own length again
-            self._pool_heads(rooms=[max(q_len, 16, head.get_seq_length()) for head in heads], rope=rope)
         pool = self._pool
+        # a pool its heads still read records RoPE positions exactly when they were re-indexed
+        if pool is None or not pool.holds(heads, q_len, rope_positions is not None):
+            # room to grow geometrically, as a dense layer's `_reserve`: each head its own length again
+            self._pool_heads(rooms=[max(q_len, 16, head.get_seq_length()) for head in heads],
+                             rope=rope_positions is not None or self.reindexed)
+            pool = self._pool
         index = pool.tails
         if q_len > 1:
             index = (index[:, None] + torch.arange(q_len, device=index.device)).reshape(-1)  # head-major, as the rows below
@@ -298,6 +300,15 @@ class KVLayer(CacheLayerMixin):
         """Entries held per KV head, the mean over heads: what a budget counts."""
         lengths = self.head_lengths()
         return sum(lengths) / len(lengths) if lengths else 0.0
+
+    def pooled_rows(self) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]] | None:
+        """A packed layer's pool as one read sees it: keys and values `(1, 1, total, head_dim)` and
+        each KV head's first row and length in them; None unless every head reads the pool as it
+        last wrote it (a layer pools its heads when it appends: a decode step's attention finds it so)."""
+        pool = self._pool
+        if pool is None or not pool.holds(self.heads, 0, False):
+            return None
+        return pool.keys, pool.values, pool.starts, pool.lengths
 
     def head_views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each KV head's keys and values `(1, 1, n_h, head_dim)`, without their positions (what a

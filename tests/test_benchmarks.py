@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kvcli import decode_kernel
 from test_models import save_tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -345,3 +346,6 @@ def test_packed_step_times_every_layout_at_the_same_mean(capsys):
     assert packed_step.main(["--rounds", "2", "--steps", "3", "--kept", "20", "--dtype", "float32"]) == 0
     out = capsys.readouterr().out
     assert "dense     heads 20-20" in out and "adaptive  heads 8-32" in out and "global    heads 5-35" in out
+    assert "packed layers attended by sdpa per KV head" in out  # float32: not the kernel's
+    assert packed_step.packed_attention(torch.bfloat16, 64) == (
+        "kvcli's kernel, one call per layer" if decode_kernel.name() == decode_kernel.KVCLI else f"sdpa per KV head ({decode_kernel.why_not()})")

@@ -23,6 +23,7 @@ LAYERS = {
     "reindex": "engine",
     "skim": "engine",
     "flash": "engine",
+    "decode_kernel": "engine",
     "threads": "engine",
     "methods": "methods",
     "ingest": "text",
