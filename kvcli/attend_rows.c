@@ -12,8 +12,8 @@
    as much per call as the work itself; a dense layer makes one call, a packed layer made one per
    KV head (kvcli/decode_kernel.py, docs/results.md "Decode with unequal heads").
 
-   Each KV head's rows are `key_stride` (`value_stride`) elements apart, starting at element
-   `key_at[h]` (`value_at[h]`) of `keys` (`values`). KV heads run on torch's OpenMP threads when
+   Each KV head's rows are `key_stride` (`value_stride`) elements apart, from row `starts[h]` of
+   `keys` (`values`). KV heads run on torch's OpenMP threads when
    the layer is long enough to pay for them. */
 
 #include <immintrin.h>
@@ -39,9 +39,11 @@ static inline __m512 sums16(const __m512 *v) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
 }
 
-/* e^x for x <= 0 (a logit minus its row's largest), float32: Cephes' expf reduction and polynomial */
+/* e^x for x <= 0 (a logit minus its row's largest), float32: Cephes' expf reduction and polynomial;
+   0 below -87 (and for -inf), NaN for NaN */
 static inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x); /* x second: a NaN logit stays NaN (max returns its second operand) */
+    const __mmask16 kept = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ); /* NaN: kept, stays NaN */
+    x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x); /* x second: a NaN stays NaN (max returns its second operand) */
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -53,7 +55,7 @@ static inline __m512 exp_nonpositive(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
+    return _mm512_maskz_mov_ps(kept, _mm512_scalef_ps(p, n));
 }
 
 static inline void store_bf16(uint16_t *out, float value) {
@@ -200,7 +202,8 @@ static void attend_head(const uint16_t *query, int group, const uint16_t *keys, 
 }
 
 /* This thread's scratch: kept between calls (a decode step's attention runs every layer, every
-   token), grown when a longer head needs more; NULL when no memory. */
+   token), grown when a longer head needs more (group x (longest + 32) floats and 16 KiB: 3.6 MB
+   for 7 query heads of a 128K-entry head), held for the thread's life; NULL when no memory. */
 static __thread float *kept_scratch;
 static __thread size_t kept_floats;
 
@@ -218,8 +221,8 @@ static float *scratch_of(size_t floats) {
 }
 
 /* KV heads first, first + step, ... of the call (one thread's share); 0, or 1 where no memory */
-static int attend_heads(const uint16_t *query, const uint16_t *keys, const uint16_t *values, const int64_t *key_at,
-                        const int64_t *value_at, const int64_t *lengths, int64_t key_stride, int64_t value_stride,
+static int attend_heads(const uint16_t *query, const uint16_t *keys, const uint16_t *values, const int64_t *starts,
+                        const int64_t *lengths, int64_t key_stride, int64_t value_stride,
                         int num_kv_heads, int first, int step, int group, int dim, int v_dim, float scale,
                         uint16_t *out, int64_t longest, size_t floats) {
     const size_t pair_floats = 16 * (size_t)BLOCK * (MAX_DIM / 32); /* the value pairs: BLOCK * MAX_DIM / 32 vectors */
@@ -230,23 +233,24 @@ static int attend_heads(const uint16_t *query, const uint16_t *keys, const uint1
     __m512i *pairs = (__m512i *)scratch; /* 64-byte aligned, first */
     float *scores = scratch + pair_floats, *acc = scores + (size_t)group * (longest + 2 * BLOCK);
     for (int h = first; h < num_kv_heads; h += step) {
-        attend_head(query + (int64_t)h * group * dim, group, keys + key_at[h], key_stride, values + value_at[h], value_stride,
+        attend_head(query + (int64_t)h * group * dim, group, keys + starts[h] * key_stride, key_stride, values + starts[h] * value_stride, value_stride,
                     lengths[h], dim, v_dim, scale, out + (int64_t)h * group * v_dim, scores, acc, pairs);
     }
     return 0;
 }
 
-/* 0: done; 1: a shape it does not take (dims not multiples of 32 up to MAX_DIM, a head with no
-   entries, a group not within 1-64); -1: no memory for its scratch. */
-int kvcli_attend_decode(const uint16_t *query, const uint16_t *keys, const uint16_t *values, const int64_t *key_at,
-                        const int64_t *value_at, const int64_t *lengths, int64_t key_stride, int64_t value_stride,
+/* KV head h: the lengths[h] rows from row starts[h] of the `rows` rows of keys and values.
+   0: done; 1: what it does not take (dims not multiples of 32 up to MAX_DIM, a head with no
+   entries or past the rows, a group not within 1-64); -1: no memory for its scratch. */
+int kvcli_attend_decode(const uint16_t *query, const uint16_t *keys, const uint16_t *values, const int64_t *starts,
+                        const int64_t *lengths, int64_t rows, int64_t key_stride, int64_t value_stride,
                         int num_kv_heads, int group, int dim, int v_dim, float scale, uint16_t *out, int threads) {
     if (dim % 32 || v_dim % 32 || dim <= 0 || v_dim <= 0 || dim > MAX_DIM || v_dim > MAX_DIM || group < 1 || group > 64) {
         return 1;
     }
     int64_t longest = 0, entries = 0;
     for (int h = 0; h < num_kv_heads; h++) {
-        if (lengths[h] < 1) {
+        if (lengths[h] < 1 || starts[h] < 0 || starts[h] + lengths[h] > rows) {
             return 1;
         }
         longest = lengths[h] > longest ? lengths[h] : longest;
@@ -257,11 +261,11 @@ int kvcli_attend_decode(const uint16_t *query, const uint16_t *keys, const uint1
     const size_t floats = (size_t)group * (longest + 2 * BLOCK) + (size_t)group * v_dim;
     int failed = 0;
     if (!parallel) {
-        failed = attend_heads(query, keys, values, key_at, value_at, lengths, key_stride, value_stride, num_kv_heads, 0, 1,
+        failed = attend_heads(query, keys, values, starts, lengths, key_stride, value_stride, num_kv_heads, 0, 1,
                               group, dim, v_dim, scale, out, longest, floats);
     } else {
 #pragma omp parallel num_threads(threads) reduction(| : failed)
-        failed |= attend_heads(query, keys, values, key_at, value_at, lengths, key_stride, value_stride, num_kv_heads,
+        failed |= attend_heads(query, keys, values, starts, lengths, key_stride, value_stride, num_kv_heads,
                                omp_get_thread_num(), omp_get_num_threads(), group, dim, v_dim, scale, out, longest, floats);
     }
     return failed ? -1 : 0;

@@ -44,7 +44,7 @@ def _kernel():
         return None, why
     function = library.kvcli_attend_decode
     function.restype = ctypes.c_int
-    function.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 4 + [ctypes.c_float]
+    function.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 4 + [ctypes.c_float]
                          + [ctypes.c_void_p, ctypes.c_int])
     return function, ""
 
@@ -67,19 +67,22 @@ def attend_pool(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, s
     the kernel does not run (no kernel here, off CPU, not bfloat16, a head dim it does not take,
     an empty head): the caller attends as before."""
     function = _kernel()[0]
-    num_heads, head_dim = query.shape[1], query.shape[3]
-    v_dim, num_kv_heads = values.shape[3], len(lengths)
+    batch, num_heads, q_len, head_dim = query.shape
+    key_batch, key_heads, rows, key_dim = keys.shape
+    value_batch, value_heads, value_rows, v_dim = values.shape
+    num_kv_heads = len(lengths)
     if (function is None or query.dtype != torch.bfloat16 or keys.dtype != torch.bfloat16 or values.dtype != torch.bfloat16
             or query.device.type != "cpu" or keys.device.type != "cpu" or values.device.type != "cpu"
-            or head_dim % 32 or v_dim % 32 or head_dim > 512 or v_dim > 512 or num_heads % num_kv_heads or min(lengths) < 1
+            or batch != 1 or q_len != 1 or key_batch != 1 or key_heads != 1 or value_batch != 1 or value_heads != 1
+            or value_rows != rows or key_dim != head_dim or head_dim % 32 or v_dim % 32 or head_dim > 512 or v_dim > 512
+            or not num_kv_heads or len(starts) != num_kv_heads or num_heads % num_kv_heads
             or query.stride(3) != 1 or query.stride(1) != head_dim or keys.stride(3) != 1 or values.stride(3) != 1):
-        return None
-    key_row, value_row = keys.stride(2), values.stride(2)
+        return None  # (each head within the rows: checked by the kernel)
     array = _arrays(num_kv_heads)
     out = torch.empty((1, 1, num_heads, v_dim), dtype=torch.bfloat16)
-    status = function(query.data_ptr(), keys.data_ptr(), values.data_ptr(), array(*[start * key_row for start in starts]),
-                      array(*[start * value_row for start in starts]), array(*lengths), key_row, value_row, num_kv_heads,
-                      num_heads // num_kv_heads, head_dim, v_dim, scaling, out.data_ptr(), torch.get_num_threads())
+    status = function(query.data_ptr(), keys.data_ptr(), values.data_ptr(), array(*starts), array(*lengths), rows,
+                      keys.stride(2), values.stride(2), num_kv_heads, num_heads // num_kv_heads, head_dim, v_dim, scaling,
+                      out.data_ptr(), torch.get_num_threads())
     if status == -1:
         raise MemoryError("kvcli's decode attention could not allocate its scratch")
     return out if status == 0 else None

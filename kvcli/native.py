@@ -12,6 +12,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -64,11 +65,14 @@ def build(source: Path, flags: tuple[str, ...], cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + cc.encode() + version.encode()).hexdigest()[:16]
     name = f"{source.stem}-{key}.so"
-    for folder in (kvcli_home() / "kernels", Path(tempfile.gettempdir()) / f"kvcli-kernels-{os.getuid()}"):
+    shared = Path(tempfile.gettempdir()) / f"kvcli-kernels-{os.getuid()}"
+    for folder in (kvcli_home() / "kernels", shared):
         built = folder / name
-        if built.is_file():
-            return built
         try:
+            if folder == shared and not _private(folder):
+                continue  # a folder anyone could have planted a library in: never load from it
+            if built.is_file():
+                return built
             folder.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=folder) as scratch:  # compiled beside, then renamed in: never half a file
                 partial = Path(scratch) / name
@@ -83,6 +87,16 @@ def build(source: Path, flags: tuple[str, ...], cc: str) -> Path:
     raise KernelUnavailable("no writable folder for the built kernel (KVCLI_HOME or the temporary folder)")
 
 
+def _private(folder: Path) -> bool:
+    """Whether `folder` (made now if missing, mode 0700) is this user's and no one else can write it."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        status = folder.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(status.st_mode) and status.st_uid == os.getuid() and not status.st_mode & 0o022
+
+
 def load(source: Path, flags: tuple[str, ...], cpu: tuple[str, ...] = ("avx512f",)) -> tuple[ctypes.CDLL | None, str]:
     """(the loaded library of `source`, '') or (None, why it cannot run here); `cpu`: the CPU flags
     its instructions need."""
@@ -94,5 +108,7 @@ def load(source: Path, flags: tuple[str, ...], cpu: tuple[str, ...] = ("avx512f"
         return None, "no C compiler (cc, gcc or clang; or $CC)"
     try:
         return ctypes.CDLL(str(build(source, flags, cc))), ""
+    except subprocess.TimeoutExpired as error:
+        return None, f"{Path(cc).name} did not finish building {source.name} in {error.timeout:g} s"
     except (KernelUnavailable, OSError, subprocess.SubprocessError) as error:
         return None, str(error)

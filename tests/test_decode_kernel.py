@@ -178,3 +178,61 @@ def test_a_failed_build_falls_back_to_sdpa_and_says_why(tmp_path, monkeypatch):
         assert torch.equal(attend_packed(query, layer, attn), attend_heads(query, layer.head_views(), attn))
     finally:
         decode_kernel._kernel.cache_clear()
+
+
+@needs_kernel
+def test_the_wrapper_refuses_what_does_not_fit_its_rows():
+    """Shapes the kernel would misread are refused (None: SDPA), never read past the tensors."""
+    layer = pooled_layer([10, 30], 64)
+    keys, values, starts, lengths = layer.pooled_rows()
+    query = torch.randn(1, 4, 1, 64).to(torch.bfloat16)
+    assert decode_kernel.attend_pool(query, keys, values, starts, lengths, 0.125) is not None
+    two_steps = torch.randn(1, 4, 2, 64).to(torch.bfloat16)
+    for bad in [(two_steps, keys, values, starts, lengths),  # a question's prefill, not one step
+                (torch.randn(2, 4, 1, 64).to(torch.bfloat16), keys, values, starts, lengths),  # a batch
+                (query, keys[..., :32], values, starts, lengths),  # keys narrower than the query
+                (query, keys, values, starts, [lengths[0], keys.shape[2]]),  # a head past the buffer's rows
+                (query, keys, values, starts[:1], lengths),  # a start missing
+                (query, keys, values, [], []),  # no heads
+                (query, keys.expand(1, 2, -1, -1), values, starts, lengths)]:  # two heads' buffer
+        assert decode_kernel.attend_pool(*bad, 0.125) is None
+
+
+@needs_kernel
+def test_a_key_far_below_the_best_gets_no_weight():
+    """A logit 200 below the row's largest (or -inf) weighs 0, as in SDPA, not e^-87."""
+    layer = pooled_layer([4, 9], 64, seed=2)
+    keys, values, starts, lengths = layer.pooled_rows()
+    query = torch.zeros(1, 4, 1, 64, dtype=torch.bfloat16)
+    query[..., 0] = 1.0  # each logit is its key's first element
+    keys[0, 0, starts[0] : starts[0] + 4, 0] = torch.tensor([0.0, 0.0, 0.0, -200.0])
+    keys[0, 0, starts[1] : starts[1] + 9, 0] = torch.tensor([0.0] * 8 + [float("-inf")])
+    values[0, 0, starts[0] + 3] = 3e38
+    values[0, 0, starts[1] + 8] = 1e38
+    out = decode_kernel.attend_pool(query, keys, values, starts, lengths, 1.0)
+    assert out is not None
+    # e^-87 x 3e38 would add ~5 to every output of the first KV head's query heads
+    assert (out.float() - exact(query, layer, 1.0)).abs().max().item() < 0.05
+
+
+def test_a_temporary_folder_others_can_write_is_never_used(tmp_path, monkeypatch):
+    """Where KVCLI_HOME cannot hold kernels, the temporary folder is used only if it is this user's
+    alone: a library planted in a folder others can write is never loaded."""
+    from kvcli import native
+
+    home = tmp_path / "home"
+    home.write_text("a file, not a folder")
+    monkeypatch.setenv("KVCLI_HOME", str(home))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    shared = tmp_path / "tmp" / f"kvcli-kernels-{os.getuid()}"
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)
+    if native.x86_linux(*decode_kernel.CPU) or native.compiler() is None:
+        pytest.skip("no kernel builds here")
+    library, why = native.load(decode_kernel.SOURCE, decode_kernel.FLAGS, decode_kernel.CPU)
+    assert library is None and why == "no writable folder for the built kernel (KVCLI_HOME or the temporary folder)"
+    assert list(shared.iterdir()) == []
+    shared.chmod(0o700)
+    library, why = native.load(decode_kernel.SOURCE, decode_kernel.FLAGS, decode_kernel.CPU)
+    assert library is not None and why == "" and [p.suffix for p in shared.iterdir()] == [".so"]
