@@ -13,8 +13,9 @@
    KV head (kvcli/decode_kernel.py, docs/results.md "Decode with unequal heads").
 
    Each KV head's rows are `key_stride` (`value_stride`) elements apart, from row `starts[h]` of
-   `keys` (`values`). KV heads run on torch's OpenMP threads when
-   the layer is long enough to pay for them. */
+   `keys` (`values`). On torch's OpenMP threads, when the call is large enough to pay for them
+   (PARALLEL_FROM), each thread reads a share of every KV head's rows for all its query heads, and
+   the shares' softmax sums are merged at the end (as flash-decoding splits a long cache). */
 
 #include <immintrin.h>
 #include <omp.h>
@@ -24,19 +25,38 @@
 
 #define MAX_DIM 512
 #define BLOCK 16 /* keys per block: one vector of logits */
+/* Products (entries x group x dim) from which a call's rows are shared between threads:
+   on this project's 2-core machine two threads gained from ~70 entries per KV head at the default
+   model's shape (7 query heads per KV head, dim 64), and lost ~0.4 us below. */
+#define PARALLEL_FROM (1 << 16)
 
-/* lane i of the result: the sum of v[i]'s 16 lanes */
-static inline __m512 sums16(const __m512 *v) {
-    __m512 t[8], u[4];
-    for (int i = 0; i < 8; i++) {
-        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+/* The 16 x 16 32-bit words of r transposed in place: r[c] becomes word c of every r[0..15]. */
+static inline void transpose16(__m512i *r) {
+    __m512 t[16], u[16];
+    for (int i = 0; i < 8; i++) { /* per 128-bit lane: words 0-1 and 2-3 of rows 2i, 2i + 1, interleaved */
+        t[2 * i] = _mm512_unpacklo_ps(_mm512_castsi512_ps(r[2 * i]), _mm512_castsi512_ps(r[2 * i + 1]));
+        t[2 * i + 1] = _mm512_unpackhi_ps(_mm512_castsi512_ps(r[2 * i]), _mm512_castsi512_ps(r[2 * i + 1]));
     }
-    for (int i = 0; i < 4; i++) { /* per 128-bit lane: that lane's sums of v[4i] .. v[4i+3] */
-        u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44), _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; i++) { /* u[4i + c], lane L: rows 4i .. 4i + 3 of word 4L + c */
+        const __m512d t0 = _mm512_castps_pd(t[4 * i]), t1 = _mm512_castps_pd(t[4 * i + 1]);
+        const __m512d t2 = _mm512_castps_pd(t[4 * i + 2]), t3 = _mm512_castps_pd(t[4 * i + 3]);
+        u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+        u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+        u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+        u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
     }
-    const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
-    const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
+    for (int c = 0; c < 4; c++) { /* the four lanes of each word brought together */
+        t[c] = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
+        t[4 + c] = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xdd);
+        t[8 + c] = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+        t[12 + c] = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xdd);
+    }
+    for (int c = 0; c < 4; c++) {
+        r[c] = _mm512_castps_si512(_mm512_shuffle_f32x4(t[c], t[8 + c], 0x88));
+        r[8 + c] = _mm512_castps_si512(_mm512_shuffle_f32x4(t[c], t[8 + c], 0xdd));
+        r[4 + c] = _mm512_castps_si512(_mm512_shuffle_f32x4(t[4 + c], t[12 + c], 0x88));
+        r[12 + c] = _mm512_castps_si512(_mm512_shuffle_f32x4(t[4 + c], t[12 + c], 0xdd));
+    }
 }
 
 /* e^x for x <= 0 (a logit minus its row's largest), float32: Cephes' expf reduction and polynomial;
@@ -69,9 +89,70 @@ static inline void store_bf16(uint16_t *out, float value) {
     *out = (uint16_t)(bits >> 16);
 }
 
-/* The scaled logits of one query head `q` for m <= BLOCK key rows (zeros for the rest of the block). */
-static inline __attribute__((always_inline)) void logits(const uint16_t *q, const uint16_t *rows, int64_t key_stride,
-                                                        int chunks, int64_t m, float scale, float *into) {
+/* Scaled logits of `nq` (1-4) query heads `q[0..nq-1]` (dim / 2 words each) for a block of 16 keys
+   given transposed (`kt[p]`: word p, dims 2p and 2p + 1, of each key): one vector of 16 sums per
+   query, no horizontal sums; each query's products in `split` sums so that the dot products overlap. */
+static inline __attribute__((always_inline)) void logits(const uint32_t *const *q, const int nq, const int split,
+                                                        const __m512i *kt, int words, float scale, float *const *into) {
+    __m512 sums[8];
+    for (int i = 0; i < nq * split; i++) {
+        sums[i] = _mm512_setzero_ps();
+    }
+    for (int p = 0; p < words; p += split) {
+        for (int s = 0; s < split; s++) {
+            const __m512bh k = (__m512bh)kt[p + s];
+            for (int j = 0; j < nq; j++) {
+                sums[j * split + s] = _mm512_dpbf16_ps(sums[j * split + s], (__m512bh)_mm512_set1_epi32((int)q[j][p + s]), k);
+            }
+        }
+    }
+    for (int j = 0; j < nq; j++) {
+        __m512 total = sums[j * split];
+        for (int s = 1; s < split; s++) {
+            total = _mm512_add_ps(total, sums[j * split + s]);
+        }
+        _mm512_storeu_ps(into[j], _mm512_mul_ps(total, _mm512_set1_ps(scale)));
+    }
+}
+
+/* `logits` for `nq` queries over `words` words, with the counts of the usual head dims unrolled */
+static inline __attribute__((always_inline)) void logits_of(const uint32_t *const *q, int nq, const __m512i *kt, int words,
+                                                           float scale, float *const *into) {
+#define LOGITS_FOR(WORDS)                                                                                                   \
+    switch (nq) {                                                                                                           \
+    case 4: logits(q, 4, 1, kt, WORDS, scale, into); break;                                                                \
+    case 3: logits(q, 3, 2, kt, WORDS, scale, into); break;                                                                \
+    case 2: logits(q, 2, 2, kt, WORDS, scale, into); break;                                                                \
+    default: logits(q, 1, 4, kt, WORDS, scale, into); break;                                                               \
+    }
+    if (words == 32) {
+        LOGITS_FOR(32)
+    } else if (words == 64) {
+        LOGITS_FOR(64)
+    } else {
+        LOGITS_FOR(words)
+    }
+#undef LOGITS_FOR
+}
+
+/* lane i of the result: the sum of v[i]'s 16 lanes */
+static inline __m512 sums16(const __m512 *v) {
+    __m512 t[8], u[4];
+    for (int i = 0; i < 8; i++) {
+        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    }
+    for (int i = 0; i < 4; i++) { /* per 128-bit lane: that lane's sums of v[4i] .. v[4i+3] */
+        u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44), _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
+    }
+    const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+    const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
+}
+
+/* Scaled logits of one query head `q` for m <= 16 key rows as they lie (zeros for the rest of the
+   block): where a head has one or two query heads, transposing the block would cost more. */
+static inline __attribute__((always_inline)) void row_logits(const uint16_t *q, const uint16_t *rows, int64_t key_stride,
+                                                            int chunks, int64_t m, float scale, float *into) {
     __m512 s[BLOCK];
     for (int j = 0; j < BLOCK; j++) {
         s[j] = _mm512_setzero_ps();
@@ -104,31 +185,57 @@ static inline __attribute__((always_inline)) void weigh_rows(const uint32_t *wei
     }
 }
 
-/* KV head h's `group` query heads over its n rows. Scratch: `scores` group * (n + 2 * BLOCK)
-   floats, `acc` group * v_dim floats, `pairs` BLOCK / 2 * v_dim 32-bit words. */
-static void attend_head(const uint16_t *query, int group, const uint16_t *keys, int64_t key_stride,
-                        const uint16_t *values, int64_t value_stride, int64_t n, int dim, int v_dim, float scale,
-                        uint16_t *out, float *scores, float *acc, __m512i *pairs) {
+/* One KV head's `group` query heads over its rows lo .. hi - 1 (a thread's share; lo a multiple
+   of BLOCK): for each query head g, `part + g * (v_dim + 2)` gets the weighted values (v_dim floats,
+   in the unpacks' order, not yet divided), then the largest logit and the sum of the weights (e^(logit
+   - largest)); an empty share: -inf and 0. Scratch: `scores` group * (hi - lo + 2 * BLOCK) floats,
+   `pairs` 16 * MAX_DIM / 32 vectors. */
+static void attend_part(const uint16_t *query, int group, const uint16_t *keys, int64_t key_stride, const uint16_t *values,
+                        int64_t value_stride, int64_t lo, int64_t hi, int dim, int v_dim, float scale, float *part,
+                        float *scores, __m512i *pairs) {
     const int chunks = dim / 32, v_chunks = v_dim / 32; /* 32 bf16 per vector */
-    const int64_t row = n + 2 * BLOCK;
-    /* logits, BLOCK keys at a time, each query head's products summed per key by one sums16 */
+    const int64_t n = hi - lo, row = n + 2 * BLOCK, stats = v_dim + 2;
+    for (int g = 0; g < group; g++) {
+        memset(part + g * stats, 0, sizeof(float) * v_dim);
+        part[g * stats + v_dim] = -__builtin_inff();
+        part[g * stats + v_dim + 1] = 0.0f;
+    }
+    if (n <= 0) {
+        return;
+    }
+    keys += lo * key_stride;
+    values += lo * value_stride;
+    /* logits, BLOCK keys at a time: with three or more query heads the block is transposed once
+       (into `pairs`, free until the values) and read by four query heads at a time */
     for (int64_t j0 = 0; j0 < n; j0 += BLOCK) {
         const int64_t m = n - j0 < BLOCK ? n - j0 : BLOCK;
-        for (int g = 0; g < group; g++) {
-            const uint16_t *q = query + (int64_t)g * dim;
-            const uint16_t *rows = keys + j0 * key_stride;
-            float *into = scores + g * row + j0;
-            if (m == BLOCK && chunks == 2) { /* the usual head dims, whole blocks: unrolled, in registers */
-                logits(q, rows, key_stride, 2, BLOCK, scale, into);
-            } else if (m == BLOCK && chunks == 4) {
-                logits(q, rows, key_stride, 4, BLOCK, scale, into);
-            } else {
-                logits(q, rows, key_stride, chunks, m, scale, into);
+        if (group < 3) {
+            for (int g = 0; g < group; g++) {
+                row_logits(query + (int64_t)g * dim, keys + j0 * key_stride, key_stride, chunks, m, scale, scores + g * row + j0);
             }
+            continue;
+        }
+        for (int c = 0; c < chunks; c++) {
+            __m512i r[16];
+            for (int j = 0; j < 16; j++) {
+                r[j] = j < m ? _mm512_loadu_si512(keys + (j0 + j) * key_stride + 32 * c) : _mm512_setzero_si512();
+            }
+            transpose16(r);
+            memcpy(pairs + 16 * c, r, sizeof r);
+        }
+        for (int g = 0; g < group; g += 4) {
+            const uint32_t *q[4] = {0};
+            float *into[4] = {0};
+            const int nq = group - g < 4 ? group - g : 4;
+            for (int k = 0; k < nq; k++) {
+                q[k] = (const uint32_t *)(query + (int64_t)(g + k) * dim);
+                into[k] = scores + (g + k) * row + j0;
+            }
+            logits_of(q, nq, pairs, 16 * chunks, scale, into);
         }
     }
-    /* softmax per query head, in place; zero weights past n, to a whole pair of keys */
-    float norm[64];
+    /* softmax per query head, in place, against the share's largest logit; zero weights past n,
+       to a whole pair of keys */
     for (int g = 0; g < group; g++) {
         float *p = scores + g * row;
         __m512 top = _mm512_set1_ps(-__builtin_inff());
@@ -140,7 +247,9 @@ static void attend_head(const uint16_t *query, int group, const uint16_t *keys, 
         if (j < n) {
             top = _mm512_mask_max_ps(top, tail, top, _mm512_maskz_loadu_ps(tail, p + j));
         }
-        const __m512 largest = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+        const float most = _mm512_reduce_max_ps(top);
+        /* every logit -inf: no weight here (not e^(-inf - -inf)) */
+        const __m512 largest = _mm512_set1_ps(most == -__builtin_inff() ? 0.0f : most);
         __m512 total = _mm512_setzero_ps();
         for (j = 0; j + 16 <= n; j += 16) {
             const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(p + j), largest));
@@ -154,7 +263,8 @@ static void attend_head(const uint16_t *query, int group, const uint16_t *keys, 
             j += 16;
         }
         _mm512_storeu_ps(p + j, _mm512_setzero_ps());
-        norm[g] = 1.0f / _mm512_reduce_add_ps(total);
+        part[g * stats + v_dim] = most;
+        part[g * stats + v_dim + 1] = _mm512_reduce_add_ps(total);
         /* the weights as bf16 pairs (p_2k, p_2k+1) in place: 32 floats become 16 words */
         uint32_t *words = (uint32_t *)p;
         for (int64_t k = 0; k < n; k += 32) {
@@ -164,7 +274,6 @@ static void attend_head(const uint16_t *query, int group, const uint16_t *keys, 
     }
     /* the weighted values, BLOCK rows at a time: rows 2k and 2k + 1 interleaved once per block
        (their words paired per dim), then two rows per BF16 dot product for every query head */
-    memset(acc, 0, sizeof(float) * group * v_dim);
     for (int64_t j0 = 0; j0 < n; j0 += BLOCK) {
         const int64_t m = n - j0 < BLOCK ? n - j0 : BLOCK;
         const int n_pairs = (int)((m + 1) / 2);
@@ -179,7 +288,7 @@ static void attend_head(const uint16_t *query, int group, const uint16_t *keys, 
         }
         for (int g = 0; g < group; g++) {
             const uint32_t *weights = (const uint32_t *)(scores + g * row) + j0 / 2;
-            float *into = acc + g * v_dim;
+            float *into = part + g * stats;
             switch (v_chunks) { /* the usual head dims with their sums in registers */
             case 2: weigh_rows(weights, pairs, n_pairs, 2, into); break;
             case 4: weigh_rows(weights, pairs, n_pairs, 4, into); break;
@@ -187,56 +296,87 @@ static void attend_head(const uint16_t *query, int group, const uint16_t *keys, 
             }
         }
     }
-    /* lo's lane 4L + i holds dim 8L + i of its 32, hi's dim 8L + 4 + i (the unpacks' order) */
-    for (int g = 0; g < group; g++) {
+}
+
+/* A thread's scratch: kept between calls (a decode step's attention runs every layer, every
+   token), grown when a longer share needs more (group x (rows + 32) floats and 16 KiB: 3.6 MB for 7
+   query heads of a 128K-entry head), held for the thread's life; NULL when no memory. `parts`: the
+   calling thread's buffer for every thread's partial results. */
+static __thread float *kept_scratch, *kept_parts;
+static __thread size_t kept_floats, kept_part_floats;
+
+static float *grown(float **buffer, size_t *size, size_t floats) {
+    if (floats > *size) {
+        free(*buffer);
+        *size = 0;
+        if (posix_memalign((void **)buffer, 64, floats * sizeof(float)) != 0) {
+            *buffer = NULL;
+            return NULL;
+        }
+        *size = floats;
+    }
+    return *buffer;
+}
+
+/* Thread `thread` of `threads`: its share (a run of whole blocks) of every KV head's rows, for all
+   the head's query heads, into `parts` (its own region); 0, or 1 where no memory. */
+static int attend_share(const uint16_t *query, const uint16_t *keys, const uint16_t *values, const int64_t *starts,
+                        const int64_t *lengths, int64_t key_stride, int64_t value_stride, int num_kv_heads, int thread,
+                        int threads, int group, int dim, int v_dim, float scale, float *parts, int64_t longest) {
+    const size_t pair_floats = 16 * (size_t)BLOCK * (MAX_DIM / 32); /* BLOCK * MAX_DIM / 32 vectors */
+    const int64_t blocks = (longest + BLOCK - 1) / BLOCK, most = (blocks + threads - 1) / threads * BLOCK;
+    float *scratch = grown(&kept_scratch, &kept_floats, pair_floats + (size_t)group * (most + 2 * BLOCK));
+    if (scratch == NULL) {
+        return 1;
+    }
+    for (int h = 0; h < num_kv_heads; h++) {
+        const int64_t n = lengths[h], head_blocks = (n + BLOCK - 1) / BLOCK;
+        const int64_t lo = head_blocks * thread / threads * BLOCK, hi_block = head_blocks * (thread + 1) / threads * BLOCK;
+        attend_part(query + (int64_t)h * group * dim, group, keys + starts[h] * key_stride, key_stride,
+                    values + starts[h] * value_stride, value_stride, lo, hi_block < n ? hi_block : n, dim, v_dim, scale,
+                    parts + ((size_t)thread * num_kv_heads + h) * group * (v_dim + 2), scratch + pair_floats,
+                    (__m512i *)scratch);
+    }
+    return 0;
+}
+
+/* Every query head's output from the threads' partial results: each share's weights rescaled to
+   the largest logit of all, summed, divided, rounded once to bfloat16 in the dims' order. */
+static void merge(const float *parts, int threads, int heads, int v_dim, uint16_t *out) {
+    const int64_t stats = v_dim + 2, per_thread = (int64_t)heads * stats;
+    const int v_chunks = v_dim / 32;
+    float sums[MAX_DIM];
+    for (int i = 0; i < heads; i++) {
+        float most = -__builtin_inff();
+        for (int t = 0; t < threads; t++) {
+            const float m = parts[t * per_thread + i * stats + v_dim];
+            most = m > most ? m : most;
+        }
+        float total = 0.0f;
+        memset(sums, 0, sizeof(float) * v_dim);
+        for (int t = 0; t < threads; t++) {
+            const float *part = parts + t * per_thread + i * stats;
+            if (part[v_dim] == -__builtin_inff()) {
+                continue; /* an empty share, or every logit -inf: no weight */
+            }
+            const float factor = threads == 1 ? 1.0f : __builtin_expf(part[v_dim] - most);
+            total += factor * part[v_dim + 1];
+            for (int d = 0; d < v_dim; d++) {
+                sums[d] += factor * part[d];
+            }
+        }
+        const float norm = 1.0f / total; /* every logit -inf: 1 / 0, and the output NaN, as SDPA's */
+        /* the unpacks' order: lane 4L + i of a chunk's first 16 holds dim 8L + i, of its second 16 dim 8L + 4 + i */
         for (int c = 0; c < v_chunks; c++) {
-            const float *lo = acc + g * v_dim + 32 * c, *hi = lo + 16;
+            const float *lo = sums + 32 * c, *hi = lo + 16;
             for (int lane = 0; lane < 4; lane++) {
-                for (int i = 0; i < 4; i++) {
-                    store_bf16(out + (int64_t)g * v_dim + 32 * c + 8 * lane + i, lo[4 * lane + i] * norm[g]);
-                    store_bf16(out + (int64_t)g * v_dim + 32 * c + 8 * lane + 4 + i, hi[4 * lane + i] * norm[g]);
+                for (int k = 0; k < 4; k++) {
+                    store_bf16(out + (int64_t)i * v_dim + 32 * c + 8 * lane + k, lo[4 * lane + k] * norm);
+                    store_bf16(out + (int64_t)i * v_dim + 32 * c + 8 * lane + 4 + k, hi[4 * lane + k] * norm);
                 }
             }
         }
     }
-}
-
-/* This thread's scratch: kept between calls (a decode step's attention runs every layer, every
-   token), grown when a longer head needs more (group x (longest + 32) floats and 16 KiB: 3.6 MB
-   for 7 query heads of a 128K-entry head), held for the thread's life; NULL when no memory. */
-static __thread float *kept_scratch;
-static __thread size_t kept_floats;
-
-static float *scratch_of(size_t floats) {
-    if (floats > kept_floats) {
-        free(kept_scratch);
-        kept_floats = 0;
-        if (posix_memalign((void **)&kept_scratch, 64, floats * sizeof(float)) != 0) {
-            kept_scratch = NULL;
-            return NULL;
-        }
-        kept_floats = floats;
-    }
-    return kept_scratch;
-}
-
-/* KV heads first, first + step, ... of the call (one thread's share); 0, or 1 where no memory */
-static int attend_heads(const uint16_t *query, const uint16_t *keys, const uint16_t *values, const int64_t *starts,
-                        const int64_t *lengths, int64_t key_stride, int64_t value_stride,
-                        int num_kv_heads, int first, int step, int group, int dim, int v_dim, float scale,
-                        uint16_t *out, int64_t longest, size_t floats) {
-    const size_t pair_floats = 16 * (size_t)BLOCK * (MAX_DIM / 32); /* the value pairs: BLOCK * MAX_DIM / 32 vectors */
-    float *scratch = scratch_of(floats + pair_floats);
-    if (scratch == NULL) {
-        return 1;
-    }
-    __m512i *pairs = (__m512i *)scratch; /* 64-byte aligned, first */
-    float *scores = scratch + pair_floats, *acc = scores + (size_t)group * (longest + 2 * BLOCK);
-    for (int h = first; h < num_kv_heads; h += step) {
-        attend_head(query + (int64_t)h * group * dim, group, keys + starts[h] * key_stride, key_stride, values + starts[h] * value_stride, value_stride,
-                    lengths[h], dim, v_dim, scale, out + (int64_t)h * group * v_dim, scores, acc, pairs);
-    }
-    return 0;
 }
 
 /* KV head h: the lengths[h] rows from row starts[h] of the `rows` rows of keys and values.
@@ -256,17 +396,29 @@ int kvcli_attend_decode(const uint16_t *query, const uint16_t *keys, const uint1
         longest = lengths[h] > longest ? lengths[h] : longest;
         entries += lengths[h];
     }
-    /* below ~4M products a thread's start costs more than it saves */
-    const int parallel = threads > 1 && num_kv_heads > 1 && entries * group * dim >= (1 << 22);
-    const size_t floats = (size_t)group * (longest + 2 * BLOCK) + (size_t)group * v_dim;
-    int failed = 0;
-    if (!parallel) {
-        failed = attend_heads(query, keys, values, starts, lengths, key_stride, value_stride, num_kv_heads, 0, 1,
-                              group, dim, v_dim, scale, out, longest, floats);
-    } else {
-#pragma omp parallel num_threads(threads) reduction(| : failed)
-        failed |= attend_heads(query, keys, values, starts, lengths, key_stride, value_stride, num_kv_heads,
-                               omp_get_thread_num(), omp_get_num_threads(), group, dim, v_dim, scale, out, longest, floats);
+    const int shares = threads > 1 && entries * group * dim >= PARALLEL_FROM ? threads : 1;
+    float *parts = grown(&kept_parts, &kept_part_floats, (size_t)shares * num_kv_heads * group * (v_dim + 2));
+    if (parts == NULL) {
+        return -1;
     }
-    return failed ? -1 : 0;
+    int failed = 0, used = 1;
+    if (shares == 1) {
+        failed = attend_share(query, keys, values, starts, lengths, key_stride, value_stride, num_kv_heads, 0, 1, group, dim,
+                              v_dim, scale, parts, longest);
+    } else {
+#pragma omp parallel num_threads(shares) reduction(| : failed)
+        {
+            const int count = omp_get_num_threads(); /* OpenMP may give fewer than asked */
+            if (omp_get_thread_num() == 0) {
+                used = count;
+            }
+            failed |= attend_share(query, keys, values, starts, lengths, key_stride, value_stride, num_kv_heads,
+                                   omp_get_thread_num(), count, group, dim, v_dim, scale, parts, longest);
+        }
+    }
+    if (failed) {
+        return -1;
+    }
+    merge(parts, used, num_kv_heads * group, v_dim, out);
+    return 0;
 }

@@ -6,8 +6,10 @@ of unequal lengths, kvcli/cache.py) made one per KV head, plus each head's views
 decoded slower than equal ones (1.45x a dense layer's cache work per step,
 `benchmarks/packed_step.py`). The kernel reads the layer's pool (each head's rows from its own
 start) and attends every query head over its own KV head's rows in one call: products summed
-in float32 by AVX-512 BF16 dot products, a float32 softmax, its weights rounded to bfloat16 for
-the values' sum, the output rounded once.
+in float32 by AVX-512 BF16 dot products (sixteen keys at a time, transposed once for all of a KV
+head's query heads), a float32 softmax, its weights rounded to bfloat16 for the values' sum, the
+output rounded once; on torch's threads each takes a share of every head's rows, and the shares'
+softmax sums are merged (as flash-decoding splits a long cache).
 docs/results.md ("Decode with unequal heads") has the measurements.
 
 It runs where it builds (x86-64 Linux with AVX-512F, AVX-512BW and AVX512-BF16, and a C compiler;

@@ -52,7 +52,12 @@ def exact(query: torch.Tensor, layer: KVLayer, scaling: float) -> torch.Tensor:
     ([1, 15, 16], 3, 64, 1),  # SmolLM2's; a head of one entry, one short of a block, one block
     ([17, 33], 4, 128, 1),  # blocks and pairs of keys cut short
     ([40, 2, 300, 77, 5, 129, 64, 900], 4, 128, 1),  # eight KV heads of an 8B model
-    ([6000, 3000], 4, 128, 2),  # long enough to share the KV heads between threads
+    ([6000, 3000], 4, 128, 2),  # two threads: each a share of every KV head's rows, merged
+    ([92, 368], 7, 64, 2),
+    ([100, 900, 400], 3, 64, 2),
+    ([500, 3000, 200, 700], 1, 64, 2),  # one query head per KV head: each read by key rows
+    ([33, 700], 2, 64, 2),
+    ([1, 15, 6000], 3, 64, 2),  # heads of one block: one thread's share of them empty
 ])
 def test_the_kernel_attends_a_pooled_layer_as_exactly_as_sdpa(lengths, group, head_dim, threads):
     """On a pooled bfloat16 layer `attend_packed` runs the kernel (one call), and its output is as
