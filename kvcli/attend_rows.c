@@ -19,12 +19,14 @@
 
 #include <immintrin.h>
 #include <omp.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define MAX_DIM 512
 #define BLOCK 16 /* keys per block: one vector of logits */
+#define EMPTY (-1.0f) /* a share's sum of weights where it has no rows (a real sum is >= 0, or NaN) */
 /* Products (entries x group x dim) from which a call's rows are shared between threads:
    on this project's 2-core machine two threads gained from ~70 entries per KV head at the default
    model's shape (7 query heads per KV head, dim 64), and lost ~0.4 us below. */
@@ -188,7 +190,7 @@ static inline __attribute__((always_inline)) void weigh_rows(const uint32_t *wei
 /* One KV head's `group` query heads over its rows lo .. hi - 1 (a thread's share; lo a multiple
    of BLOCK): for each query head g, `part + g * (v_dim + 2)` gets the weighted values (v_dim floats,
    in the unpacks' order, not yet divided), then the largest logit and the sum of the weights (e^(logit
-   - largest)); an empty share: -inf and 0. Scratch: `scores` group * (hi - lo + 2 * BLOCK) floats,
+   - largest)); an empty share: -inf and EMPTY. Scratch: `scores` group * (hi - lo + 2 * BLOCK) floats,
    `pairs` 16 * MAX_DIM / 32 vectors. */
 static void attend_part(const uint16_t *query, int group, const uint16_t *keys, int64_t key_stride, const uint16_t *values,
                         int64_t value_stride, int64_t lo, int64_t hi, int dim, int v_dim, float scale, float *part,
@@ -198,7 +200,7 @@ static void attend_part(const uint16_t *query, int group, const uint16_t *keys, 
     for (int g = 0; g < group; g++) {
         memset(part + g * stats, 0, sizeof(float) * v_dim);
         part[g * stats + v_dim] = -__builtin_inff();
-        part[g * stats + v_dim + 1] = 0.0f;
+        part[g * stats + v_dim + 1] = EMPTY;
     }
     if (n <= 0) {
         return;
@@ -299,12 +301,45 @@ static void attend_part(const uint16_t *query, int group, const uint16_t *keys, 
 }
 
 /* A thread's scratch: kept between calls (a decode step's attention runs every layer, every
-   token), grown when a longer share needs more (group x (rows + 32) floats and 16 KiB: 3.6 MB for 7
-   query heads of a 128K-entry head), held for the thread's life; NULL when no memory. `parts`: the
-   calling thread's buffer for every thread's partial results. */
-static __thread float *kept_scratch, *kept_parts;
-static __thread size_t kept_floats, kept_part_floats;
+   token), grown when a longer share needs more (group x (rows + 32) floats, 16 KiB: 3.6 MB for 7
+   query heads of a 128K-entry head), freed when the thread ends; `parts`: the calling thread's
+   buffer for every thread's partial results. */
+struct scratch {
+    float *data, *parts;
+    size_t floats, part_floats;
+};
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static int scratch_keyed;
 
+static void release(void *mine) {
+    struct scratch *held = mine;
+    free(held->data);
+    free(held->parts);
+    free(held);
+}
+
+static void make_key(void) {
+    scratch_keyed = pthread_key_create(&scratch_key, release) == 0;
+}
+
+static struct scratch *scratch_here(void) {
+    pthread_once(&scratch_once, make_key);
+    if (!scratch_keyed) {
+        return NULL;
+    }
+    struct scratch *held = pthread_getspecific(scratch_key);
+    if (held == NULL) {
+        held = calloc(1, sizeof *held);
+        if (held == NULL || pthread_setspecific(scratch_key, held) != 0) {
+            free(held);
+            return NULL;
+        }
+    }
+    return held;
+}
+
+/* `*buffer` with room for `floats` (64-byte aligned), grown if it has less; NULL when no memory. */
 static float *grown(float **buffer, size_t *size, size_t floats) {
     if (floats > *size) {
         free(*buffer);
@@ -325,7 +360,8 @@ static int attend_share(const uint16_t *query, const uint16_t *keys, const uint1
                         int threads, int group, int dim, int v_dim, float scale, float *parts, int64_t longest) {
     const size_t pair_floats = 16 * (size_t)BLOCK * (MAX_DIM / 32); /* BLOCK * MAX_DIM / 32 vectors */
     const int64_t blocks = (longest + BLOCK - 1) / BLOCK, most = (blocks + threads - 1) / threads * BLOCK;
-    float *scratch = grown(&kept_scratch, &kept_floats, pair_floats + (size_t)group * (most + 2 * BLOCK));
+    struct scratch *held = scratch_here();
+    float *scratch = held == NULL ? NULL : grown(&held->data, &held->floats, pair_floats + (size_t)group * (most + 2 * BLOCK));
     if (scratch == NULL) {
         return 1;
     }
@@ -356,9 +392,11 @@ static void merge(const float *parts, int threads, int heads, int v_dim, uint16_
         memset(sums, 0, sizeof(float) * v_dim);
         for (int t = 0; t < threads; t++) {
             const float *part = parts + t * per_thread + i * stats;
-            if (part[v_dim] == -__builtin_inff()) {
-                continue; /* an empty share, or every logit -inf: no weight */
+            if (part[v_dim + 1] == EMPTY) {
+                continue;
             }
+            /* a share whose logits are all -inf weighs 0 beside a finite one (0 x NaN stays NaN);
+               every logit -inf: NaN, as SDPA's */
             const float factor = threads == 1 ? 1.0f : __builtin_expf(part[v_dim] - most);
             total += factor * part[v_dim + 1];
             for (int d = 0; d < v_dim; d++) {
@@ -397,7 +435,8 @@ int kvcli_attend_decode(const uint16_t *query, const uint16_t *keys, const uint1
         entries += lengths[h];
     }
     const int shares = threads > 1 && entries * group * dim >= PARALLEL_FROM ? threads : 1;
-    float *parts = grown(&kept_parts, &kept_part_floats, (size_t)shares * num_kv_heads * group * (v_dim + 2));
+    struct scratch *held = scratch_here();
+    float *parts = held == NULL ? NULL : grown(&held->parts, &held->part_floats, (size_t)shares * num_kv_heads * group * (v_dim + 2));
     if (parts == NULL) {
         return -1;
     }

@@ -9,7 +9,8 @@ start) and attends every query head over its own KV head's rows in one call: pro
 in float32 by AVX-512 BF16 dot products (sixteen keys at a time, transposed once for all of a KV
 head's query heads), a float32 softmax, its weights rounded to bfloat16 for the values' sum, the
 output rounded once; on torch's threads each takes a share of every head's rows, and the shares'
-softmax sums are merged (as flash-decoding splits a long cache).
+softmax sums are merged (as flash-decoding splits a long cache), so an output can differ in its
+last bfloat16 bit between thread counts.
 docs/results.md ("Decode with unequal heads") has the measurements.
 
 It runs where it builds (x86-64 Linux with AVX-512F, AVX-512BW and AVX512-BF16, and a C compiler;
@@ -31,7 +32,7 @@ import torch
 from . import native
 
 SOURCE = Path(__file__).with_name("attend_rows.c")
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp", "-pthread", "-shared", "-fPIC", "-std=gnu11")
 CPU = ("avx512f", "avx512bw", "avx512_bf16")
 KVCLI, SDPA = "kvcli", "sdpa"
 

@@ -241,3 +241,21 @@ def test_a_temporary_folder_others_can_write_is_never_used(tmp_path, monkeypatch
     shared.chmod(0o700)
     library, why = native.load(decode_kernel.SOURCE, decode_kernel.FLAGS, decode_kernel.CPU)
     assert library is not None and why == "" and [p.suffix for p in shared.iterdir()] == [".so"]
+
+
+@needs_kernel
+def test_a_nan_in_one_threads_share_reaches_the_output():
+    """Two threads share each head's rows: a NaN in the share of one thread (its only row) is NaN in
+    that head's outputs, as on one thread, not dropped when the shares merge."""
+    layer = pooled_layer([17] * 15 + [18], 64)  # 16 KV heads of 4 query heads: 69K products, two threads
+    keys, _, starts, _ = layer.pooled_rows()
+    keys[0, 0, starts[0] + 16, 5] = float("nan")  # the last row of head 0: the second thread's share
+    query = torch.randn(1, 64, 1, 64).to(torch.bfloat16)
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = attend_packed(query, layer, LayerAttention(scaling=0.125))
+            assert out[0, 0, :4].isnan().all() and not out[0, 0, 4:].isnan().any()
+    finally:
+        torch.set_num_threads(previous)
