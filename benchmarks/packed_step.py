@@ -78,7 +78,7 @@ def packed_attention(dtype: torch.dtype, head_dim: int) -> str:
     """What attends the packed layouts' steps here (what `decode_kernel.attend_pool` takes)."""
     if decode_kernel.name() != decode_kernel.KVCLI:
         return f"sdpa per KV head ({decode_kernel.why_not()})"
-    if dtype != torch.bfloat16 or head_dim % 32 or head_dim > 512:
+    if not decode_kernel.takes(dtype, head_dim, head_dim):
         return "sdpa per KV head (kvcli's kernel takes bfloat16 caches with head dims a multiple of 32)"
     return "kvcli's kernel, one call per layer"
 

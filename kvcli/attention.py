@@ -132,12 +132,11 @@ def attend_heads(query: torch.Tensor, heads: list[tuple[torch.Tensor, torch.Tens
     query `(1, num_heads, q_len, head_dim)`; returns `(1, q_len, num_heads, head_dim)`.
     """
     attn = layer_attention(attn)
-    _, num_heads, q_len, head_dim = query.shape
+    _, num_heads, _, head_dim = query.shape
     group = num_heads // len(heads)
-    if q_len == 1 and attn.exact_in_sdpa and attn.sliding_window is None and not query.is_cuda:
-        # A decode step off CUDA (where flash-attn may take each call): the new token sees every
-        # entry, so each KV head's query heads are the rows of one SDPA call; no call of `attend`
-        # per head, whose checks would cost a packed layer more than its attention
+    if _decode_step_off_cuda(query, attn):
+        # each KV head's query heads are the rows of one SDPA call; no call of `attend` per head,
+        # whose checks would cost a packed layer more than its attention
         rows = query.reshape(1, len(heads), group, head_dim)
         outs = [F.scaled_dot_product_attention(rows[:, h : h + 1], key, value, scale=attn.scaling)
                 for h, (key, value) in enumerate(heads)]  # (1, 1, group, v_dim) each
@@ -151,12 +150,17 @@ def attend_heads(query: torch.Tensor, heads: list[tuple[torch.Tensor, torch.Tens
     return torch.cat(outs, dim=2)
 
 
+def _decode_step_off_cuda(query: torch.Tensor, attn: LayerAttention) -> bool:
+    """One new token off CUDA (where flash-attn may take each call) on a layer SDPA computes
+    exactly, with no sliding window: it sees every entry, so a packed layer needs no mask."""
+    return query.shape[2] == 1 and attn.exact_in_sdpa and attn.sliding_window is None and not query.is_cuda
+
+
 def attend_packed(query: torch.Tensor, layer, attn: LayerAttention | float) -> torch.Tensor:
     """`attend_heads` over a packed `KVLayer`: a CPU decode step reads the layer's pool with
     kvcli's kernel, every KV head in one call (kvcli/decode_kernel.py) where it runs."""
     attn = layer_attention(attn)
-    if (query.shape[2] == 1 and attn.exact_in_sdpa and attn.sliding_window is None and query.dtype == torch.bfloat16
-            and not query.is_cuda and decode_kernel.name() == decode_kernel.KVCLI):
+    if _decode_step_off_cuda(query, attn) and query.dtype == torch.bfloat16 and decode_kernel.name() == decode_kernel.KVCLI:
         rows = layer.pooled_rows()
         if rows is not None:
             out = decode_kernel.attend_pool(query, *rows, attn.scaling)

@@ -62,6 +62,12 @@ def why_not() -> str:
     return _kernel()[1]
 
 
+def takes(dtype: torch.dtype, head_dim: int, v_dim: int) -> bool:
+    """Whether the kernel takes a cache of `dtype` with these key and value head dims (the C code's
+    own limits: multiples of 32 up to 512)."""
+    return dtype == torch.bfloat16 and all(dim % 32 == 0 and 0 < dim <= 512 for dim in (head_dim, v_dim))
+
+
 def attend_pool(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: list[int], lengths: list[int],
                 scaling: float) -> torch.Tensor | None:
     """One new token's attention over a packed layer's pool (kvcli/cache.py `_Pool`): query
@@ -74,11 +80,10 @@ def attend_pool(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, s
     key_batch, key_heads, rows, key_dim = keys.shape
     value_batch, value_heads, value_rows, v_dim = values.shape
     num_kv_heads = len(lengths)
-    if (function is None or query.dtype != torch.bfloat16 or keys.dtype != torch.bfloat16 or values.dtype != torch.bfloat16
+    if (function is None or not takes(query.dtype, head_dim, v_dim) or keys.dtype != query.dtype or values.dtype != query.dtype
             or query.device.type != "cpu" or keys.device.type != "cpu" or values.device.type != "cpu"
             or batch != 1 or q_len != 1 or key_batch != 1 or key_heads != 1 or value_batch != 1 or value_heads != 1
-            or value_rows != rows or key_dim != head_dim or head_dim % 32 or v_dim % 32 or head_dim > 512 or v_dim > 512
-            or not num_kv_heads or len(starts) != num_kv_heads or num_heads % num_kv_heads
+            or value_rows != rows or key_dim != head_dim or not num_kv_heads or len(starts) != num_kv_heads or num_heads % num_kv_heads
             or query.stride(3) != 1 or query.stride(1) != head_dim or keys.stride(3) != 1 or values.stride(3) != 1):
         return None  # (each head within the rows: checked by the kernel)
     array = _arrays(num_kv_heads)
