@@ -20,21 +20,26 @@ Differences from the reference code (snu-mllab/KVzip, kvpress's KVzipPress), all
   attention sinks: a sink already draws the most attention;
 - budgets are split by kvcli's methods (equal per layer, PyramidKV's ramp, DynamicKV's
   re-division), and over heads by the method's `head_split`: equal per head unless asked;
-  `--param head_split=global` is KVzip's one top-k over every layer and head.
+  `--param head_split=global` is KVzip's one top-k over every layer and head;
+- with the method's `rescore` (R > 1), the prefix is first cut to R times the budget by the
+  first repeat's scores (`first_cut`), the document is repeated again over what is kept, and the
+  budget is kept by that second repeat's scores. The first repeat scores each entry beside every
+  other; the second, beside the entries that will stay in the running, as pruning in steps
+  does. Cost: a second repeat pass, over a cache of R times the budget.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .attention import causal_mask, layer_attention
 from .cache import KVCache, KVLayer
 from .generate import Prefill, forward, prefill, prepare_model
-from .methods import Compression, Compressor, LayerObservation
+from .methods import Compression, Compressor, LayerObservation, make_method
 
 # Largest (query rows x keys) block of logits materialised at once while scoring a chunk. On a CPU,
 # blocks that stay in cache score about three times faster than 16M-element ones (measured on
@@ -153,6 +158,21 @@ def keep_by_scores(cache: KVCache, scores: list[torch.Tensor], compression: Comp
     return compressor
 
 
+def first_cut(compression: Compression) -> Compression | None:
+    """What a re-scored repeat keeps before its second repeat (the method's `rescore` > 1): that
+    many times the budget, DynamicKV's layer budgets with every head of a layer equal (so the
+    second repeat reads dense layers), ranked by the first repeat as the method pools it. None
+    when the method does not re-score or the cut would keep every entry."""
+    method, plan = compression.method, compression.plan
+    if not method.rescore:
+        return None
+    total = round(plan.total * method.rescore)
+    if total >= plan.num_layers * plan.prompt_len:
+        return None
+    cut = make_method("dynamickv", window_size=method.window_size, kernel_size=method.kernel_size, pooling=method.pooling)
+    return Compression(cut, replace(plan, total=total), question=compression.question)
+
+
 @dataclass
 class Repeated:
     """A prefix read with the full cache and scored by its repeat: any method's cache is derived from it."""
@@ -160,16 +180,27 @@ class Repeated:
     state: Prefill  # the full prefix; never decoded from directly
     scores: list[torch.Tensor | None]  # per layer (num_kv_heads, group, k_len); None for a sliding-window layer
     repeat_s: float  # what the repeat pass cost (the prefix's own read is `state.seconds`)
+    # Scores a cut of the prefix by repeating the document again over it (`repeat_scores` with the
+    # first repeat's request and chunks); None: a method's `rescore` cannot act (said by `derive`).
+    again: Callable[[Prefill], list[torch.Tensor | None]] | None = None
 
     @property
     def seconds(self) -> float:
         return self.state.seconds + self.repeat_s
 
     def derive(self, compression: Compression | None, copy: bool = True) -> Prefill:
-        """The cache `compression` keeps by the repeat's scores (of a copy unless `copy` is False)."""
+        """The cache `compression` keeps by the repeat's scores (of a copy unless `copy` is False).
+        With the method's `rescore`, by a second repeat over the `first_cut` of the prefix."""
         started = time.perf_counter()
         cache = self.state.cache.clone() if copy else self.state.cache
-        compressor = keep_by_scores(cache, self.scores, compression) if compression is not None else None
+        scores = self.scores
+        cut = first_cut(compression) if compression is not None else None
+        if cut is not None:
+            if self.again is None:
+                raise ValueError("internal: this repeat cannot score a cut again (no model to repeat with)")
+            keep_by_scores(cache, scores, cut)
+            scores = self.again(Prefill(cache=cache, logits=None, prompt_len=self.state.prompt_len, seconds=0.0))
+        compressor = keep_by_scores(cache, scores, compression) if compression is not None else None
         return Prefill(
             cache=cache, logits=self.state.logits, prompt_len=self.state.prompt_len,
             seconds=self.seconds + time.perf_counter() - started, compression=compression, compressor=compressor,
@@ -190,7 +221,11 @@ def repeat_prefix(
     started = time.perf_counter()
     scores, fork_nbytes = _repeat(model, state, target_ids, prompt_for, chunk_size, on_layer)
     state.cache.peak_nbytes = state.cache.nbytes() + fork_nbytes
-    return Repeated(state, scores, time.perf_counter() - started)
+
+    def again(cut: Prefill) -> list[torch.Tensor | None]:
+        return _repeat(model, cut, target_ids, prompt_for, chunk_size, None)[0]
+
+    return Repeated(state, scores, time.perf_counter() - started, again)
 
 
-__all__ = ["REPEAT_CHUNK_SIZE", "Repeated", "keep_by_scores", "key_observation", "peak_attention", "repeat_prefix", "repeat_scores"]
+__all__ = ["REPEAT_CHUNK_SIZE", "Repeated", "first_cut", "keep_by_scores", "key_observation", "peak_attention", "repeat_prefix", "repeat_scores"]

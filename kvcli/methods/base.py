@@ -501,6 +501,10 @@ class Method:
     # Under the adaptive and global splits, the share of an equal split's entries (outside the
     # window) every head keeps whatever the others score (Ada-KV's safeguard); 0: none.
     head_floor: float = 0.0
+    # With the repeat scorer (a question-agnostic cache: `compress`, `ask --reuse`): first keep this
+    # many times the budget (DynamicKV's layer budgets, heads equal), repeat the document again over
+    # what is kept, and keep the budget by that second repeat's scores; 0: one repeat (KVzip's).
+    rescore: float = 0.0
 
     def __post_init__(self) -> None:
         if self.head_split not in self.head_splits:
@@ -509,6 +513,8 @@ class Method:
             raise BudgetError(f"--param head_split={self.head_split}: {self.name} splits heads {choices}")
         if not 0.0 <= self.head_floor <= 1.0:
             raise BudgetError(f"--param head_floor must be between 0 and 1, got {self.head_floor}")
+        if self.rescore != 0 and not self.rescore > 1:
+            raise BudgetError(f"--param rescore must be 0 (one repeat) or above 1 (times the budget kept before the second repeat), got {self.rescore}")
         if self.window_size < 1:
             raise BudgetError(f"--window must be at least 1, got {self.window_size}")
         if self.kernel_size < 1:
@@ -562,11 +568,15 @@ class Method:
         `probe_len` is the question fed after each chunk."""
         return None
 
-    def idle_knobs(self) -> str:
-        """A note naming a knob that is set but changes nothing in this setting (for the report), or ""."""
+    def idle_knobs(self, repeat: bool = False) -> str:
+        """A note naming a knob that is set but changes nothing in this setting (for the report), or "".
+        `repeat`: whether the repeat scorer ranks this read (`rescore` acts only then)."""
+        notes = []
         if self.head_floor and self.head_split == "equal" and len(self.head_splits) > 1:
-            return f"head_floor={self.head_floor:g} acts only with head_split={' or '.join(s for s in self.head_splits if s != 'equal')}"
-        return ""
+            notes.append(f"head_floor={self.head_floor:g} acts only with head_split={' or '.join(s for s in self.head_splits if s != 'equal')}")
+        if self.rescore and not repeat:
+            notes.append(f"rescore={self.rescore:g} acts only on a cache the repeat scorer ranks (compress, ask --reuse)")
+        return "; ".join(notes)
 
     def params(self) -> dict:
         """The method's knobs and their values, for reports (`head_split` where it has a choice)."""

@@ -72,11 +72,11 @@ class EvidenceKV(Method):
         if not 0 < self.max_depth <= 1:
             raise BudgetError(f"--max-depth must be in (0, 1], got {self.max_depth}")
 
-    def idle_knobs(self) -> str:
+    def idle_knobs(self, repeat: bool = False) -> str:
         if self.head_split != "equal" and self.shared_fraction >= 1:
             return (f"head_split={self.head_split} splits nothing at shared_fraction={self.shared_fraction:g}: every head keeps the "
                     "shared evidence alone; a lower shared_fraction leaves part of each layer's budget to split over its heads")
-        return super().idle_knobs()
+        return super().idle_knobs(repeat)
 
     def compressor(self, plan: BudgetPlan, profile=None) -> Compressor:
         if profile is None:

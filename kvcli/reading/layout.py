@@ -58,10 +58,12 @@ class Layout:
             self._layout = rotary_layout(self.config)
         return self._layout
 
-    def budget_plan(self, method: Method, budget: Budget, prompt_len: int, question: int = 0) -> tuple[BudgetPlan | None, str]:
+    def budget_plan(self, method: Method, budget: Budget, prompt_len: int, question: int = 0,
+                    repeat: bool = False) -> tuple[BudgetPlan | None, str]:
         """What a prompt of `prompt_len` tokens keeps under `method` and `budget` (None: the full
         cache), and a note when that is not what was asked for (or names a knob that changes nothing). Its last `question` tokens are a
-        question, kept whole beside the budget (`methods.question_plan`)."""
+        question, kept whole beside the budget (`methods.question_plan`). `repeat`: the repeat scorer
+        ranks the prompt (for the note on idle knobs)."""
         if not method.compresses:
             return None, "method full keeps every token"
         if self.attention.cannot_compress():
@@ -69,7 +71,7 @@ class Layout:
         # --ratio and --budget are of the global layers: sliding-window layers keep their window (docs/models.md)
         plan, note = question_plan(budget, prompt_len, len(self.attention.compressed_layers), method.window_size, question)
         if plan is not None:  # a knob set that changes nothing is said beside the plan (`Method.idle_knobs`)
-            note = "; ".join(part for part in (note, method.idle_knobs()) if part)
+            note = "; ".join(part for part in (note, method.idle_knobs(repeat)) if part)
         return plan, note
 
     def past_chunking(self, options, method: Method, budget: Budget, n: int, reserved: int, chunk_size: int | None = None,

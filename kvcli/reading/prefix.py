@@ -28,7 +28,7 @@ from ..generate import Capture, Prefill, capture, extend, prefill
 from ..methods import REGISTRY, Budget, Method
 from ..prompt import REUSE_INSTRUCTION, Prompt, question_suffix
 from ..reindex import Reindexer
-from ..repeat import REPEAT_CHUNK_SIZE, Repeated, repeat_prefix
+from ..repeat import REPEAT_CHUNK_SIZE, Repeated, first_cut, repeat_prefix
 from .reader import Options, Reader, Reading
 
 SCORERS = ("instruction", "repeat")
@@ -137,7 +137,8 @@ class Reused:
         check_scorer(self.scorer, method)
         if self.past_window:
             return self._read_past(method, budget or self.options.budget, chunk_size, on_layer)
-        compression, note = self.reader.compression(method, budget or self.options.budget, self.prompt.prefix_len)
+        compression, note = self.reader.compression(method, budget or self.options.budget, self.prompt.prefix_len,
+                                                     repeat=self.scorer == "repeat")
         chunk_size = chunk_size if chunk_size is not None else self.options.chunk_size
         if self.scorer == "repeat" and compression is not None:
             pick_scorer(self.scorer, method, chunk_size)  # refuses chunks
@@ -195,7 +196,8 @@ class Reused:
         repeated = captured if isinstance(captured, Repeated) else None
         if repeated is not None:
             check_scorer("repeat", method)
-        compression, note = self.reader.compression(method, budget or self.options.budget, self.prompt.prefix_len)
+        compression, note = self.reader.compression(method, budget or self.options.budget, self.prompt.prefix_len,
+                                                     repeat=repeated is not None)
         return self._prefix(captured.derive(compression), method, note, repeated)
 
     def _prefix(self, state: Prefill, method: Method, note: str, repeated: Repeated | None = None) -> Prefix:
@@ -203,6 +205,8 @@ class Reused:
         extra = {"scorer": "repeat" if repeated is not None else "instruction"} if state.compressed else {}
         if repeated is not None and state.compressed:
             extra.update(repeat_s=round(repeated.repeat_s, 3), repeat_x_prefill=round(repeated.repeat_s / max(repeated.state.seconds, 1e-9), 2))
+            if state.compression is not None and first_cut(state.compression) is not None:
+                extra["repeats"] = 2  # the second over a cut of rescore x the budget (repeat.first_cut)
         return Prefix(state, method, "reused", note, window, self.prompt, extra=extra)
 
 

@@ -128,12 +128,14 @@ class Reader(Layout):
                 self._profile = load_or_compute_profile(self.lm, progress=progress)
         return self._profile
 
-    def compression(self, method: Method, budget: Budget, prompt_len: int, question: int = 0) -> tuple[Compression | None, str]:
+    def compression(self, method: Method, budget: Budget, prompt_len: int, question: int = 0,
+                    repeat: bool = False) -> tuple[Compression | None, str]:
         """What a prompt of `prompt_len` tokens keeps under `method` and `budget`, and a note
         when that is not what was asked for (None: the full cache). The prompt's last `question`
         tokens are a question, kept whole beside the budget (`Compression`): the budget is the
-        document's, the prompt before the question (`methods.question_plan`)."""
-        plan, note = self.budget_plan(method, budget, prompt_len, question)
+        document's, the prompt before the question (`methods.question_plan`). `repeat`: the repeat
+        scorer ranks the prompt."""
+        plan, note = self.budget_plan(method, budget, prompt_len, question, repeat)
         if plan is None:
             return None, note
         return Compression(method, plan, self.profile() if method.needs_profile else None, question=question), note
