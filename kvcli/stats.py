@@ -342,6 +342,10 @@ _READS = {
 
 def _read_line(stats: RunStats) -> str:
     line = _READS.get(stats.read, stats.read)
+    if stats.extra.get("scorer") == "repeat":
+        rescore = stats.extra.get("rescore")
+        line += (f" (ranked by the model repeating it twice, the second time over the {rescore:g}x budget the first kept)"
+                 if rescore else " (ranked by the model repeating it)")
     skim = stats.extra.get("skim")
     if skim and skim.get("skipped"):
         line += f" (not skimmed: {skim['skipped']})"

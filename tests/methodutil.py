@@ -47,8 +47,14 @@ def tiny_llama(num_layers: int = 6) -> LlamaForCausalLM:
 
 
 def assert_same_cache(a, b) -> None:
-    """Two caches hold the same positions, keys and values in every layer and head."""
+    """Two caches hold the same positions, keys and values in every layer and head (packed heads read per head)."""
     for layer_a, layer_b in zip(a.layers, b.layers, strict=True):
+        if layer_a.heads is not None or layer_b.heads is not None:
+            assert layer_a.head_lengths() == layer_b.head_lengths()
+            for h in range(len(layer_a.head_lengths())):
+                for x, y in zip(layer_a.head_entries(h), layer_b.head_entries(h), strict=True):
+                    assert torch.equal(x, y)
+            continue
         assert torch.equal(layer_a.kept_positions(), layer_b.kept_positions())
         for x, y in zip(layer_a.view(), layer_b.view()):
             assert torch.equal(x, y)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -203,6 +204,10 @@ def test_the_repeat_scorer_scores_the_global_layers_only():
     cache = repeated.derive(squeezed).cache
     assert sum(cache.layers[i].length for i in cache.compressed_layers) == plan.total
     assert_sliding_layers_hold_their_window(cache, PROMPT_LEN)
+    # a second repeat over a cut of twice the budget (--param rescore=2) reads the sliding layers as the first did
+    rescored = repeated.derive(replace(squeezed, method=replace(squeezed.method, rescore=2.0), plan=replace(plan, total=plan.total // 2))).cache
+    assert sum(rescored.layers[i].length for i in rescored.compressed_layers) == plan.total // 2
+    assert_sliding_layers_hold_their_window(rescored, PROMPT_LEN)
 
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))

@@ -523,7 +523,10 @@ def test_question_agnostic_reads_default_to_the_measured_method(tiny, home, doc,
     knobs = dict(item.split("=") for item in AGNOSTIC_PARAMS)
     reused = stats("--reuse")
     assert reused["method"] == AGNOSTIC_METHOD and reused["extra"]["scorer"] == "repeat"
-    assert {key: str(reused["method_params"][key]) for key in knobs} == {"head_split": "adaptive", "head_floor": "0.2", "kernel_size": "1"}
+    assert {key: reused["method_params"][key] for key in knobs} == {"head_split": "adaptive", "head_floor": 0.2, "kernel_size": 1, "rescore": 2}
+    assert reused["extra"]["repeats"] == 2 and reused["extra"]["rescore_s"] > 0  # the second repeat, over twice the budget, ran
+    assert "repeats" not in stats("--reuse", "--param", "rescore=0")["extra"]
+    assert stats("--method", "dynamickv", "--param", "rescore=2")["note"].count("rescore=2 acts only on a cache the repeat scorer ranks") == 1
     assert stats("--reuse", "--param", "head_floor=0.5")["method_params"]["head_floor"] == 0.5
     one_line_error(run("ask", doc, "w1?", "-m", tiny, "--reuse", "--param", "shared_fraction=0.5"), "shared_fraction", "--method")
     assert stats("--reuse", "--method", "evidencekv", "--param", "shared_fraction=0.5")["method"] == "evidencekv"
@@ -537,7 +540,7 @@ def test_question_agnostic_reads_default_to_the_measured_method(tiny, home, doc,
     kvc = tmp_path / "doc.kvc"
     made = run("compress", doc, "-o", kvc, "-m", tiny, "--ratio", "0.2", "--json")
     assert made.exit_code == 0, made.stderr
-    assert json.loads(made.stdout)["stats"]["method"] == AGNOSTIC_METHOD
+    assert json.loads(made.stdout)["stats"]["method"] == AGNOSTIC_METHOD and json.loads(made.stdout)["stats"]["extra"]["repeats"] == 2
     # --param is checked against the method that reads with it: the agnostic default's own knobs are taken (the
     # query-aware default lacks them), and a split it cannot make is refused in its name
     assert stats("--reuse", "--param", "max_multiple=5")["method_params"]["max_multiple"] == 5

@@ -249,3 +249,18 @@ def test_a_knob_that_changes_nothing_is_named_in_the_report_note(tmp_path):
     assert configure(["h2o"], [], None)[0].idle_knobs() == "" and configure(["dynamickv"], [], None)[0].idle_knobs() == ""
     # the note offers only the splits the method makes
     assert configure(["dynamickv"], ["head_floor=0.3"], None)[0].idle_knobs().endswith("acts only with head_split=adaptive")
+    # rescore acts only where the repeat scorer ranks the cache; both notes are said when both knobs idle
+    assert "rescore=2 acts only on a cache the repeat scorer ranks" in configure(["snapkv"], ["rescore=2"], None)[0].idle_knobs()
+    assert configure(["snapkv"], ["rescore=2"], None)[0].idle_knobs(repeat=True) == ""
+    both = configure(["snapkv"], ["rescore=3", "head_floor=0.5"], None)[0].idle_knobs()
+    assert "head_floor=0.5 acts only" in both and "rescore=3 acts only" in both
+
+
+@pytest.mark.parametrize("value", ["1", "0.5", "-2"])
+def test_rescore_is_off_or_above_one(value):
+    """--param rescore: 0 (one repeat) or more than 1 (times the budget kept before the second repeat); else one line."""
+    from kvcli.methods import configure
+
+    with pytest.raises(BudgetError, match="rescore must be 0 .* or above 1"):
+        configure(["dynamickv"], [f"rescore={value}"], None)
+    assert configure(["dynamickv"], ["rescore=2.5"], None)[0].rescore == 2.5

@@ -15,13 +15,13 @@ from kvcli.cli import app
 from kvcli.errors import InputError
 from kvcli.eval import EvalConfig, Row, run_eval
 from kvcli.eval.settings import settings_for
-from kvcli.generate import prefill
-from kvcli.methods import Budget, LayerObservation, make_method
+from kvcli.generate import Prefill, prefill
+from kvcli.methods import Budget, BudgetPlan, Compression, LayerObservation, make_method
 from kvcli.methods.base import pool_scores
 from kvcli.models import load_model
 from kvcli.reading import Options, Reader, Reused
 from kvcli.reading.prefix import pick_scorer
-from kvcli.repeat import peak_attention, repeat_scores
+from kvcli.repeat import first_cut, keep_by_scores, peak_attention, repeat_scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -230,6 +230,59 @@ def test_the_full_method_and_a_prompt_that_fits_skip_the_repeat(reader, monkeypa
     mode = Reused(reader, words(100), Options(budget=Budget(ratio=1.0)), scorer="repeat")
     assert not mode.read(make_method("full")).state.compressed
     assert not mode.read(make_method("snapkv")).state.compressed
+
+
+# --- a second repeat over a cut of the prefix (--param rescore) ---------------------------------------
+
+
+def test_first_cut_keeps_rescore_times_the_budget_with_dynamickvs_layers_and_equal_heads():
+    """The cut before the second repeat: R x the budget, DynamicKV's layer budgets with heads equal (dense layers for
+    the repeat), the method's window and pooling; none without rescore or when the cut would keep every entry."""
+    plan = BudgetPlan(num_layers=4, prompt_len=100, total=40)
+    method = make_method("snapkv", head_split="global", kernel_size=1, window_size=4, rescore=2.5)
+    cut = first_cut(Compression(method, plan))
+    assert cut.method.name == "dynamickv" and cut.method.head_split == "equal" and cut.method.rescore == 0
+    assert (cut.method.kernel_size, cut.method.window_size, cut.method.pooling) == (1, 4, "avg")
+    assert cut.plan == BudgetPlan(num_layers=4, prompt_len=100, total=100)
+    assert first_cut(Compression(make_method("snapkv"), plan)) is None
+    assert first_cut(Compression(make_method("snapkv", rescore=10), plan)) is None  # 400 entries: the whole prefix
+
+
+def test_a_rescored_cache_keeps_the_budget_by_a_second_repeat_over_the_first_cut(reader):
+    """With rescore=2 the prefix is cut to twice the budget by the first repeat, the document is repeated again over
+    that cut (the same request and chunks: over the uncut prefix it gives the first repeat's scores), and the budget
+    is kept by the second repeat's scores, within the cut: the live read and the derive keep that same cache, the
+    exact budget, and say two repeats were run."""
+    options = Options(budget=Budget(ratio=0.15), max_new_tokens=4)
+    mode = Reused(reader, words(300), options, scorer="repeat")
+    method = make_method("dynamickv", head_split="adaptive", head_floor=0.2, kernel_size=1, rescore=2)
+    repeated = mode.repeat()
+    n = mode.prompt.prefix_len
+    for layer, (first, again) in enumerate(zip(repeated.scores, repeated.again(repeated.state))):
+        torch.testing.assert_close(again, first)
+    cuts = []
+    again = repeated.again
+    repeated.again = lambda cut: cuts.append(cut.cache.clone()) or again(cut)
+    derived = mode.derive(repeated, method)
+    compression, _ = reader.compression(method, options.budget, n, repeat=True)
+    cut = repeated.state.cache.clone()
+    keep_by_scores(cut, repeated.scores, first_cut(compression))
+    assert len(cuts) == 1
+    assert_same_cache(cuts[0], cut)
+    by_hand = cut.clone()
+    keep_by_scores(by_hand, again(Prefill(cache=cut, logits=None, prompt_len=repeated.state.prompt_len, seconds=0.0)), compression)
+    assert_same_cache(derived.state.cache, by_hand)
+    assert sum(derived.state.cache.retained_per_layer()) == compression.plan.total == round(0.15 * n * reader.num_layers)
+    for kept, within in zip(derived.state.cache.layers, cut.layers):
+        for head, positions in enumerate(kept.head_positions()):
+            assert set(positions.tolist()) <= set(within.kept_positions()[head].tolist())
+    once = mode.derive(repeated, make_method("dynamickv", head_split="adaptive", head_floor=0.2, kernel_size=1))
+    assert sum(once.state.cache.retained_per_layer()) == compression.plan.total
+    assert any(not torch.equal(a, b) for one, two in zip(once.state.cache.layers, derived.state.cache.layers)
+               for a, b in zip(one.head_positions(), two.head_positions()))  # the second repeat chose otherwise
+    assert derived.extra["repeats"] == 2 and "repeats" not in once.extra
+    repeated.again = again
+    assert_same_cache(Reused(reader, words(300), options, scorer="repeat").read(method).state.cache, derived.state.cache)
 
 
 # --- eval and the command line --------------------------------------------------------------------

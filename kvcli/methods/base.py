@@ -579,8 +579,12 @@ class Method:
         return "; ".join(notes)
 
     def params(self) -> dict:
-        """The method's knobs and their values, for reports (`head_split` where it has a choice)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("head_split", "head_floor") or len(self.head_splits) > 1}
+        """The method's knobs and their values, for reports (`head_split` where it has a choice,
+        `rescore` where the repeat scorer can rank for it)."""
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("head_split", "head_floor") or len(self.head_splits) > 1}
+        if not self.takes_key_scores:
+            shown.pop("rescore")
+        return shown
 
 
 __all__ = [

@@ -206,7 +206,8 @@ class Reused:
         if repeated is not None and state.compressed:
             extra.update(repeat_s=round(repeated.repeat_s, 3), repeat_x_prefill=round(repeated.repeat_s / max(repeated.state.seconds, 1e-9), 2))
             if state.compression is not None and first_cut(state.compression) is not None:
-                extra["repeats"] = 2  # the second over a cut of rescore x the budget (repeat.first_cut)
+                # the second over a cut of rescore x the budget (repeat.first_cut); its time, with the cuts', is the derive's
+                extra.update(repeats=2, rescore=method.rescore, rescore_s=round(max(0.0, state.seconds - repeated.seconds), 3))
         return Prefix(state, method, "reused", note, window, self.prompt, extra=extra)
 
 
