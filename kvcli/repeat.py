@@ -223,7 +223,7 @@ def repeat_prefix(
     state.cache.peak_nbytes = state.cache.nbytes() + fork_nbytes
 
     def again(cut: Prefill) -> list[torch.Tensor | None]:
-        return _repeat(model, cut, target_ids, prompt_for, chunk_size, None)[0]
+        return _repeat(model, cut, target_ids, prompt_for, chunk_size, on_layer)[0]  # the same progress bar moves on
 
     return Repeated(state, scores, time.perf_counter() - started, again)
 
