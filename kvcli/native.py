@@ -18,11 +18,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import KvcliError
 
-
-class KernelUnavailable(KvcliError):
-    """A kernel that cannot be built or loaded here: the one line says why."""
+class _BuildFailed(Exception):
+    """A kernel that cannot be built here (caught by `load`, which says why in one line; the
+    models layer's `int8_kernel.KernelUnavailable` is the user-facing error)."""
 
 
 def kvcli_home() -> Path:
@@ -79,12 +78,12 @@ def build(source: Path, flags: tuple[str, ...], cc: str) -> Path:
                 done = subprocess.run([cc, *flags, str(source), "-o", str(partial)], capture_output=True, text=True, timeout=120)
                 if done.returncode != 0:
                     last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-                    raise KernelUnavailable(f"{Path(cc).name} could not build {source.name}: {last}")
+                    raise _BuildFailed(f"{Path(cc).name} could not build {source.name}: {last}")
                 os.replace(partial, built)
             return built
         except OSError:
             continue
-    raise KernelUnavailable("no writable folder for the built kernel (KVCLI_HOME or the temporary folder)")
+    raise _BuildFailed("no writable folder for the built kernel (KVCLI_HOME or the temporary folder)")
 
 
 def _private(folder: Path) -> bool:
@@ -110,5 +109,5 @@ def load(source: Path, flags: tuple[str, ...], cpu: tuple[str, ...] = ("avx512f"
         return ctypes.CDLL(str(build(source, flags, cc))), ""
     except subprocess.TimeoutExpired as error:
         return None, f"{Path(cc).name} did not finish building {source.name} in {error.timeout:g} s"
-    except (KernelUnavailable, OSError, subprocess.SubprocessError) as error:
+    except (_BuildFailed, OSError, subprocess.SubprocessError) as error:
         return None, str(error)
