@@ -452,6 +452,32 @@ def test_a_per_head_split_is_saved_reused_and_reported(tiny, home, doc, tmp_path
     assert saved_picture.stat().st_size > 0
 
 
+def test_the_profile_split_sizes_heads_by_the_retrieval_profile(tiny, home, doc, tmp_path):
+    """`--param head_split=profile` (HeadKV's budgets): a query-aware evidencekv read and a saved snapkv cache keep
+    the budget's entries over heads of unequal lengths, sized by the model's profile (computed once, as evidencekv's)."""
+    import torch
+
+    from kvcli.profile import RetrievalProfile, profile_path
+
+    asked = run("ask", doc, "w1?", "-m", tiny, "--method", "evidencekv", "--budget", "24", "--param", "head_split=profile",
+                "--max-new-tokens", "2", "--json")
+    assert asked.exit_code == 0, asked.stderr
+    stats = json.loads(asked.stdout)["stats"]
+    heads = stats["extra"]["heads"]
+    assert heads["min"] < heads["max"] and stats["method_params"]["head_split"] == "profile"
+    profile = RetrievalProfile.from_json(next(profile_path("", "x").parent.glob("*.json")).read_text())
+    weights = torch.tensor(profile.scores).view(len(heads["per_layer"]), 2, -1).amax(dim=-1).flatten()  # a KV head's best query head
+    kept = torch.tensor(heads["per_layer"]).flatten()
+    higher = weights[:, None] > weights[None, :]
+    assert (kept[:, None] >= kept[None, :])[higher].all()  # a head the profile ranks higher keeps at least as many
+    kvc = tmp_path / "profile.kvc"
+    made = run("compress", doc, "-o", kvc, "-m", tiny, "--method", "snapkv", "--ratio", "0.2", "--param", "head_split=profile", "--json")
+    assert made.exit_code == 0, made.stderr
+    saved = json.loads(made.stdout)["stats"]
+    assert saved["extra"]["heads"]["min"] < saved["extra"]["heads"]["max"]
+    assert sum(map(sum, saved["extra"]["heads"]["per_layer"])) == round(0.2 * saved["prompt_tokens"] * 2) * 2
+
+
 def test_inspect_shows_a_saved_cache_without_loading_a_model(tiny, home, doc, tmp_path, monkeypatch):
     """`kvcli inspect FILE.kvc` reads the file alone: what was kept per layer and KV head, the bytes
     against the full cache, where in the document, as `compress` reported it; no model loads (the
@@ -551,7 +577,7 @@ def test_question_agnostic_reads_default_to_the_measured_method(tiny, home, doc,
     equal = stats("--reuse", "--param", "head_split=equal")
     assert equal["method_params"]["head_floor"] == 0.0 and "head_floor" not in equal["note"]
     idle = stats("--method", "snapkv", "--param", "head_floor=0.5")["note"]  # a floor the equal split never uses: said once
-    assert idle.count("head_floor=0.5 acts only with head_split=adaptive or global") == 1
+    assert idle.count("head_floor=0.5 acts only with head_split=adaptive, global or profile") == 1
     for command in (["compress", doc, "-o", kvc], ["ask", doc, "w1?", "--reuse"]):
         one_line_error(run(*command, "-m", tiny, "--param", "head_split=global"), f"{AGNOSTIC_METHOD} splits heads", "--method")
     long_doc = tmp_path / "long.txt"

@@ -310,12 +310,51 @@ def test_head_split_is_a_knob_with_its_choices():
     assert "head_split" in make_method("evidencekv").params() and "head_split" not in make_method("h2o").params()
     with pytest.raises(BudgetError, match="head_split=sideways"):
         configure(["snapkv"], ["head_split=sideways"])
-    with pytest.raises(BudgetError, match="evidencekv splits heads equal or adaptive"):
+    with pytest.raises(BudgetError, match="evidencekv splits heads equal, adaptive or profile"):
         make_method("evidencekv", head_split="global")
+    with pytest.raises(BudgetError, match="dynamickv splits heads equal or adaptive"):
+        make_method("dynamickv", head_split="profile")
+    assert make_method("snapkv", head_split="profile").needs_profile and not make_method("snapkv").needs_profile
+    assert make_method("evidencekv").needs_profile
     assert configure(["snapkv"], ["head_split=global", "head_floor=0.2"])[0].head_floor == 0.2
     assert "head_floor" in make_method("snapkv").params() and "head_floor" not in make_method("h2o").params()
     with pytest.raises(BudgetError, match="head_floor must be between 0 and 1"):
         make_method("snapkv", head_floor=1.5)
+
+
+def test_profile_budgets_follow_the_retrieval_profile():
+    """head_split=profile (HeadKV's budgets): the layers' shares x heads in all, each head its floor,
+    the rest by the profile's weight of its best query head, none past its cap or its candidates."""
+    from kvcli.methods.base import PROFILE_CAP, profile_budgets
+    from kvcli.profile import RetrievalProfile
+
+    # 3 layers of 2 KV heads, 2 query heads each: scores are -log2(rank + 1) of the fact
+    profile = RetrievalProfile(scores=[[-9, -9, -9, -8], [0, -9, -9, -9], [-3, -9, -2, -9]], model="t")
+    sizes = profile_budgets(profile, [10, 10, 10], 2, 1000, 0.0)
+    assert sum(map(sum, sizes)) == 60
+    assert sizes[1][0] == PROFILE_CAP * 10  # the best head (rank 0) keeps up to its cap
+    assert sizes[2][1] > sizes[2][0] > sizes[0][1] >= sizes[0][0]  # by weight: rank 3 over rank 7 over rank 255 and 511
+    assert profile_budgets(profile, [10, 10, 10], 2, 1000, 1.0) == [[10, 10]] * 3  # a floor of 1: the equal split
+    floored = profile_budgets(profile, [10, 10, 10], 2, 1000, 0.5)
+    assert min(map(min, floored)) >= 5 and sum(map(sum, floored)) == 60
+    assert max(map(max, profile_budgets(profile, [10, 10, 10], 2, 12, 0.0))) == 12  # never past the candidates
+    with pytest.raises(BudgetError, match="internal: the profile"):
+        profile_budgets(profile, [10, 10, 10], 3, 1000, 0.0)
+
+
+def test_profile_split_gives_the_profiles_heads_more_of_the_same_evidence(tiny, ids):
+    """Under head_split=profile (shared_fraction 1) each head keeps its size of one evidence ranking:
+    a smaller head's entries outside the window are among a larger head's of the same layer."""
+    from kvcli.methods.base import profile_budgets
+
+    squeezed = compression("evidencekv", "profile")
+    cache = prefill(tiny, ids, squeezed).cache
+    sizes = profile_budgets(squeezed.profile, [b - 8 for b in squeezed.method.layer_budgets(squeezed.plan)], NUM_KV_HEADS, PROMPT_LEN - 8, 0.0)
+    assert cache.head_lengths() == [[n + 8 for n in layer] for layer in sizes]
+    assert any(len(set(layer)) > 1 for layer in sizes)
+    for layer in cache.layers:
+        small, large = sorted(layer.head_positions(), key=len)
+        assert set(small[:-8].tolist()) <= set(large[:-8].tolist())
 
 
 def test_heads_summary_says_how_uneven_the_split_was():
@@ -349,6 +388,8 @@ def compression(name: str, split: str, ratio: float = 0.25, **params):
     ("evidencekv", "adaptive", {"shared_fraction": 0.5}),  # all shared (the default): every head keeps the same evidence
     ("snapkv", "global", {"head_floor": 0.5}), ("dynamickv", "adaptive", {"period": 2, "head_floor": 0.5}),
     ("evidencekv", "adaptive", {"shared_fraction": 0.5, "head_floor": 0.5}),
+    ("evidencekv", "profile", {}), ("evidencekv", "profile", {"head_floor": 0.5}), ("evidencekv", "profile", {"shared_fraction": 0.5}),
+    ("snapkv", "profile", {}), ("pyramidkv", "profile", {"head_floor": 0.2}),
 ])
 def test_live_split_equals_replayed_and_keeps_the_budget(tiny, ids, name, split, params):
     """A per-head split live keeps, per head, what Capture.derive keeps, decodes the same tokens, and holds the budget's entries exactly."""

@@ -242,10 +242,12 @@ def test_a_knob_that_changes_nothing_is_named_in_the_report_note(tmp_path):
     evidence alone), change nothing: the method says so for the report instead of ignoring them silently."""
     from kvcli.methods import configure
 
-    assert "acts only with head_split=adaptive or global" in configure(["snapkv"], ["head_floor=0.5"], None)[0].idle_knobs()
+    assert "acts only with head_split=adaptive, global or profile" in configure(["snapkv"], ["head_floor=0.5"], None)[0].idle_knobs()
     assert configure(["snapkv"], ["head_floor=0.5", "head_split=adaptive"], None)[0].idle_knobs() == ""
     assert "splits nothing at shared_fraction=1" in configure(["evidencekv"], ["head_split=adaptive"], None)[0].idle_knobs()
     assert configure(["evidencekv"], ["head_split=adaptive", "shared_fraction=0.5"], None)[0].idle_knobs() == ""
+    assert configure(["evidencekv"], ["head_split=profile"], None)[0].idle_knobs() == ""  # the profile sizes heads at any shared_fraction
+    assert "acts only with head_split=adaptive or profile" in configure(["evidencekv"], ["head_floor=0.2"], None)[0].idle_knobs()
     assert configure(["h2o"], [], None)[0].idle_knobs() == "" and configure(["dynamickv"], [], None)[0].idle_knobs() == ""
     # the note offers only the splits the method makes
     assert configure(["dynamickv"], ["head_floor=0.3"], None)[0].idle_knobs().endswith("acts only with head_split=adaptive")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..attention import accumulated_attention, window_attention
 from ..errors import BudgetError
-from .allocation import even_split
+from .allocation import allocate, even_split
 
 
 @dataclass(frozen=True)
@@ -251,7 +251,34 @@ def keep_window_and_top(scores: torch.Tensor, n_kept: int, positions: torch.Tens
     return positions.gather(1, local)
 
 
-HEAD_SPLITS = ("equal", "adaptive", "global")
+HEAD_SPLITS = ("equal", "adaptive", "global", "profile")
+# Under head_split=profile, the most one head keeps outside its window, in multiples of its
+# layer's equal share: the profile's best heads would otherwise take most of the budget.
+PROFILE_CAP = 4
+
+
+def profile_budgets(profile, shares: list[int], num_kv_heads: int, candidates: int, head_floor: float) -> list[list[int]]:
+    """Entries each KV head keeps outside its window under head_split=profile (after HeadKV): the
+    layers' `shares` x heads in all, every head first `head_floor` of its layer's share, the rest in
+    proportion to the profile's weight of the head (2 ** score, the mean 1 / (rank + 1) of the
+    asked-for fact in the lookups, geometrically; the best of the query heads sharing a KV head),
+    each head at most PROFILE_CAP times its layer's share and its `candidates`."""
+    scores = torch.tensor(profile.scores, dtype=torch.float64)[: len(shares)]
+    if scores.shape[0] != len(shares) or scores.shape[1] % num_kv_heads:
+        raise BudgetError(f"internal: the profile has {tuple(scores.shape)} heads, the cache {len(shares)} layers of {num_kv_heads} KV heads")
+    weights = torch.exp2(scores).view(len(shares), num_kv_heads, -1).amax(dim=-1).flatten().tolist()
+    caps = [min(candidates, PROFILE_CAP * share) for share in shares for _ in range(num_kv_heads)]
+    floors = [round(head_floor * share) for share in shares for _ in range(num_kv_heads)]
+    sizes = allocate(sum(shares) * num_kv_heads, weights, caps, floors)
+    return [sizes[i : i + num_kv_heads] for i in range(0, len(sizes), num_kv_heads)]
+
+
+def keep_sized(scores: torch.Tensor, sizes: list[int], positions: torch.Tensor, window: int) -> list[torch.Tensor]:
+    """Per KV head h, the positions kept: its top `sizes[h]` of `scores` `(num_kv_heads, k_len - window)`,
+    in position order, then its last `window` entries."""
+    k = scores.shape[1]
+    tail = torch.arange(k, k + window, device=positions.device)
+    return [positions[h, torch.cat([scores[h].topk(min(n, k)).indices.sort().values, tail])] for h, n in enumerate(sizes)]
 
 
 def floored(scores: torch.Tensor, floor: int) -> torch.Tensor:
@@ -380,6 +407,7 @@ class Compressor:
         # hold different numbers of entries is never compressed again.
         self.last_step = True
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # the global split's layers, held until the last
+        self.head_budgets: list[list[int]] | None = None  # head_split=profile: entries outside the window, per layer and KV head
         # The prompt's last entries kept beside the budget at the last step (`Compression.kept_whole`:
         # a query-aware read's question before its window); they are not candidates.
         self.kept_whole = 0
@@ -400,6 +428,9 @@ class Compressor:
         head_floor = self.method.head_floor
         if split == "adaptive":
             return {layer: keep_split(scores, n_kept, positions, window_size, head_floor)}
+        if split == "profile":
+            window = min(window_size, positions.shape[1])
+            return {layer: keep_sized(scores, self.profile_sizes(positions.shape[0], scores.shape[1], window)[layer], positions, window)}
         self.pending[layer] = (scores, positions)
         if layer < self.plan.num_layers - 1:
             return {}
@@ -409,6 +440,16 @@ class Compressor:
         kept = keep_global([self.pending[j] for j in layers], sum(self.layer_budgets[j] for j in layers), window_size, floors)
         self.pending.clear()
         return dict(zip(layers, kept))
+
+    def profile_sizes(self, num_kv_heads: int, candidates: int, window: int) -> list[list[int]]:
+        """head_split=profile: the entries outside its window each layer's KV heads keep
+        (`profile_budgets`), made at the first layer decided, whose `candidates` every layer has."""
+        if self.head_budgets is None:
+            if self.profile is None:
+                raise BudgetError("internal: head_split=profile needs the model's retrieval-head profile (kvcli.profile)")
+            shares = [max(0, min(b, candidates + window) - window) for b in self.layer_budgets]
+            self.head_budgets = profile_budgets(self.profile, shares, num_kv_heads, candidates, self.method.head_floor)
+        return self.head_budgets
 
     def next_step(self) -> Compressor:
         """The compressor for the next prefill step of the same read (a chunked read's next chunk):
@@ -473,6 +514,12 @@ class Compressor:
         self.prune(cache, obs)
 
 
+def _either(choices) -> str:
+    """"a", "a or b", "a, b or c"."""
+    choices = list(choices)
+    return choices[0] if len(choices) == 1 else f"{', '.join(choices[:-1])} or {choices[-1]}"
+
+
 @dataclass
 class Method:
     """Base of every compression method: the knobs shared by window-scored methods."""
@@ -482,7 +529,6 @@ class Method:
     paper: ClassVar[str] = ""
     compresses: ClassVar[bool] = True
     needs_accumulated: ClassVar[bool] = False
-    needs_profile: ClassVar[bool] = False  # its compressor needs the model's retrieval-head profile (kvcli/profile.py)
     selects_by_scores: ClassVar[bool] = True  # kept tokens outside the window are the top of `scores`
     chunks_from_tokens: ClassVar[int | None] = None  # prompts this long may be read in chunks by `prefill_chunk`
 
@@ -508,9 +554,7 @@ class Method:
 
     def __post_init__(self) -> None:
         if self.head_split not in self.head_splits:
-            splits = self.head_splits
-            choices = splits[0] if len(splits) == 1 else f"{', '.join(splits[:-1])} or {splits[-1]}"
-            raise BudgetError(f"--param head_split={self.head_split}: {self.name} splits heads {choices}")
+            raise BudgetError(f"--param head_split={self.head_split}: {self.name} splits heads {_either(self.head_splits)}")
         if not 0.0 <= self.head_floor <= 1.0:
             raise BudgetError(f"--param head_floor must be between 0 and 1, got {self.head_floor}")
         if self.rescore != 0 and not self.rescore > 1:
@@ -521,6 +565,11 @@ class Method:
             raise BudgetError(f"--kernel-size must be at least 1, got {self.kernel_size}")
         if self.pooling not in ("avg", "max"):
             raise BudgetError(f"--pooling must be avg or max, got {self.pooling!r}")
+
+    @property
+    def needs_profile(self) -> bool:
+        """Whether its compressor needs the model's retrieval-head profile (kvcli/profile.py): the profile split's sizes."""
+        return self.head_split == "profile"
 
     def scores(self, obs: LayerObservation) -> torch.Tensor:
         """Scores `(num_kv_heads, k_len - window)` of the entries outside the window.
@@ -553,8 +602,12 @@ class Method:
         return Compressor(self, plan, profile)
 
     def most_kept(self, plan: BudgetPlan) -> int:
-        """The most entries one layer may hold once a prefill step is compressed (window included)."""
-        return max(self.layer_budgets(plan))
+        """The most entries one layer may hold once a prefill step is compressed (window included);
+        under the profile split one head may keep PROFILE_CAP times its layer's share outside the window."""
+        most = max(self.layer_budgets(plan))
+        if self.head_split != "profile":
+            return most
+        return min(plan.prompt_len, self.window_size + PROFILE_CAP * max(0, most - self.window_size))
 
     def within(self, plan: BudgetPlan, most: int) -> tuple[Method, str] | None:
         """A variant of this method whose layers hold at most `most` entries under `plan`, and a
@@ -573,7 +626,7 @@ class Method:
         `repeat`: whether the repeat scorer ranks this read (`rescore` acts only then)."""
         notes = []
         if self.head_floor and self.head_split == "equal" and len(self.head_splits) > 1:
-            notes.append(f"head_floor={self.head_floor:g} acts only with head_split={' or '.join(s for s in self.head_splits if s != 'equal')}")
+            notes.append(f"head_floor={self.head_floor:g} acts only with head_split={_either(s for s in self.head_splits if s != 'equal')}")
         if self.rescore and not repeat:
             notes.append(f"rescore={self.rescore:g} acts only on a cache the repeat scorer ranks (compress, ask --reuse)")
         return "; ".join(notes)
@@ -598,7 +651,10 @@ __all__ = [
     "LayerObservation",
     "Method",
     "field",
+    "PROFILE_CAP",
     "keep_global",
+    "keep_sized",
+    "profile_budgets",
     "floored",
     "head_floor_entries",
     "joint_top",

@@ -14,6 +14,10 @@ method shares that evidence across layers:
    evidence scores (the same tokens in every layer), and fills the rest with its own top
    window-scored tokens (as SnapKV), per KV head. Budgets are equal across layers.
 
+With `head_split=profile` (HeadKV's idea, arXiv 2410.19258, on this profile) step 3 sizes every
+KV head of every layer by the profile instead (`profile_budgets`): the heads that find facts keep
+more of the same evidence ranking, the others only its top, the layers' budgets x heads in all.
+
 Defaults chosen by measurement: `shared_fraction` 1.0 (all of the budget outside the
 window follows the evidence), 8 heads from the first three quarters of the layers, compared
 with 0.5 / 0.75, 4 / 16 heads and heads from all layers in needle sweeps on the default model
@@ -54,10 +58,12 @@ class EvidenceKV(Method):
     name = "evidencekv"
     summary = "tokens the model's retrieval heads point at, kept in every layer, plus each layer's own"
     paper = "docs/methods.md#evidencekv"
-    needs_profile = True
+    needs_profile = True  # the evidence heads, whatever the split
     selects_by_scores = False
     chunks_from_tokens: ClassVar[int | None] = CHUNK_FROM_TOKENS
-    head_splits = ("equal", "adaptive")  # the shared evidence is one ranking for every layer: no global top-k
+    # the shared evidence is one ranking for every layer: no global top-k; `profile` sizes each head
+    # by the retrieval-head profile (HeadKV's budgets), each keeping the evidence's top to its size
+    head_splits = ("equal", "adaptive", "profile")
 
     shared_fraction: float = 1.0
     num_heads: int = 8
@@ -73,7 +79,7 @@ class EvidenceKV(Method):
             raise BudgetError(f"--max-depth must be in (0, 1], got {self.max_depth}")
 
     def idle_knobs(self, repeat: bool = False) -> str:
-        if self.head_split != "equal" and self.shared_fraction >= 1:
+        if self.head_split == "adaptive" and self.shared_fraction >= 1:
             return (f"head_split={self.head_split} splits nothing at shared_fraction={self.shared_fraction:g}: every head keeps the "
                     "shared evidence alone; a lower shared_fraction leaves part of each layer's budget to split over its heads")
         return super().idle_knobs(repeat)
@@ -138,9 +144,11 @@ class EvidenceCompressor(Compressor):
         k_len = positions.shape[1]
         window = min(self.method.window_size, k_len)
         k = k_len - window
+        evidence = self.evidence.to(positions.device)[positions[:, :k]]  # (num_kv_heads, k)
+        if self.head_split == "profile":
+            return self._decide_profile(layer, own, evidence, positions, window)
         n_rest = max(0, min(self.layer_budgets[layer], k_len) - window)
         n_shared = min(round(self.method.shared_fraction * n_rest), k)
-        evidence = self.evidence.to(positions.device)[positions[:, :k]]  # (num_kv_heads, k)
         shared = evidence.topk(n_shared, dim=-1).indices
         own = own.clone()
         own.scatter_(1, shared, float("-inf"))
@@ -156,6 +164,23 @@ class EvidenceCompressor(Compressor):
         local = torch.cat([torch.cat([shared, rest], dim=-1).sort(dim=-1).values, window_index], dim=-1)
         return positions.gather(1, local)
 
+    def _decide_profile(self, layer: int, own: torch.Tensor, evidence: torch.Tensor, positions: torch.Tensor, window: int) -> list[torch.Tensor]:
+        """Per KV head, its window and its `head_budgets` size (`shared_fraction` of it the evidence's
+        top, the rest its own top scores)."""
+        k = positions.shape[1] - window
+        kept = []
+        window_index = torch.arange(k, k + window, device=positions.device)
+        for head, size in enumerate(self.profile_sizes(positions.shape[0], k, window)[layer]):
+            size = min(size, k)
+            n_shared = min(round(self.method.shared_fraction * size), k)
+            shared = evidence[head].topk(n_shared).indices
+            mine = own[head].clone()
+            mine[shared] = float("-inf")
+            rest = mine.topk(size - n_shared).indices
+            local = torch.cat([torch.cat([shared, rest]).sort().values, window_index])
+            kept.append(positions[head, local])
+        return kept
+
     def observe(self, obs: LayerObservation) -> dict[int, torch.Tensor]:
         layer = obs.layer_idx
         own = self.method.scores(obs)
@@ -168,3 +193,4 @@ class EvidenceCompressor(Compressor):
         self.pending.clear()
         decisions[layer] = self._decide(layer, own, obs.positions)
         return decisions
+
