@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-m", "--model", default=None, help="model (default: kvcli's embedded default)")
     parser.add_argument("--length", type=int, default=3000, help="document tokens before the facts (reuse_check's)")
     parser.add_argument("--ratios", default="0.1,0.2,0.3")
-    parser.add_argument("--settings", default=DEFAULT_SETTINGS, help="METHOD:SPLIT[:FLOOR][:KEY=VALUE...],... (split: equal, adaptive, global; FLOOR: --param head_floor; KEY=VALUE: another knob)")
+    parser.add_argument("--settings", default=DEFAULT_SETTINGS, help="METHOD:SPLIT[:FLOOR][:KEY=VALUE...],... (split: equal, adaptive, global, profile; FLOOR: --param head_floor; KEY=VALUE: another knob)")
     parser.add_argument("--pydoc", action="store_true",
                         help="hide the ten facts in CPython's pydoc topics (prose kvcli was not tuned on) instead of samples/haystack.txt")
     parser.add_argument("--haystack", default=None, metavar="ROWS.jsonl[:N]",

@@ -406,9 +406,10 @@ def test_live_split_equals_replayed_and_keeps_the_budget(tiny, ids, name, split,
     assert list(decode(tiny, live, 8, set())) == list(decode(tiny, derived, 8, set()))
 
 
-def test_a_split_read_in_chunks_past_the_context_packs_each_head(tiny, ids):
-    """Read in re-indexed chunks with the adaptive split, layer 0's heads hold the keys the model computes at their packed positions."""
-    squeezed = compression("snapkv", "adaptive", ratio=0.3)
+@pytest.mark.parametrize("name,split", [("snapkv", "adaptive"), ("snapkv", "profile"), ("evidencekv", "profile")])
+def test_a_split_read_in_chunks_past_the_context_packs_each_head(tiny, ids, name, split):
+    """Read in re-indexed chunks with a per-head split, layer 0's heads hold the keys the model computes at their packed positions."""
+    squeezed = compression(name, split, ratio=0.3)
     state = prefill(tiny, ids, squeezed, chunk_size=32, reindex=Reindexer(rotary_layout(tiny.config)))
     layer = state.cache.layers[0]
     assert layer.packed

@@ -602,12 +602,10 @@ class Method:
         return Compressor(self, plan, profile)
 
     def most_kept(self, plan: BudgetPlan) -> int:
-        """The most entries one layer may hold once a prefill step is compressed (window included);
-        under the profile split one head may keep PROFILE_CAP times its layer's share outside the window."""
-        most = max(self.layer_budgets(plan))
-        if self.head_split != "profile":
-            return most
-        return min(plan.prompt_len, self.window_size + PROFILE_CAP * max(0, most - self.window_size))
+        """The most entries one layer may hold once a prefill step is compressed (window included).
+        A per-head split acts at a read's last step only, on entries already placed, so a head it
+        gives more never needs positions beyond what the steps before placed."""
+        return max(self.layer_budgets(plan))
 
     def within(self, plan: BudgetPlan, most: int) -> tuple[Method, str] | None:
         """A variant of this method whose layers hold at most `most` entries under `plan`, and a

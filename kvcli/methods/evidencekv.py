@@ -165,8 +165,8 @@ class EvidenceCompressor(Compressor):
         return positions.gather(1, local)
 
     def _decide_profile(self, layer: int, own: torch.Tensor, evidence: torch.Tensor, positions: torch.Tensor, window: int) -> list[torch.Tensor]:
-        """Per KV head, its window and its `head_budgets` size (`shared_fraction` of it the evidence's
-        top, the rest its own top scores)."""
+        """Per KV head, its window and its size from the profile (`Compressor.profile_sizes`):
+        `shared_fraction` of it the evidence's top, the rest its own top scores."""
         k = positions.shape[1] - window
         kept = []
         window_index = torch.arange(k, k + window, device=positions.device)
@@ -193,4 +193,3 @@ class EvidenceCompressor(Compressor):
         self.pending.clear()
         decisions[layer] = self._decide(layer, own, obs.positions)
         return decisions
-
