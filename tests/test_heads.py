@@ -314,6 +314,8 @@ def test_head_split_is_a_knob_with_its_choices():
         make_method("evidencekv", head_split="global")
     with pytest.raises(BudgetError, match="dynamickv splits heads equal or adaptive"):
         make_method("dynamickv", head_split="profile")
+    with pytest.raises(BudgetError, match="pyramidkv splits heads equal, adaptive or global"):
+        make_method("pyramidkv", head_split="profile")
     assert make_method("snapkv", head_split="profile").needs_profile and not make_method("snapkv").needs_profile
     assert make_method("evidencekv").needs_profile
     assert configure(["snapkv"], ["head_split=global", "head_floor=0.2"])[0].head_floor == 0.2
@@ -325,31 +327,58 @@ def test_head_split_is_a_knob_with_its_choices():
 def test_profile_budgets_follow_the_retrieval_profile():
     """head_split=profile (HeadKV's budgets): the layers' shares x heads in all, each head its floor,
     the rest by the profile's weight of its best query head, none past its cap or its candidates."""
-    from kvcli.methods.base import PROFILE_CAP, profile_budgets
+    from kvcli.methods.base import PROFILE_CAP, profile_budgets, profile_weights
     from kvcli.profile import RetrievalProfile
 
     # 3 layers of 2 KV heads, 2 query heads each: scores are -log2(rank + 1) of the fact
     profile = RetrievalProfile(scores=[[-9, -9, -9, -8], [0, -9, -9, -9], [-3, -9, -2, -9]], model="t")
-    sizes = profile_budgets(profile, [10, 10, 10], 2, 1000, 0.0)
+    weights = profile_weights(profile, 3, 2)
+    assert weights[1] == [1.0, 2.0 ** -9] and weights[0] == [2.0 ** -9, 2.0 ** -8]
+    sizes = profile_budgets(weights, [10, 10, 10], 0.0, [1000] * 3)
     assert sum(map(sum, sizes)) == 60
     assert sizes[1][0] == PROFILE_CAP * 10  # the best head (rank 0) keeps up to its cap
     assert sizes[2][1] > sizes[2][0] > sizes[0][1] >= sizes[0][0]  # by weight: rank 3 over rank 7 over rank 255 and 511
-    assert profile_budgets(profile, [10, 10, 10], 2, 1000, 1.0) == [[10, 10]] * 3  # a floor of 1: the equal split
-    floored = profile_budgets(profile, [10, 10, 10], 2, 1000, 0.5)
+    assert profile_budgets(weights, [10, 10, 10], 1.0, [1000] * 3) == [[10, 10]] * 3  # a floor of 1: the equal split
+    floored = profile_budgets(weights, [10, 10, 10], 0.5, [1000] * 3)
     assert min(map(min, floored)) >= 5 and sum(map(sum, floored)) == 60
-    assert max(map(max, profile_budgets(profile, [10, 10, 10], 2, 12, 0.0))) == 12  # never past the candidates
+    assert max(map(max, profile_budgets(weights, [10, 10, 10], 0.0, [12] * 3))) == 12  # never past the candidates
     with pytest.raises(BudgetError, match="internal: the profile"):
-        profile_budgets(profile, [10, 10, 10], 3, 1000, 0.0)
+        profile_weights(profile, 3, 3)
+
+
+@pytest.mark.parametrize("held,known", [((100, 100, 22), True), ((22, 100, 100), False)])
+def test_layers_holding_fewer_entries_keep_the_profile_budget(held, known):
+    """Where layers hold different numbers of entries (a cut before a second repeat), the profile's sizes follow
+    what each holds when that is known first (`Compressor.entries_held`); a layer that turns out to hold fewer than planned
+    keeps them all and the layers after it keep the rest. The budget's entries are kept either way."""
+    from kvcli.methods.base import BudgetPlan, Compressor
+    from kvcli.profile import RetrievalProfile
+
+    profile = RetrievalProfile(scores=[[0, -9], [-9, -9], [0, -9]], model="t")  # 3 layers, 1 query head per KV head
+    method = make_method("snapkv", head_split="profile", window_size=2)
+    compressor = Compressor(method, BudgetPlan(num_layers=3, prompt_len=100, total=36), profile)  # 12 a layer, 10 outside the window
+    if known:
+        compressor.entries_held = list(held)
+    kept = []
+    for layer, n in enumerate(held):
+        positions = torch.arange(n).expand(2, -1)
+        scores = torch.rand(2, n - 2, generator=torch.Generator().manual_seed(layer))
+        kept.append([len(p) - 2 for p in compressor.select(layer, scores, positions)[layer]])
+    small = held.index(22)
+    assert kept[small][0] == 20 and sum(map(sum, kept)) == 3 * 2 * 10
+    if known:
+        assert kept[0][0] > 20  # the other best head, where its layer holds more, took what the small layer's could not
 
 
 def test_profile_split_gives_the_profiles_heads_more_of_the_same_evidence(tiny, ids):
     """Under head_split=profile (shared_fraction 1) each head keeps its size of one evidence ranking:
     a smaller head's entries outside the window are among a larger head's of the same layer."""
-    from kvcli.methods.base import profile_budgets
+    from kvcli.methods.base import profile_budgets, profile_weights
 
     squeezed = compression("evidencekv", "profile")
     cache = prefill(tiny, ids, squeezed).cache
-    sizes = profile_budgets(squeezed.profile, [b - 8 for b in squeezed.method.layer_budgets(squeezed.plan)], NUM_KV_HEADS, PROMPT_LEN - 8, 0.0)
+    weights = profile_weights(squeezed.profile, NUM_LAYERS, NUM_KV_HEADS)
+    sizes = profile_budgets(weights, [b - 8 for b in squeezed.method.layer_budgets(squeezed.plan)], 0.0, [PROMPT_LEN - 8] * NUM_LAYERS)
     assert cache.head_lengths() == [[n + 8 for n in layer] for layer in sizes]
     assert any(len(set(layer)) > 1 for layer in sizes)
     for layer in cache.layers:
@@ -389,7 +418,7 @@ def compression(name: str, split: str, ratio: float = 0.25, **params):
     ("snapkv", "global", {"head_floor": 0.5}), ("dynamickv", "adaptive", {"period": 2, "head_floor": 0.5}),
     ("evidencekv", "adaptive", {"shared_fraction": 0.5, "head_floor": 0.5}),
     ("evidencekv", "profile", {}), ("evidencekv", "profile", {"head_floor": 0.5}), ("evidencekv", "profile", {"shared_fraction": 0.5}),
-    ("snapkv", "profile", {}), ("pyramidkv", "profile", {"head_floor": 0.2}),
+    ("snapkv", "profile", {}), ("snapkv", "profile", {"head_floor": 0.2}),
 ])
 def test_live_split_equals_replayed_and_keeps_the_budget(tiny, ids, name, split, params):
     """A per-head split live keeps, per head, what Capture.derive keeps, decodes the same tokens, and holds the budget's entries exactly."""

@@ -178,6 +178,22 @@ def test_repeat_prefix_keeps_exactly_the_budget_and_the_window(reader, name):
     assert live.extra["scorer"] == "repeat" and live.extra["repeat_s"] > 0 and live.extra["repeat_x_prefill"] > 0
 
 
+@pytest.mark.parametrize("rescore", [0, 2])
+def test_the_profile_split_keeps_the_budget_over_a_repeat_and_its_cut(reader, rescore):
+    """snapkv with head_split=profile ranked by the repeat keeps the budget's entries exactly, with heads of unequal
+    lengths, also over a cut whose layers hold different numbers of entries (rescore=2: DynamicKV's layer budgets);
+    the live read and the derive keep the same cache."""
+    options = Options(budget=Budget(ratio=0.15), max_new_tokens=4)
+    mode = Reused(reader, words(300), options, scorer="repeat")
+    method = make_method("snapkv", head_split="profile", kernel_size=1, rescore=rescore)
+    derived = mode.derive(mode.repeat(), method)
+    compression, _ = reader.compression(method, options.budget, mode.prompt.prefix_len, repeat=True)
+    lengths = derived.state.cache.head_lengths()
+    assert sum(map(sum, lengths)) == compression.plan.total * len(lengths[0])
+    assert len({n for layer in lengths for n in layer}) > 1
+    assert_same_cache(Reused(reader, words(300), options, scorer="repeat").read(method).state.cache, derived.state.cache)
+
+
 def test_the_tokens_the_repeat_attends_to_most_are_kept(reader):
     """Without pooling, each layer and KV head keeps exactly its top repeat-scored entries outside the window (max
     over its query heads): the token the repeat needs most, a fact it must reproduce, is never dropped."""

@@ -257,20 +257,27 @@ HEAD_SPLITS = ("equal", "adaptive", "global", "profile")
 PROFILE_CAP = 4
 
 
-def profile_budgets(profile, shares: list[int], num_kv_heads: int, candidates: int, head_floor: float) -> list[list[int]]:
-    """Entries each KV head keeps outside its window under head_split=profile (after HeadKV): the
-    layers' `shares` x heads in all, every head first `head_floor` of its layer's share, the rest in
-    proportion to the profile's weight of the head (2 ** score, the mean 1 / (rank + 1) of the
-    asked-for fact in the lookups, geometrically; the best of the query heads sharing a KV head),
-    each head at most PROFILE_CAP times its layer's share and its `candidates`."""
-    scores = torch.tensor(profile.scores, dtype=torch.float64)[: len(shares)]
-    if scores.shape[0] != len(shares) or scores.shape[1] % num_kv_heads:
-        raise BudgetError(f"internal: the profile has {tuple(scores.shape)} heads, the cache {len(shares)} layers of {num_kv_heads} KV heads")
-    weights = torch.exp2(scores).view(len(shares), num_kv_heads, -1).amax(dim=-1).flatten().tolist()
-    caps = [min(candidates, PROFILE_CAP * share) for share in shares for _ in range(num_kv_heads)]
-    floors = [round(head_floor * share) for share in shares for _ in range(num_kv_heads)]
-    sizes = allocate(sum(shares) * num_kv_heads, weights, caps, floors)
-    return [sizes[i : i + num_kv_heads] for i in range(0, len(sizes), num_kv_heads)]
+def profile_weights(profile, num_layers: int, num_kv_heads: int) -> list[list[float]]:
+    """Per layer and KV head, the profile's weight of the head (after HeadKV): 2 ** score, the mean
+    1 / (rank + 1) of the asked-for fact in the lookups, geometrically; the best of the query heads
+    sharing the KV head."""
+    scores = torch.tensor(profile.scores, dtype=torch.float64)[:num_layers]
+    if scores.shape[0] != num_layers or scores.shape[1] % num_kv_heads:
+        raise BudgetError(f"internal: the profile has {tuple(scores.shape)} heads, the cache {num_layers} layers of {num_kv_heads} KV heads")
+    return torch.exp2(scores).view(num_layers, num_kv_heads, -1).amax(dim=-1).tolist()
+
+
+def profile_budgets(weights: list[list[float]], shares: list[int], head_floor: float, candidates: list[int],
+                    total: int | None = None) -> list[list[int]]:
+    """Entries each KV head keeps outside its window under head_split=profile: `total` (default the
+    layers' `shares` x heads) in all, every head first `head_floor` of its layer's share, the rest
+    in proportion to its `weights` (`profile_weights`), none past PROFILE_CAP times its layer's share
+    or its layer's `candidates`."""
+    heads = len(weights[0])
+    caps = [min(most, PROFILE_CAP * share) for share, most in zip(shares, candidates) for _ in range(heads)]
+    floors = [round(head_floor * share) for share in shares for _ in range(heads)]
+    sizes = allocate(sum(shares) * heads if total is None else total, [w for row in weights for w in row], caps, floors)
+    return [sizes[i : i + heads] for i in range(0, len(sizes), heads)]
 
 
 def keep_sized(scores: torch.Tensor, sizes: list[int], positions: torch.Tensor, window: int) -> list[torch.Tensor]:
@@ -408,6 +415,9 @@ class Compressor:
         self.last_step = True
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # the global split's layers, held until the last
         self.head_budgets: list[list[int]] | None = None  # head_split=profile: entries outside the window, per layer and KV head
+        # The entries each layer holds before this step decides, where known before the first layer
+        # is decided (`repeat.keep_by_scores`); None: every layer holds what the first one does (one pass).
+        self.entries_held: list[int] | None = None
         # The prompt's last entries kept beside the budget at the last step (`Compression.kept_whole`:
         # a query-aware read's question before its window); they are not candidates.
         self.kept_whole = 0
@@ -430,7 +440,7 @@ class Compressor:
             return {layer: keep_split(scores, n_kept, positions, window_size, head_floor)}
         if split == "profile":
             window = min(window_size, positions.shape[1])
-            return {layer: keep_sized(scores, self.profile_sizes(positions.shape[0], scores.shape[1], window)[layer], positions, window)}
+            return {layer: keep_sized(scores, self.profile_sizes(layer, positions.shape[0], scores.shape[1], window), positions, window)}
         self.pending[layer] = (scores, positions)
         if layer < self.plan.num_layers - 1:
             return {}
@@ -441,15 +451,27 @@ class Compressor:
         self.pending.clear()
         return dict(zip(layers, kept))
 
-    def profile_sizes(self, num_kv_heads: int, candidates: int, window: int) -> list[list[int]]:
-        """head_split=profile: the entries outside its window each layer's KV heads keep
-        (`profile_budgets`), made at the first layer decided, whose `candidates` every layer has."""
+    def profile_sizes(self, layer: int, num_kv_heads: int, candidates: int, window: int) -> list[int]:
+        """head_split=profile: the entries outside its window each KV head of `layer` keeps
+        (`profile_budgets`), planned for every layer at the first one decided, each layer's
+        candidates those `entries_held` says or, in one pass, the first layer's `candidates`. A head planned
+        more than its layer turns out to have (a pyramid's earlier chunks) keeps them all, and what it
+        could not keep goes to the layers decided after it."""
         if self.head_budgets is None:
             if self.profile is None:
                 raise BudgetError("internal: head_split=profile needs the model's retrieval-head profile (kvcli.profile)")
-            shares = [max(0, min(b, candidates + window) - window) for b in self.layer_budgets]
-            self.head_budgets = profile_budgets(self.profile, shares, num_kv_heads, candidates, self.method.head_floor)
-        return self.head_budgets
+            self.head_weights = profile_weights(self.profile, len(self.layer_budgets), num_kv_heads)
+            self.head_shares = [max(0, b - window) for b in self.layer_budgets]
+            self.head_candidates = [max(0, n - window) for n in self.entries_held] if self.entries_held else [candidates] * len(self.layer_budgets)
+            self.head_budgets = profile_budgets(self.head_weights, self.head_shares, self.method.head_floor, self.head_candidates)
+        planned = self.head_budgets[layer]
+        sizes = [min(n, candidates) for n in planned]
+        surplus = sum(planned) - sum(sizes)
+        if surplus and layer + 1 < len(self.head_budgets):
+            later = slice(layer + 1, None)
+            self.head_budgets[later] = profile_budgets(self.head_weights[later], self.head_shares[later], self.method.head_floor,
+                                                       self.head_candidates[later], total=sum(map(sum, self.head_budgets[later])) + surplus)
+        return sizes
 
     def next_step(self) -> Compressor:
         """The compressor for the next prefill step of the same read (a chunked read's next chunk):
@@ -653,6 +675,7 @@ __all__ = [
     "keep_global",
     "keep_sized",
     "profile_budgets",
+    "profile_weights",
     "floored",
     "head_floor_entries",
     "joint_top",

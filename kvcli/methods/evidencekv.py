@@ -170,7 +170,7 @@ class EvidenceCompressor(Compressor):
         k = positions.shape[1] - window
         kept = []
         window_index = torch.arange(k, k + window, device=positions.device)
-        for head, size in enumerate(self.profile_sizes(positions.shape[0], k, window)[layer]):
+        for head, size in enumerate(self.profile_sizes(layer, positions.shape[0], k, window)):
             size = min(size, k)
             n_shared = min(round(self.method.shared_fraction * size), k)
             shared = evidence[head].topk(n_shared).indices

@@ -39,6 +39,9 @@ class PyramidKV(SnapKV):
     summary = "snapkv scores, more budget for lower layers, less for upper ones"
     paper = "https://arxiv.org/abs/2406.02069"
 
+    # the profile split moves budget between layers by the profile, which would undo the pyramid
+    head_splits = ("equal", "adaptive", "global")
+
     beta: int = 20
 
     def __post_init__(self) -> None:
