@@ -93,6 +93,19 @@ def test_split_device_map_keeps_compression_on_each_layers_device(tmp_path, no_i
     assert list(decode(split, got, 6, set())) == list(decode(reference, want, 6, set()))
 
 
+@pytest.mark.parametrize("name", ["snapkv", "evidencekv"])
+def test_the_profile_split_creates_no_tensor_on_the_default_device(no_implicit_devices, name):
+    """head_split=profile sizes heads without a tensor on the default device (here meta): the budget's entries are
+    kept over heads of unequal lengths, on the layers' device."""
+    model = tiny_llama(NUM_LAYERS)
+    method = build(name, NUM_LAYERS, model.config.num_attention_heads, head_split="profile")
+    plan = plan_for(method)
+    state = prefill(model, prompt_ids(), squeeze(method, plan))
+    lengths = state.cache.head_lengths()
+    assert sum(map(sum, lengths)) == plan.total * len(lengths[0]) and len({n for layer in lengths for n in layer}) > 1
+    assert all(p.device.type == "cpu" for layer in state.cache.layers for p in layer.head_positions())
+
+
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("name", list(REGISTRY))

@@ -261,10 +261,12 @@ def profile_weights(profile, num_layers: int, num_kv_heads: int) -> list[list[fl
     """Per layer and KV head, the profile's weight of the head (after HeadKV): 2 ** score, the mean
     1 / (rank + 1) of the asked-for fact in the lookups, geometrically; the best of the query heads
     sharing the KV head."""
-    scores = torch.tensor(profile.scores, dtype=torch.float64)[:num_layers]
-    if scores.shape[0] != num_layers or scores.shape[1] % num_kv_heads:
-        raise BudgetError(f"internal: the profile has {tuple(scores.shape)} heads, the cache {num_layers} layers of {num_kv_heads} KV heads")
-    return torch.exp2(scores).view(num_layers, num_kv_heads, -1).amax(dim=-1).tolist()
+    rows = profile.scores[:num_layers]  # plain floats: no tensor on whatever device a loader made the default
+    width = len(rows[0]) if rows else 0
+    if len(rows) != num_layers or width % num_kv_heads or any(len(row) != width for row in rows):
+        raise BudgetError(f"internal: the profile has {len(rows)} layers of {width} heads, the cache {num_layers} layers of {num_kv_heads} KV heads")
+    group = width // num_kv_heads
+    return [[2.0 ** max(row[h * group : (h + 1) * group]) for h in range(num_kv_heads)] for row in rows]
 
 
 def profile_budgets(weights: list[list[float]], shares: list[int], head_floor: float, candidates: list[int],
