@@ -135,7 +135,7 @@ def test_question_kept_whole_beside_the_budget(tiny_model, prompt, captured, nam
     assert any(not torch.isin(question, positions).all() for layer in plain.layers for positions in layer.head_positions())
 
 
-@pytest.mark.parametrize("split", ["adaptive", "global"])
+@pytest.mark.parametrize("split", ["adaptive", "global", "profile"])
 def test_question_kept_whole_with_unequal_heads(tiny_model, prompt, captured, split):
     """Under a per-head split the question is kept whole in every head too, each head still sorted."""
     from dataclasses import replace

@@ -485,7 +485,7 @@ def test_the_equal_split_leaves_every_layer_dense(tiny, ids):
     assert not any(layer.packed for layer in state.cache.layers)
 
 
-@pytest.mark.parametrize("split", ["adaptive", "global"])
+@pytest.mark.parametrize("split", ["adaptive", "global", "profile"])
 def test_read_once_splits_heads_as_one_pass(tiny, ids, split):
     """A question fed after a full prefix read once keeps, per head, what one pass over prefix + question keeps, the prefix untouched."""
     from kvcli.generate import ask_after, read_prefix
