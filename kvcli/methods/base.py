@@ -456,15 +456,17 @@ class Compressor:
     def profile_sizes(self, layer: int, num_kv_heads: int, candidates: int, window: int) -> list[int]:
         """head_split=profile: the entries outside its window each KV head of `layer` keeps
         (`profile_budgets`), planned for every layer at the first one decided, each layer's
-        candidates those `entries_held` says or, in one pass, the first layer's `candidates`. A head planned
-        more than its layer turns out to have (a pyramid's earlier chunks) keeps them all, and what it
-        could not keep goes to the layers decided after it."""
+        candidates those `entries_held` says or, in one pass, the first layer's `candidates`. A head
+        planned more than its layer turns out to hold keeps all it holds, and what it could not keep
+        goes to the layers decided after it."""
         if self.head_budgets is None:
             if self.profile is None:
                 raise BudgetError("internal: head_split=profile needs the model's retrieval-head profile (kvcli.profile)")
-            self.head_weights = profile_weights(self.profile, len(self.layer_budgets), num_kv_heads)
+            layers = len(self.layer_budgets)
+            self.head_weights = profile_weights(self.profile, layers, num_kv_heads)
             self.head_shares = [max(0, b - window) for b in self.layer_budgets]
-            self.head_candidates = [max(0, n - window) for n in self.entries_held] if self.entries_held else [candidates] * len(self.layer_budgets)
+            held = self.entries_held
+            self.head_candidates = [max(0, n - window) for n in held] if held else [candidates] * layers
             self.head_budgets = profile_budgets(self.head_weights, self.head_shares, self.method.head_floor, self.head_candidates)
         planned = self.head_budgets[layer]
         sizes = [min(n, candidates) for n in planned]

@@ -171,8 +171,7 @@ class EvidenceCompressor(Compressor):
         kept = []
         window_index = torch.arange(k, k + window, device=positions.device)
         for head, size in enumerate(self.profile_sizes(layer, positions.shape[0], k, window)):
-            size = min(size, k)
-            n_shared = min(round(self.method.shared_fraction * size), k)
+            n_shared = round(self.method.shared_fraction * size)  # sizes are within the k candidates
             shared = evidence[head].topk(n_shared).indices
             mine = own[head].clone()
             mine[shared] = float("-inf")
