@@ -151,7 +151,7 @@ def keep_by_scores(cache: KVCache, scores: list[torch.Tensor], compression: Comp
     if not compression.method.takes_key_scores:
         raise ValueError(f"internal: {compression.method.name} does not rank by per-entry scores")
     compressor = compression.compressor()
-    compressor.entries_held = [min(len(p) for p in cache.layers[i].head_positions()) for i in cache.compressed_layers]
+    compressor.entries_held = [min(cache.layers[i].head_lengths()) for i in cache.compressed_layers]
     for layer_idx in cache.compressed_layers:
         if scores[layer_idx] is None:
             raise ValueError(f"internal: the repeat did not score layer {layer_idx}")

@@ -284,10 +284,10 @@ def profile_budgets(weights: list[list[float]], shares: list[int], head_floor: f
 
 def keep_sized(scores: torch.Tensor, sizes: list[int], positions: torch.Tensor, window: int) -> list[torch.Tensor]:
     """Per KV head h, the positions kept: its top `sizes[h]` of `scores` `(num_kv_heads, k_len - window)`,
-    in position order, then its last `window` entries."""
+    in position order, then its last `window` entries (`split_winners`)."""
     k = scores.shape[1]
-    tail = torch.arange(k, k + window, device=positions.device)
-    return [positions[h, torch.cat([scores[h].topk(min(n, k)).indices.sort().values, tail])] for h, n in enumerate(sizes)]
+    winners = torch.cat([scores[h].topk(min(n, k)).indices + h * k for h, n in enumerate(sizes)])
+    return split_winners(winners, k, positions, window)
 
 
 def floored(scores: torch.Tensor, floor: int) -> torch.Tensor:

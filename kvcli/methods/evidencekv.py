@@ -168,17 +168,14 @@ class EvidenceCompressor(Compressor):
         """Per KV head, its window and its size from the profile (`Compressor.profile_sizes`):
         `shared_fraction` of it the evidence's top, the rest its own top scores."""
         k = positions.shape[1] - window
-        kept = []
-        window_index = torch.arange(k, k + window, device=positions.device)
+        winners = []
         for head, size in enumerate(self.profile_sizes(layer, positions.shape[0], k, window)):
             n_shared = round(self.method.shared_fraction * size)  # sizes are within the k candidates
             shared = evidence[head].topk(n_shared).indices
             mine = own[head].clone()
             mine[shared] = float("-inf")
-            rest = mine.topk(size - n_shared).indices
-            local = torch.cat([torch.cat([shared, rest]).sort().values, window_index])
-            kept.append(positions[head, local])
-        return kept
+            winners.append(torch.cat([shared, mine.topk(size - n_shared).indices]) + head * k)
+        return split_winners(torch.cat(winners), k, positions, window)
 
     def observe(self, obs: LayerObservation) -> dict[int, torch.Tensor]:
         layer = obs.layer_idx
