@@ -11,9 +11,10 @@ DEFAULT_SCORER = "repeat"  # how a question-agnostic cache ranks tokens (reading
 # when --method is not given: DynamicKV's layer budgets, each layer's budget split over its heads
 # by their scores (Ada-KV) with a fifth of an equal share each, the repeat's scores unpooled
 # (KVzip ranks entries alone), and a second repeat over a cut of twice the budget ranking what is
-# kept (`rescore`). Measured against the default method on the ten-fact documents of both embedded
-# models (docs/results.md, "No pooling for the repeat's scores", "A second repeat over a cut").
+# kept (`rescore`), the first repeat's scores weighed by how surprising each token was (`surprisal`).
+# Measured against the default method on the ten-fact documents of both embedded models
+# (docs/results.md, "No pooling for the repeat's scores", "A second repeat over a cut", "Weighed by surprisal").
 AGNOSTIC_METHOD = "dynamickv"
-AGNOSTIC_PARAMS = ("head_split=adaptive", "head_floor=0.2", "kernel_size=1", "rescore=2")
+AGNOSTIC_PARAMS = ("head_split=adaptive", "head_floor=0.2", "kernel_size=1", "rescore=2", "surprisal=0.25")
 DEFAULT_SOURCES = 3  # passages `--sources` shows when no number follows it (reading/cite.py)
 DEFAULT_SKIM_TOKENS = 2048  # document tokens `--skim` sends through every layer (docs/results.md, skim)

@@ -25,13 +25,23 @@ Differences from the reference code (snu-mllab/KVzip, kvpress's KVzipPress), all
   first repeat's scores (`first_cut`), the document is repeated again over what is kept, and the
   budget is kept by that second repeat's scores. The first repeat scores each entry beside every
   other; the second, beside the entries that will stay in the running, as pruning in steps
-  does. Cost: a second repeat pass, over a cache of R times the budget.
+  does. Cost: a second repeat pass, over a cache of R times the budget;
+- with the method's `surprisal` (E > 0), the scores of the repeat over the whole prefix (with
+  `rescore`, the first repeat, which decides what stays in the running) are multiplied by
+  (1 + s) ** E, where s is how surprising the entry's token was when the prefix was read:
+  -log p(token | the tokens before), in nats, from the prefill's own next-token logits. A token
+  the model predicts from what came before (the rest of a common phrase) can be predicted again;
+  a name, a number or an unusual word cannot, and the repeat's attention alone does not tell them
+  apart (a copying head pays every token nearly all its attention). The second repeat ranks the
+  survivors, already the surprising ones, by its scores alone. Cost: the output layer over every
+  prefix position, once per document read.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -48,6 +58,7 @@ _CPU_BLOCK_ELEMENTS = 1 << 20
 _BLOCK_ELEMENTS = 1 << 24
 
 REPEAT_CHUNK_SIZE = 2048  # target tokens per repeat chunk (KVzip's)
+SURPRISAL_BLOCK = 512  # prefix positions whose next-token logits are held at once (512 x the vocabulary)
 
 
 def peak_attention(query: torch.Tensor, keys: torch.Tensor, attn, n_keys: int,
@@ -136,6 +147,59 @@ def _repeat(model, prefix: Prefill, target_ids, prompt_for, chunk_size, on_layer
     return recorder.peaks, recorder.peak_nbytes
 
 
+@contextmanager
+def _decoder_outputs(model) -> Iterator[list[torch.Tensor]]:
+    """The last hidden states `(1, q_len, hidden)` of every forward pass of `model`'s decoder made
+    inside, in order (the decoder applies its final norm; the output layer reads them)."""
+    seen: list[torch.Tensor] = []
+
+    def keep(_module, _args, output) -> None:
+        seen.append(output[0].detach())
+
+    handle = model.get_decoder().register_forward_hook(keep)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def token_surprisal(model, ids: torch.Tensor, hidden: torch.Tensor, block: int = SURPRISAL_BLOCK) -> torch.Tensor:
+    """How surprising each token of `ids` `(1, n)` was to `model`: -log p(token t | tokens before t)
+    in nats, `(n,)` float32 on the CPU, from the decoder's last hidden states `hidden` `(1, n, d)`
+    through the output layer and what the model's config says it does to its logits (Cohere's and
+    Granite's scales, Gemma 2's softcapping), `block` positions at a time. The first token, which nothing predicts, gets the largest of the others."""
+    n = ids.shape[1]
+    if hidden.shape[1] != n:
+        raise ValueError(f"internal: {hidden.shape[1]} hidden states for {n} tokens")
+    surprisal = torch.zeros(n, dtype=torch.float32)
+    head = model.get_output_embeddings()
+    config = model.config.get_text_config()
+    cap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None) or 1.0  # Cohere multiplies its logits
+    scale /= getattr(config, "logits_scaling", None) or 1.0  # Granite divides them
+    with torch.inference_mode():
+        for start in range(0, n - 1, block):
+            stop = min(n - 1, start + block)
+            logits = head(hidden[0, start:stop]).float() * scale  # predicts tokens start+1..stop
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            following = ids[0, start + 1 : stop + 1].to(logits.device)
+            chosen = logits.gather(1, following[:, None])[:, 0]
+            surprisal[start + 1 : stop + 1] = (torch.logsumexp(logits, dim=1) - chosen).cpu()
+    if n > 1:
+        surprisal[0] = surprisal[1:].max()
+    return surprisal
+
+
+def weigh(scores: list[torch.Tensor | None], weights: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The whole prefix's `scores` (per layer `(num_kv_heads, group, prompt_len)`, None for a layer
+    not scored) times the weight of each entry's token, `weights` `(prompt_len,)`; None weights:
+    the scores as they are."""
+    if weights is None:
+        return scores
+    return [None if layer is None else layer * weights.to(layer.device)[None, None, : layer.shape[-1]] for layer in scores]
+
+
 def key_observation(layer_idx: int, positions: torch.Tensor, scores: torch.Tensor) -> LayerObservation:
     """A layer's observation ranked by `scores` `(num_kv_heads, group, k_len)` instead of a window.
 
@@ -184,17 +248,30 @@ class Repeated:
     # Scores a cut of the prefix by repeating the document again over it (`repeat_scores` with the
     # first repeat's request and chunks); None: a method's `rescore` cannot act (said by `derive`).
     again: Callable[[Prefill], list[torch.Tensor | None]] | None = None
+    # (prompt_len,) each prefix token's surprisal in nats (`token_surprisal`); None: not measured
+    # (a method's `surprisal` then cannot act: `weights` says so)
+    surprisal: torch.Tensor | None = None
 
     @property
     def seconds(self) -> float:
         return self.state.seconds + self.repeat_s
 
+    def weights(self, method) -> torch.Tensor | None:
+        """Each prefix position's weight under `method`'s `surprisal` exponent; None when it is 0."""
+        if not method.surprisal:
+            return None
+        if self.surprisal is None:
+            raise ValueError("internal: this repeat did not measure its tokens' surprisal")
+        return (1.0 + self.surprisal).pow(method.surprisal)
+
     def derive(self, compression: Compression | None, copy: bool = True) -> Prefill:
         """The cache `compression` keeps by the repeat's scores (of a copy unless `copy` is False).
-        With the method's `rescore`, by a second repeat over the `first_cut` of the prefix."""
+        With the method's `rescore`, by a second repeat over the `first_cut` of the prefix; with its
+        `surprisal`, the (first) repeat's scores weighed by each token's surprisal (`weigh`)."""
         started = time.perf_counter()
         cache = self.state.cache.clone() if copy else self.state.cache
-        scores = self.scores
+        weights = self.weights(compression.method) if compression is not None else None
+        scores = weigh(self.scores, weights)
         cut = first_cut(compression) if compression is not None else None
         if cut is not None:
             if self.again is None:
@@ -217,16 +294,22 @@ def repeat_prefix(
     on_layer: Callable[[int], None] | None = None,
 ) -> Repeated:
     """Prefill `prefix_ids` `(1, n)` with the full cache, then score it by repeating `target_ids`
-    (`repeat_scores`). The cache's peak counts the full prefix plus the repeat's one layer copy."""
-    state = prefill(model, prefix_ids)  # the full cache
+    (`repeat_scores`), and measure each prefix token's surprisal from the same read (`token_surprisal`).
+    The cache's peak counts the full prefix plus the repeat's one layer copy."""
+    prepare_model(model)  # its first call probes the model with a forward pass of its own: before the decoder is watched
+    with _decoder_outputs(model) as seen:
+        state = prefill(model, prefix_ids)  # the full cache, in one pass
     started = time.perf_counter()
+    surprisal = token_surprisal(model, prefix_ids, torch.cat(seen, dim=1))
+    seen.clear()
     scores, fork_nbytes = _repeat(model, state, target_ids, prompt_for, chunk_size, on_layer)
     state.cache.peak_nbytes = state.cache.nbytes() + fork_nbytes
 
     def again(cut: Prefill) -> list[torch.Tensor | None]:
         return _repeat(model, cut, target_ids, prompt_for, chunk_size, on_layer)[0]  # the same progress bar moves on
 
-    return Repeated(state, scores, time.perf_counter() - started, again)
+    return Repeated(state, scores, time.perf_counter() - started, again, surprisal)
 
 
-__all__ = ["REPEAT_CHUNK_SIZE", "Repeated", "first_cut", "keep_by_scores", "key_observation", "peak_attention", "repeat_prefix", "repeat_scores"]
+__all__ = ["REPEAT_CHUNK_SIZE", "Repeated", "first_cut", "keep_by_scores", "key_observation", "peak_attention", "repeat_prefix",
+           "repeat_scores", "token_surprisal", "weigh"]

@@ -344,8 +344,9 @@ def _read_line(stats: RunStats) -> str:
     line = _READS.get(stats.read, stats.read)
     if stats.extra.get("scorer") == "repeat":
         rescore = stats.extra.get("rescore")
-        line += (f" (ranked by the model repeating it twice, the second time over the {rescore:g}x budget the first kept)"
-                 if rescore else " (ranked by the model repeating it)")
+        weighed = ", each score weighed by how surprising its token was" if stats.extra.get("surprisal") else ""
+        line += (f" (ranked by the model repeating it twice, the second time over the {rescore:g}x budget the first kept{weighed})"
+                 if rescore else f" (ranked by the model repeating it{weighed})")
     skim = stats.extra.get("skim")
     if skim and skim.get("skipped"):
         line += f" (not skimmed: {skim['skipped']})"

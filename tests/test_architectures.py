@@ -26,7 +26,7 @@ from kvcli.cli import app
 from kvcli.generate import ask_after, capture, decode, extend, forward, new_cache, prefill, prepare_model, read_prefix
 from kvcli.methods import REGISTRY, Budget, make_method
 from kvcli.reindex import Reindexer
-from kvcli.repeat import repeat_prefix
+from kvcli.repeat import _decoder_outputs, repeat_prefix, token_surprisal
 from kvcli.rope import rotary_layout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -192,6 +192,23 @@ def test_chunked_prefill_keeps_the_window_and_the_budget(name):
     assert len(state.chunks) == 3
     assert sum(state.cache.layers[i].length for i in state.cache.compressed_layers) == plan.total
     assert_sliding_layers_hold_their_window(state.cache, PROMPT_LEN)
+
+
+@pytest.mark.parametrize("name", COMPRESSIBLE)
+def test_token_surprisal_is_each_architectures_own_next_token_loss(name):
+    """The surprisal that weighs the repeat's scores (--param surprisal), taken from kvcli's own prefill through the
+    decoder's last hidden states and the output layer, equals the cross-entropy of the model's own logits at every
+    position (Gemma 2's and 3's logit softcapping, Gemma 3's wrapper, tied and untied heads)."""
+    reference, model = models(name)
+    ids = prompt()
+    prepare_model(model)  # probed before the decoder is watched, as repeat_prefix does
+    with _decoder_outputs(model) as seen:
+        prefill(model, ids)
+    surprisal = token_surprisal(model, ids, torch.cat(seen, dim=1))
+    with torch.inference_mode():
+        logits = reference(input_ids=ids, use_cache=False).logits[0].float()
+    expected = torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:], reduction="none")
+    torch.testing.assert_close(surprisal[1:], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_the_repeat_scorer_scores_the_global_layers_only():

@@ -258,6 +258,21 @@ def test_a_knob_that_changes_nothing_is_named_in_the_report_note(tmp_path):
     assert "head_floor=0.5 acts only" in both and "rescore=3 acts only" in both
 
 
+@pytest.mark.parametrize("value", ["-0.1", "4.5", "nan"])
+def test_surprisal_is_a_power_from_zero_to_four(value):
+    """--param surprisal: 0 (the repeat's scores alone) up to 4; else one line naming the knob and its range.
+    It acts only where the repeat scorer ranks; methods that cannot rank by the repeat do not show it."""
+    from kvcli.methods import configure
+
+    with pytest.raises(BudgetError, match="surprisal must be between 0 .* and 4"):
+        configure(["dynamickv"], [f"surprisal={value}"], None)
+    method = configure(["dynamickv"], ["surprisal=0.25"], None)[0]
+    assert method.surprisal == 0.25 and method.params()["surprisal"] == 0.25
+    assert "surprisal=0.25 acts only on a cache the repeat scorer ranks" in method.idle_knobs()
+    assert method.idle_knobs(repeat=True) == ""
+    assert "surprisal" not in make_method("h2o").params()
+
+
 @pytest.mark.parametrize("value", ["1", "0.5", "-2"])
 def test_rescore_is_off_or_above_one(value):
     """--param rescore: 0 (one repeat) or more than 1 (times the budget kept before the second repeat); else one line."""

@@ -15,13 +15,13 @@ from kvcli.cli import app
 from kvcli.errors import InputError
 from kvcli.eval import EvalConfig, Row, run_eval
 from kvcli.eval.settings import settings_for
-from kvcli.generate import Prefill, prefill
+from kvcli.generate import Prefill, prefill, prepare_model
 from kvcli.methods import Budget, BudgetPlan, Compression, LayerObservation, make_method
 from kvcli.methods.base import pool_scores
 from kvcli.models import load_model
 from kvcli.reading import Options, Reader, Reused
 from kvcli.reading.prefix import pick_scorer
-from kvcli.repeat import first_cut, keep_by_scores, peak_attention, repeat_scores
+from kvcli.repeat import _decoder_outputs, first_cut, keep_by_scores, peak_attention, repeat_scores, token_surprisal, weigh
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -298,6 +298,74 @@ def test_a_rescored_cache_keeps_the_budget_by_a_second_repeat_over_the_first_cut
                for a, b in zip(one.head_positions(), two.head_positions()))  # the second repeat chose otherwise
     assert derived.extra["repeats"] == 2 and "repeats" not in once.extra
     repeated.again = again
+    assert_same_cache(Reused(reader, words(300), options, scorer="repeat").read(method).state.cache, derived.state.cache)
+
+
+# --- each token's surprisal weighs the repeat's scores (--param surprisal) -----------------------------
+
+
+@pytest.mark.parametrize("block", [512, 7])
+def test_token_surprisal_is_the_models_own_next_token_loss(reader, block):
+    """From the decoder's hidden states of a prefill (the one kvcli reads with, last logits only), each token's
+    surprisal equals the cross-entropy of the model's own full logits at the position before it, in blocks of any
+    size; the first token, which nothing predicts, gets the largest."""
+    model = reader.model
+    prompt = ids(40, 3) % model.config.vocab_size
+    prepare_model(model)  # probed before the decoder is watched, as repeat_prefix does
+    with _decoder_outputs(model) as seen:
+        prefill(model, prompt)
+    assert len(seen) == 1 and seen[0].shape[:2] == (1, 40)
+    surprisal = token_surprisal(model, prompt, seen[0], block=block)
+    with torch.inference_mode():
+        logits = model(input_ids=prompt, use_cache=False).logits[0].float()  # (40, vocab), every position
+    expected = torch.nn.functional.cross_entropy(logits[:-1], prompt[0, 1:], reduction="none")
+    torch.testing.assert_close(surprisal[1:], expected, rtol=1e-4, atol=1e-4)
+    assert surprisal[0] == surprisal[1:].max()
+    assert surprisal.shape == (40,) and surprisal.dtype == torch.float32
+    with _decoder_outputs(model):
+        pass
+    assert not model.get_decoder()._forward_hooks  # the hook is removed
+
+
+def test_weigh_multiplies_each_entry_by_its_tokens_weight():
+    """Entry j's scores times weights[j] in every head; a layer not scored (sliding) stays None; no weights: the
+    scores themselves."""
+    scores = [torch.arange(30.0).view(2, 3, 5), None]
+    weights = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    weighed = weigh(scores, weights)
+    assert weighed[1] is None
+    for head in range(2):
+        for query in range(3):
+            assert torch.equal(weighed[0][head, query], scores[0][head, query] * weights)
+    assert weigh(scores, None) is scores
+
+
+@pytest.mark.parametrize("rescore", [0, 2])
+def test_surprisal_weighs_both_repeats_scores_before_the_method_keeps_its_budget(reader, rescore):
+    """--param surprisal=E: the derive keeps what the method keeps from the repeat's scores times (1 + surprisal) ** E
+    (with rescore, the cut by the weighed first scores, then the budget by the second repeat's own), the same budget,
+    other entries than the scores alone; the live read keeps the same cache."""
+    options = Options(budget=Budget(ratio=0.15), max_new_tokens=4)
+    mode = Reused(reader, words(300), options, scorer="repeat")
+    repeated = mode.repeat()
+    n = mode.prompt.prefix_len
+    assert repeated.surprisal.shape == (n,) and bool((repeated.surprisal >= 0).all())
+    plain = make_method("dynamickv", head_split="adaptive", head_floor=0.2, kernel_size=1, rescore=rescore)
+    method = make_method("dynamickv", head_split="adaptive", head_floor=0.2, kernel_size=1, rescore=rescore, surprisal=0.5)
+    derived = mode.derive(repeated, method)
+    compression, _ = reader.compression(method, options.budget, n, repeat=True)
+    weights = (1 + repeated.surprisal) ** 0.5
+    by_hand = repeated.state.cache.clone()
+    scores = weigh(repeated.scores, weights)
+    if rescore:
+        keep_by_scores(by_hand, scores, first_cut(compression))
+        scores = repeated.again(Prefill(cache=by_hand, logits=None, prompt_len=n, seconds=0.0))
+    keep_by_scores(by_hand, scores, compression)
+    assert_same_cache(derived.state.cache, by_hand)
+    assert sum(derived.state.cache.retained_per_layer()) == compression.plan.total
+    alone = mode.derive(repeated, plain).state.cache
+    assert any(not torch.equal(a, b) for one, two in zip(alone.layers, derived.state.cache.layers)
+               for a, b in zip(one.head_positions(), two.head_positions()))  # the weights chose otherwise
     assert_same_cache(Reused(reader, words(300), options, scorer="repeat").read(method).state.cache, derived.state.cache)
 
 

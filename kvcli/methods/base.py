@@ -577,6 +577,11 @@ class Method:
     # many times the budget (DynamicKV's layer budgets, heads equal), repeat the document again over
     # what is kept, and keep the budget by that second repeat's scores; 0: one repeat (KVzip's).
     rescore: float = 0.0
+    # With the repeat scorer: each entry's score from the repeat over the whole prefix (with
+    # `rescore`, the first) times (1 + its token's surprisal in nats, when the prefix was read) to
+    # this power, so that what the model could not have predicted (names, numbers) outranks what it
+    # can (kvcli/repeat.py); 0: the repeat's scores alone.
+    surprisal: float = 0.0
 
     def __post_init__(self) -> None:
         if self.head_split not in self.head_splits:
@@ -585,6 +590,8 @@ class Method:
             raise BudgetError(f"--param head_floor must be between 0 and 1, got {self.head_floor}")
         if self.rescore != 0 and not self.rescore > 1:
             raise BudgetError(f"--param rescore must be 0 (one repeat) or above 1 (times the budget kept before the second repeat), got {self.rescore}")
+        if not 0.0 <= self.surprisal <= 4.0:
+            raise BudgetError(f"--param surprisal must be between 0 (the repeat's scores alone) and 4 (the power of each token's surprisal), got {self.surprisal}")
         if self.window_size < 1:
             raise BudgetError(f"--window must be at least 1, got {self.window_size}")
         if self.kernel_size < 1:
@@ -647,20 +654,23 @@ class Method:
 
     def idle_knobs(self, repeat: bool = False) -> str:
         """A note naming a knob that is set but changes nothing in this setting (for the report), or "".
-        `repeat`: whether the repeat scorer ranks this read (`rescore` acts only then)."""
+        `repeat`: whether the repeat scorer ranks this read (`rescore` and `surprisal` act only then)."""
         notes = []
         if self.head_floor and self.head_split == "equal" and len(self.head_splits) > 1:
             notes.append(f"head_floor={self.head_floor:g} acts only with head_split={_either(s for s in self.head_splits if s != 'equal')}")
         if self.rescore and not repeat:
             notes.append(f"rescore={self.rescore:g} acts only on a cache the repeat scorer ranks (compress, ask --reuse)")
+        if self.surprisal and not repeat:
+            notes.append(f"surprisal={self.surprisal:g} acts only on a cache the repeat scorer ranks (compress, ask --reuse)")
         return "; ".join(notes)
 
     def params(self) -> dict:
         """The method's knobs and their values, for reports (`head_split` where it has a choice,
-        `rescore` where the repeat scorer can rank for it)."""
+        `rescore` and `surprisal` where the repeat scorer can rank for it)."""
         shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("head_split", "head_floor") or len(self.head_splits) > 1}
         if not self.takes_key_scores:
             shown.pop("rescore")
+            shown.pop("surprisal")
         return shown
 
 
