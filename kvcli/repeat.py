@@ -34,7 +34,8 @@ Differences from the reference code (snu-mllab/KVzip, kvpress's KVzipPress), all
   a name, a number or an unusual word cannot, and the repeat's attention alone does not tell them
   apart (a copying head pays every token nearly all its attention). The second repeat ranks the
   survivors, already the surprising ones, by its scores alone. Cost: the output layer over every
-  prefix position, once per document read.
+  prefix position (about a prefill on the embedded models), once per repeat and only when a
+  method weighs by it.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -167,7 +168,8 @@ def token_surprisal(model, ids: torch.Tensor, hidden: torch.Tensor, block: int =
     """How surprising each token of `ids` `(1, n)` was to `model`: -log p(token t | tokens before t)
     in nats, `(n,)` float32 on the CPU, from the decoder's last hidden states `hidden` `(1, n, d)`
     through the output layer and what the model's config says it does to its logits (Cohere's and
-    Granite's scales, Gemma 2's softcapping), `block` positions at a time. The first token, which nothing predicts, gets the largest of the others."""
+    Granite's scales, Gemma 2's softcapping), `block` positions at a time. The first token, which
+    nothing predicts, gets the largest of the others."""
     n = ids.shape[1]
     if hidden.shape[1] != n:
         raise ValueError(f"internal: {hidden.shape[1]} hidden states for {n} tokens")
@@ -248,29 +250,42 @@ class Repeated:
     # Scores a cut of the prefix by repeating the document again over it (`repeat_scores` with the
     # first repeat's request and chunks); None: a method's `rescore` cannot act (said by `derive`).
     again: Callable[[Prefill], list[torch.Tensor | None]] | None = None
-    # (prompt_len,) each prefix token's surprisal in nats (`token_surprisal`); None: not measured
-    # (a method's `surprisal` then cannot act: `weights` says so)
-    surprisal: torch.Tensor | None = None
+    # Measures each prefix token's surprisal in nats, `(prompt_len,)` (`token_surprisal` over the
+    # prefill's hidden states); run by `surprisal()` the first time a method weighs by it, since the
+    # output layer over every position costs about a prefill on the embedded models. None: cannot.
+    measure: Callable[[], torch.Tensor] | None = None
+    surprisal_s: float = 0.0  # what measuring it cost (added to `repeat_s`); 0 until it is measured
+    _surprisal: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def seconds(self) -> float:
         return self.state.seconds + self.repeat_s
 
+    def surprisal(self) -> torch.Tensor:
+        """Each prefix token's surprisal in nats `(prompt_len,)`, measured on the first call."""
+        if self._surprisal is None:
+            if self.measure is None:
+                raise ValueError("internal: this repeat cannot measure its tokens' surprisal (no model or hidden states)")
+            started = time.perf_counter()
+            self._surprisal = self.measure()
+            self.measure = None  # frees the hidden states it held
+            self.surprisal_s = time.perf_counter() - started
+            self.repeat_s += self.surprisal_s  # scoring work, as the repeat's own
+        return self._surprisal
+
     def weights(self, method) -> torch.Tensor | None:
         """Each prefix position's weight under `method`'s `surprisal` exponent; None when it is 0."""
         if not method.surprisal:
             return None
-        if self.surprisal is None:
-            raise ValueError("internal: this repeat did not measure its tokens' surprisal")
-        return (1.0 + self.surprisal).pow(method.surprisal)
+        return (1.0 + self.surprisal()).pow(method.surprisal)
 
     def derive(self, compression: Compression | None, copy: bool = True) -> Prefill:
         """The cache `compression` keeps by the repeat's scores (of a copy unless `copy` is False).
         With the method's `rescore`, by a second repeat over the `first_cut` of the prefix; with its
         `surprisal`, the (first) repeat's scores weighed by each token's surprisal (`weigh`)."""
+        weights = self.weights(compression.method) if compression is not None else None  # measured in repeat_s, not here
         started = time.perf_counter()
         cache = self.state.cache.clone() if copy else self.state.cache
-        weights = self.weights(compression.method) if compression is not None else None
         scores = weigh(self.scores, weights)
         cut = first_cut(compression) if compression is not None else None
         if cut is not None:
@@ -294,21 +309,22 @@ def repeat_prefix(
     on_layer: Callable[[int], None] | None = None,
 ) -> Repeated:
     """Prefill `prefix_ids` `(1, n)` with the full cache, then score it by repeating `target_ids`
-    (`repeat_scores`), and measure each prefix token's surprisal from the same read (`token_surprisal`).
-    The cache's peak counts the full prefix plus the repeat's one layer copy."""
+    (`repeat_scores`); the prefill's last hidden states are kept to measure each prefix token's
+    surprisal if a method asks (`Repeated.surprisal`). The cache's peak counts the full prefix plus
+    the repeat's one layer copy."""
     prepare_model(model)  # its first call probes the model with a forward pass of its own: before the decoder is watched
     with _decoder_outputs(model) as seen:
         state = prefill(model, prefix_ids)  # the full cache, in one pass
-    started = time.perf_counter()
-    surprisal = token_surprisal(model, prefix_ids, torch.cat(seen, dim=1))
+    hidden = torch.cat(seen, dim=1)  # (1, n, hidden): held until a method weighs by surprisal (Repeated.surprisal)
     seen.clear()
+    started = time.perf_counter()
     scores, fork_nbytes = _repeat(model, state, target_ids, prompt_for, chunk_size, on_layer)
     state.cache.peak_nbytes = state.cache.nbytes() + fork_nbytes
 
     def again(cut: Prefill) -> list[torch.Tensor | None]:
         return _repeat(model, cut, target_ids, prompt_for, chunk_size, on_layer)[0]  # the same progress bar moves on
 
-    return Repeated(state, scores, time.perf_counter() - started, again, surprisal)
+    return Repeated(state, scores, time.perf_counter() - started, again, lambda: token_surprisal(model, prefix_ids, hidden))
 
 
 __all__ = ["REPEAT_CHUNK_SIZE", "Repeated", "first_cut", "keep_by_scores", "key_observation", "peak_attention", "repeat_prefix",

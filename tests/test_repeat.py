@@ -349,12 +349,17 @@ def test_surprisal_weighs_both_repeats_scores_before_the_method_keeps_its_budget
     mode = Reused(reader, words(300), options, scorer="repeat")
     repeated = mode.repeat()
     n = mode.prompt.prefix_len
-    assert repeated.surprisal.shape == (n,) and bool((repeated.surprisal >= 0).all())
+    assert repeated.surprisal_s == 0 and repeated.measure is not None  # not measured until a method weighs by it
+    mode.derive(repeated, make_method("dynamickv", kernel_size=1, rescore=rescore))
+    assert repeated.surprisal_s == 0
+    surprisal = repeated.surprisal()
+    assert surprisal.shape == (n,) and bool((surprisal >= 0).all()) and repeated.surprisal_s > 0 and repeated.measure is None
+    assert repeated.surprisal() is surprisal  # measured once
     plain = make_method("dynamickv", head_split="adaptive", head_floor=0.2, kernel_size=1, rescore=rescore)
     method = make_method("dynamickv", head_split="adaptive", head_floor=0.2, kernel_size=1, rescore=rescore, surprisal=0.5)
     derived = mode.derive(repeated, method)
     compression, _ = reader.compression(method, options.budget, n, repeat=True)
-    weights = (1 + repeated.surprisal) ** 0.5
+    weights = (1 + surprisal) ** 0.5
     by_hand = repeated.state.cache.clone()
     scores = weigh(repeated.scores, weights)
     if rescore:

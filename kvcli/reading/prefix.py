@@ -209,7 +209,8 @@ class Reused:
                 # the second over a cut of rescore x the budget (repeat.first_cut); its time, with the cuts', is the derive's
                 extra.update(repeats=2, rescore=method.rescore, rescore_s=round(max(0.0, state.seconds - repeated.seconds), 3))
             if state.compression is not None and state.compression.method.surprisal:
-                extra.update(surprisal=state.compression.method.surprisal)  # the scores were weighed (repeat.weigh)
+                # the scores were weighed (repeat.weigh); measuring each token's surprisal took surprisal_s, within repeat_s
+                extra.update(surprisal=state.compression.method.surprisal, surprisal_s=round(repeated.surprisal_s, 3))
         return Prefix(state, method, "reused", note, window, self.prompt, extra=extra)
 
 
