@@ -15,6 +15,6 @@ DEFAULT_SCORER = "repeat"  # how a question-agnostic cache ranks tokens (reading
 # Measured against the default method on the ten-fact documents of both embedded models
 # (docs/results.md, "No pooling for the repeat's scores", "A second repeat over a cut", "Weighed by surprisal").
 AGNOSTIC_METHOD = "dynamickv"
-AGNOSTIC_PARAMS = ("head_split=adaptive", "head_floor=0.2", "kernel_size=1", "rescore=2", "surprisal=0.25")
+AGNOSTIC_PARAMS = ("head_split=adaptive", "head_floor=0.2", "kernel_size=1", "rescore=2", "surprisal=0.35")
 DEFAULT_SOURCES = 3  # passages `--sources` shows when no number follows it (reading/cite.py)
 DEFAULT_SKIM_TOKENS = 2048  # document tokens `--skim` sends through every layer (docs/results.md, skim)

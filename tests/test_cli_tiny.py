@@ -550,9 +550,9 @@ def test_question_agnostic_reads_default_to_the_measured_method(tiny, home, doc,
     reused = stats("--reuse")
     assert reused["method"] == AGNOSTIC_METHOD and reused["extra"]["scorer"] == "repeat"
     assert {key: reused["method_params"][key] for key in knobs} == {"head_split": "adaptive", "head_floor": 0.2, "kernel_size": 1, "rescore": 2,
-                                                                    "surprisal": 0.25}
+                                                                    "surprisal": 0.35}
     assert reused["extra"]["repeats"] == 2 and reused["extra"]["rescore_s"] > 0  # the second repeat, over twice the budget, ran
-    assert reused["extra"]["surprisal"] == 0.25 and "surprisal_s" in reused["extra"]  # the first repeat's scores were weighed
+    assert reused["extra"]["surprisal"] == 0.35 and "surprisal_s" in reused["extra"]  # the first repeat's scores were weighed
     assert "repeats" not in stats("--reuse", "--param", "rescore=0")["extra"]
     assert "surprisal" not in stats("--reuse", "--param", "surprisal=0")["extra"]
     assert stats("--method", "dynamickv", "--param", "surprisal=0.5")["note"].count("surprisal=0.5 acts only on a cache the repeat scorer ranks") == 1
