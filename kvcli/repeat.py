@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -59,7 +59,33 @@ _CPU_BLOCK_ELEMENTS = 1 << 20
 _BLOCK_ELEMENTS = 1 << 24
 
 REPEAT_CHUNK_SIZE = 2048  # target tokens per repeat chunk (KVzip's)
-SURPRISAL_BLOCK = 512  # prefix positions whose next-token logits are held at once (512 x the vocabulary)
+# Next-token logits held at once while measuring surprisal (positions x vocabulary rows, float32),
+# and the output layer's rows widened at once. Both count in a CPU's peak: 512 positions against the
+# whole 152K vocabulary of the default model, its int8 head widened per block, raised the process's
+# peak by ~800 MiB (benchmarks/surprisal_block.py); an accelerator gains from fewer, larger blocks.
+_CPU_SURPRISAL_ELEMENTS = 1 << 22
+_SURPRISAL_ELEMENTS = 1 << 24
+SURPRISAL_VOCAB_ROWS = 1 << 14
+
+
+def _head_rows(head) -> Callable[[int, int], torch.Tensor] | None:
+    """Rows `start:stop` of the output layer's weight as its products use them, for the heads whose
+    weight can be read in slices (a plain `nn.Linear` holding its weight, kvcli's int8 head); None
+    for any other (a quantized library's, one whose weight a device map loads only in `forward`)."""
+    from .models.weights import Int8Linear
+
+    if isinstance(head, Int8Linear):
+        return head.widened_rows
+    if type(head) is torch.nn.Linear and head.weight.device.type != "meta":
+        return lambda start, stop: head.weight[start:stop]
+    return None
+
+
+def surprisal_block(model, width: int) -> int:
+    """Positions whose logits over `width` vocabulary rows `token_surprisal` holds at once on `model`'s device."""
+    device = next(model.get_output_embeddings().parameters()).device
+    return max(1, (_CPU_SURPRISAL_ELEMENTS if device.type == "cpu" else _SURPRISAL_ELEMENTS) // width)
+
 
 
 def peak_attention(query: torch.Tensor, keys: torch.Tensor, attn, n_keys: int,
@@ -164,32 +190,63 @@ def _decoder_outputs(model) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
-def token_surprisal(model, ids: torch.Tensor, hidden: torch.Tensor, block: int = SURPRISAL_BLOCK) -> torch.Tensor:
+def token_surprisal(model, ids: torch.Tensor, hidden: torch.Tensor, block: int | None = None,
+                    vocab_rows: int = SURPRISAL_VOCAB_ROWS) -> torch.Tensor:
     """How surprising each token of `ids` `(1, n)` was to `model`: -log p(token t | tokens before t)
     in nats, `(n,)` float32 on the CPU, from the decoder's last hidden states `hidden` `(1, n, d)`
     through the output layer and what the model's config says it does to its logits (Cohere's and
-    Granite's scales, Gemma 2's softcapping), `block` positions at a time. The first token, which
-    nothing predicts, gets the largest of the others."""
+    Granite's scales, Gemma 2's softcapping). The first token, which nothing predicts, gets the
+    largest of the others.
+
+    The output layer is read `vocab_rows` rows at a time, each slice widened once for every
+    position (`block` positions per product; default `surprisal_block`), and each slice's
+    log-sum-exp combined, so neither the whole vocabulary's logits nor the whole widened weight
+    is held at once. A head that cannot be read in slices (`_head_rows`) is called whole."""
     n = ids.shape[1]
     if hidden.shape[1] != n:
         raise ValueError(f"internal: {hidden.shape[1]} hidden states for {n} tokens")
     surprisal = torch.zeros(n, dtype=torch.float32)
+    if n < 2:
+        return surprisal
     head = model.get_output_embeddings()
     config = model.config.get_text_config()
     cap = getattr(config, "final_logit_softcapping", None)
     scale = getattr(config, "logit_scale", None) or 1.0  # Cohere multiplies its logits
     scale /= getattr(config, "logits_scaling", None) or 1.0  # Granite divides them
+    rows_of = _head_rows(head)
+    vocab = getattr(head, "out_features", None) or config.vocab_size
+    width = min(vocab, vocab_rows) if rows_of is not None else vocab
+    block = block or surprisal_block(model, width)
+    states = hidden[0, :-1]  # position t predicts token t + 1
+    following = ids[0, 1:].to(states.device)
+    chosen = torch.zeros(n - 1, dtype=torch.float32, device=states.device)  # each next token's logit
+    sums = []  # per slice of the vocabulary, each position's log-sum-exp over it
     with torch.inference_mode():
-        for start in range(0, n - 1, block):
-            stop = min(n - 1, start + block)
-            logits = head(hidden[0, start:stop]).float() * scale  # predicts tokens start+1..stop
-            if cap:
-                logits = torch.tanh(logits / cap) * cap
-            following = ids[0, start + 1 : stop + 1].to(logits.device)
-            chosen = logits.gather(1, following[:, None])[:, 0]
-            surprisal[start + 1 : stop + 1] = (torch.logsumexp(logits, dim=1) - chosen).cpu()
-    if n > 1:
-        surprisal[0] = surprisal[1:].max()
+        for first in range(0, vocab, width):
+            last = min(vocab, first + width)
+            weight = rows_of(first, last) if rows_of is not None else None
+            bias = getattr(head, "bias", None) if weight is not None else None
+            part = torch.empty(n - 1, dtype=torch.float32, device=states.device)
+            for start in range(0, n - 1, block):
+                stop = min(n - 1, start + block)
+                rows = states[start:stop]
+                if weight is None:
+                    logits = head(rows).float()
+                else:
+                    logits = torch.nn.functional.linear(rows.to(weight.device, weight.dtype), weight).float().to(rows.device)
+                    if bias is not None:
+                        logits += bias[first:last].float().to(rows.device)
+                if scale != 1.0:
+                    logits.mul_(scale)
+                if cap:
+                    logits.div_(cap).tanh_().mul_(cap)
+                part[start:stop] = torch.logsumexp(logits, dim=1)
+                target = following[start:stop] - first
+                inside = ((target >= 0) & (target < last - first)).nonzero()[:, 0]
+                chosen[start + inside] = logits[inside, target[inside]]
+            sums.append(part)
+    surprisal[1:] = (torch.logsumexp(torch.stack(sums), dim=0) - chosen).cpu()
+    surprisal[0] = surprisal[1:].max()
     return surprisal
 
 
@@ -300,6 +357,16 @@ class Repeated:
         )
 
 
+def _measure_later(model, ids: torch.Tensor, seen: list[torch.Tensor]) -> Callable[[], torch.Tensor] | None:
+    """`token_surprisal` of `ids` over the decoder outputs `seen` (emptied), to run later; the
+    returned function alone holds the hidden states. None when nothing was seen."""
+    if not seen:
+        return None
+    hidden = seen[0] if len(seen) == 1 else torch.cat(seen, dim=1)  # (1, n, hidden)
+    seen.clear()
+    return lambda: token_surprisal(model, ids, hidden)
+
+
 def repeat_prefix(
     model,
     prefix_ids: torch.Tensor,
@@ -307,25 +374,31 @@ def repeat_prefix(
     prompt_for: Callable[[int], torch.Tensor],
     chunk_size: int = REPEAT_CHUNK_SIZE,
     on_layer: Callable[[int], None] | None = None,
+    surprisal: bool | None = None,
 ) -> Repeated:
     """Prefill `prefix_ids` `(1, n)` with the full cache, then score it by repeating `target_ids`
-    (`repeat_scores`); the prefill's last hidden states are kept to measure each prefix token's
-    surprisal if a method asks (`Repeated.surprisal`). The cache's peak counts the full prefix plus
-    the repeat's one layer copy."""
+    (`repeat_scores`). Each prefix token's surprisal (`Repeated.surprisal`), from the prefill's last
+    hidden states: with `surprisal` True measured at once, before the repeat, so the hidden states
+    are not held through it (a read whose method weighs by it); False: never (nothing watched or
+    held); None: kept to measure the first time a method asks (a capture that serves many
+    methods). The cache's peak counts the full prefix plus the repeat's one layer copy."""
     prepare_model(model)  # its first call probes the model with a forward pass of its own: before the decoder is watched
-    with _decoder_outputs(model) as seen:
+    with _decoder_outputs(model) if surprisal is not False else nullcontext([]) as seen:
         state = prefill(model, prefix_ids)  # the full cache, in one pass
-    hidden = torch.cat(seen, dim=1)  # (1, n, hidden): held until a method weighs by surprisal (Repeated.surprisal)
-    seen.clear()
     started = time.perf_counter()
+    repeated = Repeated(state, [], 0.0, measure=_measure_later(model, prefix_ids, seen))
+    if surprisal:
+        repeated.surprisal()  # frees the hidden states; its time counts in repeat_s, as when measured later
     scores, fork_nbytes = _repeat(model, state, target_ids, prompt_for, chunk_size, on_layer)
     state.cache.peak_nbytes = state.cache.nbytes() + fork_nbytes
 
     def again(cut: Prefill) -> list[torch.Tensor | None]:
         return _repeat(model, cut, target_ids, prompt_for, chunk_size, on_layer)[0]  # the same progress bar moves on
 
-    return Repeated(state, scores, time.perf_counter() - started, again, lambda: token_surprisal(model, prefix_ids, hidden))
+    repeated.scores, repeated.again = scores, again
+    repeated.repeat_s += time.perf_counter() - started - repeated.surprisal_s
+    return repeated
 
 
 __all__ = ["REPEAT_CHUNK_SIZE", "Repeated", "first_cut", "keep_by_scores", "key_observation", "peak_attention", "repeat_prefix",
-           "repeat_scores", "token_surprisal", "weigh"]
+           "repeat_scores", "surprisal_block", "token_surprisal", "weigh"]

@@ -304,18 +304,19 @@ def test_a_rescored_cache_keeps_the_budget_by_a_second_repeat_over_the_first_cut
 # --- each token's surprisal weighs the repeat's scores (--param surprisal) -----------------------------
 
 
-@pytest.mark.parametrize("block", [512, 7])
-def test_token_surprisal_is_the_models_own_next_token_loss(reader, block):
+@pytest.mark.parametrize(("block", "vocab_rows"), [(None, 1 << 14), (512, 1 << 14), (7, 50), (3, 7)])
+def test_token_surprisal_is_the_models_own_next_token_loss(reader, block, vocab_rows):
     """From the decoder's hidden states of a prefill (the one kvcli reads with, last logits only), each token's
     surprisal equals the cross-entropy of the model's own full logits at the position before it, in blocks of any
-    size; the first token, which nothing predicts, gets the largest."""
+    size and with the output layer read in slices of any number of vocabulary rows (the last one short: 128 = 2 x
+    50 + 28); the first token, which nothing predicts, gets the largest."""
     model = reader.model
     prompt = ids(40, 3) % model.config.vocab_size
     prepare_model(model)  # probed before the decoder is watched, as repeat_prefix does
     with _decoder_outputs(model) as seen:
         prefill(model, prompt)
     assert len(seen) == 1 and seen[0].shape[:2] == (1, 40)
-    surprisal = token_surprisal(model, prompt, seen[0], block=block)
+    surprisal = token_surprisal(model, prompt, seen[0], block=block, vocab_rows=vocab_rows)
     with torch.inference_mode():
         logits = model(input_ids=prompt, use_cache=False).logits[0].float()  # (40, vocab), every position
     expected = torch.nn.functional.cross_entropy(logits[:-1], prompt[0, 1:], reduction="none")
@@ -372,6 +373,24 @@ def test_surprisal_weighs_both_repeats_scores_before_the_method_keeps_its_budget
     assert any(not torch.equal(a, b) for one, two in zip(alone.layers, derived.state.cache.layers)
                for a, b in zip(one.head_positions(), two.head_positions()))  # the weights chose otherwise
     assert_same_cache(Reused(reader, words(300), options, scorer="repeat").read(method).state.cache, derived.state.cache)
+
+
+
+@pytest.mark.parametrize("weighs", [False, True])
+def test_a_read_measures_the_surprisal_before_its_repeat_or_never(reader, monkeypatch, weighs):
+    """A read knows its method: one that weighs by surprisal measures it right after the prefill, before the
+    repeat pass, and holds no hidden states through the repeat; one that does not never watches the decoder."""
+    import kvcli.repeat
+
+    order = []
+    real_surprisal, real_repeat, real_watch = kvcli.repeat.token_surprisal, kvcli.repeat._repeat, kvcli.repeat._decoder_outputs
+    monkeypatch.setattr(kvcli.repeat, "token_surprisal", lambda *a, **k: order.append("surprisal") or real_surprisal(*a, **k))
+    monkeypatch.setattr(kvcli.repeat, "_repeat", lambda *a, **k: order.append("repeat") or real_repeat(*a, **k))
+    monkeypatch.setattr(kvcli.repeat, "_decoder_outputs", lambda *a: order.append("watched") or real_watch(*a))
+    method = make_method("dynamickv", kernel_size=1, surprisal=0.5 if weighs else 0.0)
+    prefix = Reused(reader, words(300), Options(budget=Budget(ratio=0.15), max_new_tokens=4), scorer="repeat").read(method)
+    assert order == (["watched", "surprisal", "repeat"] if weighs else ["repeat"])
+    assert ("surprisal_s" in prefix.extra) == weighs
 
 
 # --- eval and the command line --------------------------------------------------------------------

@@ -262,3 +262,32 @@ def test_a_device_map_keeps_float_weights():
         resolve_precision("int8", "cpu", "auto")
     assert resolve_precision("auto", "cpu", "auto") == (torch.float32, None)
     assert resolve_precision("bfloat16", "cpu", "auto") == (torch.bfloat16, None)
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+def test_an_int8_head_read_in_vocabulary_slices_gives_the_surprisal_of_its_whole_logits(blocked, monkeypatch):
+    """token_surprisal reads an int8 output layer a slice of rows at a time (`widened_rows`, from the
+    blocked layout too), never widening the whole weight, and gives each token the cross-entropy of the
+    head's own logits, as calling the head whole does; each slice is the same rows of the widened weight."""
+    from kvcli.generate import prefill, prepare_model
+    from kvcli.repeat import _decoder_outputs, token_surprisal
+
+    model = tiny(True)
+    quantize_model(model)
+    cast_floats(model, torch.bfloat16)
+    head = model.get_output_embeddings()
+    if blocked and not head.block_for_decode():
+        pytest.skip("kvcli's int8 kernel does not block this shape on this CPU")
+    torch.testing.assert_close(head.widened_rows(9, 40), head.dequantized()[9:40], rtol=0, atol=0)
+    ids = torch.randint(0, 64, (1, 30), generator=torch.Generator().manual_seed(5))
+    prepare_model(model)
+    with _decoder_outputs(model) as seen:
+        prefill(model, ids)
+    whole = Int8Linear.dequantized
+    monkeypatch.setattr(Int8Linear, "dequantized", lambda self: pytest.fail("widened the whole weight"))
+    sliced = token_surprisal(model, ids, seen[0], block=4, vocab_rows=24)  # 64 rows: 24 + 24 + 16
+    monkeypatch.setattr(Int8Linear, "dequantized", whole)
+    with torch.inference_mode():
+        logits = head(seen[0][0]).float()
+    expected = torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:], reduction="none")
+    torch.testing.assert_close(sliced[1:], expected, rtol=1e-3, atol=1e-3)

@@ -120,6 +120,12 @@ class Int8Linear(nn.Module):
         """The weight as the products see it, `(out_features, in_features)` bfloat16."""
         return self.row_major().to(PRODUCT_DTYPE) * self.scale[:, None]
 
+    def widened_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` of the weight as the products see it, `(stop - start, in_features)` bfloat16:
+        a slice of `dequantized()` without widening the rest."""
+        ids = torch.arange(start, stop, device=self.qweight.device)
+        return self.rows(ids).to(PRODUCT_DTYPE) * self.scale[start:stop, None]
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         rows = hidden_states.reshape(-1, self.in_features).to(PRODUCT_DTYPE).contiguous()  # (tokens, in_features)
         if rows.shape[0] <= INT8_ROWS and (out := int8_kernel.rows_product(rows, self.qweight, self.scale, self.blocked)) is not None:

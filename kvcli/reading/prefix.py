@@ -142,7 +142,7 @@ class Reused:
         chunk_size = chunk_size if chunk_size is not None else self.options.chunk_size
         if self.scorer == "repeat" and compression is not None:
             pick_scorer(self.scorer, method, chunk_size)  # refuses chunks
-            repeated = self.repeat(on_layer)
+            repeated = self.repeat(on_layer, surprisal=bool(compression.method.surprisal))
             return self._prefix(repeated.derive(compression, copy=False), method, note, repeated)
         probe = self.prompt.ids[:, self.prompt.doc_end : self.prompt.prefix_len] if chunk_size and compression is not None else None
         with self.reader.prefilling():
@@ -170,9 +170,11 @@ class Reused:
         with self.reader.prefilling():
             return capture(self.reader.model, self.ids, window_size, accumulated, on_layer)
 
-    def repeat(self, on_layer=None) -> Repeated:
+    def repeat(self, on_layer=None, surprisal: bool | None = None) -> Repeated:
         """The prefix read full and scored by the model repeating the document after it; any
-        method's prefix is derived from it (`derive`)."""
+        method's prefix is derived from it (`derive`). `surprisal`: whether to measure each token's
+        surprisal at once (True), never (False), or when a method first weighs by it (None:
+        the prefill's hidden states are held until then; `repeat_prefix`)."""
         tokenizer, system = self.reader.tokenizer, self.options.system
         doc_begin = next((i for i, start in enumerate(self.prompt.token_starts) if start >= self.prompt.doc_start), self.prompt.doc_end)
         target = self.ids[:, doc_begin : self.prompt.doc_end]  # (1, t) the document's own tokens
@@ -189,7 +191,8 @@ class Reused:
         room = self.reader.max_positions - self.prompt.prefix_len - 64
         chunk_size = max(256, min(REPEAT_CHUNK_SIZE, room))
         with self.reader.prefilling():
-            return repeat_prefix(self.reader.model, self.ids, target.to(self.reader.device), prompt_for, chunk_size, on_layer)
+            return repeat_prefix(self.reader.model, self.ids, target.to(self.reader.device), prompt_for, chunk_size, on_layer,
+                                 surprisal)
 
     def derive(self, captured: Capture | Repeated, method: Method, budget: Budget | None = None) -> Prefix:
         """The prefix `method` keeps from a capture (the instruction scorer) or a repeat (`repeat`)."""
