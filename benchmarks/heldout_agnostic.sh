@@ -8,7 +8,7 @@
 # setting counted against the facts a query-aware read (evidencekv, `kvcli ask`'s default) finds.
 #   bash benchmarks/heldout_agnostic.sh [SETTINGS] [OUT_DIR]
 # SETTINGS: head_split.py's --settings (default: the agnostic default, and the same without
-# surprisal). One JSON per document in OUT_DIR (default: heldout/).
+# surprisal). One JSON per document in OUT_DIR (default: heldout/), then the table (heldout_table.py).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 data="${KVCLI_DATA:-$here/../../shared/data}/leval"
@@ -25,3 +25,4 @@ for doc in financial_qa:16 financial_qa:24 financial_qa:34 legal_contract_qa:8 l
   "$python" "$here/head_split.py" --haystack "$data/$set_name.rows.jsonl:$row" --length 4000 --ratios 0.1,0.2 \
     --settings "$settings" --query-aware evidencekv --json "$out/$set_name-$row.json"
 done
+"$python" "$here/heldout_table.py" "$out"/*.json

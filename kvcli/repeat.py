@@ -87,7 +87,6 @@ def surprisal_block(model, width: int) -> int:
     return max(1, (_CPU_SURPRISAL_ELEMENTS if device.type == "cpu" else _SURPRISAL_ELEMENTS) // width)
 
 
-
 def peak_attention(query: torch.Tensor, keys: torch.Tensor, attn, n_keys: int,
                    block_elements: int | None = None) -> torch.Tensor:
     """The most attention each of the first `n_keys` keys receives from any query, per query head.
@@ -308,8 +307,9 @@ class Repeated:
     # first repeat's request and chunks); None: a method's `rescore` cannot act (said by `derive`).
     again: Callable[[Prefill], list[torch.Tensor | None]] | None = None
     # Measures each prefix token's surprisal in nats, `(prompt_len,)` (`token_surprisal` over the
-    # prefill's hidden states); run by `surprisal()` the first time a method weighs by it, since the
-    # output layer over every position costs about a prefill on the embedded models. None: cannot.
+    # prefill's hidden states); run by `surprisal()` at once for a read whose method weighs by it, or
+    # the first time a method does (the output layer over every position is real work: ~a sixth of a
+    # prefill on the default model, docs/results.md). None: cannot (or already measured).
     measure: Callable[[], torch.Tensor] | None = None
     surprisal_s: float = 0.0  # what measuring it cost (added to `repeat_s`); 0 until it is measured
     _surprisal: torch.Tensor | None = field(default=None, repr=False)
