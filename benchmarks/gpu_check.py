@@ -107,7 +107,10 @@ SMOKE_MODELS = {
     "qwen2.5-7b": tiny(QWEN25_7B),
     "gemma-3-12b": tiny(GEMMA3_12B, num_hidden_layers=6, sliding_window=256, query_pre_attn_scalar=16),
 }
-METHODS = ("full", "streamingllm", "snapkv", "pyramidkv", "dynamickv", "evidencekv", "evidencekv (one pass)", "h2o")  # h2o last: its all-query scores are the slowest
+# A label may carry knobs, METHOD:KEY=VALUE[:KEY=VALUE...]: the unequal-head splits (issue 26) decode from packed
+# layers (flash-attn or SDPA per KV head on CUDA), each beside its equal-split method at the same bytes.
+METHODS = ("full", "streamingllm", "snapkv", "snapkv:head_split=adaptive", "pyramidkv", "dynamickv", "evidencekv",
+           "evidencekv:head_split=profile", "evidencekv (one pass)", "h2o")  # h2o last: its all-query scores are the slowest
 RATIO = 0.05
 NEW_TOKENS = 32
 # 32K and 128K tokens; the longest leaves room for the new tokens within the models' positions.
@@ -147,6 +150,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (the decode rate is measured after the first token)")
     return args
+
+
+def method_of(label: str):
+    """The method a row's label names: `evidencekv (one pass)`, a name, or NAME:KEY=VALUE[:KEY=VALUE...]."""
+    from kvcli.methods import apply_params, make_method, parse_params
+
+    if label == ONE_PASS:
+        return make_method("evidencekv")
+    name, *knobs = label.split(" ")[0].split(":")
+    return apply_params(make_method(name), parse_params(knobs), strict=True)
 
 
 def make_config(config: dict):
@@ -267,6 +280,10 @@ def measure(model, ids, method, budget, profile, new_tokens: int, memory: Memory
         "chunks": len(state.chunks),
         "min_layer_tokens": min(cache.retained_per_layer()),
         "max_layer_tokens": max(cache.retained_per_layer()),
+        # layers whose KV heads hold different numbers of entries (an unequal split: packed, no padding)
+        "packed_layers": sum(layer.packed for layer in cache.layers),
+        "head_min": min(n_h for layer in cache.head_lengths() for n_h in layer),
+        "head_max": max(n_h for layer in cache.head_lengths() for n_h in layer),
     }
     times = [time.perf_counter() for _ in decode(model, state, new_tokens, set())]  # each token is a host int: synced
     row["decode_tokens_per_s"] = (len(times) - 1) / (times[-1] - times[0])
@@ -442,7 +459,7 @@ def run(args: argparse.Namespace, progress) -> dict:
                     elif label == "h2o" and length > args.h2o_max_length:
                         row["skipped"] = f"h2o past {args.h2o_max_length} tokens (--h2o-max-length): its all-query scores would take most of the time budget"
                     else:
-                        method = make_method("evidencekv" if label == ONE_PASS else label.split(" ")[0])
+                        method = method_of(label)
                         profile = None
                         if method.needs_profile:
                             plan, _ = budget.plan(length, len(new_layers(model)), method.window_size)
@@ -488,6 +505,12 @@ def derive(result: dict) -> None:
         row["peak_vs_full"] = row["peak_bytes"] / base["peak_bytes"] if base.get("peak_bytes") else None
         # the prefill's KV peak above the kept cache, in global layers' full KV: evidencekv promises PEAK_LAYERS at most
         row["kv_excess_layers"] = (row["kv_bytes_peak"] - row["kv_bytes_kept"]) / row["layer_full_bytes"]
+    # an unequal-head split's decode against its method's equal split (the same bytes kept): issue 26's "no slower"
+    equal = {(row["model"], row["length"], row["method"]): row for row in result["rows"] if "error" not in row and "skipped" not in row}
+    for row in result["rows"]:
+        base = equal.get((row.get("model"), row.get("length"), str(row.get("method", "")).split(":")[0]))
+        if ":" in str(row.get("method", "")) and base is not None and "decode_tokens_per_s" in row:
+            row["decode_vs_equal"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
 
 
 def write_json(path: str | None, result: dict) -> None:
@@ -513,18 +536,18 @@ def render(result: dict):
     )
     table = Table(show_edge=False, pad_edge=False)
     for name in ("model", "tokens", "method", "prefill s", "prefill tok/s", "decode tok/s", "KV kept", "KV peak", "peak-kept (layers)",
-                 "CUDA peak", "peak - start", "chunks", "flash calls", "prefill/full", "decode/full"):
+                 "CUDA peak", "peak - start", "chunks", "flash calls", "prefill/full", "decode/full", "decode/equal"):
         table.add_column(name, justify="left" if name in ("model", "method") else "right")
     for row in result["rows"]:
         if "error" in row or "skipped" in row:
             text = f"[red]{row['error']}[/red]" if "error" in row else row["skipped"]
-            table.add_row(row.get("model", ""), str(row.get("length", "")), row.get("method", ""), text, *[""] * 11)
+            table.add_row(row.get("model", ""), str(row.get("length", "")), row.get("method", ""), text, *[""] * 12)
             continue
         table.add_row(
             row["model"], str(row["length"]), row["method"], f"{row['prefill_s']:.2f}", f"{row['prefill_tokens_per_s']:,.0f}",
             f"{row['decode_tokens_per_s']:.1f}", gib(row["kv_bytes_kept"]), gib(row["kv_bytes_peak"]), f"{row.get('kv_excess_layers', 0):.2f}",
             gib(row["peak_bytes"]), gib(row["peak_added_bytes"]), str(row["chunks"]), str(row["flash_calls"]),
-            times(row.get("prefill_vs_full")), times(row.get("decode_vs_full")),
+            times(row.get("prefill_vs_full")), times(row.get("decode_vs_full")), times(row.get("decode_vs_equal")),
         )
     kernels = Table(show_edge=False, pad_edge=False, title="one layer's attention: flash-attn vs SDPA")
     for name in ("model", "tokens", "step", "SDPA ms", "flash ms", "flash speed-up", "max |diff|", "flash not used because"):
@@ -561,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args, lambda message: err.print(message))
     out = Console(highlight=False)
     if not out.is_terminal:
-        out.width = max(out.width, 200)
+        out.width = max(out.width, 240)  # 16 columns, unwrapped in a log file
     out.print(render(result))
     return 1 if any("error" in row for row in result["rows"]) else 0
 

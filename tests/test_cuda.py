@@ -246,3 +246,68 @@ def test_a_gguf_loaded_on_cuda_is_converted_in_bfloat16(tmp_path, monkeypatch):
     assert lm.dtype is torch.bfloat16 and lm.converted
     folders = [p.name for p in (tmp_path / "home" / "models").iterdir() if p.is_dir()]
     assert len(folders) == 1 and folders[0].endswith("-bfloat16")
+
+
+# --- unequal heads and the question-agnostic default on CUDA (issue 26) --------------------------------
+# Each runs on the CPU too, so the test itself is checked on every machine; on CUDA it is what the
+# device check (scripts/gpu_check.sh) runs first.
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, needs_cuda])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("q_len", [1, 3])
+@pytest.mark.parametrize("use_flash", [True, False])
+def test_a_packed_layer_attends_as_its_heads_padded_and_masked(device, q_len, use_flash):
+    """A packed layer in bfloat16 (KV heads of 6 and 23 entries, the newest q_len last in both) attends, through
+    what a model's layer calls (`attend_packed`: flash-attn or SDPA per KV head on CUDA, kvcli's kernel or SDPA on the
+    CPU), as the same entries padded to the longest head and masked, computed in float64."""
+    from test_heads import padded_reference
+
+    from kvcli import flash
+    from kvcli.attention import LayerAttention, attend_packed
+    from kvcli.cache import KVLayer
+
+    gen = torch.Generator().manual_seed(3)
+    n, head_dim = 40, 64
+    keys, values = (torch.randn(1, 2, n, head_dim, generator=gen).to(device, torch.bfloat16) for _ in range(2))
+    layer = KVLayer()
+    layer.append(keys, values, torch.arange(n))
+    newest = list(range(n - q_len, n))
+    layer.keep_positions([torch.tensor([0, 5, 9, 17, 30][: 6 - q_len] + newest), torch.tensor(list(range(23 - q_len)) + newest)])
+    assert layer.packed and layer.head_lengths() == [6, 23]
+    query = torch.randn(1, 8, q_len, head_dim, generator=gen).to(device, torch.bfloat16)
+    attn = LayerAttention(scaling=head_dim**-0.5)
+    with flash.use_flash(use_flash):
+        out = attend_packed(query, layer, attn)
+    heads = [(k.cpu(), v.cpu()) for k, v in layer.head_views()]
+    assert out.shape == (1, q_len, 8, head_dim) and out.device.type == device
+    torch.testing.assert_close(out.cpu().double(), padded_reference(query.cpu(), heads, attn), atol=3e-2, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_question_agnostic_default_reads_and_answers_on_the_device(tmp_path, device):
+    """`compress`'s default (dynamickv, adaptive split, rescore=2, surprisal=0.35) on a model on `device`: the repeat,
+    the surprisal (its output layer read in slices), both repeats and the packed layers run there, keep exactly the
+    budget with heads of unequal lengths, and the answer decodes."""
+    from test_models import save_tiny_llama
+    from test_repeat import words
+
+    from kvcli.defaults import AGNOSTIC_METHOD, AGNOSTIC_PARAMS
+    from kvcli.methods import Budget, configure
+    from kvcli.models import load_model
+    from kvcli.reading import Options, Reader, Reused, answer
+
+    folder = save_tiny_llama(tmp_path / "tiny", max_positions=1024)
+    reader = Reader(load_model(str(folder), device=device, dtype="bfloat16" if device == "cuda" else "float32"))
+    method = configure([AGNOSTIC_METHOD], list(AGNOSTIC_PARAMS), None)[0]
+    options = Options(budget=Budget(ratio=0.15), max_new_tokens=4)
+    prefix = Reused(reader, words(300), options, scorer="repeat").read(method)
+    cache = prefix.state.cache
+    compression = prefix.state.compression
+    assert sum(cache.retained_per_layer()) == compression.plan.total
+    assert any(layer.packed for layer in cache.layers)
+    assert prefix.extra["repeats"] == 2 and prefix.extra["surprisal"] == 0.35 and "surprisal_s" in prefix.extra
+    assert all(k.device.type == device for layer in cache.layers for k, _ in layer.head_views())
+    result = answer(reader, prefix.ask(reader, "w3 w4?", options), options)
+    assert len(result.tokens) >= 1

@@ -10,7 +10,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("llama-3-8b", "qwen2.5-7b", "gemma-3-12b")
-METHODS = ("full", "streamingllm", "snapkv", "pyramidkv", "dynamickv", "evidencekv", "evidencekv (one pass)", "h2o")
+METHODS = ("full", "streamingllm", "snapkv", "snapkv:head_split=adaptive", "pyramidkv", "dynamickv", "evidencekv",
+           "evidencekv:head_split=profile", "evidencekv (one pass)", "h2o")
 
 
 def test_gpu_check_smoke_runs_every_configuration(tmp_path):
@@ -37,6 +38,10 @@ def test_gpu_check_smoke_runs_every_configuration(tmp_path):
         else:
             assert row["kv_bytes_kept"] < row["kv_bytes_full"]
         assert row["flash_calls"] == 0  # the CPU never runs flash-attn
+        if ":head_split=" in row["method"]:  # unequal heads, packed, at the bytes of the method's equal split
+            equal = next(r for r in rows if (r["model"], r["length"], r["method"]) == (row["model"], row["length"], row["method"].split(":")[0]))
+            assert row["packed_layers"] > 0 and row["head_min"] < row["head_max"] and equal["packed_layers"] == 0
+            assert row["kv_bytes_kept"] == equal["kv_bytes_kept"] and row["decode_vs_equal"] > 0
     steps = [(row["model"], row["length"], row["step"]) for row in result["attention_rows"]]
     assert steps == [(model, length, step) for model in MODELS for length in (512, 1024) for step in ("prefill", "chunk", "decode")]
     assert all("not CUDA" in row["flash_reason"] for row in result["attention_rows"])
