@@ -72,10 +72,9 @@ def _head_rows(head) -> Callable[[int, int], torch.Tensor] | None:
     """Rows `start:stop` of the output layer's weight as its products use them, for the heads whose
     weight can be read in slices (a plain `nn.Linear` holding its weight, kvcli's int8 head); None
     for any other (a quantized library's, one whose weight a device map loads only in `forward`)."""
-    from .models.weights import Int8Linear
-
-    if isinstance(head, Int8Linear):
-        return head.widened_rows
+    widened_rows = getattr(head, "widened_rows", None)  # kvcli's int8 head (models.weights.Int8Linear)
+    if callable(widened_rows):
+        return widened_rows
     if type(head) is torch.nn.Linear and head.weight.device.type != "meta":
         return lambda start, stop: head.weight[start:stop]
     return None
