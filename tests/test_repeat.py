@@ -308,8 +308,8 @@ def test_a_rescored_cache_keeps_the_budget_by_a_second_repeat_over_the_first_cut
 def test_token_surprisal_is_the_models_own_next_token_loss(reader, block, vocab_rows):
     """From the decoder's hidden states of a prefill (the one kvcli reads with, last logits only), each token's
     surprisal equals the cross-entropy of the model's own full logits at the position before it, in blocks of any
-    size and with the output layer read in slices of any number of vocabulary rows (the last one short: 128 = 2 x
-    50 + 28); the first token, which nothing predicts, gets the largest."""
+    size and with the output layer read in slices of any number of vocabulary rows (the last one short: 64 = 50 + 14,
+    9 x 7 + 1); the first token, which nothing predicts, gets the largest."""
     model = reader.model
     prompt = ids(40, 3) % model.config.vocab_size
     prepare_model(model)  # probed before the decoder is watched, as repeat_prefix does
@@ -373,7 +373,6 @@ def test_surprisal_weighs_both_repeats_scores_before_the_method_keeps_its_budget
     assert any(not torch.equal(a, b) for one, two in zip(alone.layers, derived.state.cache.layers)
                for a, b in zip(one.head_positions(), two.head_positions()))  # the weights chose otherwise
     assert_same_cache(Reused(reader, words(300), options, scorer="repeat").read(method).state.cache, derived.state.cache)
-
 
 
 @pytest.mark.parametrize("weighs", [False, True])
