@@ -379,8 +379,8 @@ def repeat_prefix(
     (`repeat_scores`). Each prefix token's surprisal (`Repeated.surprisal`), from the prefill's last
     hidden states: with `surprisal` True measured at once, before the repeat, so the hidden states
     are not held through it (a read whose method weighs by it); False: never (nothing watched or
-    held); None: kept to measure the first time a method asks (a capture that serves many
-    methods). The cache's peak counts the full prefix plus the repeat's one layer copy."""
+    held); None: kept to measure the first time a method asks (a capture whose methods are not
+    known when it is made). The cache's peak counts the full prefix plus the repeat's one layer copy."""
     prepare_model(model)  # its first call probes the model with a forward pass of its own: before the decoder is watched
     with _decoder_outputs(model) if surprisal is not False else nullcontext([]) as seen:
         state = prefill(model, prefix_ids)  # the full cache, in one pass

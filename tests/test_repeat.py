@@ -19,7 +19,7 @@ from kvcli.generate import Prefill, prefill, prepare_model
 from kvcli.methods import Budget, BudgetPlan, Compression, LayerObservation, make_method
 from kvcli.methods.base import pool_scores
 from kvcli.models import load_model
-from kvcli.reading import Options, Reader, Reused
+from kvcli.reading import Options, Reader, Reused, answer
 from kvcli.reading.prefix import pick_scorer
 from kvcli.repeat import _decoder_outputs, first_cut, keep_by_scores, peak_attention, repeat_scores, token_surprisal, weigh
 
@@ -409,6 +409,30 @@ def test_eval_compares_both_scorers_side_by_side(reader):
     assert {(s["method"], s["mode"]) for s in result.summary} == {(s.method, s.mode) for s in settings}
     assert result.timing["repeat_s"] > 0 and result.timing["repeat_prefill_s"] > 0
 
+
+
+@pytest.mark.parametrize("weighs", [False, True])
+def test_eval_measures_the_surprisal_with_its_repeat_only_where_a_method_weighs(reader, monkeypatch, weighs):
+    """eval's reuse-repeat capture, which serves every method, measures the surprisal right after its prefill when
+    any method weighs by it (no hidden states held through the repeat) and watches nothing when none does; the
+    weighed setting answers as the live read (`kvcli ask --reuse`) of the same method does."""
+    import kvcli.repeat
+
+    order = []
+    real_surprisal, real_repeat, real_watch = kvcli.repeat.token_surprisal, kvcli.repeat._repeat, kvcli.repeat._decoder_outputs
+    monkeypatch.setattr(kvcli.repeat, "token_surprisal", lambda *a, **k: order.append("surprisal") or real_surprisal(*a, **k))
+    monkeypatch.setattr(kvcli.repeat, "_repeat", lambda *a, **k: order.append("repeat") or real_repeat(*a, **k))
+    monkeypatch.setattr(kvcli.repeat, "_decoder_outputs", lambda *a: order.append("watched") or real_watch(*a))
+    method = make_method("dynamickv", kernel_size=1, surprisal=0.5 if weighs else 0.0)
+    rows = [Row("a", words(300), "w5?", ["w5"])]
+    config = EvalConfig(methods=[make_method("full"), method], budgets=None, ratios=[0.15], metric="contains",
+                        max_new_tokens=3, modes=("reuse-repeat",))
+    result = run_eval(reader, rows, config)
+    assert order == (["watched", "surprisal", "repeat"] if weighs else ["repeat"])
+    options = Options(budget=Budget(ratio=0.15), max_new_tokens=3)
+    live = Reused(reader, words(300), options, scorer="repeat").read(method)
+    expected = answer(reader, live.ask(reader, "w5?", options), options).text
+    assert expected and [s["prediction"] for s in result.samples if s["method"] == "dynamickv"] == [expected]
 
 def test_compress_with_the_repeat_scorer_says_so(reader, tmp_path, monkeypatch):
     """kvcli compress --scorer repeat saves the cache and reports the scorer and the repeat's cost, ask --reuse scores

@@ -256,7 +256,8 @@ class _RowReader:
             if kind == "query":
                 captured = mode.capture(self.question, self.window_size, self.accumulated)
             elif kind == "reuse-repeat":
-                captured = mode.repeat()
+                # measured at once where a method weighs by it, never where none does: no hidden states held
+                captured = mode.repeat(surprisal=any(m.surprisal for m in self.config.methods if m.compresses))
                 self.timing["repeat_prefill_s"] += captured.state.seconds
                 self.timing["repeat_s"] += captured.repeat_s
             else:
