@@ -85,7 +85,8 @@ def run(reader, document: str, facts, settings: list[tuple[str, str]], ratios: l
     options = Options(max_new_tokens=max_new_tokens)
     mode = Reused(reader, document, options, scorer="repeat")
     started = time.perf_counter()
-    repeated = mode.repeat()
+    # the surprisal measured at once if a setting weighs by it (as `kvcli compress` does), else never
+    repeated = mode.repeat(surprisal=any(float(knobs.get("surprisal", 0)) for *_, knobs in settings))
     rows = []
 
     def ask_all(label: str, method, split: str, ratio: float | None) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import json
 import random
 import sys
 from pathlib import Path
@@ -248,6 +249,9 @@ def test_head_split_asks_every_setting_from_one_repeat(tiny_model, home, one_thr
     table = head_split.table(result, [0.3])
     assert "| query-aware reads (`kvcli ask --ratio R --method snapkv`) | 1 |" in table
     assert f"| `snapkv:equal` | {equal['found']} [1 of 1] (" in table
+    # a setting weighed by surprisal: the repeat measures it at once (as `kvcli compress` does), the same bytes kept
+    weighed = head_split.run(reader, document, facts, head_split.parse_settings("snapkv:equal:surprisal=0.5"), [0.3], max_new_tokens=2)
+    assert weighed["rows"][1]["kv_bytes_kept"] == equal["kv_bytes_kept"]
 
 
 def test_heap_policy_document_is_the_haystacks_start_in_whole_lines(tmp_path):
@@ -349,3 +353,21 @@ def test_packed_step_times_every_layout_at_the_same_mean(capsys):
     assert "packed layers attended by sdpa per KV head" in out  # float32: not the kernel's
     assert packed_step.packed_attention(torch.bfloat16, 64) == (
         "kvcli's kernel, one call per layer" if decode_kernel.name() == decode_kernel.KVCLI else f"sdpa per KV head ({decode_kernel.why_not()})")
+
+
+def test_heldout_table_counts_each_setting_among_the_references_facts(tmp_path, capsys):
+    """heldout_table counts a setting's facts only among those the query-aware read found, marks a cell meeting
+    the goal (8 in 10 at 0.1, 9 in 10 at 0.2) and totals found, of, and cells met."""
+    heldout_table = _script("heldout_table")
+    reference = {"0.1": [True] * 9 + [False], "0.2": [True] * 10}
+    rows = [{"setting": "full", "ratio": None, "found_facts": [True] * 10}]
+    for setting, at_01, at_02 in (("a", [True] * 7 + [False, False, True], [True] * 9 + [False]),
+                                  ("b", [False] * 2 + [True] * 8, [False] * 2 + [True] * 8)):
+        rows += [{"setting": setting, "ratio": 0.1, "found_facts": at_01}, {"setting": setting, "ratio": 0.2, "found_facts": at_02}]
+    path = tmp_path / "doc-1.json"
+    path.write_text(json.dumps({"prompt_tokens": 4220, "rows": rows, "query_aware": {"found": reference}}))
+    assert heldout_table.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    # a: at 0.1 the tenth fact (not in the reference) does not count: 7 of 9, below 8 in 10; at 0.2 9 of 10 meets it
+    assert "| doc-1 (4,220) | 9 / 10 | 7 of 9 / 9 of 10* | 7 of 9 / 8 of 10 |" in out
+    assert "| all 1 | | 7 of 9 (0 met) / 9 of 10 (1 met) | 7 of 9 (0 met) / 8 of 10 (0 met) |" in out
