@@ -375,17 +375,23 @@ def test_surprisal_weighs_both_repeats_scores_before_the_method_keeps_its_budget
     assert_same_cache(Reused(reader, words(300), options, scorer="repeat").read(method).state.cache, derived.state.cache)
 
 
-@pytest.mark.parametrize("weighs", [False, True])
-def test_a_read_measures_the_surprisal_before_its_repeat_or_never(reader, monkeypatch, weighs):
-    """A read knows its method: one that weighs by surprisal measures it right after the prefill, before the
-    repeat pass, and holds no hidden states through the repeat; one that does not never watches the decoder."""
+@pytest.fixture
+def order(monkeypatch) -> list[str]:
+    """What the repeat did, in order: "watched" (the decoder's outputs kept), "surprisal" (measured), "repeat" (a pass)."""
     import kvcli.repeat
 
-    order = []
+    done: list[str] = []
     real_surprisal, real_repeat, real_watch = kvcli.repeat.token_surprisal, kvcli.repeat._repeat, kvcli.repeat._decoder_outputs
-    monkeypatch.setattr(kvcli.repeat, "token_surprisal", lambda *a, **k: order.append("surprisal") or real_surprisal(*a, **k))
-    monkeypatch.setattr(kvcli.repeat, "_repeat", lambda *a, **k: order.append("repeat") or real_repeat(*a, **k))
-    monkeypatch.setattr(kvcli.repeat, "_decoder_outputs", lambda *a: order.append("watched") or real_watch(*a))
+    monkeypatch.setattr(kvcli.repeat, "token_surprisal", lambda *a, **k: done.append("surprisal") or real_surprisal(*a, **k))
+    monkeypatch.setattr(kvcli.repeat, "_repeat", lambda *a, **k: done.append("repeat") or real_repeat(*a, **k))
+    monkeypatch.setattr(kvcli.repeat, "_decoder_outputs", lambda *a: done.append("watched") or real_watch(*a))
+    return done
+
+
+@pytest.mark.parametrize("weighs", [False, True])
+def test_a_read_measures_the_surprisal_before_its_repeat_or_never(reader, order, weighs):
+    """A read knows its method: one that weighs by surprisal measures it right after the prefill, before the
+    repeat pass, and holds no hidden states through the repeat; one that does not never watches the decoder."""
     method = make_method("dynamickv", kernel_size=1, surprisal=0.5 if weighs else 0.0)
     prefix = Reused(reader, words(300), Options(budget=Budget(ratio=0.15), max_new_tokens=4), scorer="repeat").read(method)
     assert order == (["watched", "surprisal", "repeat"] if weighs else ["repeat"])
@@ -412,17 +418,10 @@ def test_eval_compares_both_scorers_side_by_side(reader):
 
 
 @pytest.mark.parametrize("weighs", [False, True])
-def test_eval_measures_the_surprisal_with_its_repeat_only_where_a_method_weighs(reader, monkeypatch, weighs):
+def test_eval_measures_the_surprisal_with_its_repeat_only_where_a_method_weighs(reader, order, weighs):
     """eval's reuse-repeat capture, which serves every method, measures the surprisal right after its prefill when
     any method weighs by it (no hidden states held through the repeat) and watches nothing when none does; the
     weighed setting answers as the live read (`kvcli ask --reuse`) of the same method does."""
-    import kvcli.repeat
-
-    order = []
-    real_surprisal, real_repeat, real_watch = kvcli.repeat.token_surprisal, kvcli.repeat._repeat, kvcli.repeat._decoder_outputs
-    monkeypatch.setattr(kvcli.repeat, "token_surprisal", lambda *a, **k: order.append("surprisal") or real_surprisal(*a, **k))
-    monkeypatch.setattr(kvcli.repeat, "_repeat", lambda *a, **k: order.append("repeat") or real_repeat(*a, **k))
-    monkeypatch.setattr(kvcli.repeat, "_decoder_outputs", lambda *a: order.append("watched") or real_watch(*a))
     method = make_method("dynamickv", kernel_size=1, surprisal=0.5 if weighs else 0.0)
     rows = [Row("a", words(300), "w5?", ["w5"])]
     config = EvalConfig(methods=[make_method("full"), method], budgets=None, ratios=[0.15], metric="contains",
